@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh Debian machine with Python 3.11:
+#   make run   - serve a Docker Hub mirror on 0.0.0.0:5000, cache under ./data, no config file
+#   make test  - install what the tests need (apt + pip) and run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test install install-test-deps bench clean
+
+$(BIN)/mirror: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/mirror
+
+run: install
+	$(BIN)/mirror serve --listen 0.0.0.0:5000 --data-dir ./data
+
+install-test-deps:
+	@command -v docker-registry >/dev/null && command -v skopeo >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo; }
+
+test: install install-test-deps
+	$(BIN)/python -m pytest
+
+bench: install
+	PYTHON=$(BIN)/python bash bench/run.sh
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

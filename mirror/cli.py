@@ -1,0 +1,73 @@
+"""Command line: `mirror serve [--config FILE] [--listen HOST:PORT] [--data-dir DIR] [--upstream URL]`.
+
+With no flags and no file it serves a Docker Hub mirror on 0.0.0.0:5000 with the cache in ./data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvloop
+from aiohttp import web
+
+from mirror import __version__
+from mirror.config import Config, load_config
+from mirror.errors import ConfigError
+from mirror.http.app import build_app
+from mirror.http.middleware import AccessLogger
+
+log = logging.getLogger("mirror")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirror", description="Pull-through caching mirror for container registries.")
+    parser.add_argument("--version", action="version", version=f"mirror {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the registry API")
+    serve.add_argument("--config", help="TOML config file (default: none, the embedded Docker Hub mirror)")
+    serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
+    serve.add_argument("--data-dir", dest="data_dir", help="cache directory (default ./data)")
+    serve.add_argument("--upstream", help="URL of the default (docker.io) upstream, e.g. http://127.0.0.1:5001")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config or os.environ.get("MIRROR_CONFIG"),
+                             env={k: v for k, v in os.environ.items() if k != "MIRROR_CONFIG"},
+                             flags={"listen": args.listen, "data_dir": args.data_dir, "upstream": args.upstream})
+    except ConfigError as e:
+        print(f"mirror: configuration error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvloop.run(serve(config))
+    return 0
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGINT or SIGTERM, then close connections and stores cleanly."""
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log_class=AccessLogger,
+                           access_log=logging.getLogger("mirror.access") if config.access_log else None,
+                           handle_signals=False)
+    await runner.setup()
+    host, port = config.host_port
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    log.info("serving on %s, data in %s, upstreams %s, default %s", config.listen, config.data_dir,
+             ", ".join(f"{u.name}={u.url}" for u in config.upstreams), config.default_upstream)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

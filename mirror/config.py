@@ -1,0 +1,271 @@
+"""One frozen, typed configuration, built once at start from TOML, environment and flags.
+
+Precedence, lowest first: the embedded defaults (a Docker Hub mirror, no file needed), the TOML
+file, `MIRROR_…` environment variables, command-line flags. Unknown keys and bad values are
+refused with a `ConfigError` that names the key, so a typo never silently falls back to a
+default. `config.example.toml` documents every key; keep it in step with the dataclasses here.
+
+Environment variables: `MIRROR_<KEY>` for top-level keys (`MIRROR_LISTEN`, `MIRROR_DATA_DIR`),
+`MIRROR_<SECTION>__<KEY>` for section keys (`MIRROR_TIMEOUTS__CONNECT`),
+`MIRROR_UPSTREAMS__<NAME>__<KEY>` for an upstream (NAME upper-cased, non-alphanumerics as `_`:
+`MIRROR_UPSTREAMS__DOCKER_IO__PASSWORD`), and `MIRROR_UPSTREAM` for the default upstream's URL.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mirror.errors import ConfigError
+
+DOCKER_HUB = "docker.io"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. `read` is the longest silence tolerated while reading an upstream answer."""
+
+    connect: float = 10.0
+    read: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream registry. `name` is its key in `[upstreams]` and its canonical host."""
+
+    name: str = ""
+    #: Base URL the mirror dials (http or https).
+    url: str = ""
+    #: Hosts that select this upstream in `?ns=` and as a path prefix; `name` is always one.
+    aliases: tuple[str, ...] = ()
+    #: Docker Hub's rule: a one-word name means `library/<name>`.
+    library_prefix: bool = False
+    #: Seconds a tag → digest answer is trusted before a HEAD revalidates it.
+    tag_ttl: float = 300.0
+    #: Seconds tag lists and referrers answers are cached (served stale past it on failure).
+    list_ttl: float = 30.0
+    username: str = ""
+    password: str = ""
+    #: A docker `config.json` to take this registry's credentials from.
+    docker_config: str = ""
+    #: Token realm hosts, other than the registry's own, that may receive our credentials.
+    token_realms: tuple[str, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return (self.name, *[a for a in self.aliases if a != self.name])
+
+    def __repr__(self) -> str:  # secrets never reach logs
+        masked = "***" if self.password else ""
+        return f"UpstreamConfig(name={self.name!r}, url={self.url!r}, user={self.username!r}, password={masked!r})"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the server needs; passed to constructors, never read from globals."""
+
+    listen: str = "0.0.0.0:5000"
+    data_dir: str = "./data"
+    log_level: str = "info"
+    access_log: bool = True
+    #: The upstream for requests with no `ns` and no configured path prefix.
+    default_upstream: str = DOCKER_HUB
+    metrics_path: str = "/metrics"
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        return next(u for u in self.upstreams if u.name == name)
+
+
+#: The embedded default: a Docker Hub mirror. A config file's `[upstreams."docker.io"]` merges
+#: over this entry key by key.
+DEFAULT_UPSTREAMS: dict[str, dict[str, Any]] = {
+    DOCKER_HUB: {
+        "url": "https://registry-1.docker.io",
+        "aliases": ["registry-1.docker.io", "index.docker.io"],
+        "library_prefix": True,
+        "token_realms": ["auth.docker.io"],
+    },
+}
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the Config: defaults < TOML file < environment < flags (`None` flags are unset)."""
+    raw: dict[str, Any] = {"upstreams": copy.deepcopy(DEFAULT_UPSTREAMS)}
+    if path is not None:
+        _merge(raw, _read_toml(Path(path)))
+    _merge(raw, _from_env(env or {}, raw))
+    _merge(raw, _from_flags(flags or {}, raw))
+    return _validate(raw)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+
+
+def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _env_name(name: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "_", name.upper())
+
+
+def _default_name(raw: Mapping[str, Any]) -> str:
+    return str(raw.get("default_upstream", Config.default_upstream))
+
+
+def _from_env(env: Mapping[str, str], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Map MIRROR_* variables onto config keys; an unknown one is an error, not a no-op."""
+    out: dict[str, Any] = {}
+    by_env_name = {_env_name(n): n for n in raw.get("upstreams", {})}
+    for var, value in env.items():
+        if not var.startswith("MIRROR_"):
+            continue
+        parts = var[len("MIRROR_"):].split("__")
+        if parts == ["UPSTREAM"]:
+            _merge(out, {"upstreams": {_default_name(raw): {"url": value}}})
+        elif len(parts) == 1:
+            out[parts[0].lower()] = value
+        elif len(parts) == 2:
+            _merge(out, {parts[0].lower(): {parts[1].lower(): value}})
+        elif len(parts) == 3 and parts[0] == "UPSTREAMS":
+            name = by_env_name.get(parts[1], parts[1].lower())
+            _merge(out, {"upstreams": {name: {parts[2].lower(): value}}})
+        else:
+            raise ConfigError(f"environment variable {var}: not a configuration key")
+    return out
+
+
+def _from_flags(flags: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: v for k, v in flags.items() if v is not None and k != "upstream"}
+    if flags.get("upstream"):
+        out["upstreams"] = {_default_name(raw): {"url": flags["upstream"]}}
+    return out
+
+
+def _validate(raw: dict[str, Any]) -> Config:
+    upstreams = raw.pop("upstreams", {})
+    if not isinstance(upstreams, Mapping):
+        raise ConfigError("upstreams: must be a table of upstream registries")
+    built = tuple(_upstream(name, dict(v)) for name, v in upstreams.items())
+    config = _build(Config, {**raw, "upstreams": built}, "")
+    _check(config)
+    return config
+
+
+def _upstream(name: str, raw: dict[str, Any]) -> UpstreamConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"upstreams.{name}: must be a table")
+    up = _build(UpstreamConfig, {**raw, "name": name}, f"upstreams.{name}.")
+    where = f"upstreams.{name}"
+    parts = urlsplit(up.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}.url: must be an http:// or https:// URL, got {up.url!r}")
+    if up.tag_ttl < 0 or up.list_ttl < 0:
+        raise ConfigError(f"{where}.tag_ttl/list_ttl: must not be negative")
+    if up.docker_config and not Path(up.docker_config).is_file():
+        raise ConfigError(f"{where}.docker_config: no such file {up.docker_config!r}")
+    return up
+
+
+def _check(config: Config) -> None:
+    try:
+        host, port = config.host_port
+    except ValueError:
+        raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"listen: port out of range in {config.listen!r}")
+    if config.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"log_level: one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}")
+    if config.default_upstream not in {u.name for u in config.upstreams}:
+        raise ConfigError(f"default_upstream: {config.default_upstream!r} is not in [upstreams]")
+    if not config.metrics_path.startswith("/") or config.metrics_path.startswith("/v2"):
+        raise ConfigError(f"metrics_path: must start with / and not with /v2, got {config.metrics_path!r}")
+    seen: dict[str, str] = {}
+    for up in config.upstreams:
+        for host_name in up.hosts:
+            if host_name in seen:
+                raise ConfigError(f"upstreams.{up.name}.aliases: {host_name!r} is also used by {seen[host_name]!r}")
+            seen[host_name] = up.name
+
+
+def _build(cls: type[Any], raw: Mapping[str, Any], where: str) -> Any:
+    """Instantiate dataclass `cls` from `raw`, refusing unknown keys and coercing values."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown configuration key")
+    values = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in raw.items()}
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    """Coerce TOML or environment strings to the field's type; the error names the key."""
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: must be a table")
+        return _build(kind, value, f"{key}.")
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        if isinstance(value, tuple):
+            return value
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: must be a list of strings")
+        return tuple(value)
+    if origin is types.UnionType:
+        kind = str
+    return _scalar(kind, value, key)
+
+
+def _scalar(kind: Any, value: Any, key: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: must be a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string, got {value!r}")
+    return value

@@ -1,0 +1,147 @@
+"""Domain errors, each carrying the OCI error code it is reported as.
+
+The HTTP status of every code lives in ONE table, `http.middleware.STATUS_BY_CODE`; code in
+`service`, `store` and `upstream` raises these and never builds a response itself.
+
+    MirrorError (code, message, detail)
+    ├── NameInvalid            NAME_INVALID      malformed repository name
+    ├── NameUnknown            NAME_UNKNOWN      registry host (ns / prefix) not configured
+    ├── ManifestUnknown        MANIFEST_UNKNOWN
+    ├── BlobUnknown            BLOB_UNKNOWN
+    ├── DigestInvalid          DIGEST_INVALID    malformed digest, or content that does not match
+    ├── TagInvalid             TAG_INVALID       malformed reference
+    ├── RangeInvalid           RANGE_INVALID     unsatisfiable Range (416)
+    ├── Unsupported            UNSUPPORTED       push, delete, other methods
+    ├── Unauthorized           UNAUTHORIZED      upstream refused our credentials
+    ├── Denied                 DENIED            upstream forbids the repository
+    ├── TooManyRequests        TOOMANYREQUESTS   upstream rate limit, nothing cached
+    └── UpstreamError          (502 family: upstream failed and nothing cached can serve)
+        ├── UpstreamUnavailable UPSTREAM_UNAVAILABLE  refused, reset, DNS, TLS (502)
+        ├── UpstreamTimeout     UPSTREAM_TIMEOUT      connect or idle read timeout (504)
+        ├── UpstreamBadResponse UPSTREAM_INVALID      5xx, lying digest or size (502)
+        └── UpstreamOverloaded  UPSTREAM_OVERLOADED   503 from upstream (503)
+    ├── StoreUnavailable       STORE_UNAVAILABLE disk full, read-only, unreadable (503)
+    └── EndpointUnknown        NOT_FOUND         a path that is no registry endpoint (404)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MirrorError(Exception):
+    """Base of every error that becomes an OCI error response."""
+
+    code: str = "UNKNOWN"
+    default_message: str = "unknown error"
+
+    def __init__(self, message: str | None = None, detail: Any = None) -> None:
+        self.message = message or self.default_message
+        self.detail = detail
+        super().__init__(self.message)
+
+
+class NameInvalid(MirrorError):
+    code = "NAME_INVALID"
+    default_message = "invalid repository name"
+
+
+class NameUnknown(MirrorError):
+    code = "NAME_UNKNOWN"
+    default_message = "repository name not known to registry"
+
+
+class ManifestUnknown(MirrorError):
+    code = "MANIFEST_UNKNOWN"
+    default_message = "manifest unknown"
+
+
+class BlobUnknown(MirrorError):
+    code = "BLOB_UNKNOWN"
+    default_message = "blob unknown to registry"
+
+
+class DigestInvalid(MirrorError):
+    code = "DIGEST_INVALID"
+    default_message = "provided digest did not match uploaded content"
+
+
+class TagInvalid(MirrorError):
+    code = "TAG_INVALID"
+    default_message = "manifest tag did not match URI"
+
+
+class RangeInvalid(MirrorError):
+    code = "RANGE_INVALID"
+    default_message = "requested range not satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(detail={"size": size})
+        self.size = size
+
+
+class Unsupported(MirrorError):
+    code = "UNSUPPORTED"
+    default_message = "the operation is unsupported: this is a read-only mirror"
+
+
+class Unauthorized(MirrorError):
+    code = "UNAUTHORIZED"
+    default_message = "authentication required by upstream"
+
+
+class Denied(MirrorError):
+    code = "DENIED"
+    default_message = "requested access to the resource is denied"
+
+
+class TooManyRequests(MirrorError):
+    code = "TOOMANYREQUESTS"
+    default_message = "too many requests: upstream rate limit reached"
+
+    def __init__(self, message: str | None = None, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UpstreamError(MirrorError):
+    """Upstream failed and no cached answer can stand in for it."""
+
+    code = "UPSTREAM_INVALID"
+    default_message = "upstream registry failed"
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "UPSTREAM_UNAVAILABLE"
+    default_message = "upstream registry unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "UPSTREAM_TIMEOUT"
+    default_message = "upstream registry timed out"
+
+
+class UpstreamBadResponse(UpstreamError):
+    code = "UPSTREAM_INVALID"
+    default_message = "upstream registry sent an invalid response"
+
+
+class UpstreamOverloaded(UpstreamError):
+    code = "UPSTREAM_OVERLOADED"
+    default_message = "upstream registry is overloaded"
+
+
+class StoreUnavailable(MirrorError):
+    """The local store cannot take a write (disk full, read-only) or read a file."""
+
+    code = "STORE_UNAVAILABLE"
+    default_message = "the mirror's store cannot serve this request"
+
+
+class EndpointUnknown(MirrorError):
+    code = "NOT_FOUND"
+    default_message = "no such registry API endpoint"
+
+
+class ConfigError(Exception):
+    """A configuration key or value was refused at start; the message names the key."""

@@ -1,0 +1,184 @@
+"""A blob fill: one upstream fetch into a partial file that every requester reads as it grows.
+
+The fill runs as a detached task (see `coalesce.Flights`): a client that goes away never
+cancels it. Followers read the partial file through their own dup of its descriptor, so the
+final rename (or an unlink on failure) does not disturb them, and they never send the last
+byte of their answer before the digest is verified: a cut or lying upstream reaches every
+client as a failed transfer, never as a complete wrong blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+from mirror import errors
+from mirror.oci.reference import Digest
+from mirror.oci.verify import Verifier
+from mirror.store.blobs import BlobStore, write_all
+from mirror.upstream.client import BlobStream
+
+log = logging.getLogger("mirror.fill")
+
+#: Bytes gathered before one executor hop writes and hashes them.
+WRITE_CHUNK = 1024 * 1024
+
+BlobSource = Callable[[], AbstractAsyncContextManager[BlobStream]]
+Send = Callable[[int, int], Awaitable[None]]
+
+
+class Fill:
+    """Progress of one blob fill, shared by the filling task and every follower."""
+
+    def __init__(self, digest: Digest) -> None:
+        self.digest = digest
+        self.size: int | None = None
+        self.written = 0
+        self.done = False
+        self.error: errors.MirrorError | None = None
+        self.followers = 0
+        self._read_fd: int | None = None
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._changed = asyncio.Event()
+
+    async def ready(self) -> None:
+        """Wait until the size is known and the partial file exists (or the fill failed)."""
+        await asyncio.shield(self._ready)
+
+    def attach(self) -> int | None:
+        """A follower's own descriptor of the partial file; None once the blob is committed
+        (read it from the store then). Synchronous, so it cannot race the fill's end."""
+        if self.error is not None:
+            raise self.error
+        if self.done or self._read_fd is None:
+            return None
+        self.followers += 1
+        return os.dup(self._read_fd)
+
+    async def finished(self) -> None:
+        """Wait for the fill's end; raise its error if it failed."""
+        while not self.done:
+            if self.error is not None:
+                raise self.error
+            await self._changed.wait()
+
+    async def follow(self, start: int, end: int, send: Send) -> None:
+        """Hand bytes [start, end) to `send` as they land, the last one only once verified."""
+        pos = start
+        while pos < end:
+            changed = self._changed
+            if self.error is not None:
+                raise self.error
+            limit = end if self.done else min(self.written, end - 1)
+            if limit > pos:
+                await send(pos, limit - pos)
+                pos = limit
+            else:
+                await changed.wait()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def run(self, store: BlobStore, source: BlobSource) -> None:
+        """Fetch, write, hash, verify, commit; on any failure keep nothing and tell everyone."""
+        partial: Path | None = None
+        wfd: int | None = None
+        try:
+            if await store.run(self._already_stored, store):
+                return self._finish()
+            async with source() as stream:
+                partial, wfd, self._read_fd = await store.run(store.create_partial, self.digest)
+                self.size = stream.size
+                verifier = Verifier(self.digest, stream.size)
+                self._ready.set_result(None)
+                await self._copy(store, stream, wfd, verifier)
+            await store.run(self._commit, store, verifier, partial, wfd)
+            partial = None
+            self._finish()
+        except BaseException as e:
+            self._fail(e)
+            if partial is not None:
+                await store.run(store.discard, partial)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._close(wfd)
+
+    async def _copy(self, store: BlobStore, stream: BlobStream, wfd: int, verifier: Verifier) -> None:
+        buf = bytearray()
+        async for chunk in stream.chunks():
+            buf += chunk
+            if len(buf) >= WRITE_CHUNK:
+                await self._flush(store, wfd, verifier, buf)
+        if buf:
+            await self._flush(store, wfd, verifier, buf)
+
+    async def _flush(self, store: BlobStore, wfd: int, verifier: Verifier, buf: bytearray) -> None:
+        data = bytes(buf)
+        buf.clear()
+        await store.run(_write_and_hash, wfd, verifier, data)
+        self.written += len(data)
+        self._notify()
+
+    def _already_stored(self, store: BlobStore) -> bool:
+        """A fill that lost a race with one just committed has nothing to do."""
+        found = store.open(self.digest)
+        if found is None:
+            return False
+        self.size = found.size
+        found.close()
+        return True
+
+    @staticmethod
+    def _commit(store: BlobStore, verifier: Verifier, partial: Path, wfd: int) -> None:
+        verifier.check()
+        store.commit(partial, wfd, verifier.digest)
+
+    def _finish(self) -> None:
+        self.done = True
+        if self.size is None:
+            self.size = self.written
+        self.written = self.size
+        if not self._ready.done():
+            self._ready.set_result(None)
+        self._close_read()
+        self._notify()
+
+    def _fail(self, e: BaseException) -> None:
+        if isinstance(e, errors.MirrorError):
+            self.error = e
+        elif isinstance(e, OSError):
+            self.error = errors.StoreUnavailable(detail={"reason": e.strerror or str(e)})
+        else:
+            self.error = errors.UpstreamUnavailable("blob fill aborted")
+        log.warning("fill of %s failed: %s", self.digest, self.error.message,
+                    extra={"digest": str(self.digest), "code": self.error.code})
+        if not self._ready.done():
+            self._ready.set_exception(self.error)
+            self._ready.exception()
+        self._close_read()
+        self._notify()
+
+    def _close_read(self) -> None:
+        fd, self._read_fd = self._read_fd, None
+        self._close(fd)
+
+    @staticmethod
+    def _close(fd: int | None) -> None:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _write_and_hash(fd: int, verifier: Verifier, data: bytes) -> None:
+    """One executor hop: the bytes go to disk and through the hash (hashlib drops the GIL)."""
+    write_all(fd, data)
+    verifier.update(data)
+
+

@@ -1,0 +1,68 @@
+"""Wiring and lifecycle: builds the pieces from the Config and ties them to the aiohttp app.
+
+Start: create the store's folders, sweep partial files a crash left, open the upstream
+session. Stop: close the session, the metadata store and the thread pools.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from mirror.config import Config
+from mirror.http.middleware import make_middleware
+from mirror.http.routes import Routes
+from mirror.metrics import Metrics
+from mirror.service import MirrorService
+from mirror.store.blobs import BlobStore
+from mirror.store.layout import Layout
+from mirror.store.manifests import ManifestStore
+from mirror.upstream.client import UpstreamClient
+from mirror.upstream.routing import Router
+
+#: Threads for blocking disk work (open, write+hash, fsync, SQLite).
+STORE_THREADS = 16
+#: Threads for os.sendfile: one per blob being sent right now.
+SENDER_THREADS = 512
+
+SERVICE = web.AppKey("service", MirrorService)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def build_app(config: Config) -> web.Application:
+    """The whole mirror as an aiohttp Application (tests run it in-process)."""
+    layout = Layout(config.data_dir)
+    layout.create()
+    store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
+    sender_pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="sendfile")
+    blobs = BlobStore(layout, store_pool)
+    manifests = ManifestStore(layout, store_pool)
+    upstream = UpstreamClient(config)
+    metrics = Metrics()
+    service = MirrorService(upstream, blobs, manifests)
+
+    app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
+    app[SERVICE] = service
+    app[METRICS] = metrics
+    Routes(service, Router(config), blobs, sender_pool, config.timeouts.read, metrics).install(app)
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        metrics.fills.set(service.fills_in_flight())
+        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+
+    app.router.add_get(config.metrics_path, metrics_handler)
+
+    async def on_startup(_: web.Application) -> None:
+        await blobs.run(blobs.sweep)
+        await upstream.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await upstream.close()
+        manifests.close()
+        sender_pool.shutdown(wait=False, cancel_futures=True)
+        store_pool.shutdown(wait=True)
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

@@ -1,0 +1,101 @@
+"""The ONE table from domain errors to HTTP status and the OCI error JSON, and the request
+bookkeeping every response goes through.
+
+Error body (OCI distribution spec, "Error Codes"): {"errors": [{"code", "message", "detail"}]}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from mirror import errors
+from mirror.metrics import Metrics
+
+log = logging.getLogger("mirror.http")
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+STATUS_BY_CODE: dict[str, int] = {
+    errors.NameInvalid.code: 400,
+    errors.TagInvalid.code: 400,
+    errors.DigestInvalid.code: 400,
+    errors.NameUnknown.code: 404,
+    errors.ManifestUnknown.code: 404,
+    errors.BlobUnknown.code: 404,
+    errors.EndpointUnknown.code: 404,
+    errors.Unsupported.code: 405,
+    errors.RangeInvalid.code: 416,
+    errors.Unauthorized.code: 401,
+    errors.Denied.code: 403,
+    errors.TooManyRequests.code: 429,
+    errors.UpstreamUnavailable.code: 502,
+    errors.UpstreamBadResponse.code: 502,
+    errors.UpstreamOverloaded.code: 503,
+    errors.UpstreamTimeout.code: 504,
+    errors.StoreUnavailable.code: 503,
+}
+
+#: Key under which handlers leave their route name and cache outcome for the bookkeeping.
+ROUTE = "mirror.route"
+OUTCOME = "mirror.outcome"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(err: errors.MirrorError) -> web.Response:
+    """The spec's error JSON with the status from the table (500 if a code is missing)."""
+    status = STATUS_BY_CODE.get(err.code, 500)
+    entry: dict[str, object] = {"code": err.code, "message": err.message}
+    if err.detail is not None:
+        entry["detail"] = err.detail
+    headers = dict(API_VERSION)
+    if isinstance(err, errors.RangeInvalid):
+        headers["Content-Range"] = f"bytes */{err.size}"
+    if isinstance(err, errors.TooManyRequests) and err.retry_after:
+        headers["Retry-After"] = err.retry_after
+    return web.Response(status=status, text=json.dumps({"errors": [entry]}),
+                        content_type="application/json", headers=headers)
+
+
+def _from_http_exception(exc: web.HTTPException) -> errors.MirrorError:
+    if exc.status == 405:
+        return errors.Unsupported()
+    return errors.EndpointUnknown()
+
+
+def make_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Turn every domain error (and router 404/405) into error JSON; count the request."""
+        try:
+            response = await handler(request)
+        except errors.MirrorError as e:
+            response = error_response(e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            response = error_response(_from_http_exception(e))
+        except Exception:
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            response = error_response(errors.MirrorError("internal error"))
+        metrics.request(request.get(ROUTE, "other"), request.method, response.status,
+                        request.get(OUTCOME, "none"))
+        return response
+
+    return registry_errors
+
+
+class AccessLogger(web.AbstractAccessLogger):
+    """One logfmt line per request: method, path, status, bytes, duration, outcome, client.
+    Headers are never logged, so credentials and tokens cannot leak here."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            'method=%s path="%s" status=%d bytes=%s duration_ms=%.1f outcome=%s remote=%s',
+            request.method, request.path_qs.replace('"', "%22"), response.status,
+            response.content_length if response.content_length is not None else "-",
+            time * 1000, request.get(OUTCOME, "-"), request.remote)

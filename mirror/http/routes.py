@@ -1,0 +1,238 @@
+"""Registry API handlers: parse and validate, ask the service, stream the answer.
+
+Endpoints (OCI distribution spec, pull side):
+    GET       /v2/                               API version check
+    GET|HEAD  /v2/<name>/manifests/<reference>   tag or digest
+    GET|HEAD  /v2/<name>/blobs/<digest>          with Range (RFC 9110 §14)
+    GET       /v2/<name>/tags/list               n / last passed through
+    GET       /v2/<name>/referrers/<digest>      passed through
+Anything that writes (POST, PUT, PATCH, DELETE) is UNSUPPORTED: this is a read-only mirror.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from mirror import errors
+from mirror.fill import Fill
+from mirror.http.middleware import API_VERSION, OUTCOME, ROUTE
+from mirror.http.sendfile import ClientGone, SocketSender, abort
+from mirror.metrics import Metrics
+from mirror.oci.mediatypes import AcceptSet
+from mirror.oci.reference import Digest, parse_digest, parse_reference
+from mirror.service import MirrorService, Outcome
+from mirror.store.blobs import BlobStore, OpenBlob
+from mirror.store.manifests import StoredManifest
+from mirror.upstream.routing import Router, Target
+
+_ENDPOINTS = (
+    ("manifest", re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
+    ("blob", re.compile(r"(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
+    ("tags", re.compile(r"(?P<name>.+)/tags/list")),
+    ("referrers", re.compile(r"(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
+)
+
+
+class Routes:
+    """The handlers, bound to the service and the pieces they stream with."""
+
+    def __init__(self, service: MirrorService, router: Router, blobs: BlobStore,
+                 sender_pool: ThreadPoolExecutor, idle_timeout: float, metrics: Metrics) -> None:
+        self._service = service
+        self._router = router
+        self._blobs = blobs
+        self._pool = sender_pool
+        self._idle = idle_timeout
+        self._metrics = metrics
+
+    def install(self, app: web.Application) -> None:
+        app.router.add_get("/v2", self.base)
+        app.router.add_get("/v2/", self.base)
+        app.router.add_route("*", "/v2/{tail:.+}", self.dispatch)
+
+    async def base(self, request: web.Request) -> web.Response:
+        request[ROUTE] = "base"
+        return web.json_response({}, headers=API_VERSION)
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        """Find the endpoint by the path's last segments (a name may itself contain them)."""
+        tail = request.match_info["tail"]
+        for route, pattern in _ENDPOINTS:
+            m = pattern.fullmatch(tail)
+            if m is not None:
+                request[ROUTE] = route
+                if request.method not in ("GET", "HEAD"):
+                    raise errors.Unsupported()
+                target = self._router.route(m["name"], request.query.get("ns"))
+                return await getattr(self, route)(request, target, m.groupdict().get("ref"))
+        if request.method not in ("GET", "HEAD"):
+            raise errors.Unsupported()
+        raise errors.EndpointUnknown()
+
+    # -- manifests ---------------------------------------------------------------------------
+
+    async def manifest(self, request: web.Request, target: Target, ref: str) -> web.Response:
+        reference = parse_reference(ref)
+        accept = AcceptSet(request.headers.getall("Accept", []))
+        hot = self._service.manifest_hot(target, reference.tag) if reference.tag is not None else None
+        if hot is not None and accept.allows(hot.media_type):
+            return self._manifest_response(request, target, hot, Outcome.HIT)
+        answer = await self._service.manifest(target, reference, accept)
+        return self._manifest_response(request, target, answer.manifest, answer.outcome)
+
+    def _manifest_response(self, request: web.Request, target: Target, m: StoredManifest,
+                           outcome: Outcome) -> web.Response:
+        request[OUTCOME] = outcome.value
+        headers = {
+            **API_VERSION,
+            "Content-Type": m.media_type,
+            "Docker-Content-Digest": m.digest,
+            "ETag": f'"{m.digest}"',
+            "X-Mirror-Cache": outcome.value,
+        }
+        self._annotate(headers, target, outcome)
+        return web.Response(body=m.data, headers=headers)
+
+    @staticmethod
+    def _annotate(headers: dict[str, str], target: Target, outcome: Outcome) -> None:
+        if target.namespace is not None:
+            headers["OCI-Namespace"] = target.namespace
+        if outcome is Outcome.STALE:
+            headers["Warning"] = '110 - "Response is Stale"'
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def blob(self, request: web.Request, target: Target, ref: str) -> web.StreamResponse:
+        digest = parse_digest(ref)
+        if request.method == "HEAD":
+            return await self._blob_head(request, target, digest)
+        answer = await self._service.blob(target, digest)
+        request[OUTCOME] = answer.outcome.value
+        if answer.stored is not None:
+            return await self._send_stored(request, target, digest, answer.stored, answer.outcome)
+        assert answer.fill is not None
+        return await self._send_filling(request, target, digest, answer.fill, answer.outcome)
+
+    async def _blob_head(self, request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:
+        size, outcome = await self._service.blob_size(target, digest)
+        request[OUTCOME] = outcome.value
+        response = web.StreamResponse(headers=self._blob_headers(target, digest, outcome))
+        if size is not None:
+            response.content_length = size
+        await response.prepare(request)
+        return response
+
+    def _blob_headers(self, target: Target, digest: Digest, outcome: Outcome) -> dict[str, str]:
+        headers = {
+            **API_VERSION,
+            "Content-Type": "application/octet-stream",
+            "Docker-Content-Digest": str(digest),
+            "ETag": f'"{digest}"',
+            "Accept-Ranges": "bytes",
+            "Cache-Control": "max-age=31536000",
+            "X-Mirror-Cache": outcome.value,
+        }
+        self._annotate(headers, target, outcome)
+        return headers
+
+    async def _send_stored(self, request: web.Request, target: Target, digest: Digest,
+                           blob: OpenBlob, outcome: Outcome) -> web.StreamResponse:
+        try:
+            start, end = byte_range(request, blob.size)
+            response = await self._start(request, target, digest, outcome, blob.size, start, end)
+            try:
+                async with SocketSender(request, self._pool, self._idle) as sender:
+                    await sender.send(blob.fd, start, end - start)
+            except ClientGone:
+                abort(request)
+                return response
+            self._metrics.served("warm", end - start)
+            await response.write_eof()
+            return response
+        finally:
+            blob.close()
+
+    async def _send_filling(self, request: web.Request, target: Target, digest: Digest,
+                            fill: Fill, outcome: Outcome) -> web.StreamResponse:
+        """Follow a fill from the partial file as it grows (or the committed file once done)."""
+        await fill.ready()
+        fd = fill.attach()
+        if fd is None or fill.size is None:
+            if fd is not None:
+                os.close(fd)
+            await fill.finished()
+            stored = await self._blobs.run(self._blobs.open, digest)
+            if stored is None:
+                raise errors.BlobUnknown(detail={"digest": str(digest)})
+            return await self._send_stored(request, target, digest, stored, outcome)
+        try:
+            start, end = byte_range(request, fill.size)
+            response = await self._start(request, target, digest, outcome, fill.size, start, end)
+            try:
+                async with SocketSender(request, self._pool, self._idle) as sender:
+                    await fill.follow(start, end, lambda off, n: sender.send(fd, off, n))
+            except (ClientGone, errors.MirrorError):
+                abort(request)
+                return response
+            self._metrics.served("upstream", end - start)
+            await response.write_eof()
+            return response
+        finally:
+            os.close(fd)
+
+    async def _start(self, request: web.Request, target: Target, digest: Digest, outcome: Outcome,
+                     size: int, start: int, end: int) -> web.StreamResponse:
+        """Send the status line and headers of a (possibly partial) blob answer."""
+        partial = (start, end) != (0, size)
+        response = web.StreamResponse(status=206 if partial else 200,
+                                      headers=self._blob_headers(target, digest, outcome))
+        if partial:
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        response.content_length = end - start
+        await response.prepare(request)
+        return response
+
+    # -- lists -------------------------------------------------------------------------------
+
+    async def tags(self, request: web.Request, target: Target, _: None) -> web.Response:
+        query = {k: v for k, v in request.query.items() if k in ("n", "last")}
+        return await self._listing(request, target, "tags/list", query)
+
+    async def referrers(self, request: web.Request, target: Target, ref: str) -> web.Response:
+        digest = parse_digest(ref)
+        query = {k: v for k, v in request.query.items() if k == "artifactType"}
+        return await self._listing(request, target, f"referrers/{digest}", query)
+
+    async def _listing(self, request: web.Request, target: Target, suffix: str,
+                       query: dict[str, str]) -> web.Response:
+        cached, outcome = await self._service.listing(target, suffix, query)
+        request[OUTCOME] = outcome.value
+        headers = {**API_VERSION, "Content-Type": cached.content_type, "X-Mirror-Cache": outcome.value}
+        self._annotate(headers, target, outcome)
+        if cached.link:
+            headers["Link"] = cached.link.replace(f"/v2/{target.repo}/", f"/v2/{target.name}/", 1)
+        return web.Response(status=cached.status, body=cached.body, headers=headers)
+
+
+def byte_range(request: web.Request, size: int) -> tuple[int, int]:
+    """[start, end) of a single-range request; the whole blob when there is no usable Range
+    (a malformed or multi-range header is ignored, as RFC 9110 §14.2 allows); RANGE_INVALID
+    when the range lies past the end."""
+    if "Range" not in request.headers:
+        return 0, size
+    try:
+        rng = request.http_range
+    except ValueError:
+        return 0, size
+    start, stop = rng.start, rng.stop
+    if start is None:
+        return 0, size
+    if start < 0:
+        return max(size + start, 0), size
+    if start >= size:
+        raise errors.RangeInvalid(size)
+    return start, size if stop is None else min(stop, size)

@@ -1,0 +1,115 @@
+"""Zero-copy sending of file ranges to a client socket, under any event loop.
+
+uvloop, our event loop, has no `loop.sendfile`, and aiohttp's FileResponse then falls back to
+reading the file into memory chunk by chunk. Instead, once the response headers are flushed,
+a worker thread calls `os.sendfile` on a duplicate of the client socket's descriptor, waiting
+for writability with poll(). The duplicate keeps the socket alive if the transport closes it
+meanwhile, so the thread never writes to a reused descriptor. A client that stops reading for
+`idle_timeout` seconds, resets, or a stop request ends the transfer with an error.
+
+The same primitive serves committed blobs and blobs still being filled (a follower sends each
+newly landed range as it arrives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+#: How often a waiting thread wakes to check for a stop request (ms).
+_POLL_MS = 200
+_BAD_EVENTS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class ClientGone(ConnectionError):
+    """The client reset, stopped reading past the idle timeout, or the server is stopping."""
+
+
+def _sendfile_blocking(sock: int, fd: int, offset: int, count: int, idle: float, stop: threading.Event) -> None:
+    """Send `count` bytes of `fd` from `offset` to `sock` (non-blocking) with os.sendfile."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    end = offset + count
+    last = time.monotonic()
+    while offset < end:
+        try:
+            n = os.sendfile(sock, fd, offset, end - offset)
+        except BlockingIOError:
+            n = -1
+        except OSError as e:
+            raise ClientGone(str(e)) from e
+        if n == 0:
+            raise ClientGone("file shorter than announced")
+        if n > 0:
+            offset += n
+            last = time.monotonic()
+            continue
+        if stop.is_set() or time.monotonic() - last > idle:
+            raise ClientGone("client stopped reading")
+        for _, events in poller.poll(_POLL_MS):
+            if events & _BAD_EVENTS:
+                raise ClientGone("client connection closed")
+
+
+class SocketSender:
+    """Sends file ranges over one prepared response's socket; use as an async context."""
+
+    def __init__(self, request: web.Request, executor: ThreadPoolExecutor, idle_timeout: float) -> None:
+        self._request = request
+        self._executor = executor
+        self._idle = idle_timeout
+        self._sock: int | None = None
+
+    async def __aenter__(self) -> SocketSender:
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone("connection lost before the body")
+        await self._flush(transport)
+        sock = transport.get_extra_info("socket")
+        self._sock = os.dup(sock.fileno())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sock is not None:
+            os.close(self._sock)
+            self._sock = None
+
+    async def _flush(self, transport: asyncio.Transport) -> None:
+        """Wait until the transport's buffer (the headers) has reached the socket: with a
+        high-water mark of 0 the protocol stays paused until the buffer is empty."""
+        if transport.get_write_buffer_size() == 0:
+            return
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            protocol = self._request.protocol
+            while transport.get_write_buffer_size() and not transport.is_closing():
+                await protocol._drain_helper()  # noqa: SLF001 - aiohttp's own flow-control wait
+        finally:
+            transport.set_write_buffer_limits()
+
+    async def send(self, fd: int, offset: int, count: int) -> None:
+        """Send a file range; the thread is stopped (and waited for) if we are cancelled."""
+        assert self._sock is not None
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._executor, _sendfile_blocking, self._sock, fd, offset, count, self._idle, stop)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await fut
+            raise
+
+
+def abort(request: web.Request) -> None:
+    """Cut a response whose headers are out: the client must see a failed transfer."""
+    if request.transport is not None:
+        request.transport.abort()

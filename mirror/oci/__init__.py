@@ -1,0 +1,1 @@
+"""The OCI distribution spec's vocabulary: names, references, media types, digests. Pure, no I/O."""

@@ -1,0 +1,45 @@
+"""Incremental digest and size checking: hash while streaming, decide at the end."""
+
+from __future__ import annotations
+
+import hashlib
+
+from mirror.errors import UpstreamBadResponse
+from mirror.oci.reference import Digest
+
+
+class Verifier:
+    """Feeds bytes to the digest's hash; `check()` says whether size and digest hold.
+
+    `update` may run in an executor thread: hashlib releases the GIL for large buffers, so
+    hashing a fill does not hold up the event loop.
+    """
+
+    __slots__ = ("digest", "expected_size", "size", "_hash")
+
+    def __init__(self, digest: Digest, expected_size: int | None = None) -> None:
+        self.digest = digest
+        self.expected_size = expected_size
+        self.size = 0
+        self._hash = hashlib.new(digest.algorithm)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+        if self.expected_size is not None and self.size > self.expected_size:
+            raise UpstreamBadResponse("upstream sent more bytes than announced",
+                                      detail={"digest": str(self.digest)})
+
+    def check(self) -> None:
+        """Raise UpstreamBadResponse unless every byte arrived and they hash to the digest."""
+        if self.expected_size is not None and self.size != self.expected_size:
+            raise UpstreamBadResponse("upstream sent a short blob",
+                                      detail={"digest": str(self.digest), "size": self.size})
+        if self._hash.hexdigest() != self.digest.hex:
+            raise UpstreamBadResponse("upstream content does not match its digest",
+                                      detail={"digest": str(self.digest)})
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
+    """The digest of bytes held in memory (manifests)."""
+    return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())

@@ -1,0 +1,232 @@
+"""The pull-through policy: the only module that sees both the upstream and the store.
+
+Manifests
+    by digest: memory → disk → one coalesced upstream GET, kept only if its bytes hash to
+    the digest. By tag: a record tag → digest is trusted for the upstream's `tag_ttl`; then
+    one coalesced HEAD revalidates it (HEAD does not count toward Docker Hub's pull limit)
+    and the manifest is fetched again only when the digest moved. If upstream is down, slow,
+    5xx or 429, the cached answer is served stale; a 404 on revalidation drops the tag record
+    (never blobs) and is passed on.
+Blobs
+    a committed file is served as is; otherwise ONE detached fill per digest
+    (`coalesce.Flights` + `fill.Fill`) that every requester follows from byte 0.
+Lists (tags/list, referrers)
+    passed through with a short cache, served stale when upstream fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Mapping
+
+from mirror import errors
+from mirror.coalesce import Flights
+from mirror.fill import Fill
+from mirror.oci import mediatypes
+from mirror.oci.mediatypes import AcceptSet
+from mirror.oci.reference import Digest, Reference, parse_digest
+from mirror.oci.verify import digest_of
+from mirror.store.blobs import BlobStore, OpenBlob
+from mirror.store.manifests import CachedList, ManifestStore, StoredManifest, TagKey, TagRecord
+from mirror.upstream.client import UpstreamClient, UpstreamManifest
+from mirror.upstream.routing import Target
+
+log = logging.getLogger("mirror.service")
+
+#: Upstream failures that a cached answer may stand in for.
+STALE_OK = (errors.UpstreamError, errors.TooManyRequests)
+
+
+class Outcome(str, Enum):
+    """How a request was answered; reported in the X-Mirror-Cache header, logs and metrics."""
+
+    HIT = "hit"
+    MISS = "miss"
+    COALESCED = "coalesced"
+    REVALIDATED = "revalidated"
+    STALE = "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestAnswer:
+    manifest: StoredManifest
+    outcome: Outcome
+
+
+@dataclass(slots=True)
+class BlobAnswer:
+    """Either an open committed file or a fill to follow."""
+
+    outcome: Outcome
+    stored: OpenBlob | None = None
+    fill: Fill | None = None
+
+
+class MirrorService:
+    """Answers registry reads from the cache, going upstream only on a miss."""
+
+    def __init__(self, upstream: UpstreamClient, blobs: BlobStore, manifests: ManifestStore,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._upstream = upstream
+        self._blobs = blobs
+        self._manifests = manifests
+        self._clock = clock
+        self._fills: Flights[str, Fill, None] = Flights()
+        self._manifest_flights: Flights[tuple[str, ...], None, ManifestAnswer] = Flights()
+        self._list_flights: Flights[tuple[str, ...], None, CachedList] = Flights()
+
+    # -- manifests ---------------------------------------------------------------------------
+
+    async def manifest(self, target: Target, ref: Reference, accept: AcceptSet) -> ManifestAnswer:
+        """The manifest for a tag or digest, of a media type the client accepts."""
+        if ref.digest is not None:
+            answer = await self._by_digest(target, ref.digest)
+        else:
+            assert ref.tag is not None
+            answer = await self._by_tag(target, ref.tag)
+            if not accept.allows(answer.manifest.media_type):
+                answer = await self._by_tag_for(target, ref.tag, accept)
+        if not accept.allows(answer.manifest.media_type):
+            raise errors.ManifestUnknown(
+                f"manifest is a {answer.manifest.media_type}, which the Accept header excludes",
+                detail={"mediaType": answer.manifest.media_type})
+        return answer
+
+    def manifest_hot(self, target: Target, tag: str) -> StoredManifest | None:
+        """The fast path: a fresh tag record and its manifest, both in memory, no await."""
+        record = self._manifests.tag_cached((target.upstream.name, target.repo, tag))
+        if record is None or self._clock() - record.checked >= target.upstream.tag_ttl:
+            return None
+        return self._manifests.manifest_cached(record.digest)
+
+    async def _by_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
+        found = await self._manifests.manifest(str(digest))
+        if found is not None:
+            return ManifestAnswer(found, Outcome.HIT)
+        key = ("digest", target.upstream.name, str(digest))
+        answer, followed = await self._manifest_flights.run(key, lambda: self._fetch_digest(target, digest))
+        return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
+
+    async def _fetch_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
+        got = await self._upstream.manifest(target, str(digest), mediatypes.UPSTREAM_ACCEPT)
+        return ManifestAnswer(await self._keep(got, digest), Outcome.MISS)
+
+    async def _by_tag(self, target: Target, tag: str) -> ManifestAnswer:
+        key: TagKey = (target.upstream.name, target.repo, tag)
+        record = await self._manifests.tag(key)
+        if record is not None and self._clock() - record.checked < target.upstream.tag_ttl:
+            found = await self._manifests.manifest(record.digest)
+            if found is not None:
+                return ManifestAnswer(found, Outcome.HIT)
+        answer, followed = await self._manifest_flights.run(("tag", *key), lambda: self._refresh(target, key, record))
+        return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
+
+    async def _refresh(self, target: Target, key: TagKey, record: TagRecord | None) -> ManifestAnswer:
+        """Revalidate a held tag with HEAD, or fetch an unknown one with GET."""
+        held = await self._manifests.manifest(record.digest) if record is not None else None
+        if record is None or held is None:
+            return await self._fetch_tag(target, key)
+        try:
+            head = await self._upstream.manifest(target, key[2], mediatypes.UPSTREAM_ACCEPT, method="HEAD")
+        except STALE_OK as e:
+            log.warning("serving stale tag %s/%s:%s: %s", *key, e.message,
+                        extra={"upstream": key[0], "code": e.code})
+            return ManifestAnswer(held, Outcome.STALE)
+        except errors.ManifestUnknown:
+            await self._manifests.drop_tag(key)
+            raise
+        if head.digest is None:
+            return await self._fetch_tag(target, key)
+        if head.digest == record.digest:
+            await self._manifests.put_tag(key, TagRecord(record.digest, record.media_type, self._clock()))
+            return ManifestAnswer(held, Outcome.REVALIDATED)
+        moved = await self._by_digest(target, parse_digest(head.digest))
+        await self._remember(key, moved.manifest)
+        return ManifestAnswer(moved.manifest, Outcome.MISS)
+
+    async def _fetch_tag(self, target: Target, key: TagKey) -> ManifestAnswer:
+        got = await self._upstream.manifest(target, key[2], mediatypes.UPSTREAM_ACCEPT)
+        manifest = await self._keep(got, None)
+        await self._remember(key, manifest)
+        return ManifestAnswer(manifest, Outcome.MISS)
+
+    async def _by_tag_for(self, target: Target, tag: str, accept: AcceptSet) -> ManifestAnswer:
+        """A client whose Accept excludes the cached type: ask upstream with its own Accept
+        (an old client may get a single-platform manifest instead of an index)."""
+        key = ("accept", target.upstream.name, target.repo, tag, accept.header)
+
+        async def fetch() -> ManifestAnswer:
+            got = await self._upstream.manifest(target, tag, accept.header)
+            return ManifestAnswer(await self._keep(got, None), Outcome.MISS)
+
+        answer, _ = await self._manifest_flights.run(key, fetch)
+        return answer
+
+    async def _remember(self, key: TagKey, manifest: StoredManifest) -> None:
+        await self._manifests.put_tag(key, TagRecord(manifest.digest, manifest.media_type, self._clock()))
+
+    async def _keep(self, got: UpstreamManifest, expected: Digest | None) -> StoredManifest:
+        """Verify a manifest's bytes against the digest asked for (or upstream's header) and
+        store it; a mismatch is a lying upstream and nothing is kept."""
+        claimed = expected or (parse_digest(got.digest) if got.digest else None)
+        actual = digest_of(got.data, claimed.algorithm if claimed else "sha256")
+        if claimed is not None and actual != claimed:
+            raise errors.UpstreamBadResponse("upstream manifest does not match its digest",
+                                             detail={"expected": str(claimed), "actual": str(actual)})
+        if not got.media_type:
+            raise errors.UpstreamBadResponse("upstream manifest has no Content-Type")
+        manifest = StoredManifest(str(actual), got.media_type, got.data)
+        await self._manifests.put_manifest(manifest)
+        return manifest
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def blob(self, target: Target, digest: Digest) -> BlobAnswer:
+        """An open cached blob, or the (possibly just started) fill that will bring it."""
+        stored = await self._blobs.run(self._blobs.open, digest)
+        if stored is not None:
+            return BlobAnswer(Outcome.HIT, stored=stored)
+        fill, _, started = self._fills.join(
+            str(digest), lambda: Fill(digest),
+            lambda f: f.run(self._blobs, lambda: self._upstream.blob(target, str(digest))))
+        return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
+
+    async def blob_size(self, target: Target, digest: Digest) -> tuple[int | None, Outcome]:
+        """A blob's size for HEAD, without fetching it."""
+        stored = await self._blobs.run(self._blobs.open, digest)
+        if stored is not None:
+            stored.close()
+            return stored.size, Outcome.HIT
+        return await self._upstream.blob_size(target, str(digest)), Outcome.MISS
+
+    def fills_in_flight(self) -> int:
+        return len(self._fills)
+
+    # -- lists -------------------------------------------------------------------------------
+
+    async def listing(self, target: Target, suffix: str, query: Mapping[str, str]) -> tuple[CachedList, Outcome]:
+        """tags/list or referrers: fresh within list_ttl, else upstream, else stale."""
+        key = (target.upstream.name, target.repo, suffix, "&".join(f"{k}={v}" for k, v in sorted(query.items())))
+        cached = await self._manifests.listing(key)
+        if cached is not None and self._clock() - cached.stored < target.upstream.list_ttl:
+            return cached, Outcome.HIT
+        try:
+            fresh, followed = await self._list_flights.run(key, lambda: self._fetch_listing(target, suffix, query, key))
+        except STALE_OK as e:
+            if cached is None:
+                raise
+            log.warning("serving stale %s for %s: %s", suffix, target.repo, e.message)
+            return cached, Outcome.STALE
+        return fresh, Outcome.COALESCED if followed else Outcome.MISS
+
+    async def _fetch_listing(self, target: Target, suffix: str, query: Mapping[str, str],
+                             key: tuple[str, ...]) -> CachedList:
+        got = await self._upstream.raw(target, suffix, query)
+        value = CachedList(got.status, got.body, got.content_type, got.link, self._clock())
+        if got.status == 200:
+            await self._manifests.put_listing(key, value)
+        return value

@@ -1,0 +1,1 @@
+"""The cache on disk: content-addressed blobs, manifests and tag records."""

@@ -1,0 +1,100 @@
+"""Content-addressed blob files: temp → verify → fsync → rename, and opening for sendfile.
+
+Every method that touches the disk is a plain blocking function meant to run in an executor
+thread (`BlobStore.run`), in one hop per operation, so the event loop never waits on a disk.
+A blob file exists under blobs/ only after its bytes were verified against its digest; a crash
+at any point leaves at most a partial file in tmp/, which `sweep` removes at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from mirror.oci.reference import Digest
+from mirror.store.layout import Layout
+
+log = logging.getLogger("mirror.store")
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class OpenBlob:
+    """An open file descriptor and the number of bytes it holds; the caller closes it."""
+
+    fd: int
+    size: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class BlobStore:
+    """The warm tier's files. Tiers and eviction (later) hook in at `open` and `commit`."""
+
+    def __init__(self, layout: Layout, executor: ThreadPoolExecutor) -> None:
+        self.layout = layout
+        self._executor = executor
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run blocking file work in the store's executor."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def open(self, digest: Digest) -> OpenBlob | None:
+        """Open a cached blob (blocking): None when it is not here."""
+        try:
+            fd = os.open(self.layout.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        return OpenBlob(fd, os.fstat(fd).st_size)
+
+    def create_partial(self, digest: Digest) -> tuple[Path, int, int]:
+        """Create a fill's temp file (blocking): its path, a write fd and a read fd."""
+        path = self.layout.partial(digest)
+        wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return path, wfd, rfd
+
+    def commit(self, partial: Path, wfd: int, digest: Digest) -> None:
+        """fsync a verified partial file and rename it into place (blocking, atomic)."""
+        os.fsync(wfd)
+        final = self.layout.blob(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(partial, final)
+        dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    @staticmethod
+    def discard(partial: Path) -> None:
+        """Remove a failed fill's temp file (blocking)."""
+        try:
+            partial.unlink()
+        except FileNotFoundError:
+            pass
+
+    def sweep(self) -> int:
+        """Remove temp files a crash left behind (blocking; at start, before serving)."""
+        count = 0
+        for path in self.layout.tmp.iterdir():
+            path.unlink(missing_ok=True)
+            count += 1
+        if count:
+            log.info("swept %d partial files left by an earlier run", count)
+        return count
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until every byte is down (a regular file may take less per call)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

@@ -1,0 +1,166 @@
+"""Upstream authentication: challenge parsing, credentials, the Bearer token dance, a token cache.
+
+Flow (https://distribution.github.io/distribution/spec/auth/token/): a request answered 401
+with `WWW-Authenticate: Bearer realm=…,service=…,scope=…` is retried once with a token from
+the realm. Tokens are cached per (upstream, scope) until shortly before they expire, and
+concurrent fetches of the same token are coalesced. `Basic` challenges are answered with the
+configured credentials.
+
+Credentials go only to the registry itself and to a realm that is the registry's own host or
+listed in `token_realms`; without credentials any http(s) realm may be asked anonymously.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mirror.coalesce import Flights
+from mirror.config import UpstreamConfig
+from mirror.errors import Unauthorized
+
+#: A token is dropped this many seconds before its stated expiry, to absorb clock and transit.
+EXPIRY_MARGIN = 10.0
+#: The token spec's default lifetime when the realm does not say.
+DEFAULT_EXPIRES_IN = 60.0
+
+_PARAM_RE = re.compile(r'\s*([a-zA-Z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str
+    params: dict[str, str]
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """Parse the first challenge of a WWW-Authenticate header (RFC 9110 §11.6.1)."""
+    header = header.strip()
+    scheme, _, rest = header.partition(" ")
+    if not scheme:
+        return None
+    params: dict[str, str] = {}
+    for m in _PARAM_RE.finditer(rest):
+        value = m.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params[m.group(1).lower()] = value
+    return Challenge(scheme.lower(), params)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def __repr__(self) -> str:
+        return f"Credentials({self.username!r}, ***)"
+
+
+def credentials_for(up: UpstreamConfig) -> Credentials | None:
+    """Credentials from the upstream's config, else from its docker config.json entry."""
+    if up.username:
+        return Credentials(up.username, up.password)
+    if up.docker_config:
+        return _from_docker_config(Path(up.docker_config), up)
+    return None
+
+
+def _from_docker_config(path: Path, up: UpstreamConfig) -> Credentials | None:
+    auths = json.loads(path.read_text()).get("auths", {})
+    keys = {urlsplit(k if "//" in k else f"//{k}").netloc: v for k, v in auths.items()}
+    hosts = list(up.hosts) + [urlsplit(up.url).netloc]
+    if up.name == "docker.io":
+        hosts.append("index.docker.io")
+    for host in hosts:
+        entry = keys.get(host)
+        if entry and entry.get("auth"):
+            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            return Credentials(user, password)
+        if entry and entry.get("username"):
+            return Credentials(entry["username"], entry.get("password", ""))
+    return None
+
+
+#: Fetches a token: (realm URL, query params, Authorization header or None) -> parsed JSON.
+TokenFetcher = Callable[[str, dict[str, str], str | None], Awaitable[dict[str, object]]]
+
+
+class Authenticator:
+    """Per-upstream credentials and the token cache; the HTTP client asks it what to send."""
+
+    def __init__(self, upstreams: tuple[UpstreamConfig, ...], fetch: TokenFetcher,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._creds = {up.name: credentials_for(up) for up in upstreams}
+        self._fetch = fetch
+        self._clock = clock
+        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        self._basic: set[str] = set()
+        self._flights: Flights[tuple[str, str], None, str] = Flights()
+
+    def header(self, up: UpstreamConfig, scope: str) -> str | None:
+        """The Authorization header to send first: a live cached token, or Basic if the
+        registry asked for Basic before."""
+        entry = self._tokens.get((up.name, scope))
+        if entry is not None and entry[1] > self._clock():
+            return f"Bearer {entry[0]}"
+        creds = self._creds.get(up.name)
+        if up.name in self._basic and creds is not None:
+            return creds.basic()
+        return None
+
+    async def answer(self, up: UpstreamConfig, scope: str, www_authenticate: str) -> str | None:
+        """The header that answers a 401's challenge, or None when we have nothing to offer."""
+        challenge = parse_challenge(www_authenticate)
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            creds = self._creds.get(up.name)
+            if creds is None:
+                return None
+            self._basic.add(up.name)
+            return creds.basic()
+        if challenge.scheme != "bearer" or "realm" not in challenge.params:
+            return None
+        self._tokens.pop((up.name, scope), None)
+        token, _ = await self._flights.run((up.name, scope), lambda: self._token(up, scope, challenge))
+        return f"Bearer {token}"
+
+    async def _token(self, up: UpstreamConfig, scope: str, challenge: Challenge) -> str:
+        realm = challenge.params["realm"]
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise Unauthorized("upstream token realm is not an http(s) URL")
+        creds = self._creds.get(up.name)
+        auth = None
+        if creds is not None:
+            if not self._realm_allowed(up, parts.netloc, parts.hostname):
+                raise Unauthorized("upstream token realm is not allowed to receive credentials",
+                                   detail={"realm_host": parts.hostname})
+            auth = creds.basic()
+        query = {"scope": challenge.params.get("scope", scope)}
+        if "service" in challenge.params:
+            query["service"] = challenge.params["service"]
+        body = await self._fetch(realm, query, auth)
+        token = body.get("token") or body.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise Unauthorized("upstream token realm returned no token")
+        expires_in = body.get("expires_in")
+        ttl = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else DEFAULT_EXPIRES_IN
+        self._tokens[(up.name, scope)] = (token, self._clock() + max(ttl - EXPIRY_MARGIN, 1.0))
+        return token
+
+    @staticmethod
+    def _realm_allowed(up: UpstreamConfig, netloc: str, hostname: str) -> bool:
+        own = urlsplit(up.url)
+        return netloc == own.netloc or hostname == own.hostname or hostname in up.token_realms or netloc in up.token_realms

@@ -1,0 +1,237 @@
+"""HTTP to upstream registries through one pooled aiohttp ClientSession.
+
+This module is the only one that sees aiohttp's client errors: `_translate` turns each into a
+domain error (errors.py) at the point it happens, including errors raised while a blob body
+is being read. Redirects are followed here, by hand, so that the `Authorization` header is
+sent only to the registry's own origin and never to a CDN or any other host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from mirror import errors
+from mirror.config import Config, UpstreamConfig
+from mirror.upstream.auth import Authenticator
+from mirror.upstream.routing import Target
+
+log = logging.getLogger("mirror.upstream")
+
+MAX_REDIRECTS = 5
+#: Bodies we hold in memory (manifests, tag lists, token answers) are refused past this size.
+MAX_SMALL_BODY = 8 * 1024 * 1024
+BLOB_CHUNK = 1024 * 1024
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamManifest:
+    """A manifest answer. `data` is empty for HEAD."""
+
+    data: bytes
+    media_type: str
+    digest: str | None
+    size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RawAnswer:
+    """A small passthrough answer (tag lists, referrers)."""
+
+    status: int
+    body: bytes
+    content_type: str
+    link: str | None
+
+
+class BlobStream:
+    """An open upstream blob body; `size` is its Content-Length when upstream sent one."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.size = response.content_length
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body in pieces; a cut or stalled connection raises a domain error."""
+        with _translate():
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+
+
+@contextlib.contextmanager
+def _translate() -> Any:
+    """aiohttp and socket failures become the domain errors the HTTP layer knows."""
+    try:
+        yield
+    except errors.MirrorError:
+        raise
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
+        raise errors.UpstreamTimeout(detail={"reason": type(e).__name__}) from e
+    except aiohttp.ClientSSLError as e:
+        raise errors.UpstreamUnavailable("TLS failure talking to upstream", detail={"reason": str(e)[:200]}) from e
+    except aiohttp.ClientPayloadError as e:
+        raise errors.UpstreamUnavailable("upstream connection cut mid-body") from e
+    except (aiohttp.ClientError, OSError, ValueError) as e:
+        raise errors.UpstreamUnavailable(detail={"reason": str(e)[:200] or type(e).__name__}) from e
+
+
+def _status_error(status: int, headers: Mapping[str, str], not_found: errors.MirrorError) -> errors.MirrorError:
+    """The domain error for a non-success upstream status."""
+    if status == 404:
+        return not_found
+    if status == 401:
+        return errors.Unauthorized()
+    if status == 403:
+        return errors.Denied()
+    if status == 429:
+        return errors.TooManyRequests(retry_after=headers.get("Retry-After"))
+    if status == 503:
+        return errors.UpstreamOverloaded(detail={"status": status})
+    return errors.UpstreamBadResponse(f"upstream answered {status}", detail={"status": status})
+
+
+def _same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
+class UpstreamClient:
+    """Registry API calls against the configured upstreams."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._session: aiohttp.ClientSession | None = None
+        self.auth = Authenticator(config.upstreams, self._fetch_token)
+
+    async def start(self) -> None:
+        t = self._config.timeouts
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=t.connect, sock_read=t.read),
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
+            read_bufsize=BLOB_CHUNK,
+            auto_decompress=False,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "UpstreamClient.start() not called"
+        return self._session
+
+    async def manifest(self, target: Target, ref: str, accept: str, method: str = "GET") -> UpstreamManifest:
+        """GET or HEAD a manifest by tag or digest."""
+        path = f"/v2/{target.repo}/manifests/{ref}"
+        async with self._open(target, method, path, {"Accept": accept}) as resp:
+            self._check(resp, errors.ManifestUnknown(detail={"name": target.name, "reference": ref}))
+            data = b"" if method == "HEAD" else await self._read_small(resp)
+            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            return UpstreamManifest(data, media_type, resp.headers.get("Docker-Content-Digest"), resp.content_length)
+
+    @contextlib.asynccontextmanager
+    async def blob(self, target: Target, digest: str) -> AsyncIterator[BlobStream]:
+        """Open a blob body for streaming (following the CDN redirect without credentials)."""
+        path = f"/v2/{target.repo}/blobs/{digest}"
+        async with self._open(target, "GET", path, {}) as resp:
+            self._check(resp, errors.BlobUnknown(detail={"digest": digest}))
+            yield BlobStream(resp)
+
+    async def blob_size(self, target: Target, digest: str) -> int | None:
+        """HEAD a blob: its size, or None when upstream does not say."""
+        path = f"/v2/{target.repo}/blobs/{digest}"
+        async with self._open(target, "HEAD", path, {}) as resp:
+            self._check(resp, errors.BlobUnknown(detail={"digest": digest}))
+            return resp.content_length
+
+    async def raw(self, target: Target, suffix: str, query: Mapping[str, str]) -> RawAnswer:
+        """GET a small JSON endpoint (tags/list, referrers); 404 is an answer, not an error."""
+        path = f"/v2/{target.repo}/{suffix}"
+        async with self._open(target, "GET", path, {"Accept": "application/json, application/vnd.oci.image.index.v1+json"}, query) as resp:
+            if resp.status not in (200, 404):
+                self._check(resp, errors.NameUnknown())
+            body = await self._read_small(resp)
+            return RawAnswer(resp.status, body, resp.headers.get("Content-Type", "application/json"), resp.headers.get("Link"))
+
+    @staticmethod
+    def _check(resp: aiohttp.ClientResponse, not_found: errors.MirrorError) -> None:
+        if resp.status >= 300:
+            raise _status_error(resp.status, resp.headers, not_found)
+
+    @staticmethod
+    async def _read_small(resp: aiohttp.ClientResponse) -> bytes:
+        if resp.content_length is not None and resp.content_length > MAX_SMALL_BODY:
+            raise errors.UpstreamBadResponse("upstream answer too large")
+        with _translate():
+            data = await resp.content.read(MAX_SMALL_BODY + 1)
+        if len(data) > MAX_SMALL_BODY:
+            raise errors.UpstreamBadResponse("upstream answer too large")
+        return data
+
+    @contextlib.asynccontextmanager
+    async def _open(self, target: Target, method: str, path: str, headers: dict[str, str],
+                    query: Mapping[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send a request with auth, answering one 401 challenge and following redirects."""
+        up = target.upstream
+        scope = f"repository:{target.repo}:pull"
+        url = up.url.rstrip("/") + path
+        auth = self.auth.header(up, scope)
+        resp = await self._follow(up, method, url, headers, auth, query)
+        try:
+            if resp.status == 401 and "WWW-Authenticate" in resp.headers:
+                challenge = resp.headers["WWW-Authenticate"]
+                resp.release()
+                with _translate():
+                    answer = await self.auth.answer(up, scope, challenge)
+                if answer is not None:
+                    resp = await self._follow(up, method, url, headers, answer, query)
+            yield resp
+        finally:
+            resp.release()
+
+    async def _follow(self, up: UpstreamConfig, method: str, url: str, headers: dict[str, str],
+                      auth: str | None, query: Mapping[str, str] | None) -> aiohttp.ClientResponse:
+        """One request, following redirects; credentials only ever go to the registry's origin."""
+        for _ in range(MAX_REDIRECTS + 1):
+            send = dict(headers)
+            if auth is not None and _same_origin(url, up.url):
+                send["Authorization"] = auth
+            with _translate():
+                resp = await self.session.request(method, url, headers=send, params=query,
+                                                  allow_redirects=False)
+            if resp.status not in _REDIRECTS or "Location" not in resp.headers:
+                return resp
+            location = resp.headers["Location"]
+            resp.release()
+            url = urljoin(str(resp.url), location)
+            query = None
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise errors.UpstreamBadResponse("upstream redirected to a non-http(s) URL")
+            if resp.status == 303:
+                method = "GET" if method != "HEAD" else method
+        raise errors.UpstreamBadResponse("too many upstream redirects")
+
+    async def _fetch_token(self, realm: str, query: dict[str, str], auth: str | None) -> dict[str, Any]:
+        """GET a token from a realm (the Authenticator decided whether `auth` may go there)."""
+        headers = {"Authorization": auth} if auth else {}
+        with _translate():
+            async with self.session.get(realm, params=query, headers=headers, allow_redirects=False) as resp:
+                if resp.status in (401, 403):
+                    raise errors.Unauthorized("upstream token realm refused the credentials")
+                if resp.status != 200:
+                    raise _status_error(resp.status, resp.headers, errors.Unauthorized("token realm not found"))
+                body = await resp.json(content_type=None)
+        if not isinstance(body, dict):
+            raise errors.Unauthorized("upstream token realm answered no JSON object")
+        return body
+
