@@ -1,0 +1,173 @@
+"""Fixtures: a real registry (once per session), the upstream simulator, and the mirror under
+test, in-process (`make_mirror`) or as a real `python -m mirror serve` process (`mirror_process`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from images import Upstream, big_layer, push_all
+from registry import LOCAL_OPENER, Registry, free_port
+from upstream_sim import UpstreamSim
+
+from mirror.config import load_config
+from mirror.http.app import build_app
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    """A real `docker-registry` with every test image pushed, shared by the whole session
+    because starting it and pushing takes about a second. Treat it as read-only; tests
+    that delete upstream content should start their own `Registry`."""
+    root: Path = tmp_path_factory.mktemp("upstream")
+    registry = Registry(root / "registry")
+    registry.start()
+    try:
+        images = push_all(registry.host, root / "layouts")
+        yield Upstream(registry.url, registry.host, images, big_layer())
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[UpstreamSim]:
+    """A fresh, empty `UpstreamSim` (registry on 127.0.0.1, CDN on 127.0.0.2), started in
+    the test's event loop and stopped afterwards, so switches never leak between tests."""
+    simulator = UpstreamSim()
+    await simulator.start()
+    try:
+        yield simulator
+    finally:
+        simulator.clear_faults()
+        await simulator.stop()
+
+
+# -- the mirror under test ----------------------------------------------------------------------
+
+
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Mirror:
+    """A running mirror: its base URL, host:port (for skopeo) and data directory."""
+
+    url: str
+    host: str
+    data_dir: Path
+    app: web.Application | None = None
+
+    def blob_files(self) -> list[Path]:
+        return [p for p in (self.data_dir / "blobs").rglob("*") if p.is_file()]
+
+    def partial_files(self) -> list[Path]:
+        return list((self.data_dir / "tmp").iterdir())
+
+
+MakeMirror = Callable[..., Awaitable[Mirror]]
+
+
+@pytest.fixture
+async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
+    """Start in-process mirrors on real loopback sockets: `await make_mirror(upstream_url,
+    toml="...extra config...")`. The default upstream (docker.io) points at `upstream_url`."""
+    runners: list[web.AppRunner] = []
+
+    async def start(upstream_url: str, toml: str = "", data_dir: Path | None = None) -> Mirror:
+        data = data_dir or tmp_path / f"data{len(runners)}"
+        config_file = tmp_path / f"config{len(runners)}.toml"
+        config_file.write_text(toml)
+        config = load_config(config_file, env={}, flags={
+            "upstream": upstream_url, "data_dir": str(data), "listen": "127.0.0.1:0"})
+        app = build_app(config)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        return Mirror(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", data, app)
+
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp client (no proxy from the environment)."""
+    async with aiohttp.ClientSession(trust_env=False) as session:
+        yield session
+
+
+class MirrorProcess:
+    """`python -m mirror serve` as a real process (uvloop, CLI, signals, restarts)."""
+
+    def __init__(self, data_dir: Path, upstream_url: str, extra_env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.upstream_url = upstream_url
+        self.env = {**os.environ, **(extra_env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data_dir.parent / f"mirror-{self.port}.log"
+
+    def start(self, timeout: float = 15.0) -> MirrorProcess:
+        cmd = [sys.executable, "-m", "mirror", "serve", "--listen", self.host,
+               "--data-dir", str(self.data_dir), "--upstream", self.upstream_url]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=PROJECT, env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mirror exited: {self.log.read_text()[-2000:]}")
+            try:
+                with LOCAL_OPENER.open(f"{self.url}/v2/", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)  # ok: polling a condition with a deadline
+        raise RuntimeError("mirror did not answer in time")
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=15)
+        self.proc = None
+
+
+@pytest.fixture
+def mirror_process(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
+    """Factory of mirror processes, all stopped at the end of the test."""
+    started: list[MirrorProcess] = []
+
+    def make(upstream_url: str, data_dir: Path | None = None, env: dict[str, str] | None = None) -> MirrorProcess:
+        proc = MirrorProcess(data_dir or tmp_path / "data", upstream_url, env)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+async def skopeo_copy(src: str, dest: Path, *extra: str) -> tuple[int, str]:
+    """Run `skopeo copy` without blocking the loop (an in-process mirror must keep serving)."""
+    proc = await asyncio.create_subprocess_exec(
+        "skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "--retry-times", "0",
+        *extra, src, f"dir:{dest}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace")
