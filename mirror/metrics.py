@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ROUTES = ("base", "manifest", "blob", "tags", "referrers", "other")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class Metrics:
@@ -26,9 +27,16 @@ class Metrics:
             "mirror_blob_bytes_served", "Blob bytes sent to clients, by source.",
             ["source"], registry=self.registry)
         self.fills = Gauge("mirror_fills_in_flight", "Blob fills running now.", registry=self.registry)
+        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
 
     def request(self, route: str, method: str, status: int, outcome: str) -> None:
-        self.requests.labels(route, method, str(status), outcome).inc()
+        """Count one answered request (label children memoised: this is on every request)."""
+        key = (route, method, status, outcome)
+        child = self._request_children.get(key)
+        if child is None:
+            method = method if method in _METHODS else "other"
+            child = self._request_children[key] = self.requests.labels(route, method, str(status), outcome)
+        child.inc()
 
     def served(self, source: str, nbytes: int) -> None:
         self.bytes_served.labels(source).inc(nbytes)

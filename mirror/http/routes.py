@@ -22,7 +22,7 @@ from mirror.fill import Fill
 from mirror.http.middleware import API_VERSION, OUTCOME, ROUTE
 from mirror.http.sendfile import ClientGone, SocketSender, abort
 from mirror.metrics import Metrics
-from mirror.oci.mediatypes import AcceptSet
+from mirror.oci.mediatypes import parse_accept
 from mirror.oci.reference import Digest, parse_digest, parse_reference
 from mirror.service import MirrorService, Outcome
 from mirror.store.blobs import BlobStore, OpenBlob
@@ -67,7 +67,8 @@ class Routes:
                 request[ROUTE] = route
                 if request.method not in ("GET", "HEAD"):
                     raise errors.Unsupported()
-                target = self._router.route(m["name"], request.query.get("ns"))
+                ns = request.query.get("ns") if request.query_string else None
+                target = self._router.route(m["name"], ns)
                 return await getattr(self, route)(request, target, m.groupdict().get("ref"))
         if request.method not in ("GET", "HEAD"):
             raise errors.Unsupported()
@@ -77,7 +78,7 @@ class Routes:
 
     async def manifest(self, request: web.Request, target: Target, ref: str) -> web.Response:
         reference = parse_reference(ref)
-        accept = AcceptSet(request.headers.getall("Accept", []))
+        accept = parse_accept(request.headers.getall("Accept", []))
         hot = self._service.manifest_hot(target, reference.tag) if reference.tag is not None else None
         if hot is not None and accept.allows(hot.media_type):
             return self._manifest_response(request, target, hot, Outcome.HIT)

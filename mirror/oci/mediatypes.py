@@ -55,3 +55,20 @@ class AcceptSet:
     @property
     def allows_anything(self) -> bool:
         return self._any
+
+
+#: Parsed Accept headers by their raw values: clients send a handful of distinct ones, and
+#: parsing is a visible share of a cached manifest request.
+_ACCEPT_CACHE: dict[tuple[str, ...], AcceptSet] = {}
+_ACCEPT_CACHE_MAX = 512
+
+
+def parse_accept(headers: list[str]) -> AcceptSet:
+    """An AcceptSet for these header values, parsed once per distinct value."""
+    key = tuple(headers)
+    found = _ACCEPT_CACHE.get(key)
+    if found is None:
+        if len(_ACCEPT_CACHE) >= _ACCEPT_CACHE_MAX:
+            _ACCEPT_CACHE.clear()
+        found = _ACCEPT_CACHE[key] = AcceptSet(headers)
+    return found

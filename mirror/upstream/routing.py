@@ -13,6 +13,8 @@ from mirror.config import Config, UpstreamConfig
 from mirror.errors import NameUnknown
 from mirror.oci.reference import check_name
 
+ROUTE_CACHE_MAX = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -34,8 +36,19 @@ class Router:
             for host in up.hosts:
                 self._by_host[host.lower()] = up
         self._default = config.upstream(config.default_upstream)
+        self._cache: dict[tuple[str, str | None], Target] = {}
 
     def route(self, name: str, ns: str | None) -> Target:
+        """The Target for a name and optional ns; valid answers are memoised (bounded)."""
+        key = (name, ns)
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= ROUTE_CACHE_MAX:
+                self._cache.clear()
+            found = self._cache[key] = self._route(name, ns)
+        return found
+
+    def _route(self, name: str, ns: str | None) -> Target:
         if ns is not None:
             up = self._by_host.get(ns.lower())
             if up is None:
