@@ -40,8 +40,8 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 
 #: Key under which handlers leave their route name and cache outcome for the bookkeeping.
-ROUTE = "mirror.route"
-OUTCOME = "mirror.outcome"
+ROUTE = web.RequestKey("route", str)
+OUTCOME = web.RequestKey("outcome", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
