@@ -180,7 +180,7 @@ def _validate(raw: dict[str, Any]) -> Config:
     if not isinstance(upstreams, Mapping):
         raise ConfigError("upstreams: must be a table of upstream registries")
     built = tuple(_upstream(name, dict(v)) for name, v in upstreams.items())
-    config = _build(Config, {**raw, "upstreams": built}, "")
+    config: Config = _build(Config, {**raw, "upstreams": built}, "")
     _check(config)
     return config
 
@@ -188,7 +188,7 @@ def _validate(raw: dict[str, Any]) -> Config:
 def _upstream(name: str, raw: dict[str, Any]) -> UpstreamConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"upstreams.{name}: must be a table")
-    up = _build(UpstreamConfig, {**raw, "name": name}, f"upstreams.{name}.")
+    up: UpstreamConfig = _build(UpstreamConfig, {**raw, "name": name}, f"upstreams.{name}.")
     where = f"upstreams.{name}"
     parts = urlsplit(up.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -202,7 +202,7 @@ def _upstream(name: str, raw: dict[str, Any]) -> UpstreamConfig:
 
 def _check(config: Config) -> None:
     try:
-        host, port = config.host_port
+        _, port = config.host_port
     except ValueError:
         raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}") from None
     if not 0 <= port <= 65535:
@@ -234,7 +234,7 @@ def _build(cls: type[Any], raw: Mapping[str, Any], where: str) -> Any:
 
 def _coerce(kind: Any, value: Any, key: str) -> Any:
     """Coerce TOML or environment strings to the field's type; the error names the key."""
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: must be a table")
         return _build(kind, value, f"{key}.")

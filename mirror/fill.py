@@ -93,12 +93,13 @@ class Fill:
             if await store.run(self._already_stored, store):
                 return self._finish()
             async with source() as stream:
-                partial, wfd, self._read_fd = await store.run(store.create_partial, self.digest)
+                partial, out, self._read_fd = await store.run(store.create_partial, self.digest)
+                wfd = out
                 self.size = stream.size
                 verifier = Verifier(self.digest, stream.size)
                 self._ready.set_result(None)
-                await self._copy(store, stream, wfd, verifier)
-            await store.run(self._commit, store, verifier, partial, wfd)
+                await self._copy(store, stream, out, verifier)
+            await store.run(self._commit, store, verifier, partial, out)
             partial = None
             self._finish()
         except BaseException as e:

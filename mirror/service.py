@@ -31,7 +31,13 @@ from mirror.oci.mediatypes import AcceptSet
 from mirror.oci.reference import Digest, Reference, parse_digest
 from mirror.oci.verify import digest_of
 from mirror.store.blobs import BlobStore, OpenBlob
-from mirror.store.manifests import CachedList, ManifestStore, StoredManifest, TagKey, TagRecord
+from mirror.store.manifests import (
+    CachedList,
+    ManifestStore,
+    StoredManifest,
+    TagKey,
+    TagRecord,
+)
 from mirror.upstream.client import UpstreamClient, UpstreamManifest
 from mirror.upstream.routing import Target
 

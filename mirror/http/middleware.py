@@ -11,6 +11,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Middleware
 
 from mirror import errors
 from mirror.metrics import Metrics
@@ -67,7 +69,7 @@ def _from_http_exception(exc: web.HTTPException) -> errors.MirrorError:
     return errors.EndpointUnknown()
 
 
-def make_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_middleware(metrics: Metrics) -> Middleware:
     @web.middleware
     async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Turn every domain error (and router 404/405) into error JSON; count the request."""
@@ -89,7 +91,7 @@ def make_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awaita
     return registry_errors
 
 
-class AccessLogger(web.AbstractAccessLogger):
+class AccessLogger(AbstractAccessLogger):
     """One logfmt line per request: method, path, status, bytes, duration, outcome, client.
     Headers are never logged, so credentials and tokens cannot leak here."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -69,7 +70,8 @@ class Routes:
                     raise errors.Unsupported()
                 ns = request.query.get("ns") if request.query_string else None
                 target = self._router.route(m["name"], ns)
-                return await getattr(self, route)(request, target, m.groupdict().get("ref"))
+                handler: Callable[..., Awaitable[web.StreamResponse]] = getattr(self, route)
+                return await handler(request, target, m.groupdict().get("ref"))
         if request.method not in ("GET", "HEAD"):
             raise errors.Unsupported()
         raise errors.EndpointUnknown()
