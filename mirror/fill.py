@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -98,8 +99,12 @@ class Fill:
                 self.size = stream.size
                 verifier = Verifier(self.digest, stream.size)
                 self._ready.set_result(None)
+                started = time.monotonic()
                 await self._copy(store, stream, out, verifier)
+            copied = time.monotonic()
             await store.run(self._commit, store, verifier, partial, out)
+            log.info("fill of %s: %d bytes, copy %.2fs, verify+fsync+rename %.2fs", self.digest,
+                     self.written, copied - started, time.monotonic() - copied)
             partial = None
             self._finish()
         except BaseException as e:
@@ -112,19 +117,40 @@ class Fill:
             self._close(wfd)
 
     async def _copy(self, store: BlobStore, stream: BlobStream, wfd: int, verifier: Verifier) -> None:
-        buf = bytearray()
-        async for chunk in stream.chunks():
-            buf += chunk
-            if len(buf) >= WRITE_CHUNK:
-                await self._flush(store, wfd, verifier, buf)
-        if buf:
-            await self._flush(store, wfd, verifier, buf)
+        """Read upstream in WRITE_CHUNK pieces; each piece is written and hashed in two
+        executor lanes while the next one is read, so the fill runs at the pace of the slowest
+        of network, disk and hash rather than their sum. Followers see a piece once written."""
+        pieces: list[bytes] = []
+        pending = 0
+        landing: asyncio.Future[None] | None = None
+        try:
+            async for chunk in stream.chunks():
+                pieces.append(chunk)
+                pending += len(chunk)
+                if pending >= WRITE_CHUNK:
+                    if landing is not None:
+                        await landing
+                    landing = asyncio.ensure_future(self._land(store, wfd, verifier, pieces, pending))
+                    pieces, pending = [], 0
+            if landing is not None:
+                await landing
+            if pieces:
+                await self._land(store, wfd, verifier, pieces, pending)
+        finally:
+            if landing is not None:  # never close the file under a write still running
+                await asyncio.wait([landing])
+                if not landing.cancelled():
+                    landing.exception()
 
-    async def _flush(self, store: BlobStore, wfd: int, verifier: Verifier, buf: bytearray) -> None:
-        data = bytes(buf)
-        buf.clear()
-        await store.run(_write_and_hash, wfd, verifier, data)
-        self.written += len(data)
+    async def _land(self, store: BlobStore, wfd: int, verifier: Verifier, pieces: list[bytes],
+                    size: int) -> None:
+        """Write and hash one piece (as received, no copy) in parallel; then followers may read it."""
+        lanes = [asyncio.ensure_future(store.run(write_all, wfd, pieces)),
+                 asyncio.ensure_future(store.run(verifier.update_all, pieces))]
+        await asyncio.wait(lanes)
+        for lane in lanes:
+            lane.result()
+        self.written += size
         self._notify()
 
     def _already_stored(self, store: BlobStore) -> bool:
@@ -175,11 +201,4 @@ class Fill:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _write_and_hash(fd: int, verifier: Verifier, data: bytes) -> None:
-    """One executor hop: the bytes go to disk and through the hash (hashlib drops the GIL)."""
-    write_all(fd, data)
-    verifier.update(data)
-
 

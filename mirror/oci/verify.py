@@ -30,6 +30,10 @@ class Verifier:
             raise UpstreamBadResponse("upstream sent more bytes than announced",
                                       detail={"digest": str(self.digest)})
 
+    def update_all(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.update(piece)
+
     def check(self) -> None:
         """Raise UpstreamBadResponse unless every byte arrived and they hash to the digest."""
         if self.expected_size is not None and self.size != self.expected_size:

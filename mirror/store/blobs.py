@@ -21,6 +21,9 @@ from mirror.oci.reference import Digest
 from mirror.store.layout import Layout
 
 log = logging.getLogger("mirror.store")
+
+#: Most buffers one writev call takes (Linux UIO_MAXIOV).
+IOV_MAX = 1024
 T = TypeVar("T")
 
 
@@ -92,9 +95,13 @@ class BlobStore:
         return count
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """os.write until every byte is down (a regular file may take less per call)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def write_all(fd: int, pieces: list[bytes]) -> None:
+    """os.writev until every byte of `pieces` is down (a regular file may take less per call)."""
+    views = [memoryview(p) for p in pieces]
+    while views:
+        n = os.writev(fd, views[:IOV_MAX])
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
