@@ -22,6 +22,8 @@ from mirror.store.layout import Layout
 
 log = logging.getLogger("mirror.store")
 
+#: Blobs up to this size (configs, small layers) are read whole and sent from memory.
+SMALL_BLOB = 256 * 1024
 #: Most buffers one writev call takes (Linux UIO_MAXIOV).
 IOV_MAX = 1024
 T = TypeVar("T")
@@ -29,13 +31,17 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class OpenBlob:
-    """An open file descriptor and the number of bytes it holds; the caller closes it."""
+    """A cached blob: an open descriptor (the caller closes it), or for a small blob its bytes,
+    read in the same executor hop so that sending it needs no second one."""
 
     fd: int
     size: int
+    data: bytes | None = None
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class BlobStore:
@@ -55,7 +61,14 @@ class BlobStore:
             fd = os.open(self.layout.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        return OpenBlob(fd, os.fstat(fd).st_size)
+        size = os.fstat(fd).st_size
+        if size > SMALL_BLOB:
+            return OpenBlob(fd, size)
+        try:
+            data = os.read(fd, size + 1)
+        finally:
+            os.close(fd)
+        return OpenBlob(-1, len(data), data)
 
     def create_partial(self, digest: Digest) -> tuple[Path, int, int]:
         """Create a fill's temp file (blocking): its path, a write fd and a read fd."""

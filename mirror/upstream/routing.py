@@ -64,7 +64,6 @@ class Router:
 
     @staticmethod
     def _target(up: UpstreamConfig, repo: str, name: str, ns: str | None) -> Target:
-        check_name(repo)
         if up.library_prefix and "/" not in repo:
             repo = f"library/{repo}"
-        return Target(up, repo, name, ns)
+        return Target(up, check_name(repo), name, ns)
