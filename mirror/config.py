@@ -193,6 +193,8 @@ def _upstream(name: str, raw: dict[str, Any]) -> UpstreamConfig:
     parts = urlsplit(up.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}.url: must be an http:// or https:// URL, got {up.url!r}")
+    if parts.username or parts.password:
+        raise ConfigError(f"{where}.url: put credentials in username/password, not in the URL")
     if up.tag_ttl < 0 or up.list_ttl < 0:
         raise ConfigError(f"{where}.tag_ttl/list_ttl: must not be negative")
     if up.docker_config and not Path(up.docker_config).is_file():

@@ -231,8 +231,9 @@ class MirrorService:
 
     async def _fetch_listing(self, target: Target, suffix: str, query: Mapping[str, str],
                              key: tuple[str, ...]) -> CachedList:
-        got = await self._upstream.raw(target, suffix, query)
-        value = CachedList(got.status, got.body, got.content_type, got.link, self._clock())
-        if got.status == 200:
-            await self._manifests.put_listing(key, value)
+        not_found: errors.MirrorError = (errors.NameUnknown(detail={"name": target.name})
+                                         if suffix == "tags/list" else errors.ManifestUnknown())
+        got = await self._upstream.raw(target, suffix, query, not_found)
+        value = CachedList(got.body, got.content_type, got.link, self._clock())
+        await self._manifests.put_listing(key, value)
         return value

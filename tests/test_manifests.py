@@ -176,3 +176,19 @@ async def test_tag_lists_paginate_and_serve_stale(sim: UpstreamSim, make_mirror:
         assert (await resp.json())["tags"] == ["a", "b"]
     async with client.get(f"{mirror.url}/v2/other/tags/list") as resp:
         assert resp.status == 502
+
+
+async def test_referrers_pass_through_and_unknown_is_error_json(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """A registry without the referrers API (the simulator, like distribution 2.8) answers 404:
+    the client gets the spec's error JSON (so it falls back to the tag schema), not a raw page."""
+    image = make_image(22, [100])
+    sim.add_image(REPO, "1", image)
+    mirror = await make_mirror(sim.url)
+    async with client.get(f"{mirror.url}/v2/{REPO}/referrers/{image.digest}") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert sim.requests[("GET", f"/v2/{REPO}/referrers/{image.digest}")] == 1
+    async with client.get(f"{mirror.url}/v2/{REPO}/referrers/sha256:xyz") as resp:
+        assert resp.status == 400
+        assert (await resp.json())["errors"][0]["code"] == "DIGEST_INVALID"

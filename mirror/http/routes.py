@@ -230,7 +230,7 @@ class Routes:
         self._annotate(headers, target, outcome)
         if cached.link:
             headers["Link"] = cached.link.replace(f"/v2/{target.repo}/", f"/v2/{target.name}/", 1)
-        return web.Response(status=cached.status, body=cached.body, headers=headers)
+        return web.Response(body=cached.body, headers=headers)
 
 
 def byte_range(request: web.Request, size: int) -> tuple[int, int]:

@@ -45,7 +45,6 @@ class TagRecord:
 class CachedList:
     """A cached tags/list or referrers answer."""
 
-    status: int
     body: bytes
     content_type: str
     link: str | None
@@ -135,4 +134,4 @@ class ManifestStore:
 
     async def put_listing(self, key: tuple[str, ...], value: CachedList) -> None:
         await self._run(self._disk.set, ("l", *key),
-                        (value.status, value.body, value.content_type, value.link, value.stored))
+                        (value.body, value.content_type, value.link, value.stored))

@@ -46,7 +46,6 @@ class UpstreamManifest:
 class RawAnswer:
     """A small passthrough answer (tag lists, referrers)."""
 
-    status: int
     body: bytes
     content_type: str
     link: str | None
@@ -154,14 +153,16 @@ class UpstreamClient:
             self._check(resp, errors.BlobUnknown(detail={"digest": digest}))
             return resp.content_length
 
-    async def raw(self, target: Target, suffix: str, query: Mapping[str, str]) -> RawAnswer:
-        """GET a small JSON endpoint (tags/list, referrers); 404 is an answer, not an error."""
+    async def raw(self, target: Target, suffix: str, query: Mapping[str, str],
+                  not_found: errors.MirrorError) -> RawAnswer:
+        """GET a small JSON endpoint (tags/list, referrers)."""
         path = f"/v2/{target.repo}/{suffix}"
-        async with self._open(target, "GET", path, {"Accept": "application/json, application/vnd.oci.image.index.v1+json"}, query) as resp:
-            if resp.status not in (200, 404):
-                self._check(resp, errors.NameUnknown())
+        accept = {"Accept": "application/json, application/vnd.oci.image.index.v1+json"}
+        async with self._open(target, "GET", path, accept, query) as resp:
+            self._check(resp, not_found)
             body = await self._read_small(resp)
-            return RawAnswer(resp.status, body, resp.headers.get("Content-Type", "application/json"), resp.headers.get("Link"))
+            content_type = resp.headers.get("Content-Type", "application/json")
+            return RawAnswer(body, content_type, resp.headers.get("Link"))
 
     @staticmethod
     def _check(resp: aiohttp.ClientResponse, not_found: errors.MirrorError) -> None:
