@@ -1,0 +1,42 @@
+"""/metrics counts what happened, and the Grafana dashboard only asks for metrics that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import aiohttp
+
+from conftest import MakeMirror
+from upstream_sim import UpstreamSim
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "mirror-dashboard.json"
+
+
+def _value(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_count_hits_misses_and_dashboard_queries_exist(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """A miss then a hit of one blob move the request counter by one each and the bytes
+    counter by the blob size per source; every metric the dashboard queries is exported."""
+    digest = sim.add_blob(b"m" * 300_000)
+    mirror = await make_mirror(sim.url)
+    for _ in range(2):
+        async with client.get(f"{mirror.url}/v2/test/x/blobs/{digest}") as resp:
+            assert len(await resp.read()) == 300_000
+    async with client.get(f"{mirror.url}/metrics") as resp:
+        text = await resp.text()
+    assert _value(text, "mirror_http_requests_total", route="blob", outcome="miss", status="200") == 1
+    assert _value(text, "mirror_http_requests_total", route="blob", outcome="hit", status="200") == 1
+    assert _value(text, "mirror_blob_bytes_served_total", source="upstream") == 300_000
+    assert _value(text, "mirror_blob_bytes_served_total", source="warm") == 300_000
+    exported = set(re.findall(r"^(mirror_[a-z_]+)", text, re.M))
+    queries = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    used = {m for q in queries for m in re.findall(r"mirror_[a-z_]+", q)}
+    assert used and used <= exported, used - exported
