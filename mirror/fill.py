@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -29,8 +30,10 @@ log = logging.getLogger("mirror.fill")
 #: Bytes gathered before one executor hop writes and hashes them.
 WRITE_CHUNK = 1024 * 1024
 
+#: Seconds a waiting follower thread sleeps at most before it looks at its stop flag again.
+FOLLOWER_WAKE = 0.2
+
 BlobSource = Callable[[], AbstractAsyncContextManager[BlobStream]]
-Send = Callable[[int, int], Awaitable[None]]
 
 
 class Fill:
@@ -46,6 +49,7 @@ class Fill:
         self._read_fd: int | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
+        self._progress = threading.Condition()
 
     async def ready(self) -> None:
         """Wait until the size is known and the partial file exists (or the fill failed)."""
@@ -68,23 +72,26 @@ class Fill:
                 raise self.error
             await self._changed.wait()
 
-    async def follow(self, start: int, end: int, send: Send) -> None:
-        """Hand bytes [start, end) to `send` as they land, the last one only once verified."""
-        pos = start
-        while pos < end:
-            changed = self._changed
-            if self.error is not None:
-                raise self.error
-            limit = end if self.done else min(self.written, end - 1)
-            if limit > pos:
-                await send(pos, limit - pos)
-                pos = limit
-            else:
-                await changed.wait()
+    def available(self, pos: int, end: int, stop: threading.Event) -> int:
+        """Blocking, for a follower's sender thread: wait until bytes past `pos` (of a response
+        ending at `end`) may be sent and return how far; the last byte of a response only once
+        the digest is verified. Returns `pos` if `stop` is set; raises the fill's error.
+        Followers wait here rather than on the event loop so that a fill with many followers
+        costs the loop one notify per piece, not a thread hop per piece per follower."""
+        with self._progress:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                limit = end if self.done else min(self.written, end - 1)
+                if limit > pos or stop.is_set():
+                    return limit if limit > pos else pos
+                self._progress.wait(FOLLOWER_WAKE)
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        with self._progress:
+            self._progress.notify_all()
 
     async def run(self, store: BlobStore, source: BlobSource) -> None:
         """Fetch, write, hash, verify, commit; on any failure keep nothing and tell everyone."""

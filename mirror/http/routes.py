@@ -179,7 +179,7 @@ class Routes:
             response = await self._start(request, target, digest, outcome, fill.size, start, end)
             try:
                 async with SocketSender(request, self._pool, self._idle) as sender:
-                    await fill.follow(start, end, lambda off, n: sender.send(fd, off, n))
+                    await sender.send_growing(fd, start, end, fill.available)
             except (ClientGone, errors.MirrorError):
                 abort(request)
                 return response

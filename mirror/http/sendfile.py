@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -28,15 +30,18 @@ _POLL_MS = 200
 _BAD_EVENTS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
+#: Blocking: (position, end, stop flag) -> how far the file may be sent now (see Fill.available).
+Available = Callable[[int, int, threading.Event], int]
+
+
 class ClientGone(ConnectionError):
     """The client reset, stopped reading past the idle timeout, or the server is stopping."""
 
 
-def _sendfile_blocking(sock: int, fd: int, offset: int, count: int, idle: float, stop: threading.Event) -> None:
-    """Send `count` bytes of `fd` from `offset` to `sock` (non-blocking) with os.sendfile."""
+def _sendfile_blocking(sock: int, fd: int, offset: int, end: int, idle: float, stop: threading.Event) -> None:
+    """Send bytes [offset, end) of `fd` to `sock` (non-blocking) with os.sendfile."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
-    end = offset + count
     last = time.monotonic()
     while offset < end:
         try:
@@ -56,6 +61,18 @@ def _sendfile_blocking(sock: int, fd: int, offset: int, count: int, idle: float,
         for _, events in poller.poll(_POLL_MS):
             if events & _BAD_EVENTS:
                 raise ClientGone("client connection closed")
+
+
+def _follow_blocking(sock: int, fd: int, start: int, end: int, available: Available, idle: float,
+                     stop: threading.Event) -> None:
+    """Send [start, end) of a growing file, each range as soon as `available` releases it."""
+    pos = start
+    while pos < end:
+        limit = available(pos, end, stop)
+        if stop.is_set():
+            raise ClientGone("server stopping")
+        _sendfile_blocking(sock, fd, pos, limit, idle, stop)
+        pos = limit
 
 
 class SocketSender:
@@ -95,11 +112,20 @@ class SocketSender:
             transport.set_write_buffer_limits()
 
     async def send(self, fd: int, offset: int, count: int) -> None:
-        """Send a file range; the thread is stopped (and waited for) if we are cancelled."""
+        """Send a file range."""
+        await self._in_thread(_sendfile_blocking, fd, offset, offset + count)
+
+    async def send_growing(self, fd: int, start: int, end: int, available: Available) -> None:
+        """Send [start, end) of a file still being written, as `available` allows."""
+        await self._in_thread(_follow_blocking, fd, start, end, available)
+
+    async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
+        """Run a blocking sender in the pool; if we are cancelled, stop it and wait for it, so
+        the socket duplicate is never closed under a running thread."""
         assert self._sock is not None
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, _sendfile_blocking, self._sock, fd, offset, count, self._idle, stop)
+        fut = loop.run_in_executor(self._executor, functools.partial(fn, self._sock, *args, self._idle, stop))
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:
