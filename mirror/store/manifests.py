@@ -3,14 +3,14 @@
 The disk copy is a diskcache (SQLite) under meta/: each write is one transaction, so a record
 is either whole or absent after a crash. Manifests are written only after their bytes were
 hashed to their digest. The memory copy answers the hot path without an executor hop; it is a
-copy, never the only one, bounded by entry count here (the hot tier's byte budget and LRU
-replace that bound).
+copy, never the only one, bounded here by bytes (manifests) and entries (tags), oldest insert
+out first; the hot tier's budgets and LRU replace these bounds.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -22,7 +22,9 @@ from mirror.store.layout import Layout
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-MEMORY_ENTRIES = 50_000
+#: Bounds of the memory copy (the hot tier's budgets and LRU will replace these).
+MEMORY_MANIFEST_BYTES = 32 * 1024 * 1024
+MEMORY_TAGS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,23 +54,28 @@ class CachedList:
 
 
 class _Memory(Generic[K, V]):
-    """A dict bounded by entry count, dropping the oldest insert first."""
+    """A dict bounded by a total cost (entries, or bytes), dropping the oldest insert first."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, budget: int, cost: Callable[[V], int] = lambda _: 1) -> None:
         self._data: dict[K, V] = {}
-        self._limit = limit
+        self._budget = budget
+        self._cost = cost
+        self._used = 0
 
     def get(self, key: K) -> V | None:
         return self._data.get(key)
 
     def put(self, key: K, value: V) -> None:
-        self._data.pop(key, None)
+        self.drop(key)
         self._data[key] = value
-        if len(self._data) > self._limit:
-            del self._data[next(iter(self._data))]
+        self._used += self._cost(value)
+        while self._used > self._budget and len(self._data) > 1:
+            self.drop(next(iter(self._data)))
 
     def drop(self, key: K) -> None:
-        self._data.pop(key, None)
+        old = self._data.pop(key, None)
+        if old is not None:
+            self._used -= self._cost(old)
 
 
 TagKey = tuple[str, str, str]
@@ -81,8 +88,8 @@ class ManifestStore:
     def __init__(self, layout: Layout, executor: ThreadPoolExecutor) -> None:
         self._disk = diskcache.Cache(str(layout.meta), eviction_policy="none", size_limit=2**62)
         self._executor = executor
-        self._manifests: _Memory[str, StoredManifest] = _Memory(MEMORY_ENTRIES)
-        self._tags: _Memory[TagKey, TagRecord] = _Memory(MEMORY_ENTRIES)
+        self._manifests: _Memory[str, StoredManifest] = _Memory(MEMORY_MANIFEST_BYTES, lambda m: len(m.data))
+        self._tags: _Memory[TagKey, TagRecord] = _Memory(MEMORY_TAGS)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
