@@ -155,7 +155,8 @@ def _from_env(env: Mapping[str, str], raw: Mapping[str, Any]) -> dict[str, Any]:
             continue
         parts = var[len("MIRROR_"):].split("__")
         if parts == ["UPSTREAM"]:
-            _merge(out, {"upstreams": {_default_name(raw): {"url": value}}})
+            default = env.get("MIRROR_DEFAULT_UPSTREAM") or _default_name(raw)
+            _merge(out, {"upstreams": {default: {"url": value}}})
         elif len(parts) == 1:
             out[parts[0].lower()] = value
         elif len(parts) == 2:
@@ -179,16 +180,17 @@ def _validate(raw: dict[str, Any]) -> Config:
     upstreams = raw.pop("upstreams", {})
     if not isinstance(upstreams, Mapping):
         raise ConfigError("upstreams: must be a table of upstream registries")
-    built = tuple(_upstream(name, dict(v)) for name, v in upstreams.items())
+    built = tuple(_upstream(str(name), v) for name, v in upstreams.items())
     config: Config = _build(Config, {**raw, "upstreams": built}, "")
     _check(config)
     return config
 
 
-def _upstream(name: str, raw: dict[str, Any]) -> UpstreamConfig:
-    if not isinstance(raw, dict):
+def _upstream(name: str, raw: Any) -> UpstreamConfig:
+    if not isinstance(raw, Mapping):
         raise ConfigError(f"upstreams.{name}: must be a table")
-    up: UpstreamConfig = _build(UpstreamConfig, {**raw, "name": name}, f"upstreams.{name}.")
+    up: UpstreamConfig = _build(UpstreamConfig, {**raw, "name": name.lower()}, f"upstreams.{name}.")
+    up = dataclasses.replace(up, aliases=tuple(a.lower() for a in up.aliases))
     where = f"upstreams.{name}"
     parts = urlsplit(up.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -209,6 +211,10 @@ def _check(config: Config) -> None:
         raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"listen: port out of range in {config.listen!r}")
+    for key in ("connect", "read"):
+        value = getattr(config.timeouts, key)
+        if not value > 0:
+            raise ConfigError(f"timeouts.{key}: must be a positive number of seconds, got {value!r}")
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}")
     if config.default_upstream not in {u.name for u in config.upstreams}:
@@ -218,9 +224,10 @@ def _check(config: Config) -> None:
     seen: dict[str, str] = {}
     for up in config.upstreams:
         for host_name in up.hosts:
-            if host_name in seen:
-                raise ConfigError(f"upstreams.{up.name}.aliases: {host_name!r} is also used by {seen[host_name]!r}")
-            seen[host_name] = up.name
+            if host_name.lower() in seen:
+                raise ConfigError(f"upstreams.{up.name}.aliases: {host_name!r} is also used by "
+                                  f"{seen[host_name.lower()]!r}")
+            seen[host_name.lower()] = up.name
 
 
 def _build(cls: type[Any], raw: Mapping[str, Any], where: str) -> Any:
@@ -254,20 +261,25 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     return _scalar(kind, value, key)
 
 
+def _shown(key: str, value: Any) -> str:
+    """A value for an error message; secrets are never echoed."""
+    return "(hidden)" if key.endswith("password") else repr(value)
+
+
 def _scalar(kind: Any, value: Any, key: str) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        raise ConfigError(f"{key}: must be true or false, got {_shown(key, value)}")
     if kind in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: must be a number, got {value!r}")
+            raise ConfigError(f"{key}: must be a number, got {_shown(key, value)}")
         try:
             return kind(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: must be a number, got {value!r}") from None
+            raise ConfigError(f"{key}: must be a number, got {_shown(key, value)}") from None
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: must be a string, got {value!r}")
+        raise ConfigError(f"{key}: must be a string, got {_shown(key, value)}")
     return value

@@ -243,7 +243,7 @@ class Upstream:
 
 
 def _skopeo_copy(layout: Path, registry_host: str, ref: str, extra: list[str]) -> None:
-    """Push one tag from an OCI layout; raise with skopeo's stderr if it fails."""
+    """Push one tag from an OCI layout, retrying twice; raise with skopeo's stderr if it fails."""
     tag = ref.rsplit(":", 1)[1]
     cmd = [
         "skopeo",
@@ -255,9 +255,11 @@ def _skopeo_copy(layout: Path, registry_host: str, ref: str, extra: list[str]) -
         f"oci:{layout}:{tag}",
         f"docker://{registry_host}/{ref}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    for _ in range(3):  # concurrent pushes of shared blobs can race inside distribution (500)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
 
 
 def fetch_manifest(registry_host: str, repo: str, ref: str) -> tuple[bytes, str, str]:

@@ -1,0 +1,482 @@
+"""Which upstream a request reaches, and what credentials go where.
+
+Routing is a closed world: `?ns=<host>` and a `/v2/<host>/...` path prefix select only
+configured upstreams, anything else is refused before a socket is opened. Authentication:
+the Bearer token dance (anonymous and with credentials), token caching, Basic challenges,
+docker `config.json` credentials, and the rules that keep credentials away from foreign
+token realms and from the blob CDN. Every upstream here is a real `UpstreamSim` on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import MakeMirror
+from images import ACCEPT_ALL, Image, build_images
+from upstream_sim import UpstreamSim
+
+IMAGE: Image = build_images()["test/single:1"]
+OTHER: Image = build_images()["test/single:2"]
+BASIC_UP = "Basic " + base64.b64encode(b"u:p").decode()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def other_sim() -> AsyncIterator[UpstreamSim]:
+    """A second, independent simulator, to prove which of two upstreams a request reached."""
+    simulator = UpstreamSim()
+    await simulator.start()
+    try:
+        yield simulator
+    finally:
+        simulator.clear_faults()
+        await simulator.stop()
+
+
+def upstream_toml(name: str, url: str, **keys: object) -> str:
+    """A `[upstreams."name"]` table (values JSON-encoded, which is valid TOML for these)."""
+    lines = [f'[upstreams."{name}"]', f"url = {json.dumps(url)}"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+def creds_toml(**keys: object) -> str:
+    """Keys for the default `docker.io` upstream (its url comes from make_mirror's flag)."""
+    lines = ['[upstreams."docker.io"]'] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+async def get_manifest(client: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, str], bytes]:
+    async with client.get(url, headers={"Accept": ACCEPT_ALL}) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+async def get_blob(client: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, str], bytes]:
+    async with client.get(url) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+def error_code(body: bytes) -> str:
+    """The first OCI error code of an error body (asserting the spec's shape)."""
+    doc = json.loads(body)
+    assert isinstance(doc["errors"], list) and doc["errors"], doc
+    code = doc["errors"][0]["code"]
+    assert isinstance(code, str)
+    assert isinstance(doc["errors"][0]["message"], str)
+    return code
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def registry_requests(sim: UpstreamSim) -> int:
+    return sum(sim.requests.values()) + sum(sim.cdn_requests.values())
+
+
+def sent_authorization(sim: UpstreamSim) -> list[tuple[str, str]]:
+    """(path, Authorization) of every request the sim received carrying one."""
+    return [(s.path, s.headers["Authorization"]) for s in sim.log if "Authorization" in s.headers]
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+async def test_ns_selects_configured_upstream_and_echoes_namespace(
+        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
+        client: aiohttp.ClientSession) -> None:
+    """`?ns=sim.example` (and its alias) routes manifest and blob requests to the `sim.example`
+    upstream, never the default, and each answer echoes `OCI-Namespace` as the client sent it."""
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(other_sim.url, toml=upstream_toml(
+        "sim.example", sim.url, aliases=["alias.example"]))
+    layer = next(iter(IMAGE.blobs))
+    for ns in ("sim.example", "alias.example"):
+        status, headers, body = await get_manifest(
+            client, f"{mirror.url}/v2/team/app/manifests/1?ns={ns}")
+        assert status == 200, body
+        assert body == IMAGE.data
+        assert headers["OCI-Namespace"] == ns
+        status, headers, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}?ns={ns}")
+        assert status == 200
+        assert sha256(body) == layer
+        assert headers["OCI-Namespace"] == ns
+    assert sim.requests[("GET", "/v2/team/app/manifests/1")] >= 1
+    assert sim.requests[("GET", f"/v2/team/app/blobs/{layer}")] == 1
+    assert registry_requests(other_sim) == 0
+
+
+async def test_ns_docker_io_and_no_ns_go_to_the_default(
+        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
+        client: aiohttp.ClientSession) -> None:
+    """`?ns=docker.io` (and its alias index.docker.io) selects the default upstream and is
+    echoed; a request with no ns reaches the default too and carries no OCI-Namespace."""
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(sim.url, toml=upstream_toml("sim.example", other_sim.url))
+    for ns in ("docker.io", "index.docker.io"):
+        status, headers, body = await get_manifest(
+            client, f"{mirror.url}/v2/team/app/manifests/{IMAGE.digest}?ns={ns}")
+        assert status == 200, body
+        assert body == IMAGE.data
+        assert headers["OCI-Namespace"] == ns
+    status, headers, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 200
+    assert body == IMAGE.data
+    assert "OCI-Namespace" not in headers
+    assert sim.requests[("GET", "/v2/team/app/manifests/1")] == 1
+    assert registry_requests(other_sim) == 0
+
+
+async def test_unconfigured_ns_is_refused_without_dialling(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """Closed world: `?ns=evil.example` on every endpoint is 404 NAME_UNKNOWN and no upstream
+    (neither the default nor anything else) receives a single request."""
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(sim.url, toml=upstream_toml("sim.example", sim.url))
+    layer = next(iter(IMAGE.blobs))
+    paths = ["team/app/manifests/1", f"team/app/manifests/{IMAGE.digest}",
+             f"team/app/blobs/{layer}", "team/app/tags/list", f"team/app/referrers/{IMAGE.digest}"]
+    for ns in ("evil.example", "sim.example.evil", "127.0.0.1", "EVIL.example"):
+        for path in paths:
+            for method in ("GET", "HEAD"):
+                async with client.request(method, f"{mirror.url}/v2/{path}?ns={ns}") as resp:
+                    body = await resp.read()
+                    assert resp.status == 404, (method, path, ns, body)
+                    if method == "GET":
+                        assert error_code(body) == "NAME_UNKNOWN"
+    assert registry_requests(sim) == 0
+
+
+async def test_path_prefix_routes_to_the_host_and_strips_it(
+        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
+        client: aiohttp.ClientSession) -> None:
+    """`/v2/sim.example/team/app/...` reaches the `sim.example` upstream as `/v2/team/app/...`
+    (prefix stripped, no library/ added), for manifests, blobs and tags/list."""
+    sim.add_image("team/app", "1", IMAGE)
+    sim.add_image("solo", "1", OTHER)
+    mirror = await make_mirror(other_sim.url, toml=upstream_toml("sim.example", sim.url))
+    status, headers, body = await get_manifest(client, f"{mirror.url}/v2/sim.example/team/app/manifests/1")
+    assert status == 200, body
+    assert body == IMAGE.data
+    assert "OCI-Namespace" not in headers
+    layer = next(iter(IMAGE.blobs))
+    status, _, body = await get_blob(client, f"{mirror.url}/v2/sim.example/team/app/blobs/{layer}")
+    assert status == 200
+    assert sha256(body) == layer
+    async with client.get(f"{mirror.url}/v2/sim.example/team/app/tags/list") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["tags"] == ["1"]
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/sim.example/solo/manifests/1")
+    assert status == 200, body
+    assert body == OTHER.data
+    assert sim.requests[("GET", "/v2/team/app/manifests/1")] == 1
+    assert sim.requests[("GET", f"/v2/team/app/blobs/{layer}")] == 1
+    assert sim.requests[("GET", "/v2/team/app/tags/list")] == 1
+    assert sim.requests[("GET", "/v2/solo/manifests/1")] == 1
+    assert not any("sim.example" in path for _, path in sim.requests)
+    assert registry_requests(other_sim) == 0
+
+
+async def test_unconfigured_host_prefix_is_refused(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """A first path component that looks like a host (a dot, a port, `localhost`) but is not
+    configured is 404 NAME_UNKNOWN, and no upstream is contacted for it."""
+    mirror = await make_mirror(sim.url)
+    for path in ("other.example/x/manifests/1", "other.example/x/blobs/sha256:" + "a" * 64,
+                 "other.example/x/tags/list", "localhost/x/manifests/1",
+                 "localhost:5000/x/manifests/1", f"{sim.host}/x/manifests/1"):
+        async with client.get(f"{mirror.url}/v2/{path}") as resp:
+            body = await resp.read()
+            assert resp.status == 404, (path, body)
+            assert error_code(body) == "NAME_UNKNOWN"
+    assert registry_requests(sim) == 0
+
+
+async def test_library_prefix_for_one_word_names(
+        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
+        client: aiohttp.ClientSession) -> None:
+    """On docker.io a one-word name `alpine` is asked upstream as `library/alpine` (without
+    ns, with `?ns=docker.io`); `library/alpine` is not doubled; an upstream without
+    library_prefix gets the one-word name unchanged."""
+    sim.add_image("library/alpine", "1", IMAGE)
+    other_sim.add_image("alpine", "1", OTHER)
+    mirror = await make_mirror(sim.url, toml=upstream_toml("sim.example", other_sim.url))
+    for url in (f"{mirror.url}/v2/alpine/manifests/1", f"{mirror.url}/v2/alpine/manifests/1?ns=docker.io",
+                f"{mirror.url}/v2/library/alpine/manifests/{IMAGE.digest}"):
+        status, _, body = await get_manifest(client, url)
+        assert status == 200, (url, body)
+        assert body == IMAGE.data
+    layer = next(iter(IMAGE.blobs))
+    status, _, body = await get_blob(client, f"{mirror.url}/v2/alpine/blobs/{layer}")
+    assert status == 200
+    assert sha256(body) == layer
+    assert sim.requests[("GET", "/v2/library/alpine/manifests/1")] >= 1
+    assert sim.requests[("GET", f"/v2/library/alpine/blobs/{layer}")] == 1
+    assert not any(path.startswith(("/v2/alpine/", "/v2/library/library/")) for _, path in sim.requests)
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/sim.example/alpine/manifests/1")
+    assert status == 200, body
+    assert body == OTHER.data
+    assert other_sim.requests[("GET", "/v2/alpine/manifests/1")] == 1
+
+
+# -- bearer tokens ---------------------------------------------------------------------------
+
+
+async def test_anonymous_bearer_dance_and_token_cache(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """With a Bearer challenge, a manifest and two blobs pull through; the token (scoped to
+    the repository, fetched without credentials) is fetched once and reused for all three."""
+    sim.require_bearer()
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(sim.url)
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 200, body
+    assert body == IMAGE.data
+    layers = list(IMAGE.blobs)[:2]
+    for layer in layers:
+        status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}")
+        assert status == 200
+        assert sha256(body) == layer
+    assert sim.tokens_issued == 1
+    token_requests = [s for s in sim.log if s.path == "/token"]
+    assert len(token_requests) == 1
+    assert token_requests[0].query["scope"] == "repository:team/app:pull"
+    assert token_requests[0].query["service"] == "sim"
+    assert "Authorization" not in token_requests[0].headers
+    for layer in layers:
+        assert sim.auth_seen[f"/v2/team/app/blobs/{layer}"] >= 1
+
+
+async def test_revoked_token_is_renewed(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """When upstream stops honouring the cached token (expiry, revocation), the next request
+    answers the new 401 with a fresh token and still succeeds."""
+    sim.require_bearer()
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(sim.url)
+    first, second = list(IMAGE.blobs)[:2]
+    status, _, _ = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{first}")
+    assert status == 200
+    assert sim.tokens_issued == 1
+    sim.revoke_tokens()
+    status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{second}")
+    assert status == 200
+    assert sha256(body) == second
+    assert sim.tokens_issued == 2
+
+
+@pytest.mark.parametrize("realm_rule", ["own-host", "token_realms"])
+async def test_bearer_with_credentials_to_an_allowed_realm(
+        realm_rule: str, sim: UpstreamSim, make_mirror: MakeMirror,
+        client: aiohttp.ClientSession) -> None:
+    """A token realm that demands credentials gets the configured ones (as Basic) when it is
+    the registry's own host, or, for a realm on another host (registry dialled as
+    `localhost`, realm on 127.0.0.1), when that host is listed in `token_realms`."""
+    sim.require_bearer("u", "p")
+    sim.add_image("team/app", "1", IMAGE)
+    if realm_rule == "own-host":
+        mirror = await make_mirror(sim.url, toml=creds_toml(username="u", password="p", token_realms=[]))
+    else:
+        mirror = await make_mirror(f"http://localhost:{sim.registry.port}", toml=creds_toml(
+            username="u", password="p", token_realms=["127.0.0.1"]))
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 200, body
+    assert body == IMAGE.data
+    layer = next(iter(IMAGE.blobs))
+    status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}")
+    assert status == 200
+    assert sha256(body) == layer
+    token_auth = [s.headers.get("Authorization") for s in sim.log if s.path == "/token"]
+    assert token_auth == [BASIC_UP]
+    # the registry itself only ever saw the token, never the password
+    assert all(value.startswith("Bearer ") for path, value in sent_authorization(sim) if path != "/token")
+
+
+async def test_credentials_never_go_to_a_realm_that_is_not_allowed(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """With credentials configured, a challenge naming a realm on a host that is neither the
+    registry's nor in `token_realms` is refused (401 UNAUTHORIZED) and the credentials are
+    sent nowhere: no request the simulator received carries an Authorization header."""
+    sim.require_bearer("u", "p")
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(f"http://localhost:{sim.registry.port}", toml=creds_toml(
+        username="u", password="p", token_realms=["auth.example"]))
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 401, body
+    assert error_code(body) == "UNAUTHORIZED"
+    layer = next(iter(IMAGE.blobs))
+    status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}")
+    assert status == 401, body
+    assert error_code(body) == "UNAUTHORIZED"
+    assert sim.requests[("GET", "/v2/team/app/manifests/1")] >= 1  # it did ask, and got challenged
+    assert all("Authorization" not in s.headers for s in sim.log if s.path == "/token")
+    assert sent_authorization(sim) == []
+    assert sim.tokens_issued == 0
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "basic"])
+async def test_cdn_redirect_gets_no_credentials(
+        scheme: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """Blob GETs redirected (307) to a CDN on another host arrive intact, and the CDN never
+    receives the token or the Basic credentials the registry was sent."""
+    if scheme == "bearer":
+        sim.require_bearer("u", "p")
+    else:
+        sim.require_basic("u", "p")
+    sim.redirect_blobs = True
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(sim.url, toml=creds_toml(username="u", password="p"))
+    for layer in list(IMAGE.blobs)[:2]:
+        status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}")
+        assert status == 200
+        assert sha256(body) == layer
+        assert sim.cdn_requests[("GET", f"/blobs/{layer}")] == 1
+        assert sim.auth_seen[f"/v2/team/app/blobs/{layer}"] >= 1  # the registry did get auth
+    assert sim.cdn_authorizations == []
+    assert all("Authorization" not in s.headers for s in sim.log if s.server == "cdn")
+
+
+# -- basic, wrong credentials, denied --------------------------------------------------------
+
+
+async def test_basic_challenge_answered_with_configured_credentials(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """A registry demanding HTTP Basic gets the configured username and password, and the
+    pull (manifest and blob) succeeds."""
+    sim.require_basic("u", "p")
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(sim.url, toml=creds_toml(username="u", password="p"))
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 200, body
+    assert body == IMAGE.data
+    layer = next(iter(IMAGE.blobs))
+    status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}")
+    assert status == 200
+    assert sha256(body) == layer
+    assert {value for _, value in sent_authorization(sim)} == {BASIC_UP}
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "basic"])
+async def test_wrong_credentials_are_401_unauthorized(
+        scheme: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """Credentials the upstream refuses (at the token realm or on Basic) end as 401 with
+    UNAUTHORIZED error JSON, for manifests and blobs alike."""
+    if scheme == "bearer":
+        sim.require_bearer("u", "p")
+    else:
+        sim.require_basic("u", "p")
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(sim.url, toml=creds_toml(username="u", password="wrong"))
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 401, body
+    assert error_code(body) == "UNAUTHORIZED"
+    layer = next(iter(IMAGE.blobs))
+    status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}")
+    assert status == 401, body
+    assert error_code(body) == "UNAUTHORIZED"
+    assert sim.tokens_issued == 0
+    assert mirror.blob_files() == []
+
+
+async def test_basic_registry_without_credentials_is_401(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """A Basic challenge with no credentials configured is passed on as 401 UNAUTHORIZED."""
+    sim.require_basic("u", "p")
+    sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(sim.url)
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 401, body
+    assert error_code(body) == "UNAUTHORIZED"
+    assert sent_authorization(sim) == []
+
+
+async def test_credentials_stay_with_their_upstream(
+        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
+        client: aiohttp.ClientSession) -> None:
+    """Credentials configured for `sim.example` are used there and never offered to the
+    default upstream, even when the default challenges for Basic."""
+    sim.require_basic("u", "p")
+    sim.add_image("team/app", "1", IMAGE)
+    other_sim.require_basic("u", "p")
+    other_sim.add_image("team/app", "1", IMAGE)
+    mirror = await make_mirror(other_sim.url, toml=upstream_toml(
+        "sim.example", sim.url, username="u", password="p"))
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/sim.example/team/app/manifests/1")
+    assert status == 200, body
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 401, body
+    assert error_code(body) == "UNAUTHORIZED"
+    assert sent_authorization(other_sim) == []
+    assert sent_authorization(sim) != []
+
+
+@pytest.mark.parametrize("target", ["manifest", "blob"])
+async def test_upstream_403_is_403_denied(
+        target: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    """An upstream 403 on a repository is passed on as 403 with DENIED error JSON."""
+    sim.add_image("team/app", "1", IMAGE)
+    sim.fault(target, "status", status=403)
+    mirror = await make_mirror(sim.url)
+    layer = next(iter(IMAGE.blobs))
+    if target == "manifest":
+        status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    else:
+        status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}")
+    assert status == 403, body
+    assert error_code(body) == "DENIED"
+    assert mirror.blob_files() == []
+
+
+# -- docker config.json ----------------------------------------------------------------------
+
+
+def _docker_entry(form: str) -> dict[str, str]:
+    if form == "auth":
+        return {"auth": base64.b64encode(b"u:p").decode()}
+    return {"username": "u", "password": "p"}
+
+
+@pytest.mark.parametrize(("key_form", "entry_form"), [
+    ("host:port", "auth"), ("host:port", "username"), ("http://host:port", "auth"),
+    ("https://index.docker.io/v1/", "auth")])
+async def test_docker_config_json_provides_credentials(
+        key_form: str, entry_form: str, sim: UpstreamSim, make_mirror: MakeMirror,
+        client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """A docker `config.json` named by `docker_config` supplies the credentials: an `auths`
+    entry keyed by the registry's host:port (bare or as a URL), or Docker Hub's classic
+    `https://index.docker.io/v1/` key for the docker.io upstream, in `auth` or
+    username/password form; the token realm receives them and the pull succeeds."""
+    sim.require_bearer("u", "p")
+    sim.add_image("team/app", "1", IMAGE)
+    key = {"host:port": sim.host, "http://host:port": sim.url}.get(key_form, key_form)
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps({"auths": {key: _docker_entry(entry_form)}}))
+    mirror = await make_mirror(sim.url, toml=creds_toml(docker_config=str(config_json)))
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 200, body
+    assert body == IMAGE.data
+    assert [s.headers.get("Authorization") for s in sim.log if s.path == "/token"] == [BASIC_UP]
+
+
+async def test_docker_config_entry_for_another_host_is_not_used(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession,
+        tmp_path: Path) -> None:
+    """Credentials in config.json for a different registry are not sent to this one: the
+    realm sees no Authorization and the answer is 401 UNAUTHORIZED."""
+    sim.require_bearer("u", "p")
+    sim.add_image("team/app", "1", IMAGE)
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps({"auths": {"ghcr.io": _docker_entry("auth")}}))
+    mirror = await make_mirror(sim.url, toml=creds_toml(docker_config=str(config_json)))
+    status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
+    assert status == 401, body
+    assert error_code(body) == "UNAUTHORIZED"
+    assert sent_authorization(sim) == []
