@@ -146,18 +146,13 @@ class Routes:
                            blob: OpenBlob, outcome: Outcome) -> web.StreamResponse:
         try:
             start, end = byte_range(request, blob.size)
-            if blob.data is not None:
-                return self._small(target, digest, outcome, blob.data, start, end)
-            response = await self._start(request, target, digest, outcome, blob.size, start, end)
-            try:
-                async with SocketSender(request, self._pool, self._idle) as sender:
-                    await sender.send(blob.fd, start, end - start)
-            except ClientGone:
-                abort(request)
-                return response
-            self._metrics.served("warm", end - start)
-            await response.write_eof()
-            return response
+            status, headers = self._range_headers(target, digest, outcome, blob.size, start, end)
+            if blob.data is not None:  # small: one response write, no sendfile thread hop
+                self._metrics.served("warm", end - start)
+                return web.Response(status=status, body=blob.data[start:end], headers=headers)
+            fd = blob.fd
+            return await self._stream(request, status, headers, start, end, "warm",
+                                      lambda sender: sender.send(fd, start, end - start))
         finally:
             blob.close()
 
@@ -176,39 +171,36 @@ class Routes:
             return await self._send_stored(request, target, digest, stored, outcome)
         try:
             start, end = byte_range(request, fill.size)
-            response = await self._start(request, target, digest, outcome, fill.size, start, end)
-            try:
-                async with SocketSender(request, self._pool, self._idle) as sender:
-                    await sender.send_growing(fd, start, end, fill.available)
-            except (ClientGone, errors.MirrorError):
-                abort(request)
-                return response
-            self._metrics.served("upstream", end - start)
-            await response.write_eof()
-            return response
+            status, headers = self._range_headers(target, digest, outcome, fill.size, start, end)
+            return await self._stream(request, status, headers, start, end, "upstream",
+                                      lambda sender: sender.send_growing(fd, start, end, fill.available))
         finally:
             os.close(fd)
 
-    def _small(self, target: Target, digest: Digest, outcome: Outcome, data: bytes,
-               start: int, end: int) -> web.Response:
-        """A small blob from memory: one response write, no sendfile thread hop."""
-        self._metrics.served("warm", end - start)
-        response = web.Response(body=data[start:end], headers=self._blob_headers(target, digest, outcome))
-        if (start, end) != (0, len(data)):
-            response.set_status(206)
-            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-        return response
+    def _range_headers(self, target: Target, digest: Digest, outcome: Outcome, size: int,
+                       start: int, end: int) -> tuple[int, dict[str, str]]:
+        """Status and headers of a whole (200) or partial (206, RFC 9110 §15.3.7) blob answer."""
+        headers = self._blob_headers(target, digest, outcome)
+        if (start, end) == (0, size):
+            return 200, headers
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        return 206, headers
 
-    async def _start(self, request: web.Request, target: Target, digest: Digest, outcome: Outcome,
-                     size: int, start: int, end: int) -> web.StreamResponse:
-        """Send the status line and headers of a (possibly partial) blob answer."""
-        partial = (start, end) != (0, size)
-        response = web.StreamResponse(status=206 if partial else 200,
-                                      headers=self._blob_headers(target, digest, outcome))
-        if partial:
-            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    async def _stream(self, request: web.Request, status: int, headers: dict[str, str], start: int,
+                      end: int, source: str, send: Callable[[SocketSender], Awaitable[None]]) -> web.StreamResponse:
+        """Send the headers, then the body through a SocketSender; a failure after the headers
+        cuts the connection, so the client sees a failed transfer, never a short success."""
+        response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start
         await response.prepare(request)
+        try:
+            async with SocketSender(request, self._pool, self._idle) as sender:
+                await send(sender)
+        except (ClientGone, errors.MirrorError):
+            abort(request)
+            return response
+        self._metrics.served(source, end - start)
+        await response.write_eof()
         return response
 
     # -- lists -------------------------------------------------------------------------------

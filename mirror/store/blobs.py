@@ -108,8 +108,9 @@ class BlobStore:
         return count
 
 
-def write_all(fd: int, pieces: list[bytes]) -> None:
-    """os.writev until every byte of `pieces` is down (a regular file may take less per call)."""
+def write_all(fd: int, pieces: list[bytes], sync: bool = False) -> None:
+    """os.writev until every byte of `pieces` is down (a regular file may take less per call);
+    then fdatasync if asked."""
     views = [memoryview(p) for p in pieces]
     while views:
         n = os.writev(fd, views[:IOV_MAX])
@@ -118,3 +119,5 @@ def write_all(fd: int, pieces: list[bytes]) -> None:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
+    if sync:
+        os.fdatasync(fd)
