@@ -28,6 +28,10 @@ from urllib.parse import urlsplit
 from mirror.errors import ConfigError
 
 DOCKER_HUB = "docker.io"
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
+POLICIES = ("lru", "lfu", "gdsf")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,62 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class HotConfig:
+    """Process memory: manifests, tag records and small blobs, a copy of what warm holds."""
+
+    #: Byte budget of everything the hot tier keeps (least recently used out first).
+    max_bytes: int = 64 * MiB
+    #: Blobs up to this size (configs, tiny layers) are kept hot once read.
+    small_blob_bytes: int = 256 * KiB
+
+
+@dataclass(frozen=True)
+class WarmConfig:
+    """The local disk store. Budget: the smaller of `max_bytes` and `max_fraction` of the
+    filesystem (0 = not set), and never less than `min_free_bytes` left free for the OS."""
+
+    max_bytes: int = 0
+    max_fraction: float = 0.0
+    min_free_bytes: int = 1 * GiB
+    #: Eviction starts above high × budget and stops at low × budget.
+    high_watermark: float = 0.90
+    low_watermark: float = 0.80
+    #: lru | lfu | gdsf (size-aware: keeps many small hot blobs before one large cold one).
+    policy: str = "lru"
+
+
+@dataclass(frozen=True)
+class ColdConfig:
+    """Optional object storage or slower volume behind warm; empty `url` = no cold tier."""
+
+    #: file:///path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix
+    url: str = ""
+    endpoint: str = ""
+    region: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    #: Allow http:// endpoints (a local S3-compatible server).
+    allow_http: bool = False
+    #: Byte budget (0 = none) and the longest a blob may stay unused there (seconds, 0 = forever).
+    max_bytes: int = 0
+    max_idle: float = 0.0
+    policy: str = "lru"
+
+    def __repr__(self) -> str:  # secrets never reach logs
+        return f"ColdConfig(url={self.url!r}, endpoint={self.endpoint!r}, max_bytes={self.max_bytes})"
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    #: Seconds between background passes (a fill that crosses the high watermark wakes it early).
+    interval: float = 30.0
+    #: Most blobs one pass evicts or demotes (work per pass stays bounded).
+    max_per_pass: int = 10_000
+    #: Seconds between batched writes of access times and hit counts to the index.
+    access_flush: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the server needs; passed to constructors, never read from globals."""
 
@@ -81,6 +141,13 @@ class Config:
     default_upstream: str = DOCKER_HUB
     metrics_path: str = "/metrics"
     timeouts: Timeouts = field(default_factory=Timeouts)
+    hot: HotConfig = field(default_factory=HotConfig)
+    warm: WarmConfig = field(default_factory=WarmConfig)
+    cold: ColdConfig = field(default_factory=ColdConfig)
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    #: Images never evicted: `<upstream>/<repository>:<tag>` glob patterns, e.g.
+    #: "docker.io/library/python:3.*"; they hold every blob their manifests reference.
+    pins: tuple[str, ...] = ()
     upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
@@ -215,6 +282,7 @@ def _check(config: Config) -> None:
         value = getattr(config.timeouts, key)
         if not value > 0:
             raise ConfigError(f"timeouts.{key}: must be a positive number of seconds, got {value!r}")
+    _check_tiers(config)
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}")
     if config.default_upstream not in {u.name for u in config.upstreams}:
@@ -228,6 +296,33 @@ def _check(config: Config) -> None:
                 raise ConfigError(f"upstreams.{up.name}.aliases: {host_name!r} is also used by "
                                   f"{seen[host_name.lower()]!r}")
             seen[host_name.lower()] = up.name
+
+
+def _check_tiers(config: Config) -> None:
+    warm, cold = config.warm, config.cold
+    if not 0 < warm.low_watermark < warm.high_watermark <= 1:
+        raise ConfigError("warm.low_watermark/high_watermark: need 0 < low < high <= 1, got "
+                          f"{warm.low_watermark!r} and {warm.high_watermark!r}")
+    if not 0 <= warm.max_fraction <= 1:
+        raise ConfigError(f"warm.max_fraction: a share between 0 and 1, got {warm.max_fraction!r}")
+    for where, policy in (("warm.policy", warm.policy), ("cold.policy", cold.policy)):
+        if policy not in POLICIES:
+            raise ConfigError(f"{where}: one of {', '.join(POLICIES)}, got {policy!r}")
+    if cold.url and urlsplit(cold.url).scheme not in ("file", "s3", "gs", "az", "memory"):
+        raise ConfigError(f"cold.url: file://, s3://, gs://, az:// or memory:// URL, got {cold.url!r}")
+    for key in ("max_bytes", "small_blob_bytes"):
+        if getattr(config.hot, key) < 0:
+            raise ConfigError(f"hot.{key}: must not be negative")
+    for where, value in (("warm.max_bytes", warm.max_bytes), ("warm.min_free_bytes", warm.min_free_bytes),
+                         ("cold.max_bytes", cold.max_bytes), ("cold.max_idle", cold.max_idle),
+                         ("eviction.max_per_pass", config.eviction.max_per_pass - 1)):
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative")
+    if not (config.eviction.interval > 0 and config.eviction.access_flush > 0):
+        raise ConfigError("eviction.interval/access_flush: must be positive seconds")
+    for pattern in config.pins:
+        if "/" not in pattern or ":" not in pattern.rpartition("/")[2]:
+            raise ConfigError(f"pins: expected <upstream>/<repository>:<tag pattern>, got {pattern!r}")
 
 
 def _build(cls: type[Any], raw: Mapping[str, Any], where: str) -> Any:
@@ -263,7 +358,7 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
 
 def _shown(key: str, value: Any) -> str:
     """A value for an error message; secrets are never echoed."""
-    return "(hidden)" if key.endswith("password") else repr(value)
+    return "(hidden)" if key.endswith(("password", "secret_access_key")) else repr(value)
 
 
 def _scalar(kind: Any, value: Any, key: str) -> Any:
@@ -273,6 +368,8 @@ def _scalar(kind: Any, value: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{key}: must be true or false, got {_shown(key, value)}")
+    if kind is int and isinstance(value, str) and (m := _SIZE.fullmatch(value)):
+        return int(float(m[1]) * _UNITS[(m[2] or "")[:1].upper()])
     if kind in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: must be a number, got {_shown(key, value)}")
