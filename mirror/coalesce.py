@@ -48,5 +48,8 @@ class Flights(Generic[K, S, V]):
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def keys(self) -> list[K]:
+        return list(self._inflight)
+
     def tasks(self) -> list[asyncio.Task[V]]:
         return [t for _, t in self._inflight.values()]

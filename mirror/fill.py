@@ -15,15 +15,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Protocol
 
 from mirror import errors
 from mirror.oci.reference import Digest
 from mirror.oci.verify import Verifier
 from mirror.store.blobs import BlobStore, write_all
-from mirror.upstream.client import BlobStream
 
 log = logging.getLogger("mirror.fill")
 
@@ -37,7 +37,16 @@ SYNC_EVERY = 32 * 1024 * 1024
 #: Seconds a waiting follower thread sleeps at most before it looks at its stop flag again.
 FOLLOWER_WAKE = 0.2
 
-BlobSource = Callable[[], AbstractAsyncContextManager[BlobStream]]
+class BlobBody(Protocol):
+    """Where a fill reads from: an upstream answer, or a cold-tier object being promoted."""
+
+    @property
+    def size(self) -> int | None: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+BlobSource = Callable[[], AbstractAsyncContextManager[BlobBody]]
 
 
 class Fill:
@@ -97,13 +106,15 @@ class Fill:
         with self._progress:
             self._progress.notify_all()
 
-    async def run(self, store: BlobStore, source: BlobSource) -> None:
-        """Fetch, write, hash, verify, commit; on any failure keep nothing and tell everyone."""
+    async def run(self, store: BlobStore, source: BlobSource) -> bool:
+        """Fetch, write, hash, verify, commit; on any failure keep nothing and tell everyone.
+        True when this fill committed a new blob."""
         partial: Path | None = None
         wfd: int | None = None
         try:
             if await store.run(self._already_stored, store):
-                return self._finish()
+                self._finish()
+                return False
             async with source() as stream:
                 partial, out, self._read_fd = await store.run(store.create_partial, self.digest)
                 wfd = out
@@ -118,16 +129,18 @@ class Fill:
                      self.written, copied - started, time.monotonic() - copied)
             partial = None
             self._finish()
+            return True
         except BaseException as e:
             self._fail(e)
             if partial is not None:
                 await store.run(store.discard, partial)
             if not isinstance(e, Exception):
                 raise
+            return False
         finally:
             self._close(wfd)
 
-    async def _copy(self, store: BlobStore, stream: BlobStream, wfd: int, verifier: Verifier) -> None:
+    async def _copy(self, store: BlobStore, stream: BlobBody, wfd: int, verifier: Verifier) -> None:
         """Read upstream in WRITE_CHUNK pieces; each piece is written and hashed in two
         executor lanes while the next one is read, so the fill runs at the pace of the slowest
         of network, disk and hash rather than their sum. Followers see a piece once written."""

@@ -16,21 +16,22 @@ Lists (tags/list, referrers)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Mapping
 
 from mirror import errors
 from mirror.coalesce import Flights
-from mirror.fill import Fill
+from mirror.fill import BlobBody, BlobSource, Fill
 from mirror.oci import mediatypes
 from mirror.oci.mediatypes import AcceptSet
 from mirror.oci.reference import Digest, Reference, parse_digest
 from mirror.oci.verify import digest_of
-from mirror.store.blobs import BlobStore, OpenBlob
+from mirror.store.blobs import OpenBlob
 from mirror.store.manifests import (
     CachedList,
     ManifestStore,
@@ -38,6 +39,7 @@ from mirror.store.manifests import (
     TagKey,
     TagRecord,
 )
+from mirror.store.tiers import Tiers
 from mirror.upstream.client import UpstreamClient, UpstreamManifest
 from mirror.upstream.routing import Target
 
@@ -65,25 +67,28 @@ class ManifestAnswer:
 
 @dataclass(slots=True)
 class BlobAnswer:
-    """Either an open committed file or a fill to follow."""
+    """Either an open committed blob (and the tier it came from) or a fill to follow."""
 
     outcome: Outcome
     stored: OpenBlob | None = None
     fill: Fill | None = None
+    tier: str = "upstream"
 
 
 class MirrorService:
     """Answers registry reads from the cache, going upstream only on a miss."""
 
-    def __init__(self, upstream: UpstreamClient, blobs: BlobStore, manifests: ManifestStore,
+    def __init__(self, upstream: UpstreamClient, tiers: Tiers, manifests: ManifestStore,
                  clock: Callable[[], float] = time.time) -> None:
         self._upstream = upstream
-        self._blobs = blobs
+        self._tiers = tiers
+        self._blobs = tiers.blobs
         self._manifests = manifests
         self._clock = clock
         self._fills: Flights[str, Fill, None] = Flights()
         self._manifest_flights: Flights[tuple[str, ...], None, ManifestAnswer] = Flights()
         self._list_flights: Flights[tuple[str, ...], None, CachedList] = Flights()
+        tiers.in_flight = self._fills.keys
 
     # -- manifests ---------------------------------------------------------------------------
 
@@ -192,21 +197,40 @@ class MirrorService:
     # -- blobs -------------------------------------------------------------------------------
 
     async def blob(self, target: Target, digest: Digest) -> BlobAnswer:
-        """An open cached blob, or the (possibly just started) fill that will bring it."""
-        stored = await self._blobs.run(self._blobs.open, digest)
-        if stored is not None:
-            return BlobAnswer(Outcome.HIT, stored=stored)
-        fill, _, started = self._fills.join(
-            str(digest), lambda: Fill(digest),
-            lambda f: f.run(self._blobs, lambda: self._upstream.blob(target, str(digest))))
+        """An open cached blob (hot or warm), or the (possibly just started) fill that will
+        bring it from cold or upstream."""
+        found = await self._tiers.open(digest)
+        if found is not None:
+            return BlobAnswer(Outcome.HIT, stored=found.blob, tier=found.tier)
+        fill, _, started = self._fills.join(str(digest), lambda: Fill(digest),
+                                            lambda f: self._fill(f, target, digest))
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
+
+    async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
+        if await fill.run(self._blobs, self._source(target, digest)):
+            await self._tiers.committed(digest, fill.written)
+
+    def _source(self, target: Target, digest: Digest) -> BlobSource:
+        """Cold first (a promotion, verified like any fill), else upstream."""
+
+        @contextlib.asynccontextmanager
+        async def source() -> AsyncIterator[BlobBody]:
+            async with self._tiers.from_cold(digest) as cold:
+                if cold is not None:
+                    log.info("promoting %s from cold", digest)
+                    yield cold
+                    return
+            async with self._upstream.blob(target, str(digest)) as stream:
+                yield stream
+
+        return source
 
     async def blob_size(self, target: Target, digest: Digest) -> tuple[int | None, Outcome]:
         """A blob's size for HEAD, without fetching it."""
-        stored = await self._blobs.run(self._blobs.open, digest)
-        if stored is not None:
-            stored.close()
-            return stored.size, Outcome.HIT
+        found = await self._tiers.open(digest)
+        if found is not None:
+            found.blob.close()
+            return found.blob.size, Outcome.HIT
         return await self._upstream.blob_size(target, str(digest)), Outcome.MISS
 
     def fills_in_flight(self) -> int:

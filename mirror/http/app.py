@@ -6,18 +6,23 @@ session. Stop: close the session, the metadata store and the thread pools.
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
 from mirror.config import Config
+from mirror.eviction import Evictor
 from mirror.http.middleware import make_middleware
 from mirror.http.routes import Routes
 from mirror.metrics import Metrics
 from mirror.service import MirrorService
 from mirror.store.blobs import BlobStore
+from mirror.store.hot import HotTier
+from mirror.store.index import BlobIndex
 from mirror.store.layout import Layout
 from mirror.store.manifests import ManifestStore
+from mirror.store.tiers import Tiers
 from mirror.upstream.client import UpstreamClient
 from mirror.upstream.routing import Router
 
@@ -27,6 +32,7 @@ STORE_THREADS = 16
 SENDER_THREADS = 512
 
 SERVICE = web.AppKey("service", MirrorService)
+TIERS = web.AppKey("tiers", Tiers)
 METRICS = web.AppKey("metrics", Metrics)
 
 
@@ -37,14 +43,20 @@ def build_app(config: Config) -> web.Application:
     store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
     sender_pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="sendfile")
     blobs = BlobStore(layout, store_pool)
-    manifests = ManifestStore(layout, store_pool)
+    hot = HotTier(config.hot.max_bytes)
+    manifests = ManifestStore(layout, store_pool, hot)
+    index = BlobIndex(layout.index)
+    tiers = Tiers(config, blobs, manifests, hot, index)
+    evictor = Evictor(tiers.evict_pass, config.eviction.interval)
+    tiers.on_pressure = evictor.wake
     upstream = UpstreamClient(config)
     metrics = Metrics()
-    service = MirrorService(upstream, blobs, manifests)
+    service = MirrorService(upstream, tiers, manifests)
 
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
     app[SERVICE] = service
     app[METRICS] = metrics
+    app[TIERS] = tiers
     Routes(service, Router(config), blobs, sender_pool, config.timeouts.read, metrics).install(app)
 
     async def metrics_handler(_: web.Request) -> web.Response:
@@ -53,12 +65,22 @@ def build_app(config: Config) -> web.Application:
 
     app.router.add_get(config.metrics_path, metrics_handler)
 
+    background: list[asyncio.Task[None]] = []
+
     async def on_startup(_: web.Application) -> None:
         await blobs.run(blobs.sweep)
+        await tiers.reconcile()
         await upstream.start()
+        evictor.start()
+        background.append(asyncio.create_task(tiers.flush_forever(config.eviction.access_flush)))
 
     async def on_cleanup(_: web.Application) -> None:
+        await evictor.stop()
+        for task in background:
+            task.cancel()
+        await tiers.accesses.flush()
         await upstream.close()
+        await asyncio.to_thread(index.close)
         manifests.close()
         sender_pool.shutdown(wait=False, cancel_futures=True)
         store_pool.shutdown(wait=True)

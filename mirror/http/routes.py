@@ -116,7 +116,7 @@ class Routes:
         answer = await self._service.blob(target, digest)
         request[OUTCOME] = answer.outcome.value
         if answer.stored is not None:
-            return await self._send_stored(request, target, digest, answer.stored, answer.outcome)
+            return await self._send_stored(request, target, digest, answer.stored, answer.outcome, answer.tier)
         assert answer.fill is not None
         return await self._send_filling(request, target, digest, answer.fill, answer.outcome)
 
@@ -143,15 +143,15 @@ class Routes:
         return headers
 
     async def _send_stored(self, request: web.Request, target: Target, digest: Digest,
-                           blob: OpenBlob, outcome: Outcome) -> web.StreamResponse:
+                           blob: OpenBlob, outcome: Outcome, tier: str = "warm") -> web.StreamResponse:
         try:
             start, end = byte_range(request, blob.size)
             status, headers = self._range_headers(target, digest, outcome, blob.size, start, end)
             if blob.data is not None:  # small: one response write, no sendfile thread hop
-                self._metrics.served("warm", end - start)
+                self._metrics.served(tier, end - start)
                 return web.Response(status=status, body=blob.data[start:end], headers=headers)
             fd = blob.fd
-            return await self._stream(request, status, headers, start, end, "warm",
+            return await self._stream(request, status, headers, start, end, tier,
                                       lambda sender: sender.send(fd, start, end - start))
         finally:
             blob.close()

@@ -37,11 +37,16 @@ class OpenBlob:
     fd: int
     size: int
     data: bytes | None = None
+    #: Called once on close: the tiers count blobs being sent, which eviction leaves alone.
+    release: Callable[[], None] | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.release is not None:
+            self.release()
+            self.release = None
 
 
 class BlobStore:
@@ -96,6 +101,30 @@ class BlobStore:
             partial.unlink()
         except FileNotFoundError:
             pass
+
+    def remove(self, digests: list[Digest]) -> int:
+        """Delete committed blob files (blocking; eviction, after their records went).
+        A sender that has one open keeps reading it: POSIX unlink leaves open files whole."""
+        freed = 0
+        for digest in digests:
+            path = self.layout.blob(digest)
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        return freed
+
+    def scan(self) -> dict[str, tuple[int, float]]:
+        """Every committed blob file: digest → (size, mtime) (blocking; reconcile at start)."""
+        found: dict[str, tuple[int, float]] = {}
+        for algo_dir in self.layout.blobs.iterdir():
+            for fan in algo_dir.iterdir():
+                with os.scandir(fan) as it:
+                    for e in it:
+                        st = e.stat()
+                        found[f"{algo_dir.name}:{e.name}"] = (st.st_size, st.st_mtime)
+        return found
 
     def sweep(self) -> int:
         """Remove temp files a crash left behind (blocking; at start, before serving)."""

@@ -13,6 +13,8 @@
                              leftover and is swept
       meta/                  diskcache (SQLite): manifests by digest, tag → digest records,
                              cached tag lists and referrers
+      index.sqlite           blob metadata: tier, size, stored, last access, hits; run-time
+                             pins (store/index.py)
 
 Only a `Digest` (grammar-checked: known algorithm, fixed-length lowercase hex) becomes a path
 component, so no request can name a file outside these folders.
@@ -34,6 +36,7 @@ class Layout:
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
         self.meta = self.root / "meta"
+        self.index = self.root / "index.sqlite"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex

@@ -2,29 +2,22 @@
 
 The disk copy is a diskcache (SQLite) under meta/: each write is one transaction, so a record
 is either whole or absent after a crash. Manifests are written only after their bytes were
-hashed to their digest. The memory copy answers the hot path without an executor hop; it is a
-copy, never the only one, bounded here by bytes (manifests) and entries (tags), oldest insert
-out first; the hot tier's budgets and LRU replace these bounds.
+hashed to their digest. The hot tier (store/hot.py) keeps a copy that answers the hot path
+without an executor hop; it is a copy, never the only one.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import diskcache
 
+from mirror.store.hot import HotTier
 from mirror.store.layout import Layout
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-#: Bounds of the memory copy (the hot tier's budgets and LRU will replace these).
-MEMORY_MANIFEST_BYTES = 32 * 1024 * 1024
-MEMORY_TAGS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,31 +46,6 @@ class CachedList:
     stored: float
 
 
-class _Memory(Generic[K, V]):
-    """A dict bounded by a total cost (entries, or bytes), dropping the oldest insert first."""
-
-    def __init__(self, budget: int, cost: Callable[[V], int] = lambda _: 1) -> None:
-        self._data: dict[K, V] = {}
-        self._budget = budget
-        self._cost = cost
-        self._used = 0
-
-    def get(self, key: K) -> V | None:
-        return self._data.get(key)
-
-    def put(self, key: K, value: V) -> None:
-        self.drop(key)
-        self._data[key] = value
-        self._used += self._cost(value)
-        while self._used > self._budget and len(self._data) > 1:
-            self.drop(next(iter(self._data)))
-
-    def drop(self, key: K) -> None:
-        old = self._data.pop(key, None)
-        if old is not None:
-            self._used -= self._cost(old)
-
-
 TagKey = tuple[str, str, str]
 
 
@@ -85,11 +53,10 @@ class ManifestStore:
     """Manifests, tag records and list answers. Async methods may touch the disk (executor);
     `*_cached` methods answer from memory only, for the hot path."""
 
-    def __init__(self, layout: Layout, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, layout: Layout, executor: ThreadPoolExecutor, hot: HotTier) -> None:
         self._disk = diskcache.Cache(str(layout.meta), eviction_policy="none", size_limit=2**62)
         self._executor = executor
-        self._manifests: _Memory[str, StoredManifest] = _Memory(MEMORY_MANIFEST_BYTES, lambda m: len(m.data))
-        self._tags: _Memory[TagKey, TagRecord] = _Memory(MEMORY_TAGS)
+        self._hot = hot
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -98,41 +65,43 @@ class ManifestStore:
         self._disk.close()
 
     def manifest_cached(self, digest: str) -> StoredManifest | None:
-        return self._manifests.get(digest)
+        found: StoredManifest | None = self._hot.get(("m", digest))
+        return found
 
     async def manifest(self, digest: str) -> StoredManifest | None:
-        found = self._manifests.get(digest)
+        found = self.manifest_cached(digest)
         if found is None:
             raw = await self._run(self._disk.get, ("m", digest))
             if raw is not None:
                 found = StoredManifest(digest, raw[0], raw[1])
-                self._manifests.put(digest, found)
+                self._hot.put(("m", digest), found, len(found.data))
         return found
 
     async def put_manifest(self, manifest: StoredManifest) -> None:
         """Keep a manifest whose bytes the caller has verified against its digest."""
         await self._run(self._disk.set, ("m", manifest.digest), (manifest.media_type, manifest.data))
-        self._manifests.put(manifest.digest, manifest)
+        self._hot.put(("m", manifest.digest), manifest, len(manifest.data))
 
     def tag_cached(self, key: TagKey) -> TagRecord | None:
-        return self._tags.get(key)
+        found: TagRecord | None = self._hot.get(("t", *key))
+        return found
 
     async def tag(self, key: TagKey) -> TagRecord | None:
-        found = self._tags.get(key)
+        found = self.tag_cached(key)
         if found is None:
             raw = await self._run(self._disk.get, ("t", *key))
             if raw is not None:
                 found = TagRecord(*raw)
-                self._tags.put(key, found)
+                self._hot.put(("t", *key), found)
         return found
 
     async def put_tag(self, key: TagKey, record: TagRecord) -> None:
-        self._tags.put(key, record)
+        self._hot.put(("t", *key), record)
         await self._run(self._disk.set, ("t", *key), (record.digest, record.media_type, record.checked))
 
     async def drop_tag(self, key: TagKey) -> None:
         """Forget a tag upstream says is gone; its manifest and blobs stay."""
-        self._tags.drop(key)
+        self._hot.drop(("t", *key))
         await self._run(self._disk.delete, ("t", *key))
 
     async def listing(self, key: tuple[str, ...]) -> CachedList | None:
@@ -142,3 +111,17 @@ class ManifestStore:
     async def put_listing(self, key: tuple[str, ...], value: CachedList) -> None:
         await self._run(self._disk.set, ("l", *key),
                         (value.body, value.content_type, value.link, value.stored))
+
+    # -- blocking reads for background work (pins, catalog, export): run them in an executor --
+
+    def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]:
+        """Every tag record on disk."""
+        for key in self._disk.iterkeys():
+            if isinstance(key, tuple) and len(key) == 4 and key[0] == "t":
+                raw = self._disk.get(key)
+                if raw is not None:
+                    yield (key[1], key[2], key[3]), TagRecord(*raw)
+
+    def load_manifest(self, digest: str) -> StoredManifest | None:
+        raw = self._disk.get(("m", digest))
+        return StoredManifest(digest, raw[0], raw[1]) if raw is not None else None

@@ -1,0 +1,121 @@
+"""What to evict (policies: pure functions over index entries) and the background evictor that
+applies the decisions (mechanism: `Tiers` demotes or deletes). Never calls HTTP.
+
+A policy orders a tier's entries, first to go first:
+    lru   least recently used
+    lfu   fewest hits, then least recently used
+    gdsf  greedy-dual-size-frequency without aging: lowest hits/size first, so one big blob
+          used once goes before many small ones used often (configs, small layers)
+`plan` walks that order, skipping protected digests (pins, in-flight fills, blobs being sent),
+until the tier is down to its target or the pass's bound is reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+
+from mirror.store.index import Entry
+
+log = logging.getLogger("mirror.eviction")
+
+Policy = Callable[[Sequence[Entry]], list[Entry]]
+
+
+def lru(entries: Sequence[Entry]) -> list[Entry]:
+    return sorted(entries, key=lambda e: e.last_access)
+
+
+def lfu(entries: Sequence[Entry]) -> list[Entry]:
+    return sorted(entries, key=lambda e: (e.hits, e.last_access))
+
+
+def gdsf(entries: Sequence[Entry]) -> list[Entry]:
+    return sorted(entries, key=lambda e: ((e.hits + 1) / max(e.size, 1), e.last_access))
+
+
+POLICIES: dict[str, Policy] = {"lru": lru, "lfu": lfu, "gdsf": gdsf}
+
+
+def plan(entries: Sequence[Entry], policy: Policy, used: int, target: int,
+         protected: Collection[str], max_victims: int) -> list[Entry]:
+    """The entries to evict so that `used` falls to `target` bytes, in policy order."""
+    victims: list[Entry] = []
+    for entry in policy(entries):
+        if used <= target or len(victims) >= max_victims:
+            break
+        if entry.digest in protected:
+            continue
+        victims.append(entry)
+        used -= entry.size
+    return victims
+
+
+def target_bytes(used: int, budget: int, free: int, min_free: int, high: float, low: float) -> int | None:
+    """Where a tier should shrink to, or None when it needs no eviction: above `high` × budget
+    it goes down to `low` × budget; when the filesystem has less than `min_free` free it gives
+    back the shortfall plus the watermarks' gap, so it does not evict again at the next write."""
+    target: int | None = None
+    if budget and used > high * budget:
+        target = int(low * budget)
+    shortfall = min_free - free
+    if shortfall > 0:
+        by_free = max(used - shortfall - int((high - low) * used), 0)
+        target = by_free if target is None else min(target, by_free)
+    return target
+
+
+@dataclass
+class PassReport:
+    """What one eviction pass did: blobs demoted to cold, deleted, and bytes freed."""
+
+    demoted: int = 0
+    deleted: int = 0
+    freed: int = 0
+
+
+class Evictor:
+    """Runs `one_pass` every `interval` seconds, or at once when woken (a fill that crossed the
+    high watermark). One pass at a time; a failing pass is logged and the next one tries again."""
+
+    def __init__(self, one_pass: Callable[[], Awaitable[PassReport]], interval: float) -> None:
+        self._one_pass = one_pass
+        self._interval = interval
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.passes = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="evictor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            started = time.monotonic()
+            try:
+                report = await self._one_pass()
+            except Exception:
+                log.exception("eviction pass failed; the next one retries")
+                continue
+            self.passes += 1
+            if report.deleted or report.demoted:
+                log.info("eviction pass: %d demoted, %d deleted, %d bytes freed in %.3fs",
+                         report.demoted, report.deleted, report.freed, time.monotonic() - started)

@@ -1,0 +1,41 @@
+"""What a manifest refers to (OCI image spec: image manifest, image index; Docker schema 2 and
+manifest list have the same fields). Pure: bytes in, digests out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class References:
+    """Blobs (config, layers) and child manifests (of an index) one manifest names."""
+
+    blobs: tuple[str, ...]
+    manifests: tuple[str, ...]
+
+
+def references(data: bytes) -> References:
+    """Digests named by a manifest; an unreadable document names nothing (it was verified
+    against its digest when stored, so this is upstream's problem, not a reason to fail)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return References((), ())
+    if not isinstance(doc, dict):
+        return References((), ())
+    blobs = [d for d in (_digest(doc.get("config")),) if d]
+    blobs += [d for d in map(_digest, _list(doc.get("layers"))) if d]
+    blobs += [d for d in map(_digest, _list(doc.get("blobs"))) if d]
+    children = [d for d in map(_digest, _list(doc.get("manifests"))) if d]
+    return References(tuple(blobs), tuple(children))
+
+
+def _list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []
+
+
+def _digest(descriptor: object) -> str | None:
+    if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+        return str(descriptor["digest"])
+    return None

@@ -1,0 +1,167 @@
+"""Blob metadata: which tier holds a blob, its size, when it was stored and last used, how often
+it was hit; and the pins added at run time. SQLite (WAL), so the admin commands can read and
+write it safely while a mirror runs.
+
+Every method of `BlobIndex` is blocking and must run on the index's own single thread
+(`BlobIndex.call`): one connection, one writer, no lock juggling. The request path never waits
+on it: hits are counted in memory by `Accesses` and written in batches off the hot path.
+
+Records follow files, never lead them: a blob is recorded after its file was committed, and its
+record goes before its file is deleted, so a crash leaves at worst a file without a record,
+which `reconcile` adopts at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+TIERS = ("warm", "cold")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    digest      TEXT NOT NULL,
+    tier        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    stored      REAL NOT NULL,
+    last_access REAL NOT NULL,
+    hits        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (digest, tier)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (tier, last_access);
+CREATE TABLE IF NOT EXISTS pins (pattern TEXT PRIMARY KEY) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One blob in one tier, as the eviction policies see it."""
+
+    digest: str
+    size: int
+    stored: float
+    last_access: float
+    hits: int
+
+
+class BlobIndex:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="index")
+        self._db: sqlite3.Connection | None = None
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking index method on the index thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        """Blocking: finish queued work, then close the connection on its own thread."""
+        self._executor.submit(self._close).result()
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        return self._db
+
+    # -- blocking methods: call them through `call` (or directly from a command-line tool) --
+
+    def record(self, digest: str, tier: str, size: int, now: float) -> None:
+        """A blob now held by `tier` (after its file or object was committed)."""
+        self.db.execute(
+            "INSERT INTO blobs (digest, tier, size, stored, last_access) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (digest, tier) DO UPDATE SET size = excluded.size, last_access = excluded.last_access",
+            (digest, tier, size, now, now))
+
+    def record_many(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT OR IGNORE INTO blobs (digest, tier, size, stored, last_access) VALUES (?, ?, ?, ?, ?)",
+                ((d, t, s, now, now) for d, t, s, now in rows))
+
+    def forget(self, digest: str, tier: str) -> None:
+        self.db.execute("DELETE FROM blobs WHERE digest = ? AND tier = ?", (digest, tier))
+
+    def forget_many(self, tier: str, digests: Iterable[str]) -> None:
+        with self.db:
+            self.db.executemany("DELETE FROM blobs WHERE digest = ? AND tier = ?", ((d, tier) for d in digests))
+
+    def touch(self, tier: str, accesses: Mapping[str, tuple[float, int]]) -> None:
+        """Apply a batch of (last access, hit count) from `Accesses`, in one transaction."""
+        with self.db:
+            self.db.executemany(
+                "UPDATE blobs SET last_access = max(last_access, ?), hits = hits + ? WHERE digest = ? AND tier = ?",
+                ((last, hits, digest, tier) for digest, (last, hits) in accesses.items()))
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Bytes and blob count per tier."""
+        found = dict.fromkeys(TIERS, (0, 0))
+        for tier, nbytes, count in self.db.execute("SELECT tier, sum(size), count(*) FROM blobs GROUP BY tier"):
+            found[tier] = (int(nbytes or 0), int(count))
+        return found
+
+    def entries(self, tier: str) -> list[Entry]:
+        """Every blob of a tier, least recently used first."""
+        return [Entry(*row) for row in self.db.execute(
+            "SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? ORDER BY last_access", (tier,))]
+
+    def idle(self, tier: str, before: float, limit: int) -> list[Entry]:
+        """Blobs of a tier not used since `before`."""
+        return [Entry(*row) for row in self.db.execute(
+            "SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? AND last_access < ? "
+            "ORDER BY last_access LIMIT ?", (tier, before, limit))]
+
+    def tiers_of(self, digest: str) -> dict[str, Entry]:
+        return {row[0]: Entry(digest, *row[1:]) for row in self.db.execute(
+            "SELECT tier, size, stored, last_access, hits FROM blobs WHERE digest = ?", (digest,))}
+
+    def digests(self, tier: str) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT digest FROM blobs WHERE tier = ?", (tier,))}
+
+    def pins(self) -> list[str]:
+        return [row[0] for row in self.db.execute("SELECT pattern FROM pins ORDER BY pattern")]
+
+    def pin(self, pattern: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO pins (pattern) VALUES (?)", (pattern,))
+
+    def unpin(self, pattern: str) -> bool:
+        return self.db.execute("DELETE FROM pins WHERE pattern = ?", (pattern,)).rowcount > 0
+
+
+class Accesses:
+    """Hits counted in memory on the request path (a dict update, no I/O) and written to the
+    index in one transaction every `[eviction] access_flush` seconds and before each eviction
+    pass, so a cache hit costs no disk write."""
+
+    def __init__(self, index: BlobIndex, clock: Callable[[], float] = time.time) -> None:
+        self._index = index
+        self._clock = clock
+        self._pending: dict[str, tuple[float, int]] = {}
+
+    def hit(self, digest: str) -> None:
+        last, hits = self._pending.get(digest, (0.0, 0))
+        self._pending[digest] = (self._clock(), hits + 1)
+
+    async def flush(self) -> int:
+        """Write what was counted since the last flush; returns how many blobs."""
+        batch, self._pending = self._pending, {}
+        if batch:
+            await self._index.call(self._index.touch, "warm", batch)
+        return len(batch)

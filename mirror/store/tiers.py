@@ -1,0 +1,260 @@
+"""The tiers' mechanics: lookup hot → warm (→ cold, through a fill that promotes), recording
+what warm and cold hold, budgets, and the eviction pass that demotes or deletes.
+
+    hot   HotTier (memory): small blobs here, manifests and tag records in ManifestStore; a copy
+    warm  BlobStore files + BlobIndex rows (tier "warm"); budget and watermarks from [warm]
+    cold  a ColdBackend (object storage or a slower volume) + rows (tier "cold"); optional
+
+Protected from eviction: pinned images (resolved through their manifests to every blob), blobs
+of fills in flight (not in the index until committed) and blobs being sent right now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mirror import errors
+from mirror.config import Config
+from mirror.eviction import POLICIES, PassReport, plan, target_bytes
+from mirror.oci.reference import Digest, parse_digest
+from mirror.store.blobs import BlobStore, OpenBlob
+from mirror.store.hot import HotTier
+from mirror.store.index import Accesses, BlobIndex, Entry
+from mirror.store.manifests import ManifestStore
+from mirror.store.pins import pinned_blobs
+
+log = logging.getLogger("mirror.tiers")
+
+
+class ColdBlob(Protocol):
+    size: int
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+class ColdBackend(Protocol):
+    """What the tiers need of cold storage (store/cold.py implements it)."""
+
+    async def put_file(self, digest: Digest, path: Path) -> None: ...
+
+    async def open(self, digest: Digest) -> ColdBlob | None: ...
+
+    async def delete(self, digest: Digest) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A blob found in hot or warm, and which one."""
+
+    blob: OpenBlob
+    tier: str
+
+
+class Tiers:
+    def __init__(self, config: Config, blobs: BlobStore, manifests: ManifestStore, hot: HotTier,
+                 index: BlobIndex, cold: ColdBackend | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self.blobs = blobs
+        self._manifests = manifests
+        self.hot = hot
+        self.index = index
+        self.cold = cold
+        self._clock = clock
+        self.accesses = Accesses(index, clock)
+        self._serving: Counter[str] = Counter()
+        self.usage: dict[str, tuple[int, int]] = {}
+        #: Digests of fills in flight (the service's), never evicted.
+        self.in_flight: Callable[[], Collection[str]] = frozenset
+        #: Called when warm crosses its high watermark (the evictor's wake).
+        self.on_pressure: Callable[[], None] = lambda: None
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    async def open(self, digest: Digest) -> Found | None:
+        """A blob from hot or warm; counted as a hit there; held against eviction until the
+        caller closes it."""
+        key = str(digest)
+        data: bytes | None = self.hot.get(("b", key))
+        if data is not None:
+            self.accesses.hit(key)
+            return Found(OpenBlob(-1, len(data), data), "hot")
+        stored = await self.blobs.run(self.blobs.open, digest)
+        if stored is None:
+            return None
+        self.accesses.hit(key)
+        if stored.data is not None and len(stored.data) <= self._config.hot.small_blob_bytes:
+            self.hot.put(("b", key), stored.data, len(stored.data))
+        else:
+            self._serving[key] += 1
+            stored.release = lambda: self._release(key)
+        return Found(stored, "warm")
+
+    def _release(self, key: str) -> None:
+        self._serving[key] -= 1
+        if self._serving[key] <= 0:
+            del self._serving[key]
+
+    @asynccontextmanager
+    async def from_cold(self, digest: Digest) -> AsyncIterator[ColdBlob | None]:
+        """The cold copy as a fill source (the fill verifies and promotes it to warm), or None
+        when cold does not hold it or cannot be read (the caller then goes upstream)."""
+        if self.cold is None:
+            yield None
+            return
+        try:
+            held = await self.index.call(self.index.tiers_of, str(digest))
+            found = await self.cold.open(digest) if "cold" in held else None
+        except errors.StoreUnavailable as e:
+            log.warning("cold tier unreadable for %s, going upstream: %s", digest, e.message)
+            found = None
+        yield found
+
+    async def flush_forever(self, interval: float) -> None:
+        """Write counted hits to the index every `interval` seconds (a background task)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.accesses.flush()
+            except Exception:
+                log.exception("writing access times to the index failed; retrying later")
+
+    # -- recording -------------------------------------------------------------------------
+
+    async def committed(self, digest: Digest, size: int) -> None:
+        """A fill put a verified blob into warm."""
+        await self.index.call(self.index.record, str(digest), "warm", size, self._clock())
+        nbytes, count = self.usage.get("warm", (0, 0))
+        self.usage["warm"] = (nbytes + size, count + 1)
+        if self._over_high(nbytes + size):
+            self.on_pressure()
+
+    def _over_high(self, used: int) -> bool:
+        budget = self._config.warm.max_bytes
+        return bool(budget) and used > self._config.warm.high_watermark * budget
+
+    async def refresh_usage(self) -> dict[str, tuple[int, int]]:
+        self.usage = await self.index.call(self.index.usage)
+        return self.usage
+
+    async def reconcile(self) -> tuple[int, int]:
+        """At start: adopt warm files the index lacks (a crash between commit and record, or a
+        store from before the index) and drop rows whose files are gone. (added, dropped)"""
+        files = await self.blobs.run(self.blobs.scan)
+        known = await self.index.call(self.index.digests, "warm")
+        adopt = [(d, "warm", size, mtime) for d, (size, mtime) in files.items()
+                 if d not in known and _valid(d)]
+        gone = [d for d in known if d not in files]
+        if adopt:
+            await self.index.call(self.index.record_many, adopt)
+        if gone:
+            await self.index.call(self.index.forget_many, "warm", gone)
+        await self.refresh_usage()
+        if adopt or gone:
+            log.info("index reconciled with the store: %d files adopted, %d records dropped", len(adopt), len(gone))
+        return len(adopt), len(gone)
+
+    # -- eviction --------------------------------------------------------------------------
+
+    async def protected(self) -> set[str]:
+        """Digests no pass may evict: pins, fills in flight, blobs being sent."""
+        patterns = [*self._config.pins, *await self.index.call(self.index.pins)]
+        pinned = await asyncio.to_thread(pinned_blobs, self._manifests, patterns) if patterns else set()
+        return pinned | set(self.in_flight()) | set(self._serving)
+
+    async def evict_pass(self) -> PassReport:
+        """One bounded pass over warm, then cold."""
+        await self.accesses.flush()
+        await self.refresh_usage()
+        report = PassReport()
+        protected = await self.protected()
+        await self._evict_warm(protected, report)
+        if self.cold is not None:
+            await self._evict_cold(protected, report)
+        await self.refresh_usage()
+        return report
+
+    async def _evict_warm(self, protected: set[str], report: PassReport) -> None:
+        warm = self._config.warm
+        used = self.usage["warm"][0]
+        st = await self.blobs.run(os.statvfs, self.blobs.layout.blobs)
+        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        budgets = [b for b in (warm.max_bytes, int(warm.max_fraction * total)) if b]
+        target = target_bytes(used, min(budgets, default=0), free, warm.min_free_bytes,
+                              warm.high_watermark, warm.low_watermark)
+        if target is None:
+            return
+        victims = await self._plan("warm", warm.policy, used, target, protected)
+        if self.cold is not None:
+            in_cold = await self.index.call(self.index.digests, "cold")
+            moved = [e for e in victims if e.digest in in_cold or await self._demote(e)]
+            report.demoted += len(moved)
+            await self._drop("warm", moved)
+        else:
+            report.deleted += len(victims)
+            await self._drop("warm", victims)
+        report.freed += sum(e.size for e in victims)
+
+    async def _demote(self, entry: Entry) -> bool:
+        """Copy a warm blob to cold and record it there; False (blob stays warm) on failure."""
+        assert self.cold is not None
+        digest = parse_digest(entry.digest)
+        try:
+            await self.cold.put_file(digest, self.blobs.layout.blob(digest))
+        except (errors.StoreUnavailable, FileNotFoundError) as e:
+            log.warning("demoting %s to cold failed, it stays warm: %s", entry.digest, e)
+            return False
+        await self.index.call(self.index.record, entry.digest, "cold", entry.size, self._clock())
+        return True
+
+    async def _evict_cold(self, protected: set[str], report: PassReport) -> None:
+        cold = self._config.cold
+        idle: list[Entry] = []
+        if cold.max_idle:
+            before = self._clock() - cold.max_idle
+            idle = await self.index.call(self.index.idle, "cold", before, self._config.eviction.max_per_pass)
+            idle = [e for e in idle if e.digest not in protected]
+        used = self.usage.get("cold", (0, 0))[0] - sum(e.size for e in idle)
+        target = target_bytes(used, cold.max_bytes, 1, 0, self._config.warm.high_watermark,
+                              self._config.warm.low_watermark)
+        over = await self._plan("cold", cold.policy, used, target, protected | {e.digest for e in idle}) \
+            if target is not None else []
+        await self._drop("cold", idle + over)
+        report.deleted += len(idle) + len(over)
+
+    async def _plan(self, tier: str, policy: str, used: int, target: int, protected: set[str]) -> list[Entry]:
+        entries = await self.index.call(self.index.entries, tier)
+        return await asyncio.to_thread(plan, entries, POLICIES[policy], used, target, protected,
+                                       self._config.eviction.max_per_pass)
+
+    async def _drop(self, tier: str, victims: list[Entry]) -> None:
+        """Records first, then files: a crash in between leaves files that reconcile adopts."""
+        if not victims:
+            return
+        digests = [e.digest for e in victims]
+        await self.index.call(self.index.forget_many, tier, digests)
+        if tier == "warm":
+            await self.blobs.run(self.blobs.remove, [parse_digest(d) for d in digests])
+            for d in digests:
+                self.hot.drop(("b", d))
+        else:
+            assert self.cold is not None
+            for digest in digests:
+                await self.cold.delete(parse_digest(digest))
+
+
+def _valid(digest: str) -> bool:
+    try:
+        parse_digest(digest)
+    except errors.MirrorError:
+        return False
+    return True
