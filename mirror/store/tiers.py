@@ -71,6 +71,7 @@ class Tiers:
         self.cold = cold
         self._clock = clock
         self.accesses = Accesses(index, clock)
+        self._one_pass = asyncio.Lock()
         self._serving: Counter[str] = Counter()
         self.usage: dict[str, tuple[int, int]] = {}
         #: Digests of fills in flight (the service's), never evicted.
@@ -172,7 +173,11 @@ class Tiers:
         return pinned | set(self.in_flight()) | set(self._serving)
 
     async def evict_pass(self) -> PassReport:
-        """One bounded pass over warm, then cold."""
+        """One bounded pass over warm, then cold (passes never overlap)."""
+        async with self._one_pass:
+            return await self._evict_pass()
+
+    async def _evict_pass(self) -> PassReport:
         await self.accesses.flush()
         await self.refresh_usage()
         report = PassReport()
