@@ -138,6 +138,12 @@ class StoreUnavailable(MirrorError):
     default_message = "the mirror's store cannot serve this request"
 
 
+class DiskFull(StoreUnavailable):
+    """No room for a blob even after eviction: it is streamed through, not kept."""
+
+    default_message = "the mirror's disk is full"
+
+
 class EndpointUnknown(MirrorError):
     code = "NOT_FOUND"
     default_message = "no such registry API endpoint"

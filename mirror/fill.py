@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +24,7 @@ from typing import Protocol
 from mirror import errors
 from mirror.oci.reference import Digest
 from mirror.oci.verify import Verifier
-from mirror.store.blobs import BlobStore, write_all
+from mirror.store.blobs import BlobStore, rewrite_at, write_all
 
 log = logging.getLogger("mirror.fill")
 
@@ -47,6 +48,8 @@ class BlobBody(Protocol):
 
 
 BlobSource = Callable[[], AbstractAsyncContextManager[BlobBody]]
+#: Make room on the store's disk for this many more bytes (evicting); False if it cannot.
+Room = Callable[[int], Awaitable[bool]]
 
 
 class Fill:
@@ -59,6 +62,7 @@ class Fill:
         self.done = False
         self.error: errors.MirrorError | None = None
         self.followers = 0
+        self._room: Room | None = None
         self._read_fd: int | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
@@ -106,9 +110,14 @@ class Fill:
         with self._progress:
             self._progress.notify_all()
 
-    async def run(self, store: BlobStore, source: BlobSource) -> bool:
+    async def run(self, store: BlobStore, source: BlobSource, room: Room | None = None) -> bool:
         """Fetch, write, hash, verify, commit; on any failure keep nothing and tell everyone.
-        True when this fill committed a new blob."""
+        True when this fill committed a new blob.
+
+        Disk space: a blob of known size that does not fit even after `room` evicted fails at
+        once with DiskFull, before any byte is written (its requesters stream it through
+        instead); a write that hits ENOSPC mid-way asks `room` and is retried once."""
+        self._room = room
         partial: Path | None = None
         wfd: int | None = None
         try:
@@ -116,6 +125,9 @@ class Fill:
                 self._finish()
                 return False
             async with source() as stream:
+                self.size = stream.size
+                if room is not None and stream.size is not None and not await room(stream.size):
+                    raise errors.DiskFull(detail={"digest": str(self.digest), "size": stream.size})
                 partial, out, self._read_fd = await store.run(store.create_partial, self.digest)
                 wfd = out
                 self.size = stream.size
@@ -170,13 +182,31 @@ class Fill:
                     size: int) -> None:
         """Write and hash one piece (as received, no copy) in parallel; then followers may read it."""
         sync = (self.written + size) // SYNC_EVERY > self.written // SYNC_EVERY
-        lanes = [asyncio.ensure_future(store.run(write_all, wfd, pieces, sync)),
+        lanes = [asyncio.ensure_future(self._write(store, wfd, pieces, sync)),
                  asyncio.ensure_future(store.run(verifier.update_all, pieces))]
         await asyncio.wait(lanes)
         for lane in lanes:
             lane.result()
         self.written += size
         self._notify()
+
+    async def _write(self, store: BlobStore, wfd: int, pieces: list[bytes], sync: bool) -> None:
+        """Write one piece at offset `written`; on ENOSPC make room and write it again, once."""
+        try:
+            await store.run(write_all, wfd, pieces, sync)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or self._room is None:
+                raise
+            need = max((self.size or 0) - self.written, sum(map(len, pieces)))
+            log.warning("disk full during the fill of %s; evicting to make room for %d bytes", self.digest, need)
+            if not await self._room(need):
+                raise errors.DiskFull(detail={"digest": str(self.digest)}) from e
+            try:
+                await store.run(rewrite_at, wfd, self.written, pieces, sync)
+            except OSError as again:
+                if again.errno == errno.ENOSPC:
+                    raise errors.DiskFull(detail={"digest": str(self.digest)}) from again
+                raise
 
     def _already_stored(self, store: BlobStore) -> bool:
         """A fill that lost a race with one just committed has nothing to do."""
@@ -209,6 +239,7 @@ class Fill:
             self.error = errors.StoreUnavailable(detail={"reason": e.strerror or str(e)})
         else:
             self.error = errors.UpstreamUnavailable("blob fill aborted")
+            log.error("fill of %s aborted by an unexpected error", self.digest, exc_info=e)
         log.warning("fill of %s failed: %s", self.digest, self.error.message,
                     extra={"digest": str(self.digest), "code": self.error.code})
         if not self._ready.done():

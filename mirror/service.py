@@ -30,7 +30,7 @@ from mirror.fill import BlobBody, BlobSource, Fill
 from mirror.oci import mediatypes
 from mirror.oci.mediatypes import AcceptSet
 from mirror.oci.reference import Digest, Reference, parse_digest
-from mirror.oci.verify import digest_of
+from mirror.oci.verify import Verifier, digest_of, verified
 from mirror.store.blobs import OpenBlob
 from mirror.store.manifests import (
     CachedList,
@@ -47,6 +47,8 @@ log = logging.getLogger("mirror.service")
 
 #: Upstream failures that a cached answer may stand in for.
 STALE_OK = (errors.UpstreamError, errors.TooManyRequests)
+#: Blobs remembered as too big for the disk (then forgotten all at once).
+TOO_BIG_REMEMBERED = 1000
 
 
 class Outcome(str, Enum):
@@ -57,6 +59,7 @@ class Outcome(str, Enum):
     COALESCED = "coalesced"
     REVALIDATED = "revalidated"
     STALE = "stale"
+    PASS_THROUGH = "pass-through"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,15 @@ class BlobAnswer:
     tier: str = "upstream"
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    size: int | None
+    _chunks: AsyncIterator[bytes]
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+
 class MirrorService:
     """Answers registry reads from the cache, going upstream only on a miss."""
 
@@ -89,6 +101,7 @@ class MirrorService:
         self._manifest_flights: Flights[tuple[str, ...], None, ManifestAnswer] = Flights()
         self._list_flights: Flights[tuple[str, ...], None, CachedList] = Flights()
         tiers.in_flight = self._fills.keys
+        self._too_big: dict[str, int] = {}
 
     # -- manifests ---------------------------------------------------------------------------
 
@@ -202,13 +215,30 @@ class MirrorService:
         found = await self._tiers.open(digest)
         if found is not None:
             return BlobAnswer(Outcome.HIT, stored=found.blob, tier=found.tier)
+        if await self._still_too_big(str(digest)):
+            return BlobAnswer(Outcome.PASS_THROUGH)
         fill, _, started = self._fills.join(str(digest), lambda: Fill(digest),
                                             lambda f: self._fill(f, target, digest))
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
-        if await fill.run(self._blobs, self._source(target, digest)):
+        if await fill.run(self._blobs, self._source(target, digest), self._tiers.make_room):
             await self._tiers.committed(digest, fill.written)
+        elif isinstance(fill.error, errors.DiskFull) and fill.size is not None:
+            if len(self._too_big) >= TOO_BIG_REMEMBERED:
+                self._too_big.clear()
+            self._too_big[str(digest)] = fill.size
+
+    async def _still_too_big(self, digest: str) -> bool:
+        """A blob that found no room lately goes straight through while there is still none
+        (a free-space check), instead of a fill that would open upstream only to give up."""
+        size = self._too_big.get(digest)
+        if size is None:
+            return False
+        if await self._tiers.room() >= size:
+            del self._too_big[digest]
+            return False
+        return True
 
     def _source(self, target: Target, digest: Digest) -> BlobSource:
         """Cold first (a promotion, verified like any fill), else upstream."""
@@ -224,6 +254,14 @@ class MirrorService:
                 yield stream
 
         return source
+
+    @contextlib.asynccontextmanager
+    async def pass_through(self, target: Target, digest: Digest) -> AsyncIterator[BlobBody]:
+        """The disk cannot take this blob: stream it from upstream to one client, verified
+        (the last bytes are held until the digest checks out) and kept nowhere."""
+        log.warning("disk full: streaming %s through without keeping it", digest)
+        async with self._upstream.blob(target, str(digest)) as stream:
+            yield _Verified(stream.size, verified(stream.chunks(), Verifier(digest, stream.size)))
 
     async def blob_size(self, target: Target, digest: Digest) -> tuple[int | None, Outcome]:
         """A blob's size for HEAD, without fetching it."""

@@ -114,10 +114,16 @@ class Routes:
         if request.method == "HEAD":
             return await self._blob_head(request, target, digest)
         answer = await self._service.blob(target, digest)
+        if answer.outcome is Outcome.PASS_THROUGH:
+            return await self._send_through(request, target, digest)
         request[OUTCOME] = answer.outcome.value
         if answer.stored is not None:
             return await self._send_stored(request, target, digest, answer.stored, answer.outcome, answer.tier)
         assert answer.fill is not None
+        try:
+            await answer.fill.ready()
+        except errors.DiskFull:
+            return await self._send_through(request, target, digest)
         return await self._send_filling(request, target, digest, answer.fill, answer.outcome)
 
     async def _blob_head(self, request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:
@@ -176,6 +182,26 @@ class Routes:
                                       lambda sender: sender.send_growing(fd, start, end, fill.available))
         finally:
             os.close(fd)
+
+    async def _send_through(self, request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:
+        """No room on disk: this client gets the blob straight from upstream (whole: a Range
+        may be ignored, RFC 9110 §14.2), verified on the way, and nothing is kept."""
+        request[OUTCOME] = Outcome.PASS_THROUGH.value
+        async with self._service.pass_through(target, digest) as body:
+            response = web.StreamResponse(headers=self._blob_headers(target, digest, Outcome.PASS_THROUGH))
+            response.content_length = body.size
+            await response.prepare(request)
+            sent = 0
+            try:
+                async for chunk in body.chunks():
+                    await response.write(chunk)
+                    sent += len(chunk)
+            except errors.MirrorError:
+                abort(request)
+                return response
+        self._metrics.served("upstream", sent)
+        await response.write_eof()
+        return response
 
     def _range_headers(self, target: Target, digest: Digest, outcome: Outcome, size: int,
                        start: int, end: int) -> tuple[int, dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import AsyncIterator
 
 from mirror.errors import UpstreamBadResponse
 from mirror.oci.reference import Digest
@@ -47,3 +48,19 @@ class Verifier:
 def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
     """The digest of bytes held in memory (manifests)."""
     return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+async def verified(chunks: AsyncIterator[bytes], verifier: Verifier) -> AsyncIterator[bytes]:
+    """Pass `chunks` on, hashing them, but hold the last one back until size and digest check
+    out: a consumer streaming to a client can then never complete a wrong or short blob."""
+    held: bytes | None = None
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        verifier.update(chunk)
+        if held is not None:
+            yield held
+        held = chunk
+    verifier.check()
+    if held is not None:
+        yield held

@@ -150,3 +150,11 @@ def write_all(fd: int, pieces: list[bytes], sync: bool = False) -> None:
             views[0] = views[0][n:]
     if sync:
         os.fdatasync(fd)
+
+
+def rewrite_at(fd: int, offset: int, pieces: list[bytes], sync: bool = False) -> None:
+    """Cut the file back to `offset` and write `pieces` there again (a retry after ENOSPC left
+    an unknown part of them written)."""
+    os.ftruncate(fd, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    write_all(fd, pieces, sync)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
@@ -132,8 +133,12 @@ class Tiers:
     # -- recording -------------------------------------------------------------------------
 
     async def committed(self, digest: Digest, size: int) -> None:
-        """A fill put a verified blob into warm."""
-        await self.index.call(self.index.record, str(digest), "warm", size, self._clock())
+        """A fill put a verified blob into warm. If the index cannot take the record (a full
+        disk), the blob is served all the same and reconcile adopts it at the next start."""
+        try:
+            await self.index.call(self.index.record, str(digest), "warm", size, self._clock())
+        except sqlite3.OperationalError as e:
+            log.warning("index cannot record %s (%s); the next start adopts it", digest, e)
         nbytes, count = self.usage.get("warm", (0, 0))
         self.usage["warm"] = (nbytes + size, count + 1)
         if self._over_high(nbytes + size):
@@ -188,13 +193,39 @@ class Tiers:
         await self.refresh_usage()
         return report
 
-    async def _evict_warm(self, protected: set[str], report: PassReport) -> None:
+    async def make_room(self, nbytes: int) -> bool:
+        """Room on warm's filesystem for `nbytes` more, above the free-space floor, evicting
+        (past the watermarks if need be) to get it; False when even that is not enough."""
+        if await self.room() >= nbytes:
+            return True
+        async with self._one_pass:
+            await self.accesses.flush()
+            await self.refresh_usage()
+            report = PassReport()
+            await self._evict_warm(await self.protected(), report, reserve=nbytes)
+            await self.refresh_usage()
+        room = await self.room()
+        log.warning("disk full: evicted %d blobs (%d bytes) for %d bytes; %s", report.deleted + report.demoted,
+                    report.freed, nbytes, "room made" if room >= nbytes else "still no room")
+        return room >= nbytes
+
+    async def room(self) -> int:
+        """Bytes warm may still take before its filesystem reaches the free-space floor."""
+        _, free = await self._disk()
+        return free - self._config.warm.min_free_bytes
+
+    async def _disk(self) -> tuple[int, int]:
+        """Size and free bytes (for unprivileged users) of warm's filesystem."""
+        st = await self.blobs.run(os.statvfs, self.blobs.layout.blobs)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    async def _evict_warm(self, protected: set[str], report: PassReport, reserve: int = 0) -> None:
+        """Down to the low watermark, and to the free-space floor with `reserve` bytes taken."""
         warm = self._config.warm
         used = self.usage["warm"][0]
-        st = await self.blobs.run(os.statvfs, self.blobs.layout.blobs)
-        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        total, free = await self._disk()
         budgets = [b for b in (warm.max_bytes, int(warm.max_fraction * total)) if b]
-        target = target_bytes(used, min(budgets, default=0), free, warm.min_free_bytes,
+        target = target_bytes(used, min(budgets, default=0), free - reserve, warm.min_free_bytes,
                               warm.high_watermark, warm.low_watermark)
         if target is None:
             return
@@ -242,11 +273,23 @@ class Tiers:
                                        self._config.eviction.max_per_pass)
 
     async def _drop(self, tier: str, victims: list[Entry]) -> None:
-        """Records first, then files: a crash in between leaves files that reconcile adopts."""
+        """Records first, then files: a crash in between leaves files that reconcile adopts.
+        On a disk too full for SQLite's journal, files first (freeing the space the records
+        need); a crash then leaves records without files, which a lookup treats as a miss and
+        reconcile drops."""
         if not victims:
             return
         digests = [e.digest for e in victims]
-        await self.index.call(self.index.forget_many, tier, digests)
+        try:
+            await self.index.call(self.index.forget_many, tier, digests)
+        except sqlite3.OperationalError as e:
+            log.warning("index cannot write (%s): removing the files first", e)
+            await self._remove(tier, digests)
+            await self.index.call(self.index.forget_many, tier, digests)
+            return
+        await self._remove(tier, digests)
+
+    async def _remove(self, tier: str, digests: list[str]) -> None:
         if tier == "warm":
             await self.blobs.run(self.blobs.remove, [parse_digest(d) for d in digests])
             for d in digests:
