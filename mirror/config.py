@@ -123,8 +123,9 @@ class ColdConfig:
 class EvictionConfig:
     #: Seconds between background passes (a fill that crosses the high watermark wakes it early).
     interval: float = 30.0
-    #: Most blobs one pass evicts or demotes (work per pass stays bounded).
-    max_per_pass: int = 10_000
+    #: Most blobs one pass evicts or demotes (work per pass stays bounded; a pass that hits
+    #: the bound is followed at once by another).
+    max_per_pass: int = 1000
     #: Seconds between batched writes of access times and hit counts to the index.
     access_flush: float = 5.0
 

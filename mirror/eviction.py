@@ -1,7 +1,8 @@
 """What to evict (policies: pure functions over index entries) and the background evictor that
 applies the decisions (mechanism: `Tiers` demotes or deletes). Never calls HTTP.
 
-A policy orders a tier's entries, first to go first:
+A policy orders a tier's entries, first to go first (`Policy.key` in Python, `Policy.sql` in the
+index, the same order):
     lru   least recently used
     lfu   fewest hits, then least recently used
     gdsf  greedy-dual-size-frequency without aging: lowest hits/size first, so one big blob
@@ -15,42 +16,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from mirror.store.index import Entry
 
 log = logging.getLogger("mirror.eviction")
 
-Policy = Callable[[Sequence[Entry]], list[Entry]]
+@dataclass(frozen=True)
+class Policy:
+    """An eviction order, as data: `key` sorts entries in Python (pure, for tests and small
+    sets), `sql` is the same order for the index, which streams candidates in it so that a
+    pass reads only as many rows as it evicts."""
+
+    name: str
+    key: Callable[[Entry], tuple[float, ...]]
+    sql: str
+
+    def order(self, entries: Iterable[Entry]) -> list[Entry]:
+        return sorted(entries, key=self.key)
 
 
-def lru(entries: Sequence[Entry]) -> list[Entry]:
-    return sorted(entries, key=lambda e: e.last_access)
+LRU = Policy("lru", lambda e: (e.last_access,), "last_access")
+LFU = Policy("lfu", lambda e: (e.hits, e.last_access), "hits, last_access")
+GDSF = Policy("gdsf", lambda e: ((e.hits + 1) / max(e.size, 1), e.last_access),
+              "(hits + 1.0) / max(size, 1), last_access")
+POLICIES: dict[str, Policy] = {p.name: p for p in (LRU, LFU, GDSF)}
 
 
-def lfu(entries: Sequence[Entry]) -> list[Entry]:
-    return sorted(entries, key=lambda e: (e.hits, e.last_access))
-
-
-def gdsf(entries: Sequence[Entry]) -> list[Entry]:
-    return sorted(entries, key=lambda e: ((e.hits + 1) / max(e.size, 1), e.last_access))
-
-
-POLICIES: dict[str, Policy] = {"lru": lru, "lfu": lfu, "gdsf": gdsf}
-
-
-def plan(entries: Sequence[Entry], policy: Policy, used: int, target: int,
-         protected: Collection[str], max_victims: int) -> list[Entry]:
-    """The entries to evict so that `used` falls to `target` bytes, in policy order."""
+def plan(ordered: Iterable[Entry], used: int, target: int, protected: Collection[str],
+         max_victims: int) -> list[Entry]:
+    """The entries to evict, taken from `ordered` (first to go first), so that `used` falls to
+    `target` bytes; stops reading as soon as it is there or has `max_victims`."""
     victims: list[Entry] = []
-    for entry in policy(entries):
-        if used <= target or len(victims) >= max_victims:
-            break
+    if used <= target:
+        return victims
+    for entry in ordered:
         if entry.digest in protected:
             continue
         victims.append(entry)
         used -= entry.size
+        if used <= target or len(victims) >= max_victims:
+            break
     return victims
 
 
@@ -75,6 +82,8 @@ class PassReport:
     demoted: int = 0
     deleted: int = 0
     freed: int = 0
+    #: A tier stopped at max_per_pass, not at its target: run again at once.
+    bounded: bool = False
 
 
 class Evictor:
@@ -86,6 +95,7 @@ class Evictor:
         self._interval = interval
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._again = False
         self.passes = 0
 
     def wake(self) -> None:
@@ -104,11 +114,13 @@ class Evictor:
 
     async def _run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            except asyncio.TimeoutError:
-                pass
+            if not self._again:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+                except asyncio.TimeoutError:
+                    pass
             self._wake.clear()
+            self._again = False
             started = time.monotonic()
             try:
                 report = await self._one_pass()
@@ -116,6 +128,7 @@ class Evictor:
                 log.exception("eviction pass failed; the next one retries")
                 continue
             self.passes += 1
+            self._again = report.bounded
             if report.deleted or report.demoted:
                 log.info("eviction pass: %d demoted, %d deleted, %d bytes freed in %.3fs",
                          report.demoted, report.deleted, report.freed, time.monotonic() - started)

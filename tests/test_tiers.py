@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Callable
@@ -17,11 +18,11 @@ import pytest
 
 from conftest import MakeMirror, Mirror, MirrorProcess
 from images import make_image, make_index
-from mirror.eviction import gdsf, lfu, lru, plan, target_bytes
+from mirror.eviction import GDSF, LFU, LRU, Policy, plan, target_bytes
 from mirror.http.app import TIERS
 from mirror.oci.reference import parse_digest
 from mirror.store.hot import OVERHEAD, HotTier
-from mirror.store.index import Entry
+from mirror.store.index import BlobIndex, Entry
 from mirror.store.tiers import Tiers
 from upstream_sim import UpstreamSim
 
@@ -72,18 +73,31 @@ def test_policies_order_victims() -> None:
     new_small = _entry("new-small", size=10, last=3, hits=0)
     mid_popular = _entry("mid-popular", size=10, last=2, hits=50)
     entries = [new_small, old_big, mid_popular]
-    assert [e.digest for e in lru(entries)] == ["old-big", "mid-popular", "new-small"]
-    assert [e.digest for e in lfu(entries)] == ["new-small", "old-big", "mid-popular"]
+    assert [e.digest for e in LRU.order(entries)] == ["old-big", "mid-popular", "new-small"]
+    assert [e.digest for e in LFU.order(entries)] == ["new-small", "old-big", "mid-popular"]
     # size-aware: the big blob has the least value per byte
-    assert [e.digest for e in gdsf(entries)] == ["old-big", "new-small", "mid-popular"]
+    assert [e.digest for e in GDSF.order(entries)] == ["old-big", "new-small", "mid-popular"]
+
+
+@pytest.mark.parametrize("policy", [LRU, LFU, GDSF], ids=lambda p: p.name)
+def test_the_index_streams_candidates_in_the_policys_own_order(policy: Policy, tmp_path: Path) -> None:
+    rng = random.Random(7)
+    index = BlobIndex(tmp_path / "index.sqlite")
+    entries = [Entry(f"sha256:{i:064x}", rng.randint(1, 10**9), 0.0, rng.random() * 1000, rng.randint(0, 50))
+               for i in range(500)]
+    index.record_many((e.digest, "warm", e.size, e.last_access) for e in entries)
+    index.touch("warm", {e.digest: (e.last_access, e.hits) for e in entries})
+    assert [e.digest for e in index.ordered("warm", policy.sql)] == [e.digest for e in policy.order(entries)]
+    index._close()
 
 
 def test_plan_stops_at_target_skips_protected_and_is_bounded() -> None:
     entries = [_entry(f"b{i}", size=10, last=i) for i in range(10)]
-    victims = plan(entries, lru, used=100, target=70, protected={"b1"}, max_victims=100)
+    ordered = LRU.order(entries)
+    victims = plan(iter(ordered), used=100, target=70, protected={"b1"}, max_victims=100)
     assert [e.digest for e in victims] == ["b0", "b2", "b3"]
-    assert len(plan(entries, lru, used=100, target=0, protected=set(), max_victims=4)) == 4
-    assert plan(entries, lru, used=50, target=70, protected=set(), max_victims=100) == []
+    assert len(plan(iter(ordered), used=100, target=0, protected=set(), max_victims=4)) == 4
+    assert plan(iter(ordered), used=50, target=70, protected=set(), max_victims=100) == []
 
 
 def test_target_bytes_watermarks_and_free_space_floor() -> None:

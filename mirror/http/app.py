@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from mirror.config import Config
-from mirror.eviction import Evictor
+from mirror.eviction import POLICIES, Evictor
 from mirror.http.middleware import make_middleware
 from mirror.http.routes import Routes
 from mirror.metrics import Metrics
@@ -45,7 +45,7 @@ def build_app(config: Config) -> web.Application:
     blobs = BlobStore(layout, store_pool)
     hot = HotTier(config.hot.max_bytes)
     manifests = ManifestStore(layout, store_pool, hot)
-    index = BlobIndex(layout.index)
+    index = BlobIndex(layout.index, [POLICIES[config.warm.policy].sql, POLICIES[config.cold.policy].sql])
     tiers = Tiers(config, blobs, manifests, hot, index)
     evictor = Evictor(tiers.evict_pass, config.eviction.interval)
     tiers.on_pressure = evictor.wake

@@ -103,17 +103,17 @@ class BlobStore:
             pass
 
     def remove(self, digests: list[Digest]) -> int:
-        """Delete committed blob files (blocking; eviction, after their records went).
-        A sender that has one open keeps reading it: POSIX unlink leaves open files whole."""
-        freed = 0
+        """Delete committed blob files (blocking; eviction, after their records went); how
+        many were there. A sender that has one open keeps reading it: POSIX unlink leaves
+        open files whole."""
+        removed = 0
         for digest in digests:
-            path = self.layout.blob(digest)
             try:
-                freed += path.stat().st_size
-                path.unlink()
+                os.unlink(self.layout.blob(digest))
+                removed += 1
             except FileNotFoundError:
                 pass
-        return freed
+        return removed
 
     def scan(self) -> dict[str, tuple[int, float]]:
         """Every committed blob file: digest → (size, mtime) (blocking; reconcile at start)."""

@@ -14,9 +14,11 @@ which `reconcile` adopts at the next start.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,17 @@ CREATE TABLE IF NOT EXISTS blobs (
     PRIMARY KEY (digest, tier)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (tier, last_access);
+CREATE TABLE IF NOT EXISTS usage (tier TEXT PRIMARY KEY, bytes INTEGER NOT NULL, count INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS usage_add AFTER INSERT ON blobs BEGIN
+    INSERT INTO usage VALUES (new.tier, new.size, 1)
+        ON CONFLICT (tier) DO UPDATE SET bytes = bytes + new.size, count = count + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS usage_drop AFTER DELETE ON blobs BEGIN
+    UPDATE usage SET bytes = bytes - old.size, count = count - 1 WHERE tier = old.tier;
+END;
+CREATE TRIGGER IF NOT EXISTS usage_resize AFTER UPDATE OF size ON blobs BEGIN
+    UPDATE usage SET bytes = bytes - old.size + new.size WHERE tier = old.tier;
+END;
 CREATE TABLE IF NOT EXISTS pins (pattern TEXT PRIMARY KEY) WITHOUT ROWID;
 """
 
@@ -53,8 +66,12 @@ class Entry:
 
 
 class BlobIndex:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, orders: Iterable[str] = ()) -> None:
+        """`orders`: the eviction policies' `sql` orders in use; each gets an index (kept
+        only while in use: every index costs a little on each write), so a pass reads its
+        candidates without sorting the whole tier."""
         self.path = path
+        self._orders = sorted(set(orders) - {"last_access"})
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="index")
         self._db: sqlite3.Connection | None = None
 
@@ -79,7 +96,17 @@ class BlobIndex:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._order_indexes(self._db)
         return self._db
+
+    def _order_indexes(self, db: sqlite3.Connection) -> None:
+        wanted = {f"blobs_by_{hashlib.sha256(o.encode()).hexdigest()[:12]}": o for o in self._orders}
+        have = {row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'blobs_by_%'")}
+        for name in have - wanted.keys() - {"blobs_by_access"}:
+            db.execute(f"DROP INDEX {name}")
+        for name, order in wanted.items():
+            db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON blobs (tier, {order})")
 
     # -- blocking methods: call them through `call` (or directly from a command-line tool) --
 
@@ -101,7 +128,8 @@ class BlobIndex:
 
     def forget_many(self, tier: str, digests: Iterable[str]) -> None:
         with self.db:
-            self.db.executemany("DELETE FROM blobs WHERE digest = ? AND tier = ?", ((d, tier) for d in digests))
+            self.db.execute("DELETE FROM blobs WHERE tier = ? AND digest IN (SELECT value FROM json_each(?))",
+                            (tier, json.dumps(list(digests))))
 
     def touch(self, tier: str, accesses: Mapping[str, tuple[float, int]]) -> None:
         """Apply a batch of (last access, hit count) from `Accesses`, in one transaction."""
@@ -111,16 +139,20 @@ class BlobIndex:
                 ((last, hits, digest, tier) for digest, (last, hits) in accesses.items()))
 
     def usage(self) -> dict[str, tuple[int, int]]:
-        """Bytes and blob count per tier."""
+        """Bytes and blob count per tier: kept by triggers, so reading it costs nothing however
+        many blobs there are, and writers in other processes (admin commands) are counted."""
         found = dict.fromkeys(TIERS, (0, 0))
-        for tier, nbytes, count in self.db.execute("SELECT tier, sum(size), count(*) FROM blobs GROUP BY tier"):
-            found[tier] = (int(nbytes or 0), int(count))
+        for tier, nbytes, count in self.db.execute("SELECT tier, bytes, count FROM usage"):
+            found[tier] = (int(nbytes), int(count))
         return found
 
-    def entries(self, tier: str) -> list[Entry]:
-        """Every blob of a tier, least recently used first."""
-        return [Entry(*row) for row in self.db.execute(
-            "SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? ORDER BY last_access", (tier,))]
+    def ordered(self, tier: str, order_sql: str) -> Iterator[Entry]:
+        """A tier's blobs in an eviction policy's order (`Policy.sql`, a constant of ours,
+        never input), read lazily: a pass stops as soon as it has its victims."""
+        for row in self.db.execute(
+                f"SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? ORDER BY {order_sql}",
+                (tier,)):
+            yield Entry(*row)
 
     def idle(self, tier: str, before: float, limit: int) -> list[Entry]:
         """Blobs of a tier not used since `before`."""

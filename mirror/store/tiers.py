@@ -35,6 +35,9 @@ from mirror.store.pins import pinned_blobs
 
 log = logging.getLogger("mirror.tiers")
 
+#: Blob files one store thread deletes per hop in an eviction pass.
+REMOVE_BATCH = 250
+
 
 class ColdBlob(Protocol):
     size: int
@@ -230,6 +233,7 @@ class Tiers:
         if target is None:
             return
         victims = await self._plan("warm", warm.policy, used, target, protected)
+        report.bounded |= len(victims) >= self._config.eviction.max_per_pass
         if self.cold is not None:
             in_cold = await self.index.call(self.index.digests, "cold")
             moved = [e for e in victims if e.digest in in_cold or await self._demote(e)]
@@ -258,19 +262,24 @@ class Tiers:
         if cold.max_idle:
             before = self._clock() - cold.max_idle
             idle = await self.index.call(self.index.idle, "cold", before, self._config.eviction.max_per_pass)
+            report.bounded |= len(idle) >= self._config.eviction.max_per_pass
             idle = [e for e in idle if e.digest not in protected]
         used = self.usage.get("cold", (0, 0))[0] - sum(e.size for e in idle)
         target = target_bytes(used, cold.max_bytes, 1, 0, self._config.warm.high_watermark,
                               self._config.warm.low_watermark)
         over = await self._plan("cold", cold.policy, used, target, protected | {e.digest for e in idle}) \
             if target is not None else []
+        report.bounded |= len(over) >= self._config.eviction.max_per_pass
         await self._drop("cold", idle + over)
         report.deleted += len(idle) + len(over)
 
     async def _plan(self, tier: str, policy: str, used: int, target: int, protected: set[str]) -> list[Entry]:
-        entries = await self.index.call(self.index.entries, tier)
-        return await asyncio.to_thread(plan, entries, POLICIES[policy], used, target, protected,
-                                       self._config.eviction.max_per_pass)
+        """Victims chosen on the index thread, reading candidates in policy order."""
+        def choose() -> list[Entry]:
+            return plan(self.index.ordered(tier, POLICIES[policy].sql), used, target, protected,
+                        self._config.eviction.max_per_pass)
+
+        return await self.index.call(choose)
 
     async def _drop(self, tier: str, victims: list[Entry]) -> None:
         """Records first, then files: a crash in between leaves files that reconcile adopts.
@@ -291,7 +300,10 @@ class Tiers:
 
     async def _remove(self, tier: str, digests: list[str]) -> None:
         if tier == "warm":
-            await self.blobs.run(self.blobs.remove, [parse_digest(d) for d in digests])
+            paths = [parse_digest(d) for d in digests]
+            # unlink releases the GIL: a few store threads at once get through thousands faster
+            await asyncio.gather(*(self.blobs.run(self.blobs.remove, paths[i:i + REMOVE_BATCH])
+                                   for i in range(0, len(paths), REMOVE_BATCH)))
             for d in digests:
                 self.hot.drop(("b", d))
         else:
