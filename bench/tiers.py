@@ -78,7 +78,7 @@ async def _one_pass(data: Path, policy: str, evict: int, size: int) -> dict[str,
     await asyncio.to_thread(index._close)
     budget = (n - evict) * size / 0.4   # low watermark 0.4: the pass stops after `evict` blobs
     config = load_config(env={"MIRROR_WARM__MAX_BYTES": str(int(budget)), "MIRROR_WARM__POLICY": policy,
-                              "MIRROR_WARM__MIN_FREE_BYTES": "0", "MIRROR_WARM__HIGH_WATERMARK": "0.41",
+                              "MIRROR_WARM__MIN_FREE_BYTES": "0", "MIRROR_WARM__HIGH_WATERMARK": "0.401",
                               "MIRROR_WARM__LOW_WATERMARK": "0.4",
                               "MIRROR_EVICTION__MAX_PER_PASS": str(evict)},
                          flags={"data_dir": str(data)})

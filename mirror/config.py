@@ -131,6 +131,18 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class RetentionRule:
+    """Lifecycle for cached images of matching repositories, in the spirit of ECR's: the
+    first rule whose `pattern` (a glob on `<upstream>/<repository>`) matches applies."""
+
+    pattern: str = ""
+    #: Tags not pulled for this many seconds leave the cache (0 = no limit).
+    max_idle: float = 0.0
+    #: Keep only this many most recently pulled tags per repository (0 = all).
+    keep_tags: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the server needs; passed to constructors, never read from globals."""
 
@@ -149,6 +161,7 @@ class Config:
     #: Images never evicted: `<upstream>/<repository>:<tag>` glob patterns, e.g.
     #: "docker.io/library/python:3.*"; they hold every blob their manifests reference.
     pins: tuple[str, ...] = ()
+    retention: tuple[RetentionRule, ...] = ()
     upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
@@ -321,6 +334,11 @@ def _check_tiers(config: Config) -> None:
             raise ConfigError(f"{where}: must not be negative")
     if not (config.eviction.interval > 0 and config.eviction.access_flush > 0):
         raise ConfigError("eviction.interval/access_flush: must be positive seconds")
+    for i, rule in enumerate(config.retention):
+        if "/" not in rule.pattern:
+            raise ConfigError(f"retention[{i}].pattern: expected <upstream>/<repository glob>, got {rule.pattern!r}")
+        if rule.max_idle < 0 or rule.keep_tags < 0 or not (rule.max_idle or rule.keep_tags):
+            raise ConfigError(f"retention[{i}]: set max_idle and/or keep_tags to a positive number")
     for pattern in config.pins:
         if "/" not in pattern or ":" not in pattern.rpartition("/")[2]:
             raise ConfigError(f"pins: expected <upstream>/<repository>:<tag pattern>, got {pattern!r}")
@@ -344,6 +362,11 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be a table")
         return _build(kind, value, f"{key}.")
     origin = typing.get_origin(kind)
+    item = typing.get_args(kind)[0] if origin is tuple else None
+    if isinstance(item, type) and dataclasses.is_dataclass(item) and not isinstance(value, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
+        return tuple(_build(item, v, f"{key}[{i}].") for i, v in enumerate(value))
     if origin is tuple:
         if isinstance(value, tuple):
             return value

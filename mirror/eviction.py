@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
 from dataclasses import dataclass
 
+from mirror.config import RetentionRule
 from mirror.store.index import Entry
+from mirror.store.manifests import TagKey
 
 log = logging.getLogger("mirror.eviction")
 
@@ -75,6 +78,24 @@ def target_bytes(used: int, budget: int, free: int, min_free: int, high: float, 
     return target
 
 
+def expired_tags(last_pulled: Mapping[TagKey, float], rules: Sequence[RetentionRule],
+                 now: float) -> set[TagKey]:
+    """Tags that retention rules let go: past `keep_tags` most recent of their repository, or
+    not pulled for `max_idle` seconds. The first rule matching `<upstream>/<repo>` applies."""
+    by_repo: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for (upstream, repo, tag), when in last_pulled.items():
+        by_repo.setdefault((upstream, repo), []).append((when, tag))
+    expired: set[TagKey] = set()
+    for (upstream, repo), tags in by_repo.items():
+        rule = next((r for r in rules if fnmatchcase(f"{upstream}/{repo}", r.pattern)), None)
+        if rule is None:
+            continue
+        for rank, (when, tag) in enumerate(sorted(tags, reverse=True)):
+            if (rule.keep_tags and rank >= rule.keep_tags) or (rule.max_idle and now - when > rule.max_idle):
+                expired.add((upstream, repo, tag))
+    return expired
+
+
 @dataclass
 class PassReport:
     """What one eviction pass did: blobs demoted to cold, deleted, and bytes freed."""
@@ -84,6 +105,8 @@ class PassReport:
     freed: int = 0
     #: A tier stopped at max_per_pass, not at its target: run again at once.
     bounded: bool = False
+    #: Tags that retention rules let go.
+    expired_tags: int = 0
 
 
 class Evictor:

@@ -122,10 +122,14 @@ class MirrorService:
 
     def manifest_hot(self, target: Target, tag: str) -> StoredManifest | None:
         """The fast path: a fresh tag record and its manifest, both in memory, no await."""
-        record = self._manifests.tag_cached((target.upstream.name, target.repo, tag))
+        key = (target.upstream.name, target.repo, tag)
+        record = self._manifests.tag_cached(key)
         if record is None or self._clock() - record.checked >= target.upstream.tag_ttl:
             return None
-        return self._manifests.manifest_cached(record.digest)
+        found = self._manifests.manifest_cached(record.digest)
+        if found is not None:
+            self._tiers.accesses.tag_pulled(key)
+        return found
 
     async def _by_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
         found = await self._manifests.manifest(str(digest))
@@ -141,6 +145,7 @@ class MirrorService:
 
     async def _by_tag(self, target: Target, tag: str) -> ManifestAnswer:
         key: TagKey = (target.upstream.name, target.repo, tag)
+        self._tiers.accesses.tag_pulled(key)
         record = await self._manifests.tag(key)
         if record is not None and self._clock() - record.checked < target.upstream.tag_ttl:
             found = await self._manifests.manifest(record.digest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -338,3 +339,20 @@ def test_example_config_documents_every_key() -> None:
     assert {f.name for f in dataclasses.fields(Timeouts)} - set(doc["timeouts"]) == set()
     upstream_keys = {f.name for f in dataclasses.fields(UpstreamConfig)} - {"name"}
     assert upstream_keys - set(doc["upstreams"]["docker.io"]) == set()
+
+
+def test_retention_rules_are_an_array_of_tables_and_checked(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[[retention]]\npattern = "docker.io/library/*"\nkeep_tags = 3\n'
+                    '[[retention]]\npattern = "ghcr.io/*"\nmax_idle = "86400"\n')
+    rules = load_config(good, env={}).retention
+    assert [(r.pattern, r.keep_tags, r.max_idle) for r in rules] == [
+        ("docker.io/library/*", 3, 0.0), ("ghcr.io/*", 0, 86400.0)]
+    for body, key in (('retention = "x"', "retention"),
+                      ('[[retention]]\npattern = "nohost"\nkeep_tags = 1', "retention[0].pattern"),
+                      ('[[retention]]\npattern = "a/b"', "retention[0]"),
+                      ('[[retention]]\npattern = "a/b"\nkeep = 1', "retention[0].keep")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(body)
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(bad, env={})

@@ -18,7 +18,8 @@ import pytest
 
 from conftest import MakeMirror, Mirror, MirrorProcess
 from images import make_image, make_index
-from mirror.eviction import GDSF, LFU, LRU, Policy, plan, target_bytes
+from mirror.config import RetentionRule
+from mirror.eviction import GDSF, LFU, LRU, Policy, expired_tags, plan, target_bytes
 from mirror.http.app import TIERS
 from mirror.oci.reference import parse_digest
 from mirror.store.hot import OVERHEAD, HotTier
@@ -257,3 +258,42 @@ async def test_restart_keeps_the_index_and_reconciles_it_with_the_files(
     assert set(rows) == {a, c}
     assert rows[a][2] == 2 and rows[c][:2] == ("warm", MiB)
     assert not os.listdir(data / "tmp")
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+def test_retention_rules_pick_tags_past_keep_and_idle() -> None:
+    pulled = {("docker.io", "library/app", "1"): 100.0, ("docker.io", "library/app", "2"): 300.0,
+              ("docker.io", "library/app", "3"): 200.0, ("docker.io", "other/db", "x"): 10.0,
+              ("ghcr.io", "acme/tool", "old"): 0.0}
+    rules = (RetentionRule("docker.io/library/*", keep_tags=2),
+             RetentionRule("docker.io/*", max_idle=50),
+             RetentionRule("docker.io/library/*", max_idle=1))   # shadowed by the first
+    assert expired_tags(pulled, rules, now=400.0) == {("docker.io", "library/app", "1"),
+                                                      ("docker.io", "other/db", "x")}
+
+
+async def test_retention_keeps_the_newest_tags_and_frees_what_only_old_tags_held(
+        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    old, new = make_image(81, [300_000]), make_image(82, [400_000])
+    sim.add_image("test/app", "old", old)
+    sim.add_image("test/app", "new", new)
+    toml = '[[retention]]\npattern = "docker.io/test/*"\nkeep_tags = 1\n' + WARM.format(budget=100 * MiB, low=0.5)
+    mirror = await make_mirror(sim.url, toml)
+    tiers = _tiers(mirror)
+    accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    for tag, image in (("old", old), ("new", new)):
+        async with client.get(f"{mirror.url}/v2/test/app/manifests/{tag}", headers=accept) as resp:
+            assert resp.status == 200
+        for digest in image.blobs:
+            await _get(client, mirror, digest, "test/app")
+    assert set(old.blobs) | set(new.blobs) <= _warm_files(mirror)
+    report = await tiers.evict_pass()
+    assert report.expired_tags == 1
+    files = _warm_files(mirror)
+    assert set(new.blobs) <= files and not set(old.blobs) & files
+    # the expired tag is no longer cached: the next pull asks upstream again and works
+    before = sim.requests[("GET", "/v2/test/app/manifests/old")]
+    async with client.get(f"{mirror.url}/v2/test/app/manifests/old", headers=accept) as resp:
+        assert resp.status == 200 and resp.headers["X-Mirror-Cache"] == "miss"
+    assert sim.requests[("GET", "/v2/test/app/manifests/old")] == before + 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from mirror.oci.reference import Digest
+from mirror.oci.reference import Digest, parse_digest
 from mirror.store.layout import Layout
 
 log = logging.getLogger("mirror.store")
@@ -102,14 +102,14 @@ class BlobStore:
         except FileNotFoundError:
             pass
 
-    def remove(self, digests: list[Digest]) -> int:
+    def remove(self, digests: list[str]) -> int:
         """Delete committed blob files (blocking; eviction, after their records went); how
         many were there. A sender that has one open keeps reading it: POSIX unlink leaves
         open files whole."""
         removed = 0
         for digest in digests:
             try:
-                os.unlink(self.layout.blob(digest))
+                os.unlink(self.layout.blob(parse_digest(digest)))
                 removed += 1
             except FileNotFoundError:
                 pass

@@ -51,6 +51,13 @@ CREATE TRIGGER IF NOT EXISTS usage_resize AFTER UPDATE OF size ON blobs BEGIN
     UPDATE usage SET bytes = bytes - old.size + new.size WHERE tier = old.tier;
 END;
 CREATE TABLE IF NOT EXISTS pins (pattern TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tags (
+    upstream    TEXT NOT NULL,
+    repo        TEXT NOT NULL,
+    tag         TEXT NOT NULL,
+    last_access REAL NOT NULL,
+    PRIMARY KEY (upstream, repo, tag)
+) WITHOUT ROWID;
 """
 
 
@@ -138,6 +145,28 @@ class BlobIndex:
                 "UPDATE blobs SET last_access = max(last_access, ?), hits = hits + ? WHERE digest = ? AND tier = ?",
                 ((last, hits, digest, tier) for digest, (last, hits) in accesses.items()))
 
+    def touch_tags(self, pulled: Mapping[tuple[str, str, str], float]) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO tags VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                "SET last_access = max(last_access, excluded.last_access)",
+                ((*key, when) for key, when in pulled.items()))
+
+    def tags_pulled(self) -> dict[tuple[str, str, str], float]:
+        """When each tag was last pulled through the mirror."""
+        return {(u, r, t): when for u, r, t, when in self.db.execute("SELECT upstream, repo, tag, last_access FROM tags")}
+
+    def forget_tags(self, keys: Iterable[tuple[str, str, str]]) -> None:
+        with self.db:
+            self.db.executemany("DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ?", keys)
+
+    def select(self, tier: str, digests: Iterable[str]) -> list[Entry]:
+        """The entries of these digests that `tier` holds."""
+        return [Entry(*row) for row in self.db.execute(
+            "SELECT digest, size, stored, last_access, hits FROM blobs "
+            "WHERE tier = ? AND digest IN (SELECT value FROM json_each(?)) ORDER BY last_access",
+            (tier, json.dumps(list(digests))))]
+
     def usage(self) -> dict[str, tuple[int, int]]:
         """Bytes and blob count per tier: kept by triggers, so reading it costs nothing however
         many blobs there are, and writers in other processes (admin commands) are counted."""
@@ -186,14 +215,22 @@ class Accesses:
         self._index = index
         self._clock = clock
         self._pending: dict[str, tuple[float, int]] = {}
+        self._tags: dict[tuple[str, str, str], float] = {}
 
     def hit(self, digest: str) -> None:
         last, hits = self._pending.get(digest, (0.0, 0))
         self._pending[digest] = (self._clock(), hits + 1)
 
+    def tag_pulled(self, key: tuple[str, str, str]) -> None:
+        """A manifest fetched by tag (for retention's "most recently pulled" and "idle")."""
+        self._tags[key] = self._clock()
+
     async def flush(self) -> int:
-        """Write what was counted since the last flush; returns how many blobs."""
+        """Write what was counted since the last flush; returns how many blobs and tags."""
         batch, self._pending = self._pending, {}
+        tags, self._tags = self._tags, {}
         if batch:
             await self._index.call(self._index.touch, "warm", batch)
-        return len(batch)
+        if tags:
+            await self._index.call(self._index.touch_tags, tags)
+        return len(batch) + len(tags)

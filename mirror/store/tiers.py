@@ -25,18 +25,19 @@ from typing import Protocol
 
 from mirror import errors
 from mirror.config import Config
-from mirror.eviction import POLICIES, PassReport, plan, target_bytes
+from mirror.eviction import POLICIES, PassReport, expired_tags, plan, target_bytes
 from mirror.oci.reference import Digest, parse_digest
 from mirror.store.blobs import BlobStore, OpenBlob
 from mirror.store.hot import HotTier
 from mirror.store.index import Accesses, BlobIndex, Entry
 from mirror.store.manifests import ManifestStore
-from mirror.store.pins import pinned_blobs
+from mirror.store.pins import pinned_blobs, reachable_blobs
 
 log = logging.getLogger("mirror.tiers")
 
-#: Blob files one store thread deletes per hop in an eviction pass.
+#: An eviction pass deletes files in up to REMOVE_LANES store threads, REMOVE_BATCH or more each.
 REMOVE_BATCH = 250
+REMOVE_LANES = 4
 
 
 class ColdBlob(Protocol):
@@ -190,6 +191,8 @@ class Tiers:
         await self.refresh_usage()
         report = PassReport()
         protected = await self.protected()
+        await self._retention(protected, report)
+        await self.refresh_usage()
         await self._evict_warm(protected, report)
         if self.cold is not None:
             await self._evict_cold(protected, report)
@@ -234,15 +237,46 @@ class Tiers:
             return
         victims = await self._plan("warm", warm.policy, used, target, protected)
         report.bounded |= len(victims) >= self._config.eviction.max_per_pass
+        await self._leave_warm(victims, report)
+
+    async def _leave_warm(self, victims: list[Entry], report: PassReport) -> None:
+        """Demote to cold (when there is one) or delete; a blob cold cannot take stays."""
         if self.cold is not None:
             in_cold = await self.index.call(self.index.digests, "cold")
             moved = [e for e in victims if e.digest in in_cold or await self._demote(e)]
             report.demoted += len(moved)
             await self._drop("warm", moved)
         else:
+            moved = victims
             report.deleted += len(victims)
             await self._drop("warm", victims)
-        report.freed += sum(e.size for e in victims)
+        report.freed += sum(e.size for e in moved)
+
+    async def _retention(self, protected: set[str], report: PassReport) -> None:
+        """Apply `[[retention]]`: tags past their repository's `keep_tags` or idle past
+        `max_idle` leave the cache, and so do their blobs that no kept tag or pin holds."""
+        rules = self._config.retention
+        if not rules:
+            return
+        pulled = await self.index.call(self.index.tags_pulled)
+        records = dict(await asyncio.to_thread(lambda: list(self._manifests.iter_tags())))
+        last = {key: pulled.get(key, record.checked) for key, record in records.items()}
+        expired = expired_tags(last, rules, self._clock())
+        if not expired:
+            return
+        kept_roots = [r.digest for key, r in records.items() if key not in expired]
+        gone_roots = [records[key].digest for key in expired]
+
+        def doomed() -> set[str]:
+            return (reachable_blobs(self._manifests, gone_roots)
+                    - reachable_blobs(self._manifests, kept_roots) - protected)
+
+        victims = await self.index.call(self.index.select, "warm", await asyncio.to_thread(doomed))
+        for key in expired:
+            await self._manifests.drop_tag(key)
+        await self.index.call(self.index.forget_tags, list(expired))
+        report.expired_tags += len(expired)
+        await self._leave_warm(victims, report)
 
     async def _demote(self, entry: Entry) -> bool:
         """Copy a warm blob to cold and record it there; False (blob stays warm) on failure."""
@@ -300,10 +334,10 @@ class Tiers:
 
     async def _remove(self, tier: str, digests: list[str]) -> None:
         if tier == "warm":
-            paths = [parse_digest(d) for d in digests]
-            # unlink releases the GIL: a few store threads at once get through thousands faster
-            await asyncio.gather(*(self.blobs.run(self.blobs.remove, paths[i:i + REMOVE_BATCH])
-                                   for i in range(0, len(paths), REMOVE_BATCH)))
+            # unlink releases the GIL: a few store threads at once get through thousands
+            # faster; only a few, so that the event loop does not queue behind them for it
+            lanes = min(REMOVE_LANES, -(-len(digests) // REMOVE_BATCH))
+            await asyncio.gather(*(self.blobs.run(self.blobs.remove, digests[i::lanes]) for i in range(lanes)))
             for d in digests:
                 self.hot.drop(("b", d))
         else:
