@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import uvloop
 from aiohttp import web
 
-from mirror import __version__
+from mirror import __version__, logs
 from mirror.config import Config, load_config
 from mirror.errors import ConfigError
 from mirror.http.app import build_app
@@ -46,8 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mirror: configuration error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvloop.run(serve(config))
+    listener = logs.start(config.log_level)
+    try:
+        uvloop.run(serve(config))
+    finally:
+        listener.stop()
     return 0
 
 
