@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh Debian machine with Python 3.11:
 #   make run   - serve a Docker Hub mirror on 0.0.0.0:5000, cache under ./data, no config file
 #   make test  - install what the tests need (apt + pip) and run the whole suite
+#                (the tests start their own containerd, with its own root, state and socket)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,10 +20,10 @@ run: install
 	$(BIN)/mirror serve --listen 0.0.0.0:5000 --data-dir ./data
 
 install-test-deps:
-	@command -v docker-registry >/dev/null && command -v skopeo >/dev/null || { \
+	@command -v docker-registry >/dev/null && command -v skopeo >/dev/null && command -v containerd >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo containerd; }
 
 test: install install-test-deps
 	$(BIN)/python -m pytest

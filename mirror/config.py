@@ -63,6 +63,9 @@ class UpstreamConfig:
     docker_config: str = ""
     #: Token realm hosts, other than the registry's own, that may receive our credentials.
     token_realms: tuple[str, ...] = ()
+    #: When `url` is another mirror: the registry host sent to it as `?ns=` on every request,
+    #: so one upstream mirror can serve several registries (site → regional → origin).
+    ns: str = ""
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -185,6 +188,8 @@ DEFAULT_UPSTREAMS: dict[str, dict[str, Any]] = {
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+#: A registry host as containerd sends it in `?ns=`: a DNS name or address, optional port.
+_NS = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?")
 
 
 def load_config(
@@ -282,7 +287,9 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         raise ConfigError(f"{where}.tag_ttl/list_ttl: must not be negative")
     if up.docker_config and not Path(up.docker_config).is_file():
         raise ConfigError(f"{where}.docker_config: no such file {up.docker_config!r}")
-    return up
+    if up.ns and not _NS.fullmatch(up.ns):
+        raise ConfigError(f"{where}.ns: must be a registry host[:port] such as 'ghcr.io', got {up.ns!r}")
+    return dataclasses.replace(up, ns=up.ns.lower())
 
 
 def _check(config: Config) -> None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -68,6 +68,8 @@ class Mirror:
     host: str
     data_dir: Path
     app: web.Application | None = None
+    #: (method, path with query) of every request an in-process mirror answered, in order.
+    seen: list[tuple[str, str]] = field(default_factory=list)
 
     def blob_files(self) -> list[Path]:
         return [p for p in (self.data_dir / "blobs").rglob("*") if p.is_file()]
@@ -82,7 +84,8 @@ MakeMirror = Callable[..., Awaitable[Mirror]]
 @pytest.fixture
 async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
     """Start in-process mirrors on real loopback sockets: `await make_mirror(upstream_url,
-    toml="...extra config...")`. The default upstream (docker.io) points at `upstream_url`."""
+    toml="...extra config...")`. The default upstream (docker.io) points at `upstream_url`.
+    Each records the requests it answers in `Mirror.seen`."""
     runners: list[web.AppRunner] = []
 
     async def start(upstream_url: str, toml: str = "", data_dir: Path | None = None) -> Mirror:
@@ -92,12 +95,18 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
         config = load_config(config_file, env={}, flags={
             "upstream": upstream_url, "data_dir": str(data), "listen": "127.0.0.1:0"})
         app = build_app(config)
+        seen: list[tuple[str, str]] = []
+
+        async def record(request: web.Request, _: web.StreamResponse) -> None:
+            seen.append((request.method, request.path_qs))
+
+        app.on_response_prepare.append(record)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         runners.append(runner)
-        return Mirror(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", data, app)
+        return Mirror(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", data, app, seen)
 
     yield start
     for runner in reversed(runners):

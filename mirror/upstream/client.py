@@ -182,10 +182,13 @@ class UpstreamClient:
     @contextlib.asynccontextmanager
     async def _open(self, target: Target, method: str, path: str, headers: dict[str, str],
                     query: Mapping[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send a request with auth, answering one 401 challenge and following redirects."""
+        """Send a request with auth, answering one 401 challenge and following redirects.
+        An upstream with `ns` set gets `?ns=<host>` on the first hop (not on redirects)."""
         up = target.upstream
         scope = f"repository:{target.repo}:pull"
         url = up.url.rstrip("/") + path
+        if up.ns:  # the upstream is a mirror: tell it which registry we mean
+            query = {**(query or {}), "ns": up.ns}
         auth = self.auth.header(up, scope)
         resp = await self._follow(up, method, url, headers, auth, query)
         try:

@@ -3,6 +3,8 @@
 Closed world: only configured registries are ever dialled. A request picks its upstream by
 containerd's `?ns=<host>` (which the OCI spec asks a proxy to echo as `OCI-Namespace`), by a
 path prefix naming a configured host (`/v2/ghcr.io/owner/img/...`), or falls to the default.
+With both (containerd's `override_path` on a prefixed mirror URL), a prefix that names the
+same upstream as `ns` is dropped from the repository.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Router:
             up = self._by_host.get(ns.lower())
             if up is None:
                 raise NameUnknown("registry host not served by this mirror", detail={"ns": ns[:255]})
-            return self._target(up, name, name, ns)
+            return self._target(up, self._strip_own_host(up, name), name, ns)
         first, _, rest = name.partition("/")
         if rest and ("." in first or ":" in first or first == "localhost"):
             up = self._by_host.get(first.lower())
@@ -61,6 +63,15 @@ class Router:
                 raise NameUnknown("registry host not served by this mirror", detail={"host": first[:255]})
             return self._target(up, rest, name, None)
         return self._target(self._default, name, name, None)
+
+    def _strip_own_host(self, up: UpstreamConfig, name: str) -> str:
+        """containerd with `override_path` sends both a path prefix and `ns`
+        (`/v2/ghcr.io/owner/img/...?ns=ghcr.io`): a first component naming the same upstream
+        as `ns` is that prefix, not part of the repository."""
+        first, _, rest = name.partition("/")
+        if rest and self._by_host.get(first.lower()) is up:
+            return rest
+        return name
 
     @staticmethod
     def _target(up: UpstreamConfig, repo: str, name: str, ns: str | None) -> Target:
