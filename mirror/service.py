@@ -16,6 +16,7 @@ Lists (tags/list, referrers)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -275,6 +276,14 @@ class MirrorService:
             found.blob.close()
             return found.blob.size, Outcome.HIT
         return await self._upstream.blob_size(target, str(digest)), Outcome.MISS
+
+    async def drain(self, timeout: float) -> None:
+        """At shutdown: let fills in flight finish (each is one upstream transfer already
+        paid for), for at most `timeout` seconds."""
+        tasks = self._fills.tasks()
+        if tasks:
+            log.info("waiting up to %.0fs for %d fills in flight", timeout, len(tasks))
+            await asyncio.wait(tasks, timeout=timeout)
 
     def fills_in_flight(self) -> int:
         return len(self._fills)

@@ -21,7 +21,7 @@ from registry import LOCAL_OPENER, Registry, free_port
 from upstream_sim import UpstreamSim
 
 from mirror.config import load_config
-from mirror.http.app import build_app
+from mirror.http.app import SERVICE, build_app
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +76,16 @@ class Mirror:
 
     def partial_files(self) -> list[Path]:
         return list((self.data_dir / "tmp").iterdir())
+
+    async def settled(self, timeout: float = 10.0) -> None:
+        """Wait until no fill is in flight and every committed blob is recorded: a client
+        has its last byte once the digest checks out, before the fsync, rename and record."""
+        assert self.app is not None
+        service = self.app[SERVICE]
+        deadline = time.monotonic() + timeout
+        while service.fills_in_flight():
+            assert time.monotonic() < deadline, "fills still in flight"
+            await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
 
 
 MakeMirror = Callable[..., Awaitable[Mirror]]

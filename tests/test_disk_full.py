@@ -123,9 +123,11 @@ async def test_enospc_mid_fill_evicts_and_retries(
     old_digest = sim.add_blob(old)
     async with client.get(f"{mirror.url}/v2/{REPO}/blobs/{old_digest}") as resp:
         assert await resp.read() == old
+    await mirror.settled()
     data = _blob(4, 3 * MiB)
     digest, transfer = await _fill_meets_a_full_disk(sim, mirror, disk, client, data)
     assert not await transfer, "the retry after eviction completes the transfer"
+    await mirror.settled()
     files = {f"sha256:{p.name}" for p in mirror.blob_files()}
     assert files == {digest}, "the older blob was evicted to make room"
     assert hashlib.sha256(next(iter(mirror.blob_files())).read_bytes()).hexdigest() == digest[7:]

@@ -99,6 +99,7 @@ async def test_broken_upstream_blob_reaches_no_client_and_leaves_nothing(
     assert mirror.partial_files() == []
     body = await _fetch(client, url)
     assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+    await mirror.settled()
     assert len(mirror.blob_files()) == 1
 
 
@@ -108,6 +109,7 @@ async def test_second_request_is_a_hit_with_no_upstream_call(
     digest = sim.add_blob(_blob(3))
     mirror = await make_mirror(sim.url)
     await _fetch(client, mirror.url + _path(digest))
+    await mirror.settled()  # the client had every byte once verified; fsync and rename follow
     async with client.get(mirror.url + _path(digest)) as resp:
         assert resp.headers["X-Mirror-Cache"] == "hit"
         assert hashlib.sha256(await resp.read()).hexdigest() == digest.split(":")[1]

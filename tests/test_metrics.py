@@ -30,6 +30,7 @@ async def test_metrics_count_hits_misses_and_dashboard_queries_exist(
     for _ in range(2):
         async with client.get(f"{mirror.url}/v2/test/x/blobs/{digest}") as resp:
             assert len(await resp.read()) == 300_000
+        await mirror.settled()
     async with client.get(f"{mirror.url}/metrics") as resp:
         text = await resp.text()
     assert _value(text, "mirror_http_requests_total", route="blob", outcome="miss", status="200") == 1

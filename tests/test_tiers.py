@@ -49,14 +49,9 @@ async def _get(client: aiohttp.ClientSession, mirror: Mirror, digest: str, repo:
 
 
 async def _fill(client: aiohttp.ClientSession, mirror: Mirror, digest: str) -> None:
-    """GET a blob and wait until its fill has been recorded in the index (the fill task
-    records after the last byte went out, so poll the index with a deadline)."""
+    """GET a blob and wait until its fill has been committed and recorded in the index."""
     await _get(client, mirror, digest)
-    tiers = _tiers(mirror)
-    deadline = time.monotonic() + 10
-    while digest not in await tiers.index.call(tiers.index.digests, "warm"):
-        assert time.monotonic() < deadline, f"{digest} never recorded"
-        await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
+    await mirror.settled()
 
 
 def _warm_files(mirror: Mirror) -> set[str]:
@@ -201,6 +196,7 @@ async def test_pinned_images_and_blobs_in_use_survive(sim: UpstreamSim, make_mir
     pinned_blobs = set(pinned.all_blobs())
     for digest in pinned_blobs:
         await _get(client, mirror, digest, "test/pinned")
+    await mirror.settled()
     for digest in others[:2]:
         await _fill(client, mirror, digest)
     # one blob is being sent right now: held open, as a slow client's transfer would hold it
@@ -232,10 +228,15 @@ async def test_restart_keeps_the_index_and_reconciles_it_with_the_files(
     a, b = sim.add_blob(_blob(1)), sim.add_blob(_blob(2))
     data = tmp_path / "data"
     proc = await asyncio.to_thread(mirror_process(sim.url, data).start)
+    a_file = data / "blobs" / "sha256" / a[7:9] / a[7:]
     for _ in range(3):
         async with client.get(f"{proc.url}/v2/{REPO}/blobs/{a}") as resp:
             assert resp.status == 200
             await resp.read()
+        deadline = time.monotonic() + 10
+        while not a_file.exists():  # committed (fsync, rename) just after the client's last byte
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
     async with client.get(f"{proc.url}/v2/{REPO}/blobs/{b}") as resp:
         await resp.read()
     await asyncio.to_thread(proc.stop)
@@ -287,6 +288,7 @@ async def test_retention_keeps_the_newest_tags_and_frees_what_only_old_tags_held
             assert resp.status == 200
         for digest in image.blobs:
             await _get(client, mirror, digest, "test/app")
+    await mirror.settled()
     assert set(old.blobs) | set(new.blobs) <= _warm_files(mirror)
     report = await tiers.evict_pass()
     assert report.expired_tags == 1

@@ -30,6 +30,8 @@ from mirror.upstream.routing import Router
 STORE_THREADS = 16
 #: Threads for os.sendfile: one per blob being sent right now.
 SENDER_THREADS = 512
+#: At shutdown, how long fills in flight may take to finish.
+DRAIN_SECONDS = 30.0
 
 SERVICE = web.AppKey("service", MirrorService)
 TIERS = web.AppKey("tiers", Tiers)
@@ -74,6 +76,9 @@ def build_app(config: Config) -> web.Application:
         evictor.start()
         background.append(asyncio.create_task(tiers.flush_forever(config.eviction.access_flush)))
 
+    async def on_shutdown(_: web.Application) -> None:
+        await service.drain(DRAIN_SECONDS)
+
     async def on_cleanup(_: web.Application) -> None:
         await evictor.stop()
         for task in background:
@@ -86,5 +91,6 @@ def build_app(config: Config) -> web.Application:
         store_pool.shutdown(wait=True)
 
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app

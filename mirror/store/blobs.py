@@ -137,9 +137,8 @@ class BlobStore:
         return count
 
 
-def write_all(fd: int, pieces: list[bytes], sync: bool = False) -> None:
-    """os.writev until every byte of `pieces` is down (a regular file may take less per call);
-    then fdatasync if asked."""
+def write_all(fd: int, pieces: list[bytes]) -> None:
+    """os.writev until every byte of `pieces` is down (a regular file may take less per call)."""
     views = [memoryview(p) for p in pieces]
     while views:
         n = os.writev(fd, views[:IOV_MAX])
@@ -148,13 +147,11 @@ def write_all(fd: int, pieces: list[bytes], sync: bool = False) -> None:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
-    if sync:
-        os.fdatasync(fd)
 
 
-def rewrite_at(fd: int, offset: int, pieces: list[bytes], sync: bool = False) -> None:
+def rewrite_at(fd: int, offset: int, pieces: list[bytes]) -> None:
     """Cut the file back to `offset` and write `pieces` there again (a retry after ENOSPC left
     an unknown part of them written)."""
     os.ftruncate(fd, offset)
     os.lseek(fd, offset, os.SEEK_SET)
-    write_all(fd, pieces, sync)
+    write_all(fd, pieces)
