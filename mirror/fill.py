@@ -67,6 +67,8 @@ class Fill:
         self._syncing: asyncio.Future[None] | None = None
         self.error: errors.MirrorError | None = None
         self.followers = 0
+        #: Where the bytes come from: "upstream", or "cold" for a promotion.
+        self.source = "upstream"
         self._room: Room | None = None
         self._read_fd: int | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()

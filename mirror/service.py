@@ -228,8 +228,10 @@ class MirrorService:
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
-        if await fill.run(self._blobs, self._source(target, digest), self._tiers.make_room):
+        if await fill.run(self._blobs, self._source(fill, target, digest), self._tiers.make_room):
             await self._tiers.committed(digest, fill.written)
+        elif fill.source == "cold" and isinstance(fill.error, errors.UpstreamBadResponse):
+            await self._tiers.drop_cold(digest)
         elif isinstance(fill.error, errors.DiskFull) and fill.size is not None:
             if len(self._too_big) >= TOO_BIG_REMEMBERED:
                 self._too_big.clear()
@@ -246,14 +248,16 @@ class MirrorService:
             return False
         return True
 
-    def _source(self, target: Target, digest: Digest) -> BlobSource:
-        """Cold first (a promotion, verified like any fill), else upstream."""
+    def _source(self, fill: Fill, target: Target, digest: Digest) -> BlobSource:
+        """Cold first (a promotion, verified like any fill; a cold copy that fails the check
+        is dropped, so the next request goes upstream), else upstream."""
 
         @contextlib.asynccontextmanager
         async def source() -> AsyncIterator[BlobBody]:
             async with self._tiers.from_cold(digest) as cold:
                 if cold is not None:
                     log.info("promoting %s from cold", digest)
+                    fill.source = "cold"
                     yield cold
                     return
             async with self._upstream.blob(target, str(digest)) as stream:

@@ -18,6 +18,7 @@ from mirror.http.routes import Routes
 from mirror.metrics import Metrics
 from mirror.service import MirrorService
 from mirror.store.blobs import BlobStore
+from mirror.store.cold import ColdStore
 from mirror.store.hot import HotTier
 from mirror.store.index import BlobIndex
 from mirror.store.layout import Layout
@@ -48,7 +49,7 @@ def build_app(config: Config) -> web.Application:
     hot = HotTier(config.hot.max_bytes)
     manifests = ManifestStore(layout, store_pool, hot)
     index = BlobIndex(layout.index, [POLICIES[config.warm.policy].sql, POLICIES[config.cold.policy].sql])
-    tiers = Tiers(config, blobs, manifests, hot, index)
+    tiers = Tiers(config, blobs, manifests, hot, index, ColdStore.from_config(config.cold))
     evictor = Evictor(tiers.evict_pass, config.eviction.interval)
     tiers.on_pressure = evictor.wake
     upstream = UpstreamClient(config)

@@ -178,7 +178,7 @@ class Routes:
         try:
             start, end = byte_range(request, fill.size)
             status, headers = self._range_headers(target, digest, outcome, fill.size, start, end)
-            return await self._stream(request, status, headers, start, end, "upstream",
+            return await self._stream(request, status, headers, start, end, fill.source,
                                       lambda sender: sender.send_growing(fd, start, end, fill.available))
         finally:
             os.close(fd)

@@ -134,6 +134,16 @@ class Tiers:
             except Exception:
                 log.exception("writing access times to the index failed; retrying later")
 
+    async def drop_cold(self, digest: Digest) -> None:
+        """Forget a cold copy that failed verification (record first, then the object)."""
+        log.error("cold copy of %s does not match its digest: dropped", digest)
+        await self.index.call(self.index.forget, str(digest), "cold")
+        if self.cold is not None:
+            try:
+                await self.cold.delete(digest)
+            except errors.StoreUnavailable as e:
+                log.warning("could not delete the bad cold copy of %s: %s", digest, e.message)
+
     # -- recording -------------------------------------------------------------------------
 
     async def committed(self, digest: Digest, size: int) -> None:
