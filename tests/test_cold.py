@@ -27,6 +27,7 @@ from mirror.http.app import TIERS
 from mirror.oci.reference import Digest, parse_digest
 from mirror.store.cold import ColdStore
 from registry import free_port
+from test_metrics import _value
 from upstream_sim import UpstreamSim
 
 MiB = 1024 * 1024
@@ -159,6 +160,13 @@ async def test_demote_then_promote_round_trip(cold_config: ColdConfig, sim: Upst
     assert sum(n for (m, p), n in sim.requests.items() if m == "GET" and "/blobs/" in p) == upstream_gets
     await mirror.settled()
     assert digests[0] in {f"sha256:{p.name}" for p in mirror.blob_files()}, "promoted back to warm"
+    async with client.get(f"{mirror.url}/metrics") as resp:
+        text = await resp.text()
+    assert _value(text, "mirror_blob_lookups_total", source="cold") == 10  # all from the one promotion
+    assert _value(text, "mirror_blob_lookups_total", source="upstream") == 3
+    assert _value(text, "mirror_evictions_total", tier="warm", reason="budget") >= 1
+    assert _value(text, "mirror_tier_objects", tier="cold") >= 1
+    assert _value(text, "mirror_blob_bytes_served_total", source="cold") >= MiB
 
 
 async def _get_body(client: aiohttp.ClientSession, mirror: Mirror, digest: str) -> bytes:

@@ -62,8 +62,13 @@ def build_app(config: Config) -> web.Application:
     app[TIERS] = tiers
     Routes(service, Router(config), blobs, sender_pool, config.timeouts.read, metrics).install(app)
 
+    tiers.on_evicted = metrics.evicted
+
     async def metrics_handler(_: web.Request) -> web.Response:
         metrics.fills.set(service.fills_in_flight())
+        metrics.tier_usage("hot", hot.used, len(hot))
+        for tier, (nbytes, count) in (await tiers.refresh_usage()).items():
+            metrics.tier_usage(tier, nbytes, count)
         return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
     app.router.add_get(config.metrics_path, metrics_handler)

@@ -115,15 +115,19 @@ class Routes:
             return await self._blob_head(request, target, digest)
         answer = await self._service.blob(target, digest)
         if answer.outcome is Outcome.PASS_THROUGH:
+            self._metrics.lookup("pass-through")
             return await self._send_through(request, target, digest)
         request[OUTCOME] = answer.outcome.value
         if answer.stored is not None:
+            self._metrics.lookup(answer.tier)
             return await self._send_stored(request, target, digest, answer.stored, answer.outcome, answer.tier)
         assert answer.fill is not None
         try:
             await answer.fill.ready()
         except errors.DiskFull:
+            self._metrics.lookup("pass-through")
             return await self._send_through(request, target, digest)
+        self._metrics.lookup(answer.fill.source)
         return await self._send_filling(request, target, digest, answer.fill, answer.outcome)
 
     async def _blob_head(self, request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:

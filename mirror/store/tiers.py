@@ -83,6 +83,8 @@ class Tiers:
         self.in_flight: Callable[[], Collection[str]] = frozenset
         #: Called when warm crosses its high watermark (the evictor's wake).
         self.on_pressure: Callable[[], None] = lambda: None
+        #: Told of every batch that leaves a tier: (tier, reason, blobs, bytes).
+        self.on_evicted: Callable[[str, str, int, int], None] = lambda *_: None
 
     # -- lookup ----------------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class Tiers:
         """Forget a cold copy that failed verification (record first, then the object)."""
         log.error("cold copy of %s does not match its digest: dropped", digest)
         await self.index.call(self.index.forget, str(digest), "cold")
+        self.on_evicted("cold", "corrupt", 1, 0)
         if self.cold is not None:
             try:
                 await self.cold.delete(digest)
@@ -247,9 +250,9 @@ class Tiers:
             return
         victims = await self._plan("warm", warm.policy, used, target, protected)
         report.bounded |= len(victims) >= self._config.eviction.max_per_pass
-        await self._leave_warm(victims, report)
+        await self._leave_warm(victims, report, "disk_full" if reserve else "budget")
 
-    async def _leave_warm(self, victims: list[Entry], report: PassReport) -> None:
+    async def _leave_warm(self, victims: list[Entry], report: PassReport, reason: str) -> None:
         """Demote to cold (when there is one) or delete; a blob cold cannot take stays."""
         if self.cold is not None:
             in_cold = await self.index.call(self.index.digests, "cold")
@@ -261,6 +264,8 @@ class Tiers:
             report.deleted += len(victims)
             await self._drop("warm", victims)
         report.freed += sum(e.size for e in moved)
+        if moved:
+            self.on_evicted("warm", reason, len(moved), sum(e.size for e in moved))
 
     async def _retention(self, protected: set[str], report: PassReport) -> None:
         """Apply `[[retention]]`: tags past their repository's `keep_tags` or idle past
@@ -286,7 +291,7 @@ class Tiers:
             await self._manifests.drop_tag(key)
         await self.index.call(self.index.forget_tags, list(expired))
         report.expired_tags += len(expired)
-        await self._leave_warm(victims, report)
+        await self._leave_warm(victims, report, "retention")
 
     async def _demote(self, entry: Entry) -> bool:
         """Copy a warm blob to cold and record it there; False (blob stays warm) on failure."""
@@ -316,6 +321,9 @@ class Tiers:
         report.bounded |= len(over) >= self._config.eviction.max_per_pass
         await self._drop("cold", idle + over)
         report.deleted += len(idle) + len(over)
+        for reason, gone in (("idle", idle), ("budget", over)):
+            if gone:
+                self.on_evicted("cold", reason, len(gone), sum(e.size for e in gone))
 
     async def _plan(self, tier: str, policy: str, used: int, target: int, protected: set[str]) -> list[Entry]:
         """Victims chosen on the index thread, reading candidates in policy order."""
