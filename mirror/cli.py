@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import uvloop
 from aiohttp import web
 
-from mirror import __version__, logs
+from mirror import __version__, admin_cli, logs
 from mirror.config import Config, load_config
 from mirror.errors import ConfigError
 from mirror.http.app import build_app
@@ -29,11 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description="Pull-through caching mirror for container registries.")
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the registry API")
-    serve.add_argument("--config", help="TOML config file (default: none, the embedded Docker Hub mirror)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML config file (default: none, the embedded Docker Hub mirror)")
+    common.add_argument("--data-dir", dest="data_dir", help="cache directory (default ./data)")
+    common.add_argument("--json", action="store_true", help="JSON output (admin commands)")
+    serve = sub.add_parser("serve", parents=[common], help="serve the registry API")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
-    serve.add_argument("--data-dir", dest="data_dir", help="cache directory (default ./data)")
     serve.add_argument("--upstream", help="URL of the default (docker.io) upstream, e.g. http://127.0.0.1:5001")
+    admin_cli.add_commands(sub, common)
     return parser
 
 
@@ -42,10 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config or os.environ.get("MIRROR_CONFIG"),
                              env={k: v for k, v in os.environ.items() if k != "MIRROR_CONFIG"},
-                             flags={"listen": args.listen, "data_dir": args.data_dir, "upstream": args.upstream})
+                             flags={"listen": getattr(args, "listen", None), "data_dir": args.data_dir,
+                                    "upstream": getattr(args, "upstream", None)})
     except ConfigError as e:
         print(f"mirror: configuration error: {e}", file=sys.stderr)
         return 2
+    if args.command != "serve":
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s %(message)s")
+        return admin_cli.run(args, config)
     listener = logs.start(config.log_level)
     try:
         uvloop.run(serve(config))

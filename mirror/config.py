@@ -134,6 +134,19 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin HTTP API (catalog, usage, evict, pins, fsck): off unless enabled, and then
+    only for requests bearing the token."""
+
+    enabled: bool = False
+    token: str = ""
+    prefix: str = "/_mirror"
+
+    def __repr__(self) -> str:  # the token never reaches logs
+        return f"AdminConfig(enabled={self.enabled}, prefix={self.prefix!r})"
+
+
+@dataclass(frozen=True)
 class RetentionRule:
     """Lifecycle for cached images of matching repositories, in the spirit of ECR's: the
     first rule whose `pattern` (a glob on `<upstream>/<repository>`) matches applies."""
@@ -165,6 +178,7 @@ class Config:
     #: "docker.io/library/python:3.*"; they hold every blob their manifests reference.
     pins: tuple[str, ...] = ()
     retention: tuple[RetentionRule, ...] = ()
+    admin: AdminConfig = field(default_factory=AdminConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
@@ -304,6 +318,10 @@ def _check(config: Config) -> None:
         if not value > 0:
             raise ConfigError(f"timeouts.{key}: must be a positive number of seconds, got {value!r}")
     _check_tiers(config)
+    if config.admin.enabled and len(config.admin.token) < 16:
+        raise ConfigError("admin.token: the admin API needs a token of at least 16 characters")
+    if not config.admin.prefix.startswith("/_"):
+        raise ConfigError(f"admin.prefix: must start with /_, got {config.admin.prefix!r}")
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}")
     if config.default_upstream not in {u.name for u in config.upstreams}:
@@ -389,7 +407,7 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
 
 def _shown(key: str, value: Any) -> str:
     """A value for an error message; secrets are never echoed."""
-    return "(hidden)" if key.endswith(("password", "secret_access_key")) else repr(value)
+    return "(hidden)" if key.endswith(("password", "secret_access_key", "token")) else repr(value)
 
 
 def _scalar(kind: Any, value: Any, key: str) -> Any:

@@ -89,6 +89,18 @@ class Unauthorized(MirrorError):
     code = "UNAUTHORIZED"
     default_message = "authentication required by upstream"
 
+    def __init__(self, message: str | None = None, detail: Any = None, challenge: str | None = None) -> None:
+        super().__init__(message, detail)
+        #: A `WWW-Authenticate` value for the client, when the mirror itself asks for credentials.
+        self.challenge = challenge
+
+
+class InvalidRequest(MirrorError):
+    """A malformed admin request (bad JSON, a bad pin pattern)."""
+
+    code = "INVALID_REQUEST"
+    default_message = "the request is not valid"
+
 
 class Denied(MirrorError):
     code = "DENIED"

@@ -13,9 +13,9 @@ ROUTES = ("base", "manifest", "blob", "tags", "referrers", "other")
 TIERS = ("hot", "warm", "cold")
 #: Where a blob request was answered from, in lookup order.
 SOURCES = ("hot", "warm", "cold", "upstream", "pass-through")
-#: Why a blob left a tier: over budget, a retention rule, cold's max idle, disk full, or a copy
-#: that failed its digest.
-EVICTION_REASONS = ("budget", "retention", "idle", "disk_full", "corrupt")
+#: Why a blob left a tier: over budget, a retention rule, cold's max idle, disk full, a copy that
+#: failed its digest, or an operator's `mirror cache evict`.
+EVICTION_REASONS = ("budget", "retention", "idle", "disk_full", "corrupt", "manual")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 

@@ -12,18 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from mirror.config import Config
-from mirror.eviction import POLICIES, Evictor
+from mirror.eviction import Evictor
+from mirror.admin import Admin
+from mirror.http import admin as admin_api
 from mirror.http.middleware import make_middleware
 from mirror.http.routes import Routes
 from mirror.metrics import Metrics
 from mirror.service import MirrorService
-from mirror.store.blobs import BlobStore
-from mirror.store.cold import ColdStore
-from mirror.store.hot import HotTier
-from mirror.store.index import BlobIndex
-from mirror.store.layout import Layout
-from mirror.store.manifests import ManifestStore
-from mirror.store.tiers import Tiers
+from mirror.store.tiers import Tiers, open_tiers
 from mirror.upstream.client import UpstreamClient
 from mirror.upstream.routing import Router
 
@@ -41,15 +37,10 @@ METRICS = web.AppKey("metrics", Metrics)
 
 def build_app(config: Config) -> web.Application:
     """The whole mirror as an aiohttp Application (tests run it in-process)."""
-    layout = Layout(config.data_dir)
-    layout.create()
     store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
     sender_pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="sendfile")
-    blobs = BlobStore(layout, store_pool)
-    hot = HotTier(config.hot.max_bytes)
-    manifests = ManifestStore(layout, store_pool, hot)
-    index = BlobIndex(layout.index, [POLICIES[config.warm.policy].sql, POLICIES[config.cold.policy].sql])
-    tiers = Tiers(config, blobs, manifests, hot, index, ColdStore.from_config(config.cold))
+    tiers, manifests = open_tiers(config, store_pool)
+    blobs, hot, index = tiers.blobs, tiers.hot, tiers.index
     evictor = Evictor(tiers.evict_pass, config.eviction.interval)
     tiers.on_pressure = evictor.wake
     upstream = UpstreamClient(config)
@@ -72,6 +63,8 @@ def build_app(config: Config) -> web.Application:
         return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
     app.router.add_get(config.metrics_path, metrics_handler)
+    if config.admin.enabled:
+        admin_api.install(app, Admin(tiers, manifests), config.admin)
 
     background: list[asyncio.Task[None]] = []
 

@@ -32,6 +32,7 @@ STATUS_BY_CODE: dict[str, int] = {
     errors.Unsupported.code: 405,
     errors.RangeInvalid.code: 416,
     errors.Unauthorized.code: 401,
+    errors.InvalidRequest.code: 400,
     errors.Denied.code: 403,
     errors.TooManyRequests.code: 429,
     errors.UpstreamUnavailable.code: 502,
@@ -57,6 +58,8 @@ def error_response(err: errors.MirrorError) -> web.Response:
     headers = dict(API_VERSION)
     if isinstance(err, errors.RangeInvalid):
         headers["Content-Range"] = f"bytes */{err.size}"
+    if isinstance(err, errors.Unauthorized) and err.challenge:
+        headers["WWW-Authenticate"] = err.challenge
     if isinstance(err, errors.TooManyRequests) and err.retry_after:
         headers["Retry-After"] = err.retry_after
     return web.Response(status=status, text=json.dumps({"errors": [entry]}),

@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,10 @@ from mirror.config import Config
 from mirror.eviction import POLICIES, PassReport, expired_tags, plan, target_bytes
 from mirror.oci.reference import Digest, parse_digest
 from mirror.store.blobs import BlobStore, OpenBlob
+from mirror.store.cold import ColdStore
 from mirror.store.hot import HotTier
 from mirror.store.index import Accesses, BlobIndex, Entry
+from mirror.store.layout import Layout
 from mirror.store.manifests import ManifestStore
 from mirror.store.pins import pinned_blobs, reachable_blobs
 
@@ -250,9 +253,9 @@ class Tiers:
             return
         victims = await self._plan("warm", warm.policy, used, target, protected)
         report.bounded |= len(victims) >= self._config.eviction.max_per_pass
-        await self._leave_warm(victims, report, "disk_full" if reserve else "budget")
+        await self.leave_warm(victims, report, "disk_full" if reserve else "budget")
 
-    async def _leave_warm(self, victims: list[Entry], report: PassReport, reason: str) -> None:
+    async def leave_warm(self, victims: list[Entry], report: PassReport, reason: str) -> None:
         """Demote to cold (when there is one) or delete; a blob cold cannot take stays."""
         if self.cold is not None:
             in_cold = await self.index.call(self.index.digests, "cold")
@@ -291,7 +294,7 @@ class Tiers:
             await self._manifests.drop_tag(key)
         await self.index.call(self.index.forget_tags, list(expired))
         report.expired_tags += len(expired)
-        await self._leave_warm(victims, report, "retention")
+        await self.leave_warm(victims, report, "retention")
 
     async def _demote(self, entry: Entry) -> bool:
         """Copy a warm blob to cold and record it there; False (blob stays warm) on failure."""
@@ -362,6 +365,18 @@ class Tiers:
             assert self.cold is not None
             for digest in digests:
                 await self.cold.delete(parse_digest(digest))
+
+
+def open_tiers(config: Config, pool: ThreadPoolExecutor) -> tuple[Tiers, ManifestStore]:
+    """The store of `config.data_dir` with all its tiers, as the server and the admin
+    commands open it (blocking work runs in `pool`)."""
+    layout = Layout(config.data_dir)
+    layout.create()
+    hot = HotTier(config.hot.max_bytes)
+    manifests = ManifestStore(layout, pool, hot)
+    index = BlobIndex(layout.index, [POLICIES[config.warm.policy].sql, POLICIES[config.cold.policy].sql])
+    tiers = Tiers(config, BlobStore(layout, pool), manifests, hot, index, ColdStore.from_config(config.cold))
+    return tiers, manifests
 
 
 def _valid(digest: str) -> bool:

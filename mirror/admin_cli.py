@@ -1,0 +1,96 @@
+"""`mirror cache ls|du|evict|pin|unpin` and `mirror fsck`: the admin operations on a data
+directory, as tables for people or JSON (`--json`) for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mirror.admin import Admin, as_json, human, table
+from mirror.config import Config
+from mirror.errors import MirrorError
+from mirror.store.tiers import open_tiers
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    cache = sub.add_parser("cache", help="inspect and manage the cache").add_subparsers(dest="action", required=True)
+    cache.add_parser("ls", parents=[common], help="cached images: repository, tag, size, last pulled, tier")
+    cache.add_parser("du", parents=[common], help="bytes per tier and per upstream")
+    evict = cache.add_parser("evict", parents=[common], help="evict warm blobs now (never pinned ones)")
+    evict.add_argument("--dry-run", action="store_true", help="only list what would go")
+    evict.add_argument("--older-than", type=float, metavar="SECONDS", help="unused for this long")
+    evict.add_argument("--repo", metavar="PATTERN", help="held by repositories matching <upstream>/<repo glob>")
+    for name in ("pin", "unpin"):
+        one = cache.add_parser(name, parents=[common], help=f"{name} images: <upstream>/<repository>:<tag glob>")
+        one.add_argument("pattern")
+    fsck = sub.add_parser("fsck", parents=[common], help="re-hash every blob; check index against files")
+    fsck.add_argument("--repair", action="store_true", help="drop what fails, reconcile index and files")
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    try:
+        return asyncio.run(_run(args, config))
+    except MirrorError as e:
+        print(f"mirror: {e.message}", file=sys.stderr)
+        return 2
+
+
+async def _run(args: argparse.Namespace, config: Config) -> int:
+    pool = ThreadPoolExecutor(4, thread_name_prefix="admin")
+    tiers, manifests = open_tiers(config, pool)
+    try:
+        return await _dispatch(Admin(tiers, manifests), args)
+    finally:
+        await asyncio.to_thread(tiers.index.close)
+        manifests.close()
+        pool.shutdown()
+
+
+async def _dispatch(admin: Admin, args: argparse.Namespace) -> int:
+    action = args.action if args.command == "cache" else "fsck"
+    if action == "ls":
+        images = await admin.catalog()
+        return _out(args, images, lambda: table(
+            ([f"{i.upstream}/{i.repository}", i.tag, human(i.size), _when(i.last_pulled), ",".join(i.tiers) or "-"]
+             for i in images), ["REPOSITORY", "TAG", "SIZE", "LAST PULLED", "TIER"]))
+    if action == "du":
+        usage = await admin.usage()
+        return _out(args, usage, lambda: table(
+            [[f"tier {t}", human(v["bytes"]), v["blobs"]] for t, v in usage["tiers"].items()]
+            + [[f"upstream {u}", human(v["bytes"]), v["blobs"]] for u, v in usage["upstreams"].items()],
+            ["", "BYTES", "BLOBS"]))
+    if action == "evict":
+        gone = await admin.evict(args.dry_run, args.older_than, args.repo)
+        verb = "would evict" if args.dry_run else "evicted"
+        return _out(args, gone, lambda: f"{verb} {len(gone)} blobs, {human(sum(e.size for e in gone))}")
+    if action == "pin":
+        await admin.pin(args.pattern)
+        pins = await admin.pins()
+        return _out(args, pins, lambda: "pins:\n" + "\n".join(f"  {p}" for p in pins))
+    if action == "unpin":
+        found = await admin.unpin(args.pattern)
+        print(json.dumps({"unpinned": found}) if args.json else ("unpinned" if found else "no such pin"))
+        return 0 if found else 1
+    report = await admin.fsck(args.repair)
+    _out(args, report, lambda: "\n".join(
+        [f"checked {report.checked} blobs: " + ("clean" if report.clean else "problems found")]
+        + [f"  corrupt: {d}" for d in report.corrupt]
+        + [f"  record without file: {d}" for d in report.records_without_files]
+        + [f"  file without record: {d}" for d in report.files_without_records]
+        + [f"  stale partial file: {p}" for p in report.stale_partials]
+        + (["  repaired"] if report.repaired else [])))
+    return 0 if report.clean or report.repaired else 1
+
+
+def _out(args: argparse.Namespace, value: Any, text: Any) -> int:
+    print(json.dumps(as_json(value), indent=2) if args.json else text())
+    return 0
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
