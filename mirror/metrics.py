@@ -6,7 +6,9 @@ repository, tag or digest.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ROUTES = ("base", "manifest", "blob", "tags", "referrers", "other")
@@ -17,6 +19,10 @@ SOURCES = ("hot", "warm", "cold", "upstream", "pass-through")
 #: failed its digest, or an operator's `mirror cache evict`.
 EVICTION_REASONS = ("budget", "retention", "idle", "disk_full", "corrupt", "manual")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: Kinds of upstream request.
+UPSTREAM_KINDS = ("manifest", "manifest_head", "blob", "blob_head", "list", "token")
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_FILL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
 
 class Metrics:
@@ -44,6 +50,38 @@ class Metrics:
         self.evicted_bytes = Counter(
             "mirror_evicted_bytes", "Bytes that left a tier, by tier and reason.",
             ["tier", "reason"], registry=self.registry)
+        self.latency = Histogram(
+            "mirror_request_duration_seconds", "Time to answer a request (to the end of the body).",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests", "Requests sent to upstreams, by upstream, kind and status.",
+            ["upstream", "kind", "status"], registry=self.registry)
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes", "Blob bytes received from upstreams.", ["upstream"], registry=self.registry)
+        self.fill_seconds = Histogram(
+            "mirror_fill_duration_seconds", "Blob fills from start to commit, by source and result.",
+            ["source", "result"], buckets=_FILL_BUCKETS, registry=self.registry)
+        self.fill_followers = Histogram(
+            "mirror_fill_followers", "Requests that streamed from one fill besides the first.",
+            buckets=(0, 1, 2, 5, 10, 20, 50, 100), registry=self.registry)
+        self.digest_mismatches = Counter(
+            "mirror_digest_mismatches", "Upstream or cold bytes that did not match their digest.",
+            ["source"], registry=self.registry)
+        self.token_fetches = Counter(
+            "mirror_token_fetches", "Bearer tokens fetched from token realms, by upstream and result.",
+            ["upstream", "result"], registry=self.registry)
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining",
+            "Pulls left in the upstream's rate-limit window (Docker Hub's ratelimit-remaining), per credential.",
+            ["upstream", "credential"], registry=self.registry)
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit", "The upstream's pull limit per window, per credential.",
+            ["upstream", "credential"], registry=self.registry)
+        self.up = Gauge("mirror_upstream_up", "1 when the upstream's last answer was not a failure.",
+                        ["upstream"], registry=self.registry)
+        self.open_fds = Gauge("mirror_open_fds", "File descriptors the process holds.", registry=self.registry)
+        self.tasks = Gauge("mirror_asyncio_tasks", "asyncio tasks alive.", registry=self.registry)
+        self._latency_children: dict[str, Any] = {}
         for source in SOURCES:
             self.lookups.labels(source)
         for tier in TIERS:
@@ -65,6 +103,20 @@ class Metrics:
 
     def served(self, source: str, nbytes: int) -> None:
         self.bytes_served.labels(source).inc(nbytes)
+
+    def took(self, route: str, seconds: float) -> None:
+        child = self._latency_children.get(route)
+        if child is None:
+            child = self._latency_children[route] = self.latency.labels(route)
+        child.observe(seconds)
+
+    def upstream(self, upstream: str, kind: str, status: int | str) -> None:
+        self.upstream_requests.labels(upstream, kind, str(status)).inc()
+        self.up.labels(upstream).set(0 if status == "error" or (isinstance(status, int) and status >= 500) else 1)
+
+    def fill_done(self, source: str, ok: bool, seconds: float, followers: int) -> None:
+        self.fill_seconds.labels(source, "ok" if ok else "failed").observe(seconds)
+        self.fill_followers.observe(followers)
 
     def lookup(self, source: str) -> None:
         self.lookups.labels(source).inc()

@@ -28,6 +28,7 @@ from typing import Mapping
 from mirror import errors
 from mirror.coalesce import Flights
 from mirror.fill import BlobBody, BlobSource, Fill
+from mirror.metrics import Metrics
 from mirror.oci import mediatypes
 from mirror.oci.mediatypes import AcceptSet
 from mirror.oci.reference import Digest, Reference, parse_digest
@@ -92,8 +93,9 @@ class MirrorService:
     """Answers registry reads from the cache, going upstream only on a miss."""
 
     def __init__(self, upstream: UpstreamClient, tiers: Tiers, manifests: ManifestStore,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
         self._upstream = upstream
+        self._metrics = metrics or Metrics()
         self._tiers = tiers
         self._blobs = tiers.blobs
         self._manifests = manifests
@@ -205,6 +207,7 @@ class MirrorService:
         claimed = expected or (parse_digest(got.digest) if got.digest else None)
         actual = digest_of(got.data, claimed.algorithm if claimed else "sha256")
         if claimed is not None and actual != claimed:
+            self._metrics.digest_mismatches.labels("upstream").inc()
             raise errors.UpstreamBadResponse("upstream manifest does not match its digest",
                                              detail={"expected": str(claimed), "actual": str(actual)})
         if not got.media_type:
@@ -228,7 +231,12 @@ class MirrorService:
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
-        if await fill.run(self._blobs, self._source(fill, target, digest), self._tiers.make_room):
+        started = time.monotonic()
+        committed = await fill.run(self._blobs, self._source(fill, target, digest), self._tiers.make_room)
+        self._metrics.fill_done(fill.source, fill.error is None, time.monotonic() - started, fill.followers)
+        if isinstance(fill.error, errors.UpstreamBadResponse):
+            self._metrics.digest_mismatches.labels(fill.source).inc()
+        if committed:
             await self._tiers.committed(digest, fill.written)
         elif fill.source == "cold" and isinstance(fill.error, errors.UpstreamBadResponse):
             await self._tiers.drop_cold(digest)

@@ -7,6 +7,7 @@ session. Stop: close the session, the metadata store and the thread pools.
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -43,9 +44,9 @@ def build_app(config: Config) -> web.Application:
     blobs, hot, index = tiers.blobs, tiers.hot, tiers.index
     evictor = Evictor(tiers.evict_pass, config.eviction.interval)
     tiers.on_pressure = evictor.wake
-    upstream = UpstreamClient(config)
     metrics = Metrics()
-    service = MirrorService(upstream, tiers, manifests)
+    upstream = UpstreamClient(config, metrics)
+    service = MirrorService(upstream, tiers, manifests, metrics=metrics)
 
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
     app[SERVICE] = service
@@ -58,6 +59,8 @@ def build_app(config: Config) -> web.Application:
     async def metrics_handler(_: web.Request) -> web.Response:
         metrics.fills.set(service.fills_in_flight())
         metrics.tier_usage("hot", hot.used, len(hot))
+        metrics.open_fds.set(len(os.listdir("/proc/self/fd")))
+        metrics.tasks.set(len(asyncio.all_tasks()))
         for tier, (nbytes, count) in (await tiers.refresh_usage()).items():
             metrics.tier_usage(tier, nbytes, count)
         return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})

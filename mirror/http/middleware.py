@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -75,7 +76,9 @@ def _from_http_exception(exc: web.HTTPException) -> errors.MirrorError:
 def make_middleware(metrics: Metrics) -> Middleware:
     @web.middleware
     async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Turn every domain error (and router 404/405) into error JSON; count the request."""
+        """Turn every domain error (and router 404/405) into error JSON; count and time the
+        request."""
+        started = time.monotonic()
         try:
             response = await handler(request)
         except errors.MirrorError as e:
@@ -87,8 +90,9 @@ def make_middleware(metrics: Metrics) -> Middleware:
         except Exception:
             log.exception("unexpected error on %s %s", request.method, request.path)
             response = error_response(errors.MirrorError("internal error"))
-        metrics.request(request.get(ROUTE, "other"), request.method, response.status,
-                        request.get(OUTCOME, "none"))
+        route = request.get(ROUTE, "other")
+        metrics.request(route, request.method, response.status, request.get(OUTCOME, "none"))
+        metrics.took(route, time.monotonic() - started)
         return response
 
     return registry_errors

@@ -93,7 +93,8 @@ def _from_docker_config(path: Path, up: UpstreamConfig) -> Credentials | None:
 
 
 #: Fetches a token: (realm URL, query params, Authorization header or None) -> parsed JSON.
-TokenFetcher = Callable[[str, dict[str, str], str | None], Awaitable[dict[str, object]]]
+#: (upstream name, realm, query, Authorization or None) → the realm's JSON answer.
+TokenFetcher = Callable[[str, str, dict[str, str], str | None], Awaitable[dict[str, object]]]
 
 
 class Authenticator:
@@ -151,7 +152,7 @@ class Authenticator:
         query = {"scope": challenge.params.get("scope", scope)}
         if "service" in challenge.params:
             query["service"] = challenge.params["service"]
-        body = await self._fetch(realm, query, auth)
+        body = await self._fetch(up.name, realm, query, auth)
         token = body.get("token") or body.get("access_token")
         if not isinstance(token, str) or not token:
             raise Unauthorized("upstream token realm returned no token")

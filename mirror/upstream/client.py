@@ -20,7 +20,9 @@ import aiohttp
 
 from mirror import errors
 from mirror.config import Config, UpstreamConfig
+from mirror.metrics import Metrics
 from mirror.upstream.auth import Authenticator
+from mirror.upstream.ratelimit import parse_ratelimit
 from mirror.upstream.routing import Target
 
 log = logging.getLogger("mirror.upstream")
@@ -54,14 +56,16 @@ class RawAnswer:
 class BlobStream:
     """An open upstream blob body; `size` is its Content-Length when upstream sent one."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, received: Any) -> None:
         self._response = response
+        self._received = received
         self.size = response.content_length
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body in pieces; a cut or stalled connection raises a domain error."""
         with _translate():
             async for chunk in self._response.content.iter_any():
+                self._received.inc(len(chunk))
                 yield chunk
 
 
@@ -97,6 +101,15 @@ def _status_error(status: int, headers: Mapping[str, str], not_found: errors.Mir
     return errors.UpstreamBadResponse(f"upstream answered {status}", detail={"status": status})
 
 
+def _kind(method: str, path: str) -> str:
+    """The request's kind for metrics (a fixed set: never the path itself)."""
+    if "/manifests/" in path:
+        return "manifest_head" if method == "HEAD" else "manifest"
+    if "/blobs/" in path:
+        return "blob_head" if method == "HEAD" else "blob"
+    return "list"
+
+
 def _same_origin(a: str, b: str) -> bool:
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
@@ -105,8 +118,9 @@ def _same_origin(a: str, b: str) -> bool:
 class UpstreamClient:
     """Registry API calls against the configured upstreams."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._session: aiohttp.ClientSession | None = None
         self.auth = Authenticator(config.upstreams, self._fetch_token)
 
@@ -144,7 +158,7 @@ class UpstreamClient:
         path = f"/v2/{target.repo}/blobs/{digest}"
         async with self._open(target, "GET", path, {}) as resp:
             self._check(resp, errors.BlobUnknown(detail={"digest": digest}))
-            yield BlobStream(resp)
+            yield BlobStream(resp, self._metrics.upstream_bytes.labels(target.upstream.name))
 
     async def blob_size(self, target: Target, digest: str) -> int | None:
         """HEAD a blob: its size, or None when upstream does not say."""
@@ -190,7 +204,12 @@ class UpstreamClient:
         if up.ns:  # the upstream is a mirror: tell it which registry we mean
             query = {**(query or {}), "ns": up.ns}
         auth = self.auth.header(up, scope)
-        resp = await self._follow(up, method, url, headers, auth, query)
+        kind = _kind(method, path)
+        try:
+            resp = await self._follow(up, method, url, headers, auth, query)
+        except errors.UpstreamError:
+            self._metrics.upstream(up.name, kind, "error")
+            raise
         try:
             if resp.status == 401 and "WWW-Authenticate" in resp.headers:
                 challenge = resp.headers["WWW-Authenticate"]
@@ -199,9 +218,18 @@ class UpstreamClient:
                     answer = await self.auth.answer(up, scope, challenge)
                 if answer is not None:
                     resp = await self._follow(up, method, url, headers, answer, query)
+            self._observe(up, kind, resp)
             yield resp
         finally:
             resp.release()
+
+    def _observe(self, up: UpstreamConfig, kind: str, resp: aiohttp.ClientResponse) -> None:
+        self._metrics.upstream(up.name, kind, resp.status)
+        limit = parse_ratelimit(resp.headers)
+        if limit is not None:
+            credential = up.username or "anonymous"
+            self._metrics.ratelimit_remaining.labels(up.name, credential).set(limit.remaining)
+            self._metrics.ratelimit_limit.labels(up.name, credential).set(limit.limit)
 
     async def _follow(self, up: UpstreamConfig, method: str, url: str, headers: dict[str, str],
                       auth: str | None, query: Mapping[str, str] | None) -> aiohttp.ClientResponse:
@@ -225,8 +253,17 @@ class UpstreamClient:
                 method = "GET" if method != "HEAD" else method
         raise errors.UpstreamBadResponse("too many upstream redirects")
 
-    async def _fetch_token(self, realm: str, query: dict[str, str], auth: str | None) -> dict[str, Any]:
+    async def _fetch_token(self, upstream: str, realm: str, query: dict[str, str], auth: str | None) -> dict[str, Any]:
         """GET a token from a realm (the Authenticator decided whether `auth` may go there)."""
+        try:
+            body = await self._token_request(realm, query, auth)
+        except errors.MirrorError:
+            self._metrics.token_fetches.labels(upstream, "failed").inc()
+            raise
+        self._metrics.token_fetches.labels(upstream, "ok").inc()
+        return body
+
+    async def _token_request(self, realm: str, query: dict[str, str], auth: str | None) -> dict[str, Any]:
         headers = {"Authorization": auth} if auth else {}
         with _translate():
             async with self.session.get(realm, params=query, headers=headers, allow_redirects=False) as resp:
