@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "serve":
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s %(message)s")
         return admin_cli.run(args, config)
-    listener = logs.start(config.log_level)
+    listener = logs.start(config.log_level, config.log_format)
     try:
         uvloop.run(serve(config))
     finally:
@@ -73,6 +73,7 @@ async def serve(config: Config) -> None:
     await site.start()
     log.info("serving on %s, data in %s, upstreams %s, default %s", config.listen, config.data_dir,
              ", ".join(f"{u.name}={u.url}" for u in config.upstreams), config.default_upstream)
+    log.info("effective configuration (secrets masked): %r", config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -165,6 +165,8 @@ class Config:
     listen: str = "0.0.0.0:5000"
     data_dir: str = "./data"
     log_level: str = "info"
+    #: logfmt | json: one structured line per log record and per request.
+    log_format: str = "logfmt"
     access_log: bool = True
     #: The upstream for requests with no `ns` and no configured path prefix.
     default_upstream: str = DOCKER_HUB
@@ -322,6 +324,8 @@ def _check(config: Config) -> None:
         raise ConfigError("admin.token: the admin API needs a token of at least 16 characters")
     if not config.admin.prefix.startswith("/_"):
         raise ConfigError(f"admin.prefix: must start with /_, got {config.admin.prefix!r}")
+    if config.log_format not in ("logfmt", "json"):
+        raise ConfigError(f"log_format: logfmt or json, got {config.log_format!r}")
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}")
     if config.default_upstream not in {u.name for u in config.upstreams}:

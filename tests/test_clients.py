@@ -167,6 +167,7 @@ async def test_containerd_pulls_through_the_mirror_per_registry_hosts_toml(
     seen = requests_for(mirror, "/v2/test/single/")
     assert seen
     assert all(parse_qs(urlsplit(p).query)["ns"] == ["docker.io"] for p in seen), seen
+    await mirror.settled()
     assert len(mirror.blob_files()) == len(upstream.images["test/single:1"].layers)
 
 

@@ -78,6 +78,7 @@ async def test_twenty_clients_one_upstream_get_and_early_first_bytes(
         bodies = await asyncio.gather(leader, *followers)
     assert all(hashlib.sha256(b).hexdigest() == digest.split(":")[1] for b in bodies)
     assert sim.requests[("GET", _path(digest))] == 1
+    await mirror.settled()
     assert [p.name for p in mirror.blob_files()] == [digest.split(":")[1]]
     assert mirror.partial_files() == []
 
@@ -133,6 +134,7 @@ async def test_client_that_leaves_does_not_cancel_the_fill(
     async with client.get(mirror.url + _path(digest)) as resp:
         assert hashlib.sha256(await resp.read()).hexdigest() == digest.split(":")[1]
     assert sim.requests[("GET", _path(digest))] == 1
+    await mirror.settled()
     assert len(mirror.blob_files()) == 1
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from time import time as _now
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
-from mirror import errors
+from mirror import errors, logs
 from mirror.metrics import Metrics
 
 log = logging.getLogger("mirror.http")
@@ -46,6 +47,7 @@ STATUS_BY_CODE: dict[str, int] = {
 #: Key under which handlers leave their route name and cache outcome for the bookkeeping.
 ROUTE = web.RequestKey("route", str)
 OUTCOME = web.RequestKey("outcome", str)
+UPSTREAM = web.RequestKey("upstream", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -99,12 +101,14 @@ def make_middleware(metrics: Metrics) -> Middleware:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One logfmt line per request: method, path, status, bytes, duration, outcome, client.
-    Headers are never logged, so credentials and tokens cannot leak here."""
+    """One structured line per request (see mirror/logs.py): method, path, status, bytes,
+    duration, cache outcome, upstream, client. Headers are never logged, so credentials and
+    tokens cannot leak here. The line is formatted and written in batches by a writer thread."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            'method=%s path="%s" status=%d bytes=%s duration_ms=%.1f outcome=%s remote=%s',
-            request.method, request.path_qs.replace('"', "%22"), response.status,
-            response.content_length if response.content_length is not None else "-",
-            time * 1000, request.get(OUTCOME, "-"), request.remote)
+        sink = logs.access
+        if sink is not None:
+            sink.add({"at": _now(), "method": request.method, "path": request.path_qs,
+                      "status": response.status, "bytes": response.content_length,
+                      "duration_ms": round(time * 1000, 2), "outcome": request.get(OUTCOME),
+                      "upstream": request.get(UPSTREAM), "remote": request.remote})

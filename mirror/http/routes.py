@@ -20,7 +20,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.fill import Fill
-from mirror.http.middleware import API_VERSION, OUTCOME, ROUTE
+from mirror.http.middleware import API_VERSION, OUTCOME, ROUTE, UPSTREAM
 from mirror.http.sendfile import ClientGone, SocketSender, abort
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import parse_accept
@@ -70,6 +70,7 @@ class Routes:
                     raise errors.Unsupported()
                 ns = request.query.get("ns") if request.query_string else None
                 target = self._router.route(m["name"], ns)
+                request[UPSTREAM] = target.upstream.name
                 handler: Callable[..., Awaitable[web.StreamResponse]] = getattr(self, route)
                 return await handler(request, target, m.groupdict().get("ref"))
         if request.method not in ("GET", "HEAD"):
