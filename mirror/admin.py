@@ -78,9 +78,10 @@ class Admin:
                 found.setdefault(entry.digest, {})[tier] = entry
         return found
 
-    async def catalog(self) -> list[Image]:
-        """Every cached tag with the size of what it references and where that lives."""
-        tags = await self._tags()
+    async def catalog(self, limit: int | None = None) -> list[Image]:
+        """Every cached tag (the first `limit`, by name) with the size of what it references
+        and where that lives."""
+        tags = dict(sorted((await self._tags()).items())[:limit])
         pulled = await self._index.call(self._index.tags_pulled)
         entries = await self._entries()
         images = []

@@ -171,6 +171,8 @@ class Config:
     #: The upstream for requests with no `ns` and no configured path prefix.
     default_upstream: str = DOCKER_HUB
     metrics_path: str = "/metrics"
+    #: A small HTML page: what is cached, hit ratio, bytes saved, upstreams, tiers.
+    status_path: str = "/_status"
     timeouts: Timeouts = field(default_factory=Timeouts)
     hot: HotConfig = field(default_factory=HotConfig)
     warm: WarmConfig = field(default_factory=WarmConfig)
@@ -330,6 +332,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"log_level: one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}")
     if config.default_upstream not in {u.name for u in config.upstreams}:
         raise ConfigError(f"default_upstream: {config.default_upstream!r} is not in [upstreams]")
+    if not config.status_path.startswith("/") or config.status_path.startswith("/v2"):
+        raise ConfigError(f"status_path: must start with / and not with /v2, got {config.status_path!r}")
     if not config.metrics_path.startswith("/") or config.metrics_path.startswith("/v2"):
         raise ConfigError(f"metrics_path: must start with / and not with /v2, got {config.metrics_path!r}")
     seen: dict[str, str] = {}

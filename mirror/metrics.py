@@ -6,6 +6,8 @@ repository, tag or digest.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -62,7 +64,7 @@ class Metrics:
             "mirror_fill_duration_seconds", "Blob fills from start to commit, by source and result.",
             ["source", "result"], buckets=_FILL_BUCKETS, registry=self.registry)
         self.fill_followers = Histogram(
-            "mirror_fill_followers", "Requests that streamed from one fill besides the first.",
+            "mirror_fill_followers", "Requests that streamed from one fill as it ran (the first included).",
             buckets=(0, 1, 2, 5, 10, 20, 50, 100), registry=self.registry)
         self.digest_mismatches = Counter(
             "mirror_digest_mismatches", "Upstream or cold bytes that did not match their digest.",
@@ -82,6 +84,8 @@ class Metrics:
         self.open_fds = Gauge("mirror_open_fds", "File descriptors the process holds.", registry=self.registry)
         self.tasks = Gauge("mirror_asyncio_tasks", "asyncio tasks alive.", registry=self.registry)
         self._latency_children: dict[str, Any] = {}
+        for source in ("upstream", "cold"):
+            self.digest_mismatches.labels(source)
         for source in SOURCES:
             self.lookups.labels(source)
         for tier in TIERS:
@@ -103,6 +107,17 @@ class Metrics:
 
     def served(self, source: str, nbytes: int) -> None:
         self.bytes_served.labels(source).inc(nbytes)
+
+    def prefill(self, upstreams: Iterable[tuple[str, str]]) -> None:
+        """Label values known from the config: (upstream name, credential). Gauges start as
+        NaN ("not known yet"), not 0, which would read as "no pulls left"."""
+        for name, credential in upstreams:
+            for result in ("ok", "failed"):
+                self.token_fetches.labels(name, result)
+            self.ratelimit_remaining.labels(name, credential).set(math.nan)
+            self.ratelimit_limit.labels(name, credential).set(math.nan)
+            self.up.labels(name).set(math.nan)
+            self.upstream_bytes.labels(name)
 
     def took(self, route: str, seconds: float) -> None:
         child = self._latency_children.get(route)
@@ -128,6 +143,15 @@ class Metrics:
     def evicted(self, tier: str, reason: str, count: int, nbytes: int) -> None:
         self.evictions.labels(tier, reason).inc(count)
         self.evicted_bytes.labels(tier, reason).inc(nbytes)
+
+    def total(self, name: str, **match: str) -> float:
+        """The sum of a metric's samples whose labels include `match` (for the status page)."""
+        found = 0.0
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in match.items()):
+                    found += sample.value
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

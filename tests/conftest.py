@@ -190,3 +190,22 @@ async def skopeo_copy(src: str, dest: Path, *extra: str) -> tuple[int, str]:
         *extra, src, f"dir:{dest}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode(errors="replace")
+
+
+@pytest.fixture
+async def small_disk(tmp_path: Path) -> AsyncIterator[Callable[[int], Path]]:
+    """`small_disk(nbytes)`: a fresh tmpfs of that size, unmounted at the end."""
+    mounts: list[Path] = []
+
+    def mount(nbytes: int) -> Path:
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"these tests mount a tmpfs and need root: {done.stderr}"
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)

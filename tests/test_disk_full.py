@@ -27,25 +27,6 @@ def _blob(seed: int, size: int) -> bytes:
     return hashlib.sha256(str(seed).encode()).digest() * (size // 32)
 
 
-@pytest.fixture
-async def small_disk(tmp_path: Path) -> AsyncIterator[Callable[[int], Path]]:
-    """`small_disk(nbytes)`: a fresh tmpfs of that size, unmounted at the end."""
-    mounts: list[Path] = []
-
-    def mount(nbytes: int) -> Path:
-        where = tmp_path / f"disk{len(mounts)}"
-        where.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(where)],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, f"these tests mount a tmpfs and need root: {done.stderr}"
-        mounts.append(where)
-        return where
-
-    yield mount
-    for where in mounts:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def _free(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize

@@ -72,6 +72,7 @@ async def test_blobs_are_shared_across_repositories(upstream: Upstream, make_mir
         async with client.get(f"{mirror.url}/v2/{repo}/blobs/{layer.digest}") as resp:
             assert resp.status == 200
             assert hashlib.sha256(await resp.read()).hexdigest() == layer.digest.split(":")[1]
+    await mirror.settled()
     assert len([p for p in mirror.blob_files() if p.name == layer.digest.split(":")[1]]) == 1
 
 

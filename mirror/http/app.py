@@ -16,6 +16,7 @@ from mirror.config import Config
 from mirror.eviction import Evictor
 from mirror.admin import Admin
 from mirror.http import admin as admin_api
+from mirror.http import status
 from mirror.http.middleware import make_middleware
 from mirror.http.routes import Routes
 from mirror.metrics import Metrics
@@ -45,6 +46,7 @@ def build_app(config: Config) -> web.Application:
     evictor = Evictor(tiers.evict_pass, config.eviction.interval)
     tiers.on_pressure = evictor.wake
     metrics = Metrics()
+    metrics.prefill((u.name, u.username or "anonymous") for u in config.upstreams)
     upstream = UpstreamClient(config, metrics)
     service = MirrorService(upstream, tiers, manifests, metrics=metrics)
 
@@ -66,8 +68,10 @@ def build_app(config: Config) -> web.Application:
         return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
     app.router.add_get(config.metrics_path, metrics_handler)
+    admin = Admin(tiers, manifests)
+    status.install(app, config, tiers, admin, metrics)
     if config.admin.enabled:
-        admin_api.install(app, Admin(tiers, manifests), config.admin)
+        admin_api.install(app, admin, config.admin)
 
     background: list[asyncio.Task[None]] = []
 
