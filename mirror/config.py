@@ -168,6 +168,8 @@ class Config:
     #: logfmt | json: one structured line per log record and per request.
     log_format: str = "logfmt"
     access_log: bool = True
+    #: Never contact an upstream: serve what is cached (tags as last seen), refuse misses.
+    offline: bool = False
     #: The upstream for requests with no `ns` and no configured path prefix.
     default_upstream: str = DOCKER_HUB
     metrics_path: str = "/metrics"

@@ -143,6 +143,14 @@ class UpstreamOverloaded(UpstreamError):
     default_message = "upstream registry is overloaded"
 
 
+class Offline(UpstreamError):
+    """`offline = true`: no upstream is ever contacted. An upstream error, so a cached tag is
+    answered as it was last seen (stale), and only a miss gets this error."""
+
+    code = "OFFLINE"
+    default_message = "the mirror is offline: it serves only what it has cached"
+
+
 class StoreUnavailable(MirrorError):
     """The local store cannot take a write (disk full, read-only) or read a file."""
 

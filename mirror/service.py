@@ -165,8 +165,8 @@ class MirrorService:
         try:
             head = await self._upstream.manifest(target, key[2], mediatypes.UPSTREAM_ACCEPT, method="HEAD")
         except STALE_OK as e:
-            log.warning("serving stale tag %s/%s:%s: %s", *key, e.message,
-                        extra={"upstream": key[0], "code": e.code})
+            log.log(logging.DEBUG if isinstance(e, errors.Offline) else logging.WARNING,
+                    "serving stale tag %s/%s:%s: %s", *key, e.message, extra={"upstream": key[0], "code": e.code})
             return ManifestAnswer(held, Outcome.STALE)
         except errors.ManifestUnknown:
             await self._manifests.drop_tag(key)

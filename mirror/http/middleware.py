@@ -40,6 +40,7 @@ STATUS_BY_CODE: dict[str, int] = {
     errors.UpstreamUnavailable.code: 502,
     errors.UpstreamBadResponse.code: 502,
     errors.UpstreamOverloaded.code: 503,
+    errors.Offline.code: 503,
     errors.UpstreamTimeout.code: 504,
     errors.StoreUnavailable.code: 503,
 }

@@ -198,6 +198,8 @@ class UpstreamClient:
                     query: Mapping[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send a request with auth, answering one 401 challenge and following redirects.
         An upstream with `ns` set gets `?ns=<host>` on the first hop (not on redirects)."""
+        if self._config.offline:
+            raise errors.Offline()
         up = target.upstream
         scope = f"repository:{target.repo}:pull"
         url = up.url.rstrip("/") + path
