@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import uvloop
 from aiohttp import web
 
-from mirror import __version__, admin_cli, logs
+from mirror import __version__, admin_cli, logs, prefetch
 from mirror.config import Config, load_config
 from mirror.errors import ConfigError
 from mirror.http.app import build_app
@@ -37,11 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve.add_argument("--upstream", help="URL of the default (docker.io) upstream, e.g. http://127.0.0.1:5001")
     admin_cli.add_commands(sub, common)
+    prefetch.add_command(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "prefetch":
+        return prefetch.run(args)
     try:
         config = load_config(args.config or os.environ.get("MIRROR_CONFIG"),
                              env={k: v for k, v in os.environ.items() if k != "MIRROR_CONFIG"},

@@ -1,0 +1,70 @@
+"""`mirror prefetch` as a real command, through an in-process mirror in front of the real
+registry: every platform of an index or only some, second run all hits, failures in the exit
+status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT, MakeMirror
+from images import Upstream
+from mirror.prefetch import ImageRef, parse_image
+
+
+@pytest.mark.parametrize("text, ref", [
+    ("python:3.12", ImageRef("docker.io", "python", "3.12")),
+    ("library/python", ImageRef("docker.io", "library/python", "latest")),
+    ("ghcr.io/org/tool:1.2", ImageRef("ghcr.io", "org/tool", "1.2")),
+    ("localhost:5001/a/b@sha256:" + "a" * 64, ImageRef("localhost:5001", "a/b", "sha256:" + "a" * 64)),
+    ("registry.k8s.io/pause", ImageRef("registry.k8s.io", "pause", "latest")),
+])
+def test_image_references_read_as_docker_reads_them(text: str, ref: ImageRef) -> None:
+    assert parse_image(text) == ref
+
+
+async def _prefetch(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "mirror", "prefetch", *args, cwd=PROJECT,
+                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+def _blobs_of(upstream: Upstream, ref: str, arch: str | None = None) -> set[str]:
+    """Configs and layers of an image, or of an index's children (of one architecture)."""
+    image = upstream.images[ref]
+    wanted = {m["digest"] for m in json.loads(image.data).get("manifests", [])
+              if arch is None or m["platform"]["architecture"] == arch}
+    found, keep = set(), not wanted
+    for blob in image.blobs:
+        if blob in image.children:
+            keep = blob.digest in wanted
+        elif keep:
+            found.add(blob.digest)
+    return found
+
+
+async def test_prefetch_fills_the_cache_through_the_mirror(upstream: Upstream, make_mirror: MakeMirror,
+                                                           tmp_path: Path) -> None:
+    mirror = await make_mirror(upstream.url)
+    code, out = await _prefetch("--mirror", mirror.url, "--platform", "linux/arm64", "docker.io/test/multi:1")
+    assert code == 0, out
+    await mirror.settled()
+    files = {f"sha256:{p.name}" for p in mirror.blob_files()}
+    assert files == _blobs_of(upstream, "test/multi:1", "arm64"), "only the platform asked for"
+    listing = tmp_path / "images.txt"
+    listing.write_text("# what CI needs\ntest/multi:1\ntest/single:1   # by tag\n")
+    code, out = await _prefetch("--mirror", mirror.url, "--file", str(listing))
+    assert code == 0, out
+    await mirror.settled()
+    files = {f"sha256:{p.name}" for p in mirror.blob_files()}
+    assert _blobs_of(upstream, "test/multi:1") | _blobs_of(upstream, "test/single:1") <= files
+    code, out = await _prefetch("--mirror", mirror.url, "--file", str(listing))
+    assert code == 0 and "0 fetched" in out and out.count("already cached") == 2, out
+    code, out = await _prefetch("--mirror", mirror.url, "test/single:1", "test/nope:9")
+    assert code == 1 and "test/nope:9: FAILED" in out
