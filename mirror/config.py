@@ -63,6 +63,8 @@ class UpstreamConfig:
     docker_config: str = ""
     #: Token realm hosts, other than the registry's own, that may receive our credentials.
     token_realms: tuple[str, ...] = ()
+    #: On a manifest answer, fetch its config and layers in the background (pull-ahead).
+    pull_ahead: bool = False
     #: When `url` is another mirror: the registry host sent to it as `?ns=` on every request,
     #: so one upstream mirror can serve several registries (site → regional → origin).
     ns: str = ""

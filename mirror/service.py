@@ -32,6 +32,7 @@ from mirror.metrics import Metrics
 from mirror.oci import mediatypes
 from mirror.oci.mediatypes import AcceptSet
 from mirror.oci.reference import Digest, Reference, parse_digest
+from mirror.oci.manifest import references
 from mirror.oci.verify import Verifier, digest_of, verified
 from mirror.store.blobs import OpenBlob
 from mirror.store.manifests import (
@@ -49,6 +50,10 @@ log = logging.getLogger("mirror.service")
 
 #: Upstream failures that a cached answer may stand in for.
 STALE_OK = (errors.UpstreamError, errors.TooManyRequests)
+#: Blob fills that pull-ahead runs at once (clients' own fills are not limited by it).
+PULL_AHEAD_PARALLEL = 4
+#: Manifests remembered as pulled ahead (then forgotten all at once).
+PULL_AHEAD_REMEMBERED = 10_000
 #: Blobs remembered as too big for the disk (then forgotten all at once).
 TOO_BIG_REMEMBERED = 1000
 
@@ -104,6 +109,9 @@ class MirrorService:
         self._manifest_flights: Flights[tuple[str, ...], None, ManifestAnswer] = Flights()
         self._list_flights: Flights[tuple[str, ...], None, CachedList] = Flights()
         tiers.in_flight = self._fills.keys
+        self._pulled_ahead: set[str] = set()
+        self._background: set[asyncio.Future[None]] = set()
+        self._pull_ahead_gate = asyncio.Semaphore(PULL_AHEAD_PARALLEL)
         self._too_big: dict[str, int] = {}
 
     # -- manifests ---------------------------------------------------------------------------
@@ -121,6 +129,7 @@ class MirrorService:
             raise errors.ManifestUnknown(
                 f"manifest is a {answer.manifest.media_type}, which the Accept header excludes",
                 detail={"mediaType": answer.manifest.media_type})
+        self.pull_ahead(target, answer.manifest)
         return answer
 
     def manifest_hot(self, target: Target, tag: str) -> StoredManifest | None:
@@ -215,6 +224,30 @@ class MirrorService:
         manifest = StoredManifest(str(actual), got.media_type, got.data)
         await self._manifests.put_manifest(manifest)
         return manifest
+
+    def pull_ahead(self, target: Target, manifest: StoredManifest) -> None:
+        """`pull_ahead` upstreams: fetch what this manifest references in the background,
+        through the same single-flight fills as clients (so a client asking meanwhile joins
+        the fill rather than starting another). Cheap to call on every manifest answer."""
+        if not target.upstream.pull_ahead or manifest.digest in self._pulled_ahead:
+            return
+        if len(self._pulled_ahead) >= PULL_AHEAD_REMEMBERED:
+            self._pulled_ahead.clear()
+        self._pulled_ahead.add(manifest.digest)
+        digests = references(manifest.data).blobs
+        if digests:
+            self._background.add(task := asyncio.ensure_future(self._pull(target, digests)))
+            task.add_done_callback(self._background.discard)
+
+    async def _pull(self, target: Target, digests: tuple[str, ...]) -> None:
+        for text in digests:
+            digest = parse_digest(text)
+            if await self._blobs.run(self._blobs.exists, digest):
+                continue
+            async with self._pull_ahead_gate:
+                fill, task, _ = self._fills.join(text, lambda: Fill(digest),
+                                                 lambda f: self._fill(f, target, digest))
+                await asyncio.wait([task])
 
     # -- blobs -------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """`mirror prefetch` as a real command, through an in-process mirror in front of the real
 registry: every platform of an index or only some, second run all hits, failures in the exit
-status."""
+status. And pull-ahead: a manifest answer brings its blobs in the background."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from conftest import PROJECT, MakeMirror
-from images import Upstream
+from images import Upstream, make_image
 from mirror.prefetch import ImageRef, parse_image
+from upstream_sim import UpstreamSim
 
 
 @pytest.mark.parametrize("text, ref", [
@@ -68,3 +71,21 @@ async def test_prefetch_fills_the_cache_through_the_mirror(upstream: Upstream, m
     assert code == 0 and "0 fetched" in out and out.count("already cached") == 2, out
     code, out = await _prefetch("--mirror", mirror.url, "test/single:1", "test/nope:9")
     assert code == 1 and "test/nope:9: FAILED" in out
+
+
+async def test_pull_ahead_brings_the_layers_of_a_manifest(sim: UpstreamSim, make_mirror: MakeMirror,
+                                                          client: aiohttp.ClientSession) -> None:
+    image = make_image(75, [600_000, 300_000])
+    sim.add_image("ci/app", "1", image)
+    mirror = await make_mirror(sim.url, '[upstreams."docker.io"]\npull_ahead = true\n')
+    async with client.get(f"{mirror.url}/v2/ci/app/manifests/1",
+                          headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}) as resp:
+        assert resp.status == 200
+    deadline = time.monotonic() + 10
+    while {f"sha256:{p.name}" for p in mirror.blob_files()} != set(image.blobs):
+        assert time.monotonic() < deadline, "pull-ahead never brought the blobs"
+        await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
+    for digest, body in image.blobs.items():   # the client's own pulls are hits now
+        async with client.get(f"{mirror.url}/v2/ci/app/blobs/{digest}") as resp:
+            assert await resp.read() == body and resp.headers["X-Mirror-Cache"] in ("hit", "coalesced")
+        assert sim.requests[("GET", f"/v2/ci/app/blobs/{digest}")] == 1

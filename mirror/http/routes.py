@@ -84,6 +84,7 @@ class Routes:
         accept = parse_accept(request.headers.getall("Accept", []))
         hot = self._service.manifest_hot(target, reference.tag) if reference.tag is not None else None
         if hot is not None and accept.allows(hot.media_type):
+            self._service.pull_ahead(target, hot)
             return self._manifest_response(request, target, hot, Outcome.HIT)
         answer = await self._service.manifest(target, reference, accept)
         return self._manifest_response(request, target, answer.manifest, answer.outcome)

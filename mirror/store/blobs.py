@@ -75,6 +75,10 @@ class BlobStore:
             os.close(fd)
         return OpenBlob(-1, len(data), data)
 
+    def exists(self, digest: Digest) -> bool:
+        """Whether a committed blob file is there (blocking)."""
+        return self.layout.blob(digest).exists()
+
     def create_partial(self, digest: Digest) -> tuple[Path, int, int]:
         """Create a fill's temp file (blocking): its path, a write fd and a read fd."""
         path = self.layout.partial(digest)
