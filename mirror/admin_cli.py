@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from mirror import bundle
 from mirror.admin import Admin, as_json, human, table
 from mirror.config import Config
 from mirror.errors import MirrorError
@@ -30,14 +31,45 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         one.add_argument("pattern")
     fsck = sub.add_parser("fsck", parents=[common], help="re-hash every blob; check index against files")
     fsck.add_argument("--repair", action="store_true", help="drop what fails, reconcile index and files")
+    exp = sub.add_parser("export", parents=[common], help="cached images as an OCI layout tar")
+    exp.add_argument("--out", required=True, help="the tar to write (- for standard output)")
+    exp.add_argument("--all", action="store_true", help="every cached tag")
+    exp.add_argument("images", nargs="*", help="images to export, e.g. python:3.12")
+    imp = sub.add_parser("import", parents=[common], help="verify and load a bundle made by export")
+    imp.add_argument("bundle", help="the tar (- for standard input)")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
     try:
+        if args.command == "export":
+            return _export(args, config)
+        if args.command == "import":
+            return _import(args, config)
         return asyncio.run(_run(args, config))
     except MirrorError as e:
         print(f"mirror: {e.message}", file=sys.stderr)
         return 2
+
+
+def _export(args: argparse.Namespace, config: Config) -> int:
+    if not (args.all or args.images):
+        print("mirror export: name images or give --all", file=sys.stderr)
+        return 2
+    out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")
+    with out:
+        refs = bundle.export(config, out, args.images, args.all)
+    print("\n".join(f"exported {r}" for r in refs) or "nothing exported", file=sys.stderr)
+    return 0 if refs and (args.all or len(refs) == len(args.images)) else 1
+
+
+def _import(args: argparse.Namespace, config: Config) -> int:
+    source = sys.stdin.buffer if args.bundle == "-" else open(args.bundle, "rb")
+    with source:
+        report = bundle.import_bundle(config, source)
+    _out(args, report, lambda: "\n".join(
+        [f"imported {report.blobs} blobs, {report.manifests} manifests, {report.tags} tags"]
+        + [f"  FAILED: {f}" for f in report.failed]))
+    return 1 if report.failed else 0
 
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
