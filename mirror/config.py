@@ -136,6 +136,17 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class SyncEntry:
+    """Images the running mirror keeps fresh and pinned: `image` is `<upstream>/<repository>`,
+    `tags` are tag globs matched against the repository's tag list."""
+
+    image: str = ""
+    tags: tuple[str, ...] = ("latest",)
+    #: Seconds between syncs.
+    every: float = 3600.0
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The admin HTTP API (catalog, usage, evict, pins, fsck): off unless enabled, and then
     only for requests bearing the token."""
@@ -186,6 +197,7 @@ class Config:
     #: "docker.io/library/python:3.*"; they hold every blob their manifests reference.
     pins: tuple[str, ...] = ()
     retention: tuple[RetentionRule, ...] = ()
+    sync: tuple[SyncEntry, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
@@ -376,6 +388,12 @@ def _check_tiers(config: Config) -> None:
             raise ConfigError(f"retention[{i}].pattern: expected <upstream>/<repository glob>, got {rule.pattern!r}")
         if rule.max_idle < 0 or rule.keep_tags < 0 or not (rule.max_idle or rule.keep_tags):
             raise ConfigError(f"retention[{i}]: set max_idle and/or keep_tags to a positive number")
+    for i, entry in enumerate(config.sync):
+        upstream, _, repo = entry.image.partition("/")
+        if upstream not in {u.name for u in config.upstreams} or not repo or ":" in repo:
+            raise ConfigError(f"sync[{i}].image: <configured upstream>/<repository> without a tag, got {entry.image!r}")
+        if not entry.tags or entry.every <= 0:
+            raise ConfigError(f"sync[{i}]: needs tags and a positive `every`")
     for pattern in config.pins:
         if "/" not in pattern or ":" not in pattern.rpartition("/")[2]:
             raise ConfigError(f"pins: expected <upstream>/<repository>:<tag pattern>, got {pattern!r}")

@@ -239,6 +239,15 @@ class MirrorService:
             self._background.add(task := asyncio.ensure_future(self._pull(target, digests)))
             task.add_done_callback(self._background.discard)
 
+    async def fetch_all(self, target: Target, manifest: StoredManifest) -> None:
+        """Everything a manifest needs, cached: an index's manifests (every platform) and each
+        one's config and layers, through the shared fills (for the sync list)."""
+        refs = references(manifest.data)
+        await self._pull(target, refs.blobs)
+        for child in refs.manifests:
+            answer = await self._by_digest(target, parse_digest(child))
+            await self.fetch_all(target, answer.manifest)
+
     async def _pull(self, target: Target, digests: tuple[str, ...]) -> None:
         for text in digests:
             digest = parse_digest(text)

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import PROJECT, MakeMirror
 from images import Upstream, make_image
+from mirror.config import SyncEntry
+from mirror.http.app import SYNC, TIERS
 from mirror.prefetch import ImageRef, parse_image
 from upstream_sim import UpstreamSim
 
@@ -89,3 +91,27 @@ async def test_pull_ahead_brings_the_layers_of_a_manifest(sim: UpstreamSim, make
         async with client.get(f"{mirror.url}/v2/ci/app/blobs/{digest}") as resp:
             assert await resp.read() == body and resp.headers["X-Mirror-Cache"] in ("hit", "coalesced")
         assert sim.requests[("GET", f"/v2/ci/app/blobs/{digest}")] == 1
+
+
+async def test_sync_list_keeps_matching_tags_fresh_and_pinned(sim: UpstreamSim, make_mirror: MakeMirror) -> None:
+    images = {tag: make_image(80 + i, [200_000]) for i, tag in enumerate(("1.0", "1.1", "2.0"))}
+    for tag, image in images.items():
+        sim.add_image("sync/app", tag, image)
+    toml = ('[[sync]]\nimage = "docker.io/sync/app"\ntags = ["1.*"]\nevery = 3600\n'
+            '[upstreams."docker.io"]\ntag_ttl = 0\n')
+    mirror = await make_mirror(sim.url, toml)
+    assert mirror.app is not None
+    syncer, tiers = mirror.app[SYNC], mirror.app[TIERS]
+    entry = SyncEntry("docker.io/sync/app", ("1.*",), 3600)
+    assert await syncer.sync(entry) == ["1.0", "1.1"]
+    await mirror.settled()
+    files = {f"sha256:{p.name}" for p in mirror.blob_files()}
+    wanted = set(images["1.0"].blobs) | set(images["1.1"].blobs)
+    assert wanted <= files and not set(images["2.0"].blobs) & files
+    assert wanted <= await tiers.protected(), "what the sync list holds is pinned"
+    # upstream moves 1.1: the next sync revalidates (HEAD), sees the new digest, pulls it
+    moved = make_image(90, [250_000])
+    sim.add_image("sync/app", "1.1", moved)
+    assert await syncer.sync(entry) == ["1.0", "1.1"]
+    await mirror.settled()
+    assert set(moved.blobs) <= {f"sha256:{p.name}" for p in mirror.blob_files()}

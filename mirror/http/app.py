@@ -22,6 +22,7 @@ from mirror.http.routes import Routes
 from mirror.metrics import Metrics
 from mirror.service import MirrorService
 from mirror.store.tiers import Tiers, open_tiers
+from mirror.sync import Syncer, pin_patterns
 from mirror.upstream.client import UpstreamClient
 from mirror.upstream.routing import Router
 
@@ -33,6 +34,7 @@ SENDER_THREADS = 512
 DRAIN_SECONDS = 30.0
 
 SERVICE = web.AppKey("service", MirrorService)
+SYNC = web.AppKey("sync", Syncer)
 TIERS = web.AppKey("tiers", Tiers)
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -46,14 +48,17 @@ def build_app(config: Config) -> web.Application:
     evictor = Evictor(tiers.evict_pass, config.eviction.interval)
     tiers.on_pressure = evictor.wake
     metrics = Metrics()
+    tiers.extra_pins = pin_patterns(config)
     metrics.prefill((u.name, u.username or "anonymous") for u in config.upstreams)
     upstream = UpstreamClient(config, metrics)
     service = MirrorService(upstream, tiers, manifests, metrics=metrics)
+    syncer = Syncer(config, service)
 
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
     app[SERVICE] = service
     app[METRICS] = metrics
     app[TIERS] = tiers
+    app[SYNC] = syncer
     Routes(service, Router(config), blobs, sender_pool, config.timeouts.read, metrics).install(app)
 
     tiers.on_evicted = metrics.evicted
@@ -80,12 +85,14 @@ def build_app(config: Config) -> web.Application:
         await tiers.reconcile()
         await upstream.start()
         evictor.start()
+        syncer.start()
         background.append(asyncio.create_task(tiers.flush_forever(config.eviction.access_flush)))
 
     async def on_shutdown(_: web.Application) -> None:
         await service.drain(DRAIN_SECONDS)
 
     async def on_cleanup(_: web.Application) -> None:
+        await syncer.stop()
         await evictor.stop()
         for task in background:
             task.cancel()

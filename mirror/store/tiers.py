@@ -86,6 +86,8 @@ class Tiers:
         self.in_flight: Callable[[], Collection[str]] = frozenset
         #: Called when warm crosses its high watermark (the evictor's wake).
         self.on_pressure: Callable[[], None] = lambda: None
+        #: Pin patterns besides the config's and the index's (the sync list's).
+        self.extra_pins: tuple[str, ...] = ()
         #: Told of every batch that leaves a tier: (tier, reason, blobs, bytes).
         self.on_evicted: Callable[[str, str, int, int], None] = lambda *_: None
 
@@ -193,7 +195,7 @@ class Tiers:
 
     async def protected(self) -> set[str]:
         """Digests no pass may evict: pins, fills in flight, blobs being sent."""
-        patterns = [*self._config.pins, *await self.index.call(self.index.pins)]
+        patterns = [*self._config.pins, *self.extra_pins, *await self.index.call(self.index.pins)]
         pinned = await asyncio.to_thread(pinned_blobs, self._manifests, patterns) if patterns else set()
         return pinned | set(self.in_flight()) | set(self._serving)
 
