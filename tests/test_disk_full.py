@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from conftest import MakeMirror, Mirror
 from upstream_sim import UpstreamSim
