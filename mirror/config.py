@@ -136,6 +136,34 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class Grant:
+    """Who may pull what: `who` is an htpasswd user name, or `token:<value>` for a static
+    bearer token; `repositories` are `<upstream>/<repository glob>` patterns."""
+
+    who: str = ""
+    repositories: tuple[str, ...] = ("*",)
+
+    def __repr__(self) -> str:  # tokens never reach logs
+        shown = "token:***" if self.who.startswith("token:") else self.who
+        return f"Grant(who={shown!r}, repositories={self.repositories!r})"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Client access control, off unless `htpasswd` or a token grant is set. A client must
+    authenticate, and then pulls only repositories its grants name (an htpasswd user with no
+    grant may pull everything)."""
+
+    #: An htpasswd file with bcrypt entries (`htpasswd -B`).
+    htpasswd: str = ""
+    grants: tuple[Grant, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.htpasswd) or any(g.who.startswith("token:") for g in self.grants)
+
+
+@dataclass(frozen=True)
 class SyncEntry:
     """Images the running mirror keeps fresh and pinned: `image` is `<upstream>/<repository>`,
     `tags` are tag globs matched against the repository's tag list."""
@@ -199,6 +227,7 @@ class Config:
     retention: tuple[RetentionRule, ...] = ()
     sync: tuple[SyncEntry, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
@@ -388,6 +417,11 @@ def _check_tiers(config: Config) -> None:
             raise ConfigError(f"retention[{i}].pattern: expected <upstream>/<repository glob>, got {rule.pattern!r}")
         if rule.max_idle < 0 or rule.keep_tags < 0 or not (rule.max_idle or rule.keep_tags):
             raise ConfigError(f"retention[{i}]: set max_idle and/or keep_tags to a positive number")
+    if config.auth.htpasswd and not Path(config.auth.htpasswd).is_file():
+        raise ConfigError(f"auth.htpasswd: no such file {config.auth.htpasswd!r}")
+    for i, grant in enumerate(config.auth.grants):
+        if not grant.who or grant.who == "token:" or (grant.who.startswith("token:") and len(grant.who) < 22):
+            raise ConfigError(f"auth.grants[{i}].who: a user name, or token:<at least 16 characters>")
     for i, entry in enumerate(config.sync):
         upstream, _, repo = entry.image.partition("/")
         if upstream not in {u.name for u in config.upstreams} or not repo or ":" in repo:

@@ -17,6 +17,7 @@ from mirror.eviction import Evictor
 from mirror.admin import Admin
 from mirror.http import admin as admin_api
 from mirror.http import status
+from mirror.http.access import Access
 from mirror.http.middleware import make_middleware
 from mirror.http.routes import Routes
 from mirror.metrics import Metrics
@@ -59,7 +60,8 @@ def build_app(config: Config) -> web.Application:
     app[METRICS] = metrics
     app[TIERS] = tiers
     app[SYNC] = syncer
-    Routes(service, Router(config), blobs, sender_pool, config.timeouts.read, metrics).install(app)
+    Routes(service, Router(config), blobs, sender_pool, config.timeouts.read, metrics,
+           Access(config.auth)).install(app)
 
     tiers.on_evicted = metrics.evicted
 

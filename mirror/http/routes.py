@@ -20,6 +20,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.fill import Fill
+from mirror.http.access import Access
 from mirror.http.middleware import API_VERSION, OUTCOME, ROUTE, UPSTREAM
 from mirror.http.sendfile import ClientGone, SocketSender, abort
 from mirror.metrics import Metrics
@@ -42,7 +43,9 @@ class Routes:
     """The handlers, bound to the service and the pieces they stream with."""
 
     def __init__(self, service: MirrorService, router: Router, blobs: BlobStore,
-                 sender_pool: ThreadPoolExecutor, idle_timeout: float, metrics: Metrics) -> None:
+                 sender_pool: ThreadPoolExecutor, idle_timeout: float, metrics: Metrics,
+                 access: Access) -> None:
+        self._access = access
         self._service = service
         self._router = router
         self._blobs = blobs
@@ -57,6 +60,8 @@ class Routes:
 
     async def base(self, request: web.Request) -> web.Response:
         request[ROUTE] = "base"
+        if self._access.enabled:
+            await self._access.check(request, None)
         return web.json_response({}, headers=API_VERSION)
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
@@ -71,6 +76,8 @@ class Routes:
                 ns = request.query.get("ns") if request.query_string else None
                 target = self._router.route(m["name"], ns)
                 request[UPSTREAM] = target.upstream.name
+                if self._access.enabled:
+                    await self._access.check(request, target)
                 handler: Callable[..., Awaitable[web.StreamResponse]] = getattr(self, route)
                 return await handler(request, target, m.groupdict().get("ref"))
         if request.method not in ("GET", "HEAD"):
