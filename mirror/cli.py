@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -64,6 +65,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls.cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls.cert, config.tls.key)
+    return context
+
+
+def _reload_tls(context: ssl.SSLContext, config: Config) -> None:
+    """SIGHUP: load the certificate and key again into the live context; new handshakes use
+    them, connections open now keep theirs, the listener never closes."""
+    try:
+        context.load_cert_chain(config.tls.cert, config.tls.key)
+    except (OSError, ssl.SSLError) as e:
+        log.error("TLS reload failed, keeping the old certificate: %s", e)
+        return
+    log.info("TLS certificate reloaded from %s", config.tls.cert)
+
+
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then close connections and stores cleanly."""
     app = build_app(config)
@@ -72,7 +92,8 @@ async def serve(config: Config) -> None:
                            handle_signals=False)
     await runner.setup()
     host, port = config.host_port
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    tls = _tls_context(config)
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, ssl_context=tls)
     await site.start()
     log.info("serving on %s, data in %s, upstreams %s, default %s", config.listen, config.data_dir,
              ", ".join(f"{u.name}={u.url}" for u in config.upstreams), config.default_upstream)
@@ -81,6 +102,8 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_tls, tls, config)
     try:
         await stop.wait()
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import ssl
 import tomllib
 import types
 import typing
@@ -136,6 +137,15 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """HTTPS on the listener (dockerd wants it for a mirror not marked insecure). SIGHUP
+    reloads both files; a bad pair on reload is logged and the old one kept."""
+
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
 class Grant:
     """Who may pull what: `who` is an htpasswd user name, or `token:<value>` for a static
     bearer token; `repositories` are `<upstream>/<repository glob>` patterns."""
@@ -228,6 +238,7 @@ class Config:
     sync: tuple[SyncEntry, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
@@ -417,6 +428,13 @@ def _check_tiers(config: Config) -> None:
             raise ConfigError(f"retention[{i}].pattern: expected <upstream>/<repository glob>, got {rule.pattern!r}")
         if rule.max_idle < 0 or rule.keep_tags < 0 or not (rule.max_idle or rule.keep_tags):
             raise ConfigError(f"retention[{i}]: set max_idle and/or keep_tags to a positive number")
+    if bool(config.tls.cert) != bool(config.tls.key):
+        raise ConfigError("tls.cert/tls.key: give both, or neither")
+    if config.tls.cert:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.tls.cert, config.tls.key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"tls.cert/tls.key: cannot load them: {e}") from None
     if config.auth.htpasswd and not Path(config.auth.htpasswd).is_file():
         raise ConfigError(f"auth.htpasswd: no such file {config.auth.htpasswd!r}")
     for i, grant in enumerate(config.auth.grants):

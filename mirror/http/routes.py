@@ -233,7 +233,7 @@ class Routes:
         response.content_length = end - start
         await response.prepare(request)
         try:
-            async with SocketSender(request, self._pool, self._idle) as sender:
+            async with SocketSender(request, response, self._pool, self._idle) as sender:
                 await send(sender)
         except (ClientGone, errors.MirrorError):
             abort(request)

@@ -9,6 +9,9 @@ meanwhile, so the thread never writes to a reused descriptor. A client that stop
 
 The same primitive serves committed blobs and blobs still being filled (a follower sends each
 newly landed range as it arrives).
+
+Over TLS the bytes must go through the TLS transport, so there the sender reads pieces of the
+file in the thread pool and writes them to the response instead (one copy through Python).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from aiohttp import web
 
 #: How often a waiting thread wakes to check for a stop request (ms).
 _POLL_MS = 200
+#: Bytes per read when copying a file through a TLS transport.
+COPY_CHUNK = 1024 * 1024
 _BAD_EVENTS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
@@ -78,16 +83,22 @@ def _follow_blocking(sock: int, fd: int, start: int, end: int, available: Availa
 class SocketSender:
     """Sends file ranges over one prepared response's socket; use as an async context."""
 
-    def __init__(self, request: web.Request, executor: ThreadPoolExecutor, idle_timeout: float) -> None:
+    def __init__(self, request: web.Request, response: web.StreamResponse, executor: ThreadPoolExecutor,
+                 idle_timeout: float) -> None:
         self._request = request
+        self._response = response
         self._executor = executor
         self._idle = idle_timeout
         self._sock: int | None = None
+        self._tls = False
 
     async def __aenter__(self) -> SocketSender:
         transport = self._request.transport
         if transport is None or transport.is_closing():
             raise ClientGone("connection lost before the body")
+        if transport.get_extra_info("sslcontext") is not None:
+            self._tls = True
+            return self
         await self._flush(transport)
         sock = transport.get_extra_info("socket")
         self._sock = os.dup(sock.fileno())
@@ -113,11 +124,35 @@ class SocketSender:
 
     async def send(self, fd: int, offset: int, count: int) -> None:
         """Send a file range."""
+        if self._tls:
+            return await self._copy(fd, offset, offset + count, None)
         await self._in_thread(_sendfile_blocking, fd, offset, offset + count)
 
     async def send_growing(self, fd: int, start: int, end: int, available: Available) -> None:
         """Send [start, end) of a file still being written, as `available` allows."""
+        if self._tls:
+            return await self._copy(fd, start, end, available)
         await self._in_thread(_follow_blocking, fd, start, end, available)
+
+    async def _copy(self, fd: int, pos: int, end: int, available: Available | None) -> None:
+        """TLS: pread pieces in the pool and write them through the transport."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        try:
+            while pos < end:
+                limit = end if available is None else await loop.run_in_executor(
+                    self._executor, available, pos, end, stop)
+                while pos < limit:
+                    chunk = await loop.run_in_executor(self._executor, os.pread, fd, min(COPY_CHUNK, limit - pos), pos)
+                    if not chunk:
+                        raise ClientGone("file shorter than announced")
+                    try:
+                        await asyncio.wait_for(self._response.write(chunk), self._idle)
+                    except (asyncio.TimeoutError, ConnectionError) as e:
+                        raise ClientGone("client stopped reading") from e
+                    pos += len(chunk)
+        finally:
+            stop.set()
 
     async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
         """Run a blocking sender in the pool; if we are cancelled, stop it and wait for it, so
