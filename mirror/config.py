@@ -66,6 +66,9 @@ class UpstreamConfig:
     token_realms: tuple[str, ...] = ()
     #: On a manifest answer, fetch its config and layers in the background (pull-ahead).
     pull_ahead: bool = False
+    #: When the upstream's `ratelimit-remaining` falls below this, held tags are served as
+    #: cached without revalidation, keeping what is left for real misses.
+    pull_budget_floor: int = 10
     #: When `url` is another mirror: the registry host sent to it as `?ns=` on every request,
     #: so one upstream mirror can serve several registries (site → regional → origin).
     ns: str = ""

@@ -171,6 +171,9 @@ class MirrorService:
         held = await self._manifests.manifest(record.digest) if record is not None else None
         if record is None or held is None:
             return await self._fetch_tag(target, key)
+        if self._upstream.conserving(target.upstream):
+            log.info("pull budget of %s low: serving %s/%s:%s as cached, unrevalidated", *key, *key)
+            return ManifestAnswer(held, Outcome.STALE)
         try:
             head = await self._upstream.manifest(target, key[2], mediatypes.UPSTREAM_ACCEPT, method="HEAD")
         except STALE_OK as e:

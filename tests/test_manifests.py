@@ -79,9 +79,10 @@ async def test_stale_tag_served_when_upstream_fails(sim: UpstreamSim, make_mirro
     await _get(client, mirror.url + TAG_PATH)
     cases: list[tuple[dict[str, Any], int, str]] = [
         ({"kind": "status", "status": 503}, 503, "UPSTREAM_OVERLOADED"),
-        ({"kind": "status", "status": 429, "headers": {"Retry-After": "30"}}, 429, "TOOMANYREQUESTS"),
         ({"kind": "status", "status": 500}, 502, "UPSTREAM_INVALID"),
         ({"kind": "hang"}, 504, "UPSTREAM_TIMEOUT"),
+        # last: a 429 makes the mirror back off from this upstream's manifests (Retry-After)
+        ({"kind": "status", "status": 429, "headers": {"Retry-After": "30"}}, 429, "TOOMANYREQUESTS"),
     ]
     for options, status_unknown, code in cases:
         fault = sim.fault("manifest", **options)
@@ -95,6 +96,35 @@ async def test_stale_tag_served_when_upstream_fails(sim: UpstreamSim, make_mirro
         sim.clear_faults()
     await sim.down()
     status, headers, body = await _get(client, mirror.url + TAG_PATH)
+    assert (status, headers["X-Mirror-Cache"]) == (200, "stale")
+
+
+async def test_pull_budget_floor_and_429_backoff(sim: UpstreamSim, make_mirror: MakeMirror,
+                                                 client: aiohttp.ClientSession) -> None:
+    """Below the budget floor a held tag is served as cached without asking upstream; after a
+    429 no manifest request goes upstream until Retry-After has passed: held tags are served
+    stale, unknown ones get 429 with Retry-After."""
+    limit = sim.rate_limit(limit=100, remaining=10)
+    image = make_image(17, [100])
+    sim.add_image(REPO, "1", image)
+    sim.add_image(REPO, "2", make_image(18, [100]))
+    sim.add_image(REPO, "3", make_image(19, [100]))
+    mirror = await make_mirror(sim.url, toml=EXPIRED)
+    await _get(client, mirror.url + TAG_PATH)                # a real miss: 9 pulls left, below 10
+    for _ in range(3):
+        status, headers, body = await _get(client, mirror.url + TAG_PATH)
+        assert (status, headers["X-Mirror-Cache"], body) == (200, "stale", image.data)
+    assert (sim.requests[("GET", TAG_PATH)], sim.requests[("HEAD", TAG_PATH)]) == (1, 0)
+    async with client.get(f"{mirror.url}/v2/{REPO}/manifests/2", headers={"Accept": ACCEPT_ALL}) as resp:
+        assert resp.status == 200, "what is left of the budget goes to real misses"
+    limit.remaining = 0                                      # upstream now answers 429
+    async with client.get(f"{mirror.url}/v2/{REPO}/manifests/3", headers={"Accept": ACCEPT_ALL}) as resp:
+        assert resp.status == 429
+    asked = sim.requests[("GET", f"/v2/{REPO}/manifests/3")]
+    async with client.get(f"{mirror.url}/v2/{REPO}/manifests/3", headers={"Accept": ACCEPT_ALL}) as resp:
+        assert resp.status == 429 and int(resp.headers["Retry-After"]) > 0
+    assert sim.requests[("GET", f"/v2/{REPO}/manifests/3")] == asked, "backing off: not asked again"
+    status, headers, _ = await _get(client, mirror.url + TAG_PATH)
     assert (status, headers["X-Mirror-Cache"]) == (200, "stale")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ MAX_REDIRECTS = 5
 MAX_SMALL_BODY = 8 * 1024 * 1024
 BLOB_CHUNK = 1024 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
+#: Seconds to back off after a 429 without a usable Retry-After.
+DEFAULT_BACKOFF = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,10 @@ class UpstreamClient:
         self._config = config
         self._metrics = metrics or Metrics()
         self._session: aiohttp.ClientSession | None = None
+        #: Pulls left per upstream, from its last rate-limit headers.
+        self._remaining: dict[str, int] = {}
+        #: Until when (monotonic) an upstream that answered 429 gets no manifest request.
+        self._backoff: dict[str, float] = {}
         self.auth = Authenticator(config.upstreams, self._fetch_token)
 
     async def start(self) -> None:
@@ -201,6 +208,9 @@ class UpstreamClient:
         if self._config.offline:
             raise errors.Offline()
         up = target.upstream
+        wait = self._backoff.get(up.name, 0.0) - time.monotonic()
+        if wait > 0 and "/manifests/" in path:
+            raise errors.TooManyRequests("upstream rate limit: backing off", retry_after=str(int(wait) + 1))
         scope = f"repository:{target.repo}:pull"
         url = up.url.rstrip("/") + path
         if up.ns:  # the upstream is a mirror: tell it which registry we mean
@@ -225,10 +235,21 @@ class UpstreamClient:
         finally:
             resp.release()
 
+    def conserving(self, up: UpstreamConfig) -> bool:
+        """Whether pulls from this upstream should be kept for real misses: below its budget
+        floor, or backing off after a 429."""
+        return (self._remaining.get(up.name, up.pull_budget_floor) < up.pull_budget_floor
+                or self._backoff.get(up.name, 0.0) > time.monotonic())
+
     def _observe(self, up: UpstreamConfig, kind: str, resp: aiohttp.ClientResponse) -> None:
         self._metrics.upstream(up.name, kind, resp.status)
+        if resp.status == 429:
+            retry = resp.headers.get("Retry-After", "")
+            self._backoff[up.name] = time.monotonic() + (float(retry) if retry.isdigit() else DEFAULT_BACKOFF)
+            log.warning("upstream %s answered 429: no manifest requests for %ss", up.name, retry or DEFAULT_BACKOFF)
         limit = parse_ratelimit(resp.headers)
         if limit is not None:
+            self._remaining[up.name] = limit.remaining
             credential = up.username or "anonymous"
             self._metrics.ratelimit_remaining.labels(up.name, credential).set(limit.remaining)
             self._metrics.ratelimit_limit.labels(up.name, credential).set(limit.limit)
