@@ -45,6 +45,9 @@ class Flights(Generic[K, S, V]):
         _, task, started = self.join(key, lambda: None, lambda _: work())  # type: ignore[arg-type,return-value]
         return await asyncio.shield(task), not started
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._inflight
+
     def __len__(self) -> int:
         return len(self._inflight)
 

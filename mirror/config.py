@@ -66,6 +66,8 @@ class UpstreamConfig:
     token_realms: tuple[str, ...] = ()
     #: On a manifest answer, fetch its config and layers in the background (pull-ahead).
     pull_ahead: bool = False
+    #: Largest blob fetched from this upstream (0 = no limit): refused before a byte is kept.
+    max_blob_bytes: int = 0
     #: When the upstream's `ratelimit-remaining` falls below this, held tags are served as
     #: cached without revalidation, keeping what is left for real misses.
     pull_budget_floor: int = 10
@@ -137,6 +139,12 @@ class EvictionConfig:
     max_per_pass: int = 1000
     #: Seconds between batched writes of access times and hit counts to the index.
     access_flush: float = 5.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    #: Blob fills running at once (0 = no limit); a miss beyond it gets 429 with Retry-After.
+    max_fills: int = 0
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
@@ -431,6 +440,8 @@ def _check_tiers(config: Config) -> None:
             raise ConfigError(f"retention[{i}].pattern: expected <upstream>/<repository glob>, got {rule.pattern!r}")
         if rule.max_idle < 0 or rule.keep_tags < 0 or not (rule.max_idle or rule.keep_tags):
             raise ConfigError(f"retention[{i}]: set max_idle and/or keep_tags to a positive number")
+    if config.limits.max_fills < 0 or any(u.max_blob_bytes < 0 for u in config.upstreams):
+        raise ConfigError("limits.max_fills / upstreams.*.max_blob_bytes: must not be negative")
     if bool(config.tls.cert) != bool(config.tls.key):
         raise ConfigError("tls.cert/tls.key: give both, or neither")
     if config.tls.cert:

@@ -117,7 +117,8 @@ class Fill:
         with self._progress:
             self._progress.notify_all()
 
-    async def run(self, store: BlobStore, source: BlobSource, room: Room | None = None) -> bool:
+    async def run(self, store: BlobStore, source: BlobSource, room: Room | None = None,
+                  max_size: int = 0) -> bool:
         """Fetch, write, hash, verify, commit; on any failure keep nothing and tell everyone.
         True when this fill committed a new blob.
 
@@ -133,12 +134,15 @@ class Fill:
                 return False
             async with source() as stream:
                 self.size = stream.size
+                if max_size and (stream.size or 0) > max_size:
+                    raise errors.Denied("blob larger than this mirror takes from that upstream",
+                                        detail={"digest": str(self.digest), "size": stream.size, "max": max_size})
                 if room is not None and stream.size is not None and not await room(stream.size):
                     raise errors.DiskFull(detail={"digest": str(self.digest), "size": stream.size})
                 partial, out, self._read_fd = await store.run(store.create_partial, self.digest)
                 wfd = out
                 self.size = stream.size
-                verifier = Verifier(self.digest, stream.size)
+                verifier = Verifier(self.digest, stream.size, max_size or None)
                 self._ready.set_result(None)
                 started = time.monotonic()
                 await self._copy(store, stream, out, verifier)

@@ -98,7 +98,9 @@ class MirrorService:
     """Answers registry reads from the cache, going upstream only on a miss."""
 
     def __init__(self, upstream: UpstreamClient, tiers: Tiers, manifests: ManifestStore,
-                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None) -> None:
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+                 max_fills: int = 0) -> None:
+        self._max_fills = max_fills
         self._upstream = upstream
         self._metrics = metrics or Metrics()
         self._tiers = tiers
@@ -271,13 +273,16 @@ class MirrorService:
             return BlobAnswer(Outcome.HIT, stored=found.blob, tier=found.tier)
         if await self._still_too_big(str(digest)):
             return BlobAnswer(Outcome.PASS_THROUGH)
+        if self._max_fills and len(self._fills) >= self._max_fills and str(digest) not in self._fills:
+            raise errors.TooManyRequests("the mirror is at its limit of concurrent fills", retry_after="1")
         fill, _, started = self._fills.join(str(digest), lambda: Fill(digest),
                                             lambda f: self._fill(f, target, digest))
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
         started = time.monotonic()
-        committed = await fill.run(self._blobs, self._source(fill, target, digest), self._tiers.make_room)
+        committed = await fill.run(self._blobs, self._source(fill, target, digest), self._tiers.make_room,
+                                   target.upstream.max_blob_bytes)
         self._metrics.fill_done(fill.source, fill.error is None, time.monotonic() - started, fill.followers)
         if isinstance(fill.error, errors.UpstreamBadResponse):
             self._metrics.digest_mismatches.labels(fill.source).inc()

@@ -207,3 +207,29 @@ async def test_blob_head_reports_size_without_fetching(sim: UpstreamSim, make_mi
     assert mirror.blob_files() == []
 
 
+
+
+async def test_limits_on_fills_and_blob_size(sim: UpstreamSim, make_mirror: MakeMirror,
+                                             client: aiohttp.ClientSession) -> None:
+    """`limits.max_fills`: a miss beyond it gets 429 with Retry-After, a follower of a running
+    fill is not turned away. `max_blob_bytes`: a bigger blob is refused, nothing kept."""
+    held, other, big = _blob(20), _blob(21), _blob(22, 3 * 1024 * 1024)
+    held_digest, other_digest, big_digest = sim.add_blob(held), sim.add_blob(other), sim.add_blob(big)
+    hold = sim.fault(held_digest, "slow", part=2 * 1024 * 1024)
+    mirror = await make_mirror(sim.url, '[limits]\nmax_fills = 1\n[upstreams."docker.io"]\nmax_blob_bytes = "9MiB"\n')
+    first = asyncio.create_task(_fetch(client, mirror.url + _path(held_digest)))
+    await hold.reached.wait()
+    async with client.get(mirror.url + _path(other_digest)) as resp:
+        assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    follower = asyncio.create_task(_fetch(client, mirror.url + _path(held_digest)))
+    hold.gate.set()
+    assert await first == held and await follower == held
+    await mirror.settled()
+    assert await _fetch(client, mirror.url + _path(other_digest)) == other
+    await mirror.settled()
+    small = await make_mirror(sim.url, '[upstreams."docker.io"]\nmax_blob_bytes = "1MiB"\n')
+    async with client.get(small.url + _path(big_digest)) as resp:
+        assert resp.status == 403 and (await resp.json())["errors"][0]["code"] == "DENIED"
+    await small.settled()
+    assert small.blob_files() == [] and small.partial_files() == []

@@ -52,7 +52,7 @@ def build_app(config: Config) -> web.Application:
     tiers.extra_pins = pin_patterns(config)
     metrics.prefill((u.name, u.username or "anonymous") for u in config.upstreams)
     upstream = UpstreamClient(config, metrics)
-    service = MirrorService(upstream, tiers, manifests, metrics=metrics)
+    service = MirrorService(upstream, tiers, manifests, metrics=metrics, max_fills=config.limits.max_fills)
     syncer = Syncer(config, service)
 
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)

@@ -16,11 +16,13 @@ class Verifier:
     hashing a fill does not hold up the event loop.
     """
 
-    __slots__ = ("digest", "expected_size", "size", "_hash")
+    __slots__ = ("digest", "expected_size", "max_size", "size", "_hash")
 
-    def __init__(self, digest: Digest, expected_size: int | None = None) -> None:
+    def __init__(self, digest: Digest, expected_size: int | None = None, max_size: int | None = None) -> None:
         self.digest = digest
         self.expected_size = expected_size
+        #: Refuse past this many bytes even when no size was announced.
+        self.max_size = max_size
         self.size = 0
         self._hash = hashlib.new(digest.algorithm)
 
@@ -30,6 +32,8 @@ class Verifier:
         if self.expected_size is not None and self.size > self.expected_size:
             raise UpstreamBadResponse("upstream sent more bytes than announced",
                                       detail={"digest": str(self.digest)})
+        if self.max_size is not None and self.size > self.max_size:
+            raise UpstreamBadResponse("upstream blob larger than allowed", detail={"digest": str(self.digest)})
 
     def update_all(self, pieces: list[bytes]) -> None:
         for piece in pieces:
