@@ -21,7 +21,7 @@ from mirror import __version__, admin_cli, logs, prefetch
 from mirror.config import Config, load_config
 from mirror.errors import ConfigError
 from mirror.http.app import build_app
-from mirror.http.middleware import AccessLogger
+from mirror.http.server import MirrorSite
 
 log = logging.getLogger("mirror")
 
@@ -87,13 +87,12 @@ def _reload_tls(context: ssl.SSLContext, config: Config) -> None:
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then close connections and stores cleanly."""
     app = build_app(config)
-    runner = web.AppRunner(app, access_log_class=AccessLogger,
-                           access_log=logging.getLogger("mirror.access") if config.access_log else None,
-                           handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     host, port = config.host_port
     tls = _tls_context(config)
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, ssl_context=tls)
+    site = MirrorSite(runner, config, host, port, ssl_context=tls,
+                      access_log=logging.getLogger("mirror.access") if config.access_log else None)
     await site.start()
     log.info("serving on %s, data in %s, upstreams %s, default %s", config.listen, config.data_dir,
              ", ".join(f"{u.name}={u.url}" for u in config.upstreams), config.default_upstream)

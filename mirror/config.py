@@ -41,6 +41,25 @@ class Timeouts:
 
     connect: float = 10.0
     read: float = 30.0
+    #: Bytes per second an upstream blob body must average over each `rate_window`: a trickle
+    #: that never falls silent long enough for `read` is a stall too (0 = no minimum).
+    min_rate: int = 1024
+    rate_window: float = 30.0
+    #: A client connection with no request in progress is closed after this long: an idle
+    #: keep-alive, or a request head trickling in (slowloris) that never completes.
+    client_idle: float = 60.0
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Upstream requests that fail in a way another try can mend (refused or reset connection,
+    408/500/502/503/504, a blob body cut or stalled mid-way) are tried again, `attempts` times
+    in all, waiting `backoff` seconds (doubled each time, with jitter, at most `max_backoff`).
+    A blob body resumes with Range from the byte where it stopped."""
+
+    attempts: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +164,10 @@ class EvictionConfig:
 class LimitsConfig:
     #: Blob fills running at once (0 = no limit); a miss beyond it gets 429 with Retry-After.
     max_fills: int = 0
+    #: Connections open at once from one client address (0 = no limit); a request on a
+    #: connection past it gets 429 with Retry-After and the connection is closed. Off by
+    #: default because a NAT gateway puts a whole fleet behind one address.
+    max_connections_per_client: int = 0
 
 
 @dataclass(frozen=True)
@@ -238,6 +261,7 @@ class Config:
     #: A small HTML page: what is cached, hit ratio, bytes saved, upstreams, tiers.
     status_path: str = "/_status"
     timeouts: Timeouts = field(default_factory=Timeouts)
+    retries: RetryConfig = field(default_factory=RetryConfig)
     hot: HotConfig = field(default_factory=HotConfig)
     warm: WarmConfig = field(default_factory=WarmConfig)
     cold: ColdConfig = field(default_factory=ColdConfig)
@@ -385,10 +409,15 @@ def _check(config: Config) -> None:
         raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"listen: port out of range in {config.listen!r}")
-    for key in ("connect", "read"):
+    for key in ("connect", "read", "rate_window", "client_idle"):
         value = getattr(config.timeouts, key)
         if not value > 0:
             raise ConfigError(f"timeouts.{key}: must be a positive number of seconds, got {value!r}")
+    if config.timeouts.min_rate < 0:
+        raise ConfigError("timeouts.min_rate: must not be negative")
+    retries = config.retries
+    if retries.attempts < 1 or retries.backoff < 0 or retries.max_backoff < retries.backoff:
+        raise ConfigError("retries: need attempts >= 1 and 0 <= backoff <= max_backoff")
     _check_tiers(config)
     if config.admin.enabled and len(config.admin.token) < 16:
         raise ConfigError("admin.token: the admin API needs a token of at least 16 characters")
@@ -440,6 +469,8 @@ def _check_tiers(config: Config) -> None:
             raise ConfigError(f"retention[{i}].pattern: expected <upstream>/<repository glob>, got {rule.pattern!r}")
         if rule.max_idle < 0 or rule.keep_tags < 0 or not (rule.max_idle or rule.keep_tags):
             raise ConfigError(f"retention[{i}]: set max_idle and/or keep_tags to a positive number")
+    if config.limits.max_connections_per_client < 0:
+        raise ConfigError("limits.max_connections_per_client: must not be negative")
     if config.limits.max_fills < 0 or any(u.max_blob_bytes < 0 for u in config.upstreams):
         raise ConfigError("limits.max_fills / upstreams.*.max_blob_bytes: must not be negative")
     if bool(config.tls.cert) != bool(config.tls.key):

@@ -58,6 +58,16 @@ class Metrics:
         self.upstream_requests = Counter(
             "mirror_upstream_requests", "Requests sent to upstreams, by upstream, kind and status.",
             ["upstream", "kind", "status"], registry=self.registry)
+        self.upstream_retries = Counter(
+            "mirror_upstream_retries", "Upstream requests tried again, by upstream, kind and why "
+            "(connection, status, resume: a blob body picked up again with Range).",
+            ["upstream", "kind", "reason"], registry=self.registry)
+        self.client_refusals = Counter(
+            "mirror_client_refusals", "Client requests refused before any work, by reason.",
+            ["reason"], registry=self.registry)
+        self.corrupt_reads = Counter(
+            "mirror_corrupt_blobs_found", "Stored blobs found altered or truncated on read (then dropped).",
+            ["tier"], registry=self.registry)
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes", "Blob bytes received from upstreams.", ["upstream"], registry=self.registry)
         self.fill_seconds = Histogram(
@@ -84,6 +94,7 @@ class Metrics:
         self.open_fds = Gauge("mirror_open_fds", "File descriptors the process holds.", registry=self.registry)
         self.tasks = Gauge("mirror_asyncio_tasks", "asyncio tasks alive.", registry=self.registry)
         self._latency_children: dict[str, Any] = {}
+        self.client_refusals.labels("connections_per_client")
         for source in ("upstream", "cold"):
             self.digest_mismatches.labels(source)
         for source in SOURCES:
@@ -118,6 +129,8 @@ class Metrics:
             self.ratelimit_limit.labels(name, credential).set(math.nan)
             self.up.labels(name).set(math.nan)
             self.upstream_bytes.labels(name)
+            for kind, reason in (("blob", "resume"), ("blob", "status"), ("blob", "connection")):
+                self.upstream_retries.labels(name, kind, reason)
 
     def took(self, route: str, seconds: float) -> None:
         child = self._latency_children.get(route)

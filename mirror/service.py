@@ -177,7 +177,8 @@ class MirrorService:
             log.info("pull budget of %s low: serving %s/%s:%s as cached, unrevalidated", *key, *key)
             return ManifestAnswer(held, Outcome.STALE)
         try:
-            head = await self._upstream.manifest(target, key[2], mediatypes.UPSTREAM_ACCEPT, method="HEAD")
+            head = await self._upstream.manifest(target, key[2], mediatypes.UPSTREAM_ACCEPT, method="HEAD",
+                                                 retry=False)
         except STALE_OK as e:
             log.log(logging.DEBUG if isinstance(e, errors.Offline) else logging.WARNING,
                     "serving stale tag %s/%s:%s: %s", *key, e.message, extra={"upstream": key[0], "code": e.code})

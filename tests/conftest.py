@@ -22,6 +22,7 @@ from upstream_sim import UpstreamSim
 
 from mirror.config import load_config
 from mirror.http.app import SERVICE, build_app
+from mirror.http.server import MirrorSite
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +92,15 @@ class Mirror:
 MakeMirror = Callable[..., Awaitable[Mirror]]
 
 
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `condition` until true, failing after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
+
+
 @pytest.fixture
 async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
     """Start in-process mirrors on real loopback sockets: `await make_mirror(upstream_url,
@@ -111,10 +121,11 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
             seen.append((request.method, request.path_qs))
 
         app.on_response_prepare.append(record)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app)
         await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        site = MirrorSite(runner, config, "127.0.0.1", 0)
+        await site.start()
+        port = site.port
         runners.append(runner)
         return Mirror(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", data, app, seen)
 

@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote
 import aiohttp
 import pytest
 import yarl
-from conftest import MakeMirror, MirrorProcess
+from conftest import MakeMirror, MirrorProcess, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from images import ACCEPT_ALL, Image, Upstream, build_images
@@ -90,15 +90,6 @@ def error_code(body: bytes) -> str:
 def raw(base: str, path: str) -> yarl.URL:
     """A URL whose path is sent byte for byte (no normalisation, no re-encoding)."""
     return yarl.URL(base + path, encoded=True)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll `condition` until true, failing after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
 
 
 # -- writes ----------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 from images import Image, sha256_digest
 
-FaultKind = Literal["status", "slow", "cut", "wrong", "hang"]
-BODY_FAULTS = ("slow", "cut", "wrong")
+FaultKind = Literal["status", "slow", "cut", "wrong", "hang", "trickle"]
+BODY_FAULTS = ("slow", "cut", "wrong", "trickle")
 
 
 @dataclass(eq=False)
@@ -33,8 +33,11 @@ class Fault:
 
     `status`: answer `status` with `headers`. `hang`: wait for `gate` before answering
     normally. `slow`: send `part` bytes of the body, wait for `gate`, send the rest.
-    `cut`: send `part` bytes then drop the connection (full Content-Length promised).
-    `wrong`: send the full length with one byte flipped. `reached` is set each time a
+    `cut`: send `part` bytes then close the connection (full Content-Length promised);
+    with `hold`, wait for `gate` before closing.
+    `wrong`: send the full length with one byte flipped. `trickle`: send `part` bytes, then
+    `step` bytes every `interval` seconds (never silent long enough for a read timeout)
+    until the body is done or `gate` is set. `reached` is set each time a
     request gets to the fault point (after the first part, for body faults), so tests
     can await it instead of sleeping. `times` limits how often it fires (None: always).
     """
@@ -49,6 +52,9 @@ class Fault:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     reached: asyncio.Event = field(default_factory=asyncio.Event)
     hits: int = 0
+    step: int = 100
+    hold: bool = False
+    interval: float = 0.05
 
     def applies(self, kinds: tuple[str, ...], keys: set[str], method: str, body: bool) -> bool:
         """Whether this fault should fire for a request of `kinds` about `keys`."""
@@ -380,9 +386,20 @@ class UpstreamSim:
         await resp.prepare(request)
         await resp.write(data[:part])
         fault.reached.set()
-        if fault.kind == "cut":
+        if fault.kind == "cut":  # close, not abort: the `part` bytes buffered still go out
+            if fault.hold:
+                await fault.gate.wait()
             assert request.transport is not None
-            request.transport.abort()
+            request.transport.close()
+            return resp
+        pos = part
+        while fault.kind == "trickle" and pos < len(data) and not fault.gate.is_set():
+            await asyncio.sleep(fault.interval)  # ok: the fault is the pace itself
+            await resp.write(data[pos : pos + fault.step])
+            pos += fault.step
+        if fault.kind == "trickle":
+            await resp.write(data[pos:])
+            await resp.write_eof()
             return resp
         await fault.gate.wait()
         await resp.write(data[part:])

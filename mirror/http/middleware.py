@@ -83,6 +83,9 @@ def make_middleware(metrics: Metrics) -> Middleware:
         request."""
         started = time.monotonic()
         try:
+            if getattr(request.protocol, "over_cap", False):  # see http/server.py
+                metrics.client_refusals.labels("connections_per_client").inc()
+                raise errors.TooManyRequests("too many connections from this client", retry_after="1")
             response = await handler(request)
         except errors.MirrorError as e:
             response = error_response(e)
@@ -93,6 +96,8 @@ def make_middleware(metrics: Metrics) -> Middleware:
         except Exception:
             log.exception("unexpected error on %s %s", request.method, request.path)
             response = error_response(errors.MirrorError("internal error"))
+        if isinstance(response, web.Response) and getattr(request.protocol, "over_cap", False):
+            response.force_close()
         route = request.get(ROUTE, "other")
         metrics.request(route, request.method, response.status, request.get(OUTCOME, "none"))
         metrics.took(route, time.monotonic() - started)

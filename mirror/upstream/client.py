@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -24,6 +24,7 @@ from mirror.config import Config, UpstreamConfig
 from mirror.metrics import Metrics
 from mirror.upstream.auth import Authenticator
 from mirror.upstream.ratelimit import parse_ratelimit
+from mirror.upstream.resume import ResumingBlob, backoff, open_resuming
 from mirror.upstream.routing import Target
 
 log = logging.getLogger("mirror.upstream")
@@ -35,6 +36,8 @@ BLOB_CHUNK = 1024 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
 #: Seconds to back off after a 429 without a usable Retry-After.
 DEFAULT_BACKOFF = 60.0
+#: Statuses another try may mend (429 is not one: it has its own back-off).
+RETRY_STATUSES = frozenset({408, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,18 +60,26 @@ class RawAnswer:
 
 
 class BlobStream:
-    """An open upstream blob body; `size` is its Content-Length when upstream sent one."""
+    """One upstream answer's blob body; `size` is its Content-Length when upstream sent one.
+    `skip` leading bytes are dropped: an upstream that ignored our Range sent them again."""
 
-    def __init__(self, response: aiohttp.ClientResponse, received: Any) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, received: Any, skip: int = 0) -> None:
         self._response = response
         self._received = received
+        self._skip = skip
         self.size = response.content_length
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body in pieces; a cut or stalled connection raises a domain error."""
+        skip = self._skip
         with _translate():
             async for chunk in self._response.content.iter_any():
                 self._received.inc(len(chunk))
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    chunk, skip = chunk[dropped:], skip - dropped
+                    if not chunk:
+                        continue
                 yield chunk
 
 
@@ -87,6 +98,26 @@ def _translate() -> Any:
         raise errors.UpstreamUnavailable("upstream connection cut mid-body") from e
     except (aiohttp.ClientError, OSError, ValueError) as e:
         raise errors.UpstreamUnavailable(detail={"reason": str(e)[:200] or type(e).__name__}) from e
+
+
+def _transient(e: errors.MirrorError) -> bool:
+    """A failure before any answer that another try may not meet: a refused or reset
+    connection. Not DNS, TLS or a certificate (those are settings), not a timeout (a hang
+    would only be waited for again)."""
+    cause = e.__cause__
+    return (isinstance(cause, aiohttp.ClientConnectionError)
+            and not isinstance(cause, (aiohttp.ClientSSLError, aiohttp.ClientConnectorDNSError,
+                                       aiohttp.ServerTimeoutError)))
+
+
+def _content_range(value: str) -> tuple[int, int | None] | None:
+    """`bytes <first>-<last>/<total or *>` as (first, total); None if malformed."""
+    unit, _, rest = value.partition(" ")
+    span, _, total = rest.partition("/")
+    first, _, _ = span.partition("-")
+    if unit != "bytes" or not first.isdigit() or not (total.isdigit() or total == "*"):
+        return None
+    return int(first), int(total) if total.isdigit() else None
 
 
 def _status_error(status: int, headers: Mapping[str, str], not_found: errors.MirrorError) -> errors.MirrorError:
@@ -150,22 +181,49 @@ class UpstreamClient:
         assert self._session is not None, "UpstreamClient.start() not called"
         return self._session
 
-    async def manifest(self, target: Target, ref: str, accept: str, method: str = "GET") -> UpstreamManifest:
-        """GET or HEAD a manifest by tag or digest."""
+    async def manifest(self, target: Target, ref: str, accept: str, method: str = "GET",
+                       retry: bool = True) -> UpstreamManifest:
+        """GET or HEAD a manifest by tag or digest. `retry=False` when a cached answer can
+        stand in for a failure: it is better served at once than after the back-off."""
         path = f"/v2/{target.repo}/manifests/{ref}"
-        async with self._open(target, method, path, {"Accept": accept}) as resp:
+        async with self._open(target, method, path, {"Accept": accept}, retry=retry) as resp:
             self._check(resp, errors.ManifestUnknown(detail={"name": target.name, "reference": ref}))
             data = b"" if method == "HEAD" else await self._read_small(resp)
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             return UpstreamManifest(data, media_type, resp.headers.get("Docker-Content-Digest"), resp.content_length)
 
     @contextlib.asynccontextmanager
-    async def blob(self, target: Target, digest: str) -> AsyncIterator[BlobStream]:
-        """Open a blob body for streaming (following the CDN redirect without credentials)."""
+    async def blob(self, target: Target, digest: str) -> AsyncIterator[ResumingBlob]:
+        """Open a blob body for streaming (following the CDN redirect without credentials).
+        A body that breaks off is picked up again with Range where it stopped (resume.py)."""
+        up = target.upstream
+        resumed = self._metrics.upstream_retries.labels(up.name, "blob", "resume")
+        t = self._config.timeouts
+        async with open_resuming(lambda offset: self._blob_at(target, digest, offset), self._config.retries,
+                                 t.min_rate, t.rate_window, resumed.inc, digest) as body:
+            yield body
+
+    @contextlib.asynccontextmanager
+    async def _blob_at(self, target: Target, digest: str, offset: int) -> AsyncIterator[BlobStream]:
+        """The blob's bytes from `offset` on. A 206 must start at `offset`; a 200 (Range
+        ignored) has its first `offset` bytes dropped. Either way the digest check at the end
+        of the fill covers the bytes of every connection."""
         path = f"/v2/{target.repo}/blobs/{digest}"
-        async with self._open(target, "GET", path, {}) as resp:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        async with self._open(target, "GET", path, headers) as resp:
             self._check(resp, errors.BlobUnknown(detail={"digest": digest}))
-            yield BlobStream(resp, self._metrics.upstream_bytes.labels(target.upstream.name))
+            received = self._metrics.upstream_bytes.labels(target.upstream.name)
+            if not offset:
+                yield BlobStream(resp, received)
+                return
+            if resp.status == 206:
+                span = _content_range(resp.headers.get("Content-Range", ""))
+                if span is None or span[0] != offset:
+                    raise errors.UpstreamBadResponse("upstream answered a resumed blob from the wrong offset",
+                                                     detail={"asked": offset, "Content-Range": resp.headers.get("Content-Range")})
+                yield BlobStream(resp, received)
+            else:
+                yield BlobStream(resp, received, skip=offset)
 
     async def blob_size(self, target: Target, digest: str) -> int | None:
         """HEAD a blob: its size, or None when upstream does not say."""
@@ -202,9 +260,11 @@ class UpstreamClient:
 
     @contextlib.asynccontextmanager
     async def _open(self, target: Target, method: str, path: str, headers: dict[str, str],
-                    query: Mapping[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send a request with auth, answering one 401 challenge and following redirects.
-        An upstream with `ns` set gets `?ns=<host>` on the first hop (not on redirects)."""
+                    query: Mapping[str, str] | None = None,
+                    retry: bool = True) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send a request with auth, answering one 401 challenge and following redirects,
+        trying again after a transient failure (see `_tries`). An upstream with `ns` set gets
+        `?ns=<host>` on the first hop (not on redirects)."""
         if self._config.offline:
             raise errors.Offline()
         up = target.upstream
@@ -217,11 +277,8 @@ class UpstreamClient:
             query = {**(query or {}), "ns": up.ns}
         auth = self.auth.header(up, scope)
         kind = _kind(method, path)
-        try:
-            resp = await self._follow(up, method, url, headers, auth, query)
-        except errors.UpstreamError:
-            self._metrics.upstream(up.name, kind, "error")
-            raise
+        attempts = self._config.retries.attempts if retry else 1
+        resp = await self._tries(up, kind, attempts, lambda: self._follow(up, method, url, headers, auth, query))
         try:
             if resp.status == 401 and "WWW-Authenticate" in resp.headers:
                 challenge = resp.headers["WWW-Authenticate"]
@@ -229,11 +286,42 @@ class UpstreamClient:
                 with _translate():
                     answer = await self.auth.answer(up, scope, challenge)
                 if answer is not None:
-                    resp = await self._follow(up, method, url, headers, answer, query)
+                    resp = await self._tries(up, kind, attempts,
+                                             lambda: self._follow(up, method, url, headers, answer, query))
             self._observe(up, kind, resp)
             yield resp
         finally:
             resp.release()
+
+    async def _tries(self, up: UpstreamConfig, kind: str, attempts: int,
+                     send: Callable[[], Awaitable[aiohttp.ClientResponse]]) -> aiohttp.ClientResponse:
+        """`send` up to `attempts` times while it fails transiently: a refused or reset
+        connection, or a status in RETRY_STATUSES (waiting its Retry-After when that is within
+        `max_backoff`, else giving that answer at once). Every registry read is idempotent."""
+        retry = self._config.retries
+        for attempt in range(1, attempts + 1):
+            last = attempt == attempts
+            try:
+                resp = await send()
+            except errors.UpstreamError as e:
+                self._metrics.upstream(up.name, kind, "error")
+                if last or not _transient(e):
+                    raise
+                reason, delay = "connection", backoff(retry, attempt)
+                log.info("upstream %s %s: %s; trying again in %.2fs", up.name, kind, e.message, delay)
+            else:
+                if last or resp.status not in RETRY_STATUSES:
+                    return resp
+                after = resp.headers.get("Retry-After", "")
+                if after.isdigit() and int(after) > retry.max_backoff:
+                    return resp
+                self._observe(up, kind, resp)
+                resp.release()
+                reason, delay = "status", float(after) if after.isdigit() else backoff(retry, attempt)
+                log.info("upstream %s %s answered %d; trying again in %.2fs", up.name, kind, resp.status, delay)
+            self._metrics.upstream_retries.labels(up.name, kind, reason).inc()
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def conserving(self, up: UpstreamConfig) -> bool:
         """Whether pulls from this upstream should be kept for real misses: below its budget

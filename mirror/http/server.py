@@ -1,0 +1,131 @@
+"""The listener and its client connections: what aiohttp's own protocol leaves to us.
+
+- A request aiohttp cannot parse (a header flood past 128 fields, a line or field past
+  8 KiB, a bad request line) is answered with the OCI error JSON like any other refusal,
+  not aiohttp's text page, and logged as one line rather than a traceback.
+- A connection with no request in progress is closed after `timeouts.client_idle`. aiohttp
+  sets that deadline when a connection opens and after each answer, and a request head that
+  arrives byte by byte does not push it back: it bounds slowloris as well as idle keep-alives.
+  (A client that stops reading a body is the sender's business: `timeouts.read`.)
+- `limits.max_connections_per_client`: a request on a connection past it from one address
+  gets 429 with Retry-After and the connection is closed (counted in
+  `mirror_client_refusals_total`). It is answered, not dropped at accept, so the client
+  reads a reason instead of a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+from mirror.config import Config
+from mirror.http.middleware import API_VERSION, AccessLogger
+
+log = logging.getLogger("mirror.http")
+
+
+class ClientCounter:
+    """Open connections per client address, against a cap (0: none)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.open: Counter[str] = Counter()
+
+    def admit(self, peer: str) -> bool:
+        self.open[peer] += 1
+        return not self.cap or self.open[peer] <= self.cap
+
+    def release(self, peer: str) -> None:
+        self.open[peer] -= 1
+        if self.open[peer] <= 0:
+            del self.open[peer]
+
+
+class MirrorConnection(web.RequestHandler):
+    """aiohttp's HTTP/1.1 protocol, with our error page and the per-client count."""
+
+    __slots__ = ("_clients", "_peer", "over_cap")
+
+    def __init__(self, manager: web.Server, clients: ClientCounter, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._clients = clients
+        self._peer: str | None = None
+        #: Past the per-client cap: every request on it gets 429 (see the middleware).
+        self.over_cap = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self._peer = str(peer[0])
+            self.over_cap = not self._clients.admit(self._peer)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        peer, self._peer = self._peer, None
+        if peer is not None:
+            self._clients.release(peer)
+        super().connection_lost(exc)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request that never reached a handler: error JSON, connection closed."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            code, text = "UNKNOWN", "internal error"
+        else:
+            log.warning("refused an unparseable request from %s: %s", request.remote,
+                        (message or str(exc) or "bad request").splitlines()[0][:200])
+            code, text = "INVALID_REQUEST", "the request could not be parsed"
+        body = {"errors": [{"code": code, "message": text}]}
+        resp = web.Response(status=status, text=json.dumps(body), content_type="application/json",
+                            headers=API_VERSION)
+        resp.force_close()
+        return resp
+
+
+class MirrorSite(web.BaseSite):
+    """A TCP listener whose connections are `MirrorConnection`s (aiohttp's TCPSite always
+    builds its own protocol). `port` is the bound one, also when 0 was asked for."""
+
+    def __init__(self, runner: web.AppRunner, config: Config, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None, access_log: logging.Logger | None = None) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=1024)
+        self._app_runner = runner
+        self._host, self.port = host, port
+        self._tls = ssl_context
+        self.clients = ClientCounter(config.limits.max_connections_per_client)
+        self._settings: dict[str, Any] = {
+            "keepalive_timeout": config.timeouts.client_idle,
+            "access_log_class": AccessLogger,
+            "access_log": access_log,
+        }
+        self._listener: asyncio.AbstractServer | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._tls else 'http'}://{self._host}:{self.port}"
+
+    def _connection(self) -> MirrorConnection:
+        server = self._app_runner.server
+        assert server is not None, "runner.setup() first"
+        return MirrorConnection(server, self.clients, loop=asyncio.get_running_loop(), **self._settings)
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(self._connection, self._host, self.port, ssl=self._tls,
+                                                  backlog=1024, reuse_address=True)
+        self.port = int(self._listener.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        await super().stop()
