@@ -65,6 +65,10 @@ class Metrics:
         self.client_refusals = Counter(
             "mirror_client_refusals", "Client requests refused before any work, by reason.",
             ["reason"], registry=self.registry)
+        self.client_aborts = Counter(
+            "mirror_client_aborts", "Blob answers cut off mid-body, by why: the client went away (gone), "
+            "read nothing for timeouts.read (stalled), or the fill it followed failed (fill_failed).",
+            ["reason"], registry=self.registry)
         self.corrupt_reads = Counter(
             "mirror_corrupt_blobs_found", "Stored blobs found altered or truncated on read (then dropped).",
             ["tier"], registry=self.registry)
@@ -95,6 +99,8 @@ class Metrics:
         self.tasks = Gauge("mirror_asyncio_tasks", "asyncio tasks alive.", registry=self.registry)
         self._latency_children: dict[str, Any] = {}
         self.client_refusals.labels("connections_per_client")
+        for reason in ("gone", "stalled", "fill_failed"):
+            self.client_aborts.labels(reason)
         for source in ("upstream", "cold"):
             self.digest_mismatches.labels(source)
         for source in SOURCES:

@@ -11,6 +11,7 @@ Anything that writes (POST, PUT, PATCH, DELETE) is UNSUPPORTED: this is a read-o
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from mirror import errors
 from mirror.fill import Fill
 from mirror.http.access import Access
 from mirror.http.middleware import API_VERSION, OUTCOME, ROUTE, UPSTREAM
-from mirror.http.sendfile import ClientGone, SocketSender, abort
+from mirror.http.sendfile import ClientGone, ClientStalled, SocketSender, abort
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import parse_accept
 from mirror.oci.reference import Digest, parse_digest, parse_reference
@@ -30,6 +31,8 @@ from mirror.service import MirrorService, Outcome
 from mirror.store.blobs import BlobStore, OpenBlob
 from mirror.store.manifests import StoredManifest
 from mirror.upstream.routing import Router, Target
+
+log = logging.getLogger("mirror.http")
 
 _ENDPOINTS = (
     ("manifest", re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
@@ -235,7 +238,17 @@ class Routes:
         try:
             async with SocketSender(request, response, self._pool, self._idle) as sender:
                 await send(sender)
-        except (ClientGone, errors.MirrorError):
+        except ClientStalled:
+            log.info("dropped a client that read nothing for %.0fs: %s %s", self._idle, request.remote, request.path)
+            self._metrics.client_aborts.labels("stalled").inc()
+            abort(request)
+            return response
+        except ClientGone:
+            self._metrics.client_aborts.labels("gone").inc()
+            abort(request)
+            return response
+        except errors.MirrorError:
+            self._metrics.client_aborts.labels("fill_failed").inc()
             abort(request)
             return response
         self._metrics.served(source, end - start)

@@ -43,6 +43,11 @@ class ClientGone(ConnectionError):
     """The client reset, stopped reading past the idle timeout, or the server is stopping."""
 
 
+class ClientStalled(ClientGone):
+    """The client read nothing for the idle timeout: its connection is dropped, so a client
+    that never reads cannot hold a socket, a file and a sender thread forever."""
+
+
 def _sendfile_blocking(sock: int, fd: int, offset: int, end: int, idle: float, stop: threading.Event) -> None:
     """Send bytes [offset, end) of `fd` to `sock` (non-blocking) with os.sendfile."""
     poller = select.poll()
@@ -61,8 +66,10 @@ def _sendfile_blocking(sock: int, fd: int, offset: int, end: int, idle: float, s
             offset += n
             last = time.monotonic()
             continue
-        if stop.is_set() or time.monotonic() - last > idle:
-            raise ClientGone("client stopped reading")
+        if stop.is_set():
+            raise ClientGone("server stopping")
+        if time.monotonic() - last > idle:
+            raise ClientStalled("client stopped reading")
         for _, events in poller.poll(_POLL_MS):
             if events & _BAD_EVENTS:
                 raise ClientGone("client connection closed")
@@ -148,8 +155,10 @@ class SocketSender:
                         raise ClientGone("file shorter than announced")
                     try:
                         await asyncio.wait_for(self._response.write(chunk), self._idle)
-                    except (asyncio.TimeoutError, ConnectionError) as e:
-                        raise ClientGone("client stopped reading") from e
+                    except asyncio.TimeoutError as e:
+                        raise ClientStalled("client stopped reading") from e
+                    except ConnectionError as e:
+                        raise ClientGone(str(e)) from e
                     pos += len(chunk)
         finally:
             stop.set()
