@@ -12,7 +12,6 @@ and the pins); fills in flight are never touched (their partial files are not in
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -27,8 +26,6 @@ from mirror.store.manifests import ManifestStore, TagKey
 from mirror.store.pins import reachable_blobs
 from mirror.store.tiers import Tiers
 
-#: Bytes read per hash update when fsck re-hashes a blob.
-HASH_CHUNK = 1024 * 1024
 #: A partial file older than this is a crash's leftover, not a live fill (fsck --repair).
 STALE_PARTIAL = 3600.0
 
@@ -153,7 +150,7 @@ class Admin:
         report.files_without_records = sorted(files.keys() - known)
         for digest in sorted(files):
             report.checked += 1
-            if not await blobs.run(_hash_matches, str(blobs.layout.blob(parse_digest(digest))), digest):
+            if not await blobs.run(blobs.verify, parse_digest(digest)):
                 report.corrupt.append(digest)
         now = time.time()
         report.stale_partials = sorted(p.name for p in blobs.layout.tmp.iterdir()
@@ -166,19 +163,6 @@ class Admin:
             await self._tiers.reconcile()
             report.repaired = True
         return report
-
-
-def _hash_matches(path: str, digest: str) -> bool:
-    """Blocking: stream the file through the digest's hash."""
-    algorithm, _, hexd = digest.partition(":")
-    h = hashlib.new(algorithm)
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                h.update(chunk)
-    except FileNotFoundError:
-        return True  # evicted meanwhile: nothing wrong left
-    return h.hexdigest() == hexd
 
 
 def as_json(value: Any) -> Any:

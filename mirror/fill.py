@@ -24,7 +24,7 @@ from typing import Protocol
 from mirror import errors
 from mirror.oci.reference import Digest
 from mirror.oci.verify import Verifier
-from mirror.store.blobs import BlobStore, rewrite_at, write_all
+from mirror.store.blobs import BlobStore, Corrupt, rewrite_at, write_all
 
 log = logging.getLogger("mirror.fill")
 
@@ -238,7 +238,10 @@ class Fill:
 
     def _already_stored(self, store: BlobStore) -> bool:
         """A fill that lost a race with one just committed has nothing to do."""
-        found = store.open(self.digest)
+        try:
+            found = store.open(self.digest)
+        except Corrupt:  # the commit will put a verified file in its place
+            return False
         if found is None:
             return False
         self.size = found.size

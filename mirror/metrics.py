@@ -69,9 +69,6 @@ class Metrics:
             "mirror_client_aborts", "Blob answers cut off mid-body, by why: the client went away (gone), "
             "read nothing for timeouts.read (stalled), or the fill it followed failed (fill_failed).",
             ["reason"], registry=self.registry)
-        self.corrupt_reads = Counter(
-            "mirror_corrupt_blobs_found", "Stored blobs found altered or truncated on read (then dropped).",
-            ["tier"], registry=self.registry)
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes", "Blob bytes received from upstreams.", ["upstream"], registry=self.registry)
         self.fill_seconds = Histogram(

@@ -4,11 +4,19 @@ Every method that touches the disk is a plain blocking function meant to run in 
 thread (`BlobStore.run`), in one hop per operation, so the event loop never waits on a disk.
 A blob file exists under blobs/ only after its bytes were verified against its digest; a crash
 at any point leaves at most a partial file in tmp/, which `sweep` removes at the next start.
+
+Sealed files: a committed blob is made read-only and its mtime set to `SEAL_NS`. Any write to
+it afterwards (an append, a truncation, a copy over it, a replacement) moves the mtime, which
+`open` sees in the fstat it does anyway: such a file is hashed before a byte of it is served,
+kept (and sealed again) if it still matches, and reported as `Corrupt` otherwise. Small blobs
+are read whole on open and hashed every time. Anything subtler (bytes changed and the mtime
+put back by hand, bit rot below the filesystem) is what `mirror fsck` is for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -26,6 +34,10 @@ log = logging.getLogger("mirror.store")
 SMALL_BLOB = 256 * 1024
 #: Most buffers one writev call takes (Linux UIO_MAXIOV).
 IOV_MAX = 1024
+#: The mtime of every committed blob file (1970-01-01T00:00:01Z): see "Sealed files" above.
+SEAL_NS = 1_000_000_000
+#: Bytes per read when a blob is hashed on open.
+HASH_CHUNK = 1024 * 1024
 T = TypeVar("T")
 
 
@@ -49,6 +61,25 @@ class OpenBlob:
             self.release = None
 
 
+class Corrupt(Exception):
+    """A committed blob file whose bytes no longer match its digest."""
+
+    def __init__(self, digest: Digest, size: int) -> None:
+        super().__init__(f"{digest}: stored bytes do not match the digest")
+        self.digest = digest
+        self.size = size
+
+
+def _matches(fd: int, digest: Digest) -> bool:
+    """Whether the file's bytes hash to `digest` (blocking; reads it through once)."""
+    h = hashlib.new(digest.algorithm)
+    offset = 0
+    while chunk := os.pread(fd, HASH_CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest() == digest.hex
+
+
 class BlobStore:
     """The warm tier's files. Tiers and eviction (later) hook in at `open` and `commit`."""
 
@@ -61,19 +92,50 @@ class BlobStore:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def open(self, digest: Digest) -> OpenBlob | None:
-        """Open a cached blob (blocking): None when it is not here."""
+        """Open a cached blob (blocking): None when it is not here. Raises Corrupt for a file
+        whose bytes no longer match (see "Sealed files")."""
         try:
             fd = os.open(self.layout.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        size = os.fstat(fd).st_size
-        if size > SMALL_BLOB:
-            return OpenBlob(fd, size)
         try:
-            data = os.read(fd, size + 1)
+            st = os.fstat(fd)
+            if st.st_size > SMALL_BLOB:
+                if st.st_mtime_ns != SEAL_NS:
+                    self._recheck(fd, digest, st.st_size)
+                opened, fd = OpenBlob(fd, st.st_size), -1
+                return opened
+            data = os.read(fd, st.st_size + 1)
+            if hashlib.new(digest.algorithm, data).hexdigest() != digest.hex:
+                raise Corrupt(digest, len(data))
+            return OpenBlob(-1, len(data), data)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    @staticmethod
+    def _recheck(fd: int, digest: Digest, size: int) -> None:
+        """A blob file written to since its commit, or copied without its times: hash it
+        whole; seal it again if it still matches, else raise Corrupt."""
+        log.warning("blob %s was modified after it was stored; checking its digest", digest)
+        if not _matches(fd, digest):
+            raise Corrupt(digest, size)
+        try:
+            os.utime(fd, ns=(SEAL_NS, SEAL_NS))
+        except OSError:  # a read-only store: it is checked again next time
+            pass
+
+    def verify(self, digest: Digest) -> bool:
+        """Whether the committed file hashes to its digest (blocking; fsck). A file gone
+        meanwhile (evicted) counts as fine: nothing wrong is left."""
+        try:
+            fd = os.open(self.layout.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            return _matches(fd, digest)
         finally:
             os.close(fd)
-        return OpenBlob(-1, len(data), data)
 
     def exists(self, digest: Digest) -> bool:
         """Whether a committed blob file is there (blocking)."""
@@ -87,7 +149,9 @@ class BlobStore:
         return path, wfd, rfd
 
     def commit(self, partial: Path, wfd: int, digest: Digest) -> None:
-        """fsync a verified partial file and rename it into place (blocking, atomic)."""
+        """Seal a verified partial file, fsync it and rename it into place (blocking, atomic)."""
+        os.fchmod(wfd, 0o444)
+        os.utime(wfd, ns=(SEAL_NS, SEAL_NS))
         os.fsync(wfd)
         final = self.layout.blob(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -120,14 +184,15 @@ class BlobStore:
         return removed
 
     def scan(self) -> dict[str, tuple[int, float]]:
-        """Every committed blob file: digest → (size, mtime) (blocking; reconcile at start)."""
+        """Every committed blob file: digest → (size, ctime, about when it was committed: the
+        mtime is the seal) (blocking; reconcile at start)."""
         found: dict[str, tuple[int, float]] = {}
         for algo_dir in self.layout.blobs.iterdir():
             for fan in algo_dir.iterdir():
                 with os.scandir(fan) as it:
                     for e in it:
                         st = e.stat()
-                        found[f"{algo_dir.name}:{e.name}"] = (st.st_size, st.st_mtime)
+                        found[f"{algo_dir.name}:{e.name}"] = (st.st_size, st.st_ctime)
         return found
 
     def sweep(self) -> int:

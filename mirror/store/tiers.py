@@ -28,7 +28,7 @@ from mirror import errors
 from mirror.config import Config
 from mirror.eviction import POLICIES, PassReport, expired_tags, plan, target_bytes
 from mirror.oci.reference import Digest, parse_digest
-from mirror.store.blobs import BlobStore, OpenBlob
+from mirror.store.blobs import BlobStore, Corrupt, OpenBlob
 from mirror.store.cold import ColdStore
 from mirror.store.hot import HotTier
 from mirror.store.index import Accesses, BlobIndex, Entry
@@ -101,7 +101,11 @@ class Tiers:
         if data is not None:
             self.accesses.hit(key)
             return Found(OpenBlob(-1, len(data), data), "hot")
-        stored = await self.blobs.run(self.blobs.open, digest)
+        try:
+            stored = await self.blobs.run(self.blobs.open, digest)
+        except Corrupt as bad:
+            await self._drop_corrupt(bad)
+            return None
         if stored is None:
             return None
         self.accesses.hit(key)
@@ -111,6 +115,16 @@ class Tiers:
             self._serving[key] += 1
             stored.release = lambda: self._release(key)
         return Found(stored, "warm")
+
+    async def _drop_corrupt(self, bad: Corrupt) -> None:
+        """A warm file that no longer matches its digest: record first, then file (the
+        index's order), so the request becomes a miss and a fresh verified fill replaces it."""
+        key = str(bad.digest)
+        log.error("blob %s in the warm tier does not match its digest (altered on disk); dropped, "
+                  "it will be fetched again", key)
+        await self.index.call(self.index.forget, key, "warm")
+        await self.blobs.run(self.blobs.remove, [key])
+        self.on_evicted("warm", "corrupt", 1, bad.size)
 
     def _release(self, key: str) -> None:
         self._serving[key] -= 1
@@ -179,7 +193,7 @@ class Tiers:
         store from before the index) and drop rows whose files are gone. (added, dropped)"""
         files = await self.blobs.run(self.blobs.scan)
         known = await self.index.call(self.index.digests, "warm")
-        adopt = [(d, "warm", size, mtime) for d, (size, mtime) in files.items()
+        adopt = [(d, "warm", size, ctime) for d, (size, ctime) in files.items()
                  if d not in known and _valid(d)]
         gone = [d for d in known if d not in files]
         if adopt:
