@@ -1,7 +1,7 @@
 """kill -9 of a real mirror process in the middle of fills or of an eviction pass, then a
-restart on the same data: no
-partial or unverified blob is ever served, temp files are swept, the index agrees with the
-files (fsck finds nothing), and the blobs come whole on the next pull."""
+restart on the same data: no partial or unverified blob is ever served, temp files are swept,
+the index agrees with the files (fsck finds nothing), and the blobs come whole on the next
+pull."""
 
 from __future__ import annotations
 
