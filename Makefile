@@ -20,10 +20,10 @@ run: install
 	$(BIN)/mirror serve --listen 0.0.0.0:5000 --data-dir ./data
 
 install-test-deps:
-	@command -v docker-registry >/dev/null && command -v skopeo >/dev/null && command -v containerd >/dev/null && command -v chromium >/dev/null || { \
+	@command -v docker-registry >/dev/null && command -v skopeo >/dev/null && command -v containerd >/dev/null && command -v chromium >/dev/null && command -v mkfs.ext4 >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo containerd chromium; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo containerd chromium e2fsprogs; }
 
 test: install install-test-deps
 	$(BIN)/python -m pytest

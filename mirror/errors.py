@@ -21,6 +21,8 @@ The HTTP status of every code lives in ONE table, `http.middleware.STATUS_BY_COD
         ├── UpstreamBadResponse UPSTREAM_INVALID      5xx, lying digest or size (502)
         └── UpstreamOverloaded  UPSTREAM_OVERLOADED   503 from upstream (503)
     ├── StoreUnavailable       STORE_UNAVAILABLE disk full, read-only, unreadable (503)
+    │   └── DiskFull               (a blob that cannot be kept streams through)
+    │       └── StoreReadOnly
     └── EndpointUnknown        NOT_FOUND         a path that is no registry endpoint (404)
 """
 
@@ -162,6 +164,12 @@ class DiskFull(StoreUnavailable):
     """No room for a blob even after eviction: it is streamed through, not kept."""
 
     default_message = "the mirror's disk is full"
+
+
+class StoreReadOnly(DiskFull):
+    """The store's filesystem went read-only: like a full disk, blobs stream through unkept."""
+
+    default_message = "the mirror's store is read-only"
 
 
 class EndpointUnknown(MirrorError):

@@ -132,6 +132,8 @@ class Fill:
             if await store.run(self._already_stored, store):
                 self._finish()
                 return False
+            partial, out, self._read_fd = await self._create(store)
+            wfd = out
             async with source() as stream:
                 self.size = stream.size
                 if max_size and (stream.size or 0) > max_size:
@@ -139,9 +141,6 @@ class Fill:
                                         detail={"digest": str(self.digest), "size": stream.size, "max": max_size})
                 if room is not None and stream.size is not None and not await room(stream.size):
                     raise errors.DiskFull(detail={"digest": str(self.digest), "size": stream.size})
-                partial, out, self._read_fd = await store.run(store.create_partial, self.digest)
-                wfd = out
-                self.size = stream.size
                 verifier = Verifier(self.digest, stream.size, max_size or None)
                 self._ready.set_result(None)
                 started = time.monotonic()
@@ -170,6 +169,19 @@ class Fill:
                 if not self._syncing.cancelled():
                     self._syncing.exception()
             self._close(wfd)
+
+    async def _create(self, store: BlobStore) -> tuple[Path, int, int]:
+        """The partial file, made before upstream is asked: a store that cannot take a new
+        file (read-only, no inodes or quota left) costs no upstream request, and the blob
+        streams through instead, like a full disk's."""
+        try:
+            return await store.run(store.create_partial, self.digest)
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                raise errors.StoreReadOnly(detail={"digest": str(self.digest)}) from e
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.DiskFull(detail={"digest": str(self.digest)}) from e
+            raise
 
     async def _copy(self, store: BlobStore, stream: BlobBody, wfd: int, verifier: Verifier) -> None:
         """Read upstream in WRITE_CHUNK pieces; each piece is written and hashed in two

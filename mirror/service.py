@@ -328,7 +328,7 @@ class MirrorService:
     async def pass_through(self, target: Target, digest: Digest) -> AsyncIterator[BlobBody]:
         """The disk cannot take this blob: stream it from upstream to one client, verified
         (the last bytes are held until the digest checks out) and kept nowhere."""
-        log.warning("disk full: streaming %s through without keeping it", digest)
+        log.warning("the store cannot keep %s (disk full or read-only): streaming it through", digest)
         async with self._upstream.blob(target, str(digest)) as stream:
             yield _Verified(stream.size, verified(stream.chunks(), Verifier(digest, stream.size)))
 

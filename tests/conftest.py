@@ -220,3 +220,39 @@ async def small_disk(tmp_path: Path) -> AsyncIterator[Callable[[int], Path]]:
     yield mount
     for where in mounts:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+class Ext4Disk:
+    """A small ext4 filesystem on a loop device, mounted with `errors=remount-ro`, that can be
+    made to fail as a disk does: `fail()` raises a real filesystem error (ext4's sysfs
+    `trigger_fs_error`), and the kernel turns the mount read-only under whoever has files open."""
+
+    def __init__(self, image: Path, where: Path) -> None:
+        self.image, self.where = image, where
+
+    def fail(self) -> None:
+        device = Path(subprocess.run(["findmnt", "-no", "SOURCE", str(self.where)], capture_output=True,
+                                     text=True, check=True).stdout.strip()).name
+        Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("test")
+
+
+@pytest.fixture
+def ext4_disk(tmp_path: Path) -> Iterator[Callable[[int], Ext4Disk]]:
+    """`ext4_disk(nbytes)`: a fresh `Ext4Disk`, unmounted and released at the end."""
+    disks: list[Ext4Disk] = []
+
+    def make(nbytes: int) -> Ext4Disk:
+        image, where = tmp_path / f"ext4-{len(disks)}.img", tmp_path / f"ext4-{len(disks)}"
+        where.mkdir()
+        with image.open("wb") as f:
+            f.truncate(nbytes)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+        done = subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(where)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"these tests mount a loop device and need root: {done.stderr}"
+        disks.append(Ext4Disk(image, where))
+        return disks[-1]
+
+    yield make
+    for disk in disks:
+        subprocess.run(["umount", "-l", str(disk.where)], check=False)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import aiohttp
 
-from conftest import MakeMirror, Mirror
+from conftest import Ext4Disk, MakeMirror, Mirror
+from images import ACCEPT_ALL, make_image
 from upstream_sim import UpstreamSim
 
 MiB = 1024 * 1024
@@ -85,7 +86,7 @@ async def _fill_meets_a_full_disk(sim: UpstreamSim, mirror: Mirror, disk: Path, 
     transfer = asyncio.create_task(_fails(client, f"{mirror.url}/v2/{REPO}/blobs/{digest}", len(data)))
     await hold.reached.wait()
     deadline = time.monotonic() + 10
-    while not mirror.partial_files():  # the fill has checked for room and begun writing
+    while not any(p.stat().st_size for p in mirror.partial_files()):  # past the room check, writing
         assert time.monotonic() < deadline, "the fill never started"
         await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
     _ballast(disk, leave=256 * 1024)
@@ -126,3 +127,39 @@ async def test_enospc_mid_fill_with_nothing_to_evict_fails_clean_then_streams_th
         assert resp.status == 200 and resp.headers["X-Mirror-Cache"] == "pass-through"
         assert await resp.read() == data
     assert mirror.blob_files() == []
+
+
+async def test_store_gone_read_only_keeps_serving(sim: UpstreamSim, make_mirror: MakeMirror,
+                                                  client: aiohttp.ClientSession,
+                                                  ext4_disk: Callable[[int], Ext4Disk]) -> None:
+    """The store's ext4 hits an error and the kernel remounts it read-only under the running
+    mirror (errors=remount-ro): cached manifests and blobs are still served, /readyz says
+    503, and an uncached blob streams through, verified and unkept, with no upstream request
+    wasted on a fill that could not be kept."""
+    disk = ext4_disk(64 * MiB)
+    image = make_image(77, [2 * MiB, 3000])
+    sim.add_image(REPO, "1", image)
+    mirror = await make_mirror(sim.url, NO_FLOOR, data_dir=disk.where / "data")
+    manifest_url = f"{mirror.url}/v2/{REPO}/manifests/1"
+    async with client.get(manifest_url, headers={"Accept": ACCEPT_ALL}) as resp:
+        assert await resp.read() == image.data
+    for digest, data in image.blobs.items():
+        async with client.get(f"{mirror.url}/v2/{REPO}/blobs/{digest}") as resp:
+            assert await resp.read() == data
+    await mirror.settled()
+    new = _blob(78, 3 * MiB)
+    new_digest = sim.add_blob(new)
+    await asyncio.to_thread(disk.fail)
+    async with client.get(f"{mirror.url}/readyz") as resp:
+        assert resp.status == 503
+    async with client.get(manifest_url, headers={"Accept": ACCEPT_ALL}) as resp:
+        assert resp.status == 200 and await resp.read() == image.data
+    for digest, data in image.blobs.items():
+        async with client.get(f"{mirror.url}/v2/{REPO}/blobs/{digest}") as resp:
+            assert resp.status == 200 and await resp.read() == data
+    for _ in range(2):
+        async with client.get(f"{mirror.url}/v2/{REPO}/blobs/{new_digest}") as resp:
+            assert resp.status == 200 and resp.headers["X-Mirror-Cache"] == "pass-through"
+            assert await resp.read() == new
+    assert sim.requests[("GET", f"/v2/{REPO}/blobs/{new_digest}")] == 2, "one per client, no fill attempt"
+    assert not any(p.name == new_digest.split(":")[1] for p in mirror.blob_files())

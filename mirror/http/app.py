@@ -98,7 +98,7 @@ def build_app(config: Config) -> web.Application:
         await evictor.stop()
         for task in background:
             task.cancel()
-        await tiers.accesses.flush()
+        await tiers.flush_accesses()
         await upstream.close()
         await asyncio.to_thread(index.close)
         manifests.close()

@@ -150,10 +150,17 @@ class Tiers:
         """Write counted hits to the index every `interval` seconds (a background task)."""
         while True:
             await asyncio.sleep(interval)
-            try:
-                await self.accesses.flush()
-            except Exception:
-                log.exception("writing access times to the index failed; retrying later")
+            await self.flush_accesses()
+
+    async def flush_accesses(self) -> None:
+        """Write counted hits to the index; a store that cannot take the write (read-only,
+        full) costs those counts and a log line, never the caller."""
+        try:
+            await self.accesses.flush()
+        except sqlite3.Error as e:
+            log.warning("writing access times to the index failed (%s); those counts are lost", e)
+        except Exception:
+            log.exception("writing access times to the index failed")
 
     async def drop_cold(self, digest: Digest) -> None:
         """Forget a cold copy that failed verification (record first, then the object)."""
