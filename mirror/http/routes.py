@@ -238,17 +238,12 @@ class Routes:
         try:
             async with SocketSender(request, response, self._pool, self._idle) as sender:
                 await send(sender)
-        except ClientStalled:
-            log.info("dropped a client that read nothing for %.0fs: %s %s", self._idle, request.remote, request.path)
-            self._metrics.client_aborts.labels("stalled").inc()
-            abort(request)
-            return response
-        except ClientGone:
-            self._metrics.client_aborts.labels("gone").inc()
-            abort(request)
-            return response
-        except errors.MirrorError:
-            self._metrics.client_aborts.labels("fill_failed").inc()
+        except (ClientGone, errors.MirrorError) as e:
+            reason = "fill_failed" if isinstance(e, errors.MirrorError) else \
+                "stalled" if isinstance(e, ClientStalled) else "gone"
+            if reason == "stalled":
+                log.info("dropped a client that read nothing for %.0fs: %s %s", self._idle, request.remote, request.path)
+            self._metrics.client_aborts.labels(reason).inc()
             abort(request)
             return response
         self._metrics.served(source, end - start)

@@ -101,7 +101,7 @@ def _translate() -> Any:
 
 
 def _transient(e: errors.MirrorError) -> bool:
-    """A failure before any answer that another try may not meet: a refused or reset
+    """A failure before any answer that another try may get past: a refused or reset
     connection. Not DNS, TLS or a certificate (those are settings), not a timeout (a hang
     would only be waited for again)."""
     cause = e.__cause__
@@ -110,14 +110,11 @@ def _transient(e: errors.MirrorError) -> bool:
                                        aiohttp.ServerTimeoutError)))
 
 
-def _content_range(value: str) -> tuple[int, int | None] | None:
-    """`bytes <first>-<last>/<total or *>` as (first, total); None if malformed."""
-    unit, _, rest = value.partition(" ")
-    span, _, total = rest.partition("/")
-    first, _, _ = span.partition("-")
-    if unit != "bytes" or not first.isdigit() or not (total.isdigit() or total == "*"):
-        return None
-    return int(first), int(total) if total.isdigit() else None
+def _range_start(content_range: str) -> int | None:
+    """The first byte of `bytes <first>-<last>/<total>`; None if malformed."""
+    unit, _, span = content_range.partition(" ")
+    first = span.partition("-")[0]
+    return int(first) if unit == "bytes" and first.isdigit() else None
 
 
 def _status_error(status: int, headers: Mapping[str, str], not_found: errors.MirrorError) -> errors.MirrorError:
@@ -217,8 +214,7 @@ class UpstreamClient:
                 yield BlobStream(resp, received)
                 return
             if resp.status == 206:
-                span = _content_range(resp.headers.get("Content-Range", ""))
-                if span is None or span[0] != offset:
+                if _range_start(resp.headers.get("Content-Range", "")) != offset:
                     raise errors.UpstreamBadResponse("upstream answered a resumed blob from the wrong offset",
                                                      detail={"asked": offset, "Content-Range": resp.headers.get("Content-Range")})
                 yield BlobStream(resp, received)
