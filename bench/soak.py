@@ -33,7 +33,8 @@ def summary(report: Report) -> str:
         "statuses: " + ", ".join(f"{k} {v:,}" for k, v in sorted(report.statuses.items())),
         f"5xx: {report.server_errors}, wrong bytes: {report.wrong_bytes}, client errors: {len(report.client_errors)}",
         f"fills: {report.fills}, blobs evicted: {report.evicted:,.0f}",
-        f"descriptors: {start.fds} -> {end.fds} (open files {start.files} -> {end.files}); "
+        f"descriptors: {start.fds} -> {end.fds} (on blob or partial files: {start.blob_files} -> "
+        f"{end.blob_files}); "
         f"tasks: {start.tasks} -> {end.tasks}",
         f"RSS: {start.rss_kib / 1024:.1f} MiB -> {end.rss_kib / 1024:.1f} MiB "
         f"(peak {report.peak_rss_kib / 1024:.1f} MiB)",
@@ -54,7 +55,7 @@ def main() -> int:
     print(summary(report))
     print(f"report: {out}")
     assert report.start is not None and report.end is not None
-    leaked = report.end.files > report.start.files or report.end.tasks > report.start.tasks
+    leaked = report.end.blob_files > 0 or report.end.tasks > report.start.tasks
     return 1 if report.server_errors or report.wrong_bytes or report.client_errors or leaked else 0
 
 

@@ -17,7 +17,8 @@ async def test_mixed_soak_serves_everything_and_leaks_nothing(tmp_path: Path) ->
     assert report.wrong_bytes == 0
     assert report.client_errors == []
     assert report.start is not None and report.end is not None
-    assert report.end.files <= report.start.files, "no blob or partial file left open"
+    assert report.end.blob_files == 0, "no blob or partial file left open"
     assert report.end.tasks <= report.start.tasks, "no task left behind"
-    # sockets: only idle upstream keep-alive connections may still be pooled
-    assert report.end.fds <= report.start.fds + 4
+    # the rest: idle upstream keep-alive connections still pooled, and SQLite connections of
+    # store threads first used under load (one per thread, bounded by the pool)
+    assert report.end.fds <= report.start.fds + 16
