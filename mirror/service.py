@@ -276,8 +276,12 @@ class MirrorService:
             return BlobAnswer(Outcome.PASS_THROUGH)
         if self._max_fills and len(self._fills) >= self._max_fills and str(digest) not in self._fills:
             raise errors.TooManyRequests("the mirror is at its limit of concurrent fills", retry_after="1")
-        fill, _, started = self._fills.join(str(digest), lambda: Fill(digest),
-                                            lambda f: self._fill(f, target, digest))
+        fill, task, started = self._fills.join(str(digest), lambda: Fill(digest),
+                                               lambda f: self._fill(f, target, digest))
+        if fill.error is not None:  # failed, still winding down (removing its partial file):
+            await asyncio.wait([task])  # a new request gets a new try, not the old error
+            fill, _, started = self._fills.join(str(digest), lambda: Fill(digest),
+                                                lambda f: self._fill(f, target, digest))
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:

@@ -64,6 +64,7 @@ async def test_blob_larger_than_the_disk_streams_through(
             assert resp.headers["X-Mirror-Cache"] == "pass-through"
             assert resp.headers["Docker-Content-Digest"] == digest
             assert await resp.read() == data
+    await mirror.settled()
     assert mirror.blob_files() == [] and _nothing_partial(mirror)
     # the first request's fill opened upstream to learn the size, then gave up; the second
     # request knew better and went straight through
@@ -71,6 +72,7 @@ async def test_blob_larger_than_the_disk_streams_through(
     # streamed through, still verified: wrong bytes never complete
     sim.fault(digest, "wrong")
     assert await _fails(client, url, len(data))
+    await mirror.settled()
     assert mirror.blob_files() == [] and _nothing_partial(mirror)
     # and the mirror keeps serving
     small = sim.add_blob(_blob(2, 100_000))
@@ -111,6 +113,7 @@ async def test_enospc_mid_fill_evicts_and_retries(
     files = {f"sha256:{p.name}" for p in mirror.blob_files()}
     assert files == {digest}, "the older blob was evicted to make room"
     assert hashlib.sha256(next(iter(mirror.blob_files())).read_bytes()).hexdigest() == digest[7:]
+    await mirror.settled()
     assert _nothing_partial(mirror)
 
 
@@ -122,6 +125,7 @@ async def test_enospc_mid_fill_with_nothing_to_evict_fails_clean_then_streams_th
     data = _blob(5, 3 * MiB)
     digest, transfer = await _fill_meets_a_full_disk(sim, mirror, disk, client, data)
     assert await transfer, "a fill that cannot be kept never completes as a success"
+    await mirror.settled()
     assert mirror.blob_files() == [] and _nothing_partial(mirror)
     async with client.get(f"{mirror.url}/v2/{REPO}/blobs/{digest}") as resp:
         assert resp.status == 200 and resp.headers["X-Mirror-Cache"] == "pass-through"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -24,6 +25,7 @@ PATH = f"/v2/f/x/blobs/{DIGEST}"
 async def _serves_on(client: aiohttp.ClientSession, mirror: Mirror) -> None:
     async with client.get(f"{mirror.url}/v2/") as resp:
         assert resp.status == 200
+    await mirror.settled()  # a failed fill removes its partial file after telling its clients
     assert mirror.blob_files() == [] and mirror.partial_files() == []
 
 
@@ -44,9 +46,11 @@ async def _error(client: aiohttp.ClientSession, mirror: Mirror) -> tuple[int, st
 ], ids=["refused", "dns"])
 async def test_unreachable_upstreams(make_mirror: MakeMirror, client: aiohttp.ClientSession,
                                      url: str, status: int, code: str) -> None:
-    mirror = await make_mirror(url.format(closed=free_port()))
-    assert await _error(client, mirror) == (status, code)
-    await _serves_on(client, mirror)
+    with socket.socket() as closed:  # bound, never listening: connections are refused, and
+        closed.bind(("127.0.0.1", 0))  # no other listener (the mirror's own) can take the port
+        mirror = await make_mirror(url.format(closed=closed.getsockname()[1]))
+        assert await _error(client, mirror) == (status, code)
+        await _serves_on(client, mirror)
 
 
 @pytest.fixture

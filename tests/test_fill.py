@@ -95,6 +95,7 @@ async def test_corrupted_upstream_blob_reaches_no_client_and_leaves_nothing(
     results = await asyncio.gather(*(_fails(client, url, SIZE) for _ in range(5)))
     assert all(results)
     assert fault.hits == 1
+    await mirror.settled()
     assert mirror.blob_files() == []
     assert mirror.partial_files() == []
     body = await _fetch(client, url)
