@@ -98,8 +98,6 @@ class ResumingBlob:
         self._current: contextlib.AsyncExitStack | None = None
         self._body: Body | None = None
         self.size: int | None = None
-        #: Connections that were opened with Range to resume this body.
-        self.resumes = 0
 
     async def _connect(self, offset: int) -> Body:
         await self._disconnect()
@@ -149,7 +147,6 @@ class ResumingBlob:
                             self._name, got, e.message, delay)
                 await self._disconnect()
                 body = None
-                self.resumes += 1
                 self._on_resume()
                 await asyncio.sleep(delay)
 
