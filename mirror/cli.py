@@ -18,7 +18,7 @@ import uvloop
 from aiohttp import web
 
 from mirror import __version__, admin_cli, logs, prefetch
-from mirror.config import Config, load_config
+from mirror.config import Config, ignored_variables, load_config
 from mirror.errors import ConfigError
 from mirror.http.app import build_app
 from mirror.http.server import MirrorSite
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s %(message)s")
         return admin_cli.run(args, config)
     listener = logs.start(config.log_level, config.log_format)
+    for var in ignored_variables(os.environ):
+        log.debug("environment variable %s is not a configuration key: ignored", var)
     try:
         uvloop.run(serve(config))
     finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import re
 import ssl
 import tomllib
@@ -33,6 +34,11 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
 POLICIES = ("lru", "lfu", "gdsf")
+ENV_PREFIX = "MIRROR_"
+#: Variables the mirror reads that are not configuration keys (the CLI's).
+ENV_OWN = frozenset({"MIRROR_CONFIG"})
+#: How alike (difflib ratio) an unknown name must be to a key to be taken for a typo of it.
+NEAR_MISS = 0.8
 
 
 @dataclass(frozen=True)
@@ -343,26 +349,74 @@ def _default_name(raw: Mapping[str, Any]) -> str:
 
 
 def _from_env(env: Mapping[str, str], raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Map MIRROR_* variables onto config keys; an unknown one is an error, not a no-op."""
+    """Map the MIRROR_* variables the mirror owns onto config keys.
+
+    Only a variable that names a configuration key is read. One that looks like a mistake
+    for a key (a section that exists with a key that does not, a near-miss of a key's name,
+    a single underscore where a section needs two) is refused, naming the key. Anything
+    else is somebody else's (Kubernetes injects `MIRROR_PORT`, `MIRROR_SERVICE_HOST`, … into
+    every pod for a Service named `mirror`) and is ignored, logged at debug."""
     out: dict[str, Any] = {}
     by_env_name = {_env_name(n): n for n in raw.get("upstreams", {})}
     for var, value in env.items():
-        if not var.startswith("MIRROR_"):
+        if not var.startswith(ENV_PREFIX) or var in ENV_OWN:
             continue
-        parts = var[len("MIRROR_"):].split("__")
+        parts = var[len(ENV_PREFIX):].split("__")
         if parts == ["UPSTREAM"]:
             default = env.get("MIRROR_DEFAULT_UPSTREAM") or _default_name(raw)
             _merge(out, {"upstreams": {default: {"url": value}}})
-        elif len(parts) == 1:
-            out[parts[0].lower()] = value
-        elif len(parts) == 2:
-            _merge(out, {parts[0].lower(): {parts[1].lower(): value}})
         elif len(parts) == 3 and parts[0] == "UPSTREAMS":
             name = by_env_name.get(parts[1], parts[1].lower())
             _merge(out, {"upstreams": {name: {parts[2].lower(): value}}})
-        else:
-            raise ConfigError(f"environment variable {var}: not a configuration key")
+        elif (key := _env_key(var, parts)) is not None:
+            _merge(out, _nest(key, value))
     return out
+
+
+def ignored_variables(env: Mapping[str, str]) -> list[str]:
+    """The MIRROR_ variables of `env` that are not the mirror's (for a debug line at start,
+    once logging is up; `load_config` has refused the near-misses already)."""
+    return sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in ENV_OWN
+                  and not _from_env({v: ""}, {}))
+
+
+def _nest(key: tuple[str, ...], value: str) -> dict[str, Any]:
+    out: dict[str, Any] = {key[-1]: value}
+    for part in reversed(key[:-1]):
+        out = {part: out}
+    return out
+
+
+def _env_key(var: str, parts: list[str]) -> tuple[str, ...] | None:
+    """The key a MIRROR_ variable names; None when it is none of the mirror's business;
+    ConfigError when it is a near-miss of one."""
+    words = [p.lower() for p in parts]
+    sections = {f.name: f.type for f in dataclasses.fields(Config) if _is_section(f.name)}
+    scalars = [f.name for f in dataclasses.fields(Config) if not _is_section(f.name)
+               and f.name not in ("upstreams",)]
+    if len(words) == 1:
+        word = words[0]
+        if word in scalars:
+            return (word,)
+        section = next((s for s in sections if word.startswith(f"{s}_")), None)
+        if section is not None:
+            raise ConfigError(f"environment variable {var}: a section key takes two underscores, "
+                              f"MIRROR_{section.upper()}__{word[len(section) + 1:].upper()}")
+        near = difflib.get_close_matches(word, [*scalars, *sections], n=1, cutoff=NEAR_MISS)
+        if near:
+            raise ConfigError(f"{word}: unknown configuration key (environment variable {var}; "
+                              f"did you mean {near[0]}?)")
+        return None
+    if words[0] in sections or difflib.get_close_matches(words[0], sections, n=1, cutoff=NEAR_MISS):
+        if len(words) != 2 or words[0] not in sections:
+            raise ConfigError(f"environment variable {var}: not a configuration key")
+        return (words[0], words[1])  # an unknown key of a known section is refused by _build
+    return None
+
+
+def _is_section(name: str) -> bool:
+    kind = typing.get_type_hints(Config)[name]
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
 
 
 def _from_flags(flags: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:

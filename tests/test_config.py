@@ -15,13 +15,16 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from mirror.config import Config, Timeouts, UpstreamConfig, load_config
+from mirror.config import Config, Timeouts, UpstreamConfig, ignored_variables, load_config
 from mirror.errors import ConfigError
 from mirror.upstream.auth import credentials_for
+
+from conftest import MirrorProcess
 
 PROJECT = Path(__file__).resolve().parent.parent
 EXAMPLE = PROJECT / "config.example.toml"
@@ -181,13 +184,13 @@ def test_unknown_keys_are_refused_by_name(tmp_path: Path, text: str, key: str) -
 
 
 @pytest.mark.parametrize(("var", "key"), [
-    ("MIRROR_BOGUS", "bogus"),
     ("MIRROR_TIMEOUTS__BOGUS", "timeouts.bogus"),
     ("MIRROR_UPSTREAMS__DOCKER_IO__BOGUS", "upstreams.docker.io.bogus"),
-    ("MIRROR_A__B__C__D", "MIRROR_A__B__C__D"),
+    ("MIRROR_TIMEOUTS__A__B", "MIRROR_TIMEOUTS__A__B"),
 ])
 def test_unknown_environment_variables_are_refused_by_name(tmp_path: Path, var: str, key: str) -> None:
-    """An unknown MIRROR_ variable is an error naming the key it maps to (or the variable)."""
+    """A MIRROR_ variable that names a section, or an upstream, with a key it does not have is
+    an error naming the key it maps to (or the variable)."""
     assert key.lower() in refused(tmp_path, env={var: "1"}).lower()
 
 
@@ -356,3 +359,59 @@ def test_retention_rules_are_an_array_of_tables_and_checked(tmp_path: Path) -> N
         bad.write_text(body)
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_config(bad, env={})
+
+
+# -- the environment: only the mirror's own variables ----------------------------------------
+
+#: What a pod gets for the Service named `mirror` (port `http`, 5000) that deploy/k8s creates,
+#: and for its headless sibling, unless `enableServiceLinks: false`.
+KUBERNETES_SERVICE_LINKS = {
+    "MIRROR_SERVICE_HOST": "10.96.0.12",
+    "MIRROR_SERVICE_PORT": "5000",
+    "MIRROR_SERVICE_PORT_HTTP": "5000",
+    "MIRROR_PORT": "tcp://10.96.0.12:5000",
+    "MIRROR_PORT_5000_TCP": "tcp://10.96.0.12:5000",
+    "MIRROR_PORT_5000_TCP_PROTO": "tcp",
+    "MIRROR_PORT_5000_TCP_PORT": "5000",
+    "MIRROR_PORT_5000_TCP_ADDR": "10.96.0.12",
+    "MIRROR_HEADLESS_SERVICE_HOST": "10.96.0.13",
+    "MIRROR_HEADLESS_PORT": "tcp://10.96.0.13:5000",
+}
+
+
+def test_variables_that_are_not_keys_are_ignored() -> None:
+    """Kubernetes service links and a wrapper's own MIRROR_URL / MIRROR_NAME leave the
+    configuration as it is, and are the ones reported as ignored."""
+    env = {**KUBERNETES_SERVICE_LINKS, "MIRROR_URL": "http://x", "MIRROR_NAME": "edge",
+           "MIRROR_LISTEN": "127.0.0.1:7000"}
+    config = load_config(env=env)
+    assert config == load_config(env={}, flags={"listen": "127.0.0.1:7000"})
+    assert ignored_variables({**env, "MIRROR_CONFIG": "x.toml", "PATH": "/bin"}) == sorted(
+        set(env) - {"MIRROR_LISTEN"})
+
+
+@pytest.mark.parametrize(("var", "key"), [
+    ("MIRROR_WARM__MAX_BYTE", "warm.max_byte"),
+    ("MIRROR_TIMEOUTS__REED", "timeouts.reed"),
+    ("MIRROR_WARM_MAX_BYTES", "MIRROR_WARM__MAX_BYTES"),
+    ("MIRROR_DATA_DIRR", "data_dir"),
+    ("MIRROR_LISTN", "listen"),
+    ("MIRROR_TIMEOUT__READ", "MIRROR_TIMEOUT__READ"),
+    ("MIRROR_TIMEOUTS__READ__X", "MIRROR_TIMEOUTS__READ__X"),
+])
+def test_near_misses_of_keys_are_refused_by_name(tmp_path: Path, var: str, key: str) -> None:
+    """A variable that looks meant for a key (a typo of its name, one underscore where a
+    section takes two) still stops the start, naming the key."""
+    assert key in refused(tmp_path, env={var: "1"})
+
+
+def test_the_server_starts_with_a_pods_service_link_variables(
+        mirror_process: Callable[..., MirrorProcess]) -> None:
+    """`mirror serve` as a real process, with exactly the variables a pod gets for the
+    Service `mirror`, starts and serves; with log_level=debug it says what it ignored."""
+    proc = mirror_process("http://127.0.0.1:9", env={**KUBERNETES_SERVICE_LINKS, "MIRROR_LOG_LEVEL": "debug"})
+    proc.start()  # raises if the process exits (a configuration error) instead of answering
+    proc.stop()
+    out = proc.log.read_text()
+    assert "MIRROR_PORT_5000_TCP_ADDR is not a configuration key: ignored" in out
+    assert "configuration error" not in out
