@@ -224,9 +224,10 @@ def test_kubernetes_statefulset_config_and_storage_agree(tmp_path: Path) -> None
     """The ConfigMap's config.toml loads with the mirror's own loader; the container's
     `--config` is that file at its mount; `data_dir` is the PVC's mount (from
     volumeClaimTemplates); the listen port is the container port; the pod runs as the
-    image's non-root uid."""
+    image's non-root uid; no service-link variables are injected."""
     (sts,) = of_kind("StatefulSet")
     pod = sts["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
     (container,) = pod["containers"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     args = serve_args(container["args"])
