@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh Debian machine with Python 3.11:
 #   make run   - serve a Docker Hub mirror on 0.0.0.0:5000, cache under ./data, no config file
-#   make test  - install what the tests need (apt + pip) and run the whole suite
-#                (the tests start their own containerd, with its own root, state and socket)
+#   make test  - install what the tests need (apt + pip), check the code (ruff lint and
+#                format, mypy --strict) and run the whole suite (the tests start their own
+#                containerd, with its own root, state and socket)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install install-test-deps bench clean
+.PHONY: run test lint install install-test-deps bench clean
 
 $(BIN)/mirror: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,12 @@ install-test-deps:
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo containerd chromium e2fsprogs; }
 
-test: install install-test-deps
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint install-test-deps
 	$(BIN)/python -m pytest
 
 bench: install

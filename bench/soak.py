@@ -46,7 +46,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="default: a temporary directory"
+    )
     args = parser.parse_args()
     out = args.out or BENCH / "results" / f"soak-{time.strftime('%Y-%m-%d_%H%M%S')}.json"
     report = asyncio.run(soak(args.minutes * 60, args.data_dir, sample_every=10.0))

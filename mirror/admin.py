@@ -54,8 +54,12 @@ class FsckReport:
 
     @property
     def clean(self) -> bool:
-        return not (self.corrupt or self.records_without_files or self.files_without_records
-                    or self.stale_partials)
+        return not (
+            self.corrupt
+            or self.records_without_files
+            or self.files_without_records
+            or self.stale_partials
+        )
 
 
 class Admin:
@@ -71,7 +75,9 @@ class Admin:
         """digest → tier → entry, for every blob the index holds."""
         found: dict[str, dict[str, Entry]] = {}
         for tier in ("warm", "cold"):
-            for entry in await self._index.call(lambda t=tier: list(self._index.ordered(t, "last_access"))):
+            for entry in await self._index.call(
+                lambda t=tier: list(self._index.ordered(t, "last_access"))
+            ):
                 found.setdefault(entry.digest, {})[tier] = entry
         return found
 
@@ -87,7 +93,10 @@ class Admin:
             held = [entries[d] for d in blobs if d in entries]
             size = sum(next(iter(by_tier.values())).size for by_tier in held)
             tiers = sorted({t for by_tier in held for t in by_tier})
-            last = max([pulled.get(key, record.checked)] + [e.last_access for b in held for e in b.values()])
+            last = max(
+                [pulled.get(key, record.checked)]
+                + [e.last_access for b in held for e in b.values()]
+            )
             images.append(Image(*key, record.digest, size, last, tiers))
         return images
 
@@ -103,22 +112,33 @@ class Admin:
         for upstream, digests in sorted(roots.items()):
             blobs = await asyncio.to_thread(reachable_blobs, self._manifests, digests)
             held = [entries[d] for d in blobs if d in entries]
-            per_upstream[upstream] = {"bytes": sum(next(iter(b.values())).size for b in held),
-                                      "blobs": len(held)}
-        return {"tiers": {t: {"bytes": b, "blobs": n} for t, (b, n) in per_tier.items()},
-                "upstreams": per_upstream}
+            per_upstream[upstream] = {
+                "bytes": sum(next(iter(b.values())).size for b in held),
+                "blobs": len(held),
+            }
+        return {
+            "tiers": {t: {"bytes": b, "blobs": n} for t, (b, n) in per_tier.items()},
+            "upstreams": per_upstream,
+        }
 
-    async def evict(self, dry_run: bool = False, older_than: float | None = None,
-                    repo: str | None = None) -> list[Entry]:
+    async def evict(
+        self, dry_run: bool = False, older_than: float | None = None, repo: str | None = None
+    ) -> list[Entry]:
         """Warm blobs unused for `older_than` seconds and/or held by repositories matching
         `repo` (`<upstream>/<repository glob>`), never pinned ones or ones in use. They go
         the way any eviction goes (to cold when there is one)."""
-        candidates = await self._index.call(lambda: list(self._index.ordered("warm", "last_access")))
+        candidates = await self._index.call(
+            lambda: list(self._index.ordered("warm", "last_access"))
+        )
         if older_than is not None:
             before = time.time() - older_than
             candidates = [e for e in candidates if e.last_access < before]
         if repo is not None:
-            roots = [r.digest for (u, name, _), r in (await self._tags()).items() if fnmatchcase(f"{u}/{name}", repo)]
+            roots = [
+                r.digest
+                for (u, name, _), r in (await self._tags()).items()
+                if fnmatchcase(f"{u}/{name}", repo)
+            ]
             held = await asyncio.to_thread(reachable_blobs, self._manifests, roots)
             candidates = [e for e in candidates if e.digest in held]
         protected = await self._tiers.protected()
@@ -129,7 +149,9 @@ class Admin:
 
     async def pin(self, pattern: str) -> None:
         if "/" not in pattern or ":" not in pattern.rpartition("/")[2]:
-            raise errors.InvalidRequest(f"a pin is <upstream>/<repository>:<tag pattern>, got {pattern!r}")
+            raise errors.InvalidRequest(
+                f"a pin is <upstream>/<repository>:<tag pattern>, got {pattern!r}"
+            )
         await self._index.call(self._index.pin, pattern)
 
     async def unpin(self, pattern: str) -> bool:
@@ -153,8 +175,9 @@ class Admin:
             if not await blobs.run(blobs.verify, parse_digest(digest)):
                 report.corrupt.append(digest)
         now = time.time()
-        report.stale_partials = sorted(p.name for p in blobs.layout.tmp.iterdir()
-                                       if now - p.stat().st_mtime > STALE_PARTIAL)
+        report.stale_partials = sorted(
+            p.name for p in blobs.layout.tmp.iterdir() if now - p.stat().st_mtime > STALE_PARTIAL
+        )
         if repair and not report.clean:
             await self._index.call(self._index.forget_many, "warm", report.corrupt)
             await blobs.run(blobs.remove, report.corrupt)
@@ -188,6 +211,6 @@ def human(nbytes: float) -> str:
 def table(rows: Iterable[Iterable[object]], header: list[str]) -> str:
     cells = [[str(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in cells]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import IO, Any
 
 from mirror import bundle
 from mirror.admin import Admin, as_json, human, table
@@ -19,18 +19,32 @@ from mirror.store.tiers import open_tiers
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    cache = sub.add_parser("cache", help="inspect and manage the cache").add_subparsers(dest="action", required=True)
-    cache.add_parser("ls", parents=[common], help="cached images: repository, tag, size, last pulled, tier")
+    cache = sub.add_parser("cache", help="inspect and manage the cache").add_subparsers(
+        dest="action", required=True
+    )
+    cache.add_parser(
+        "ls", parents=[common], help="cached images: repository, tag, size, last pulled, tier"
+    )
     cache.add_parser("du", parents=[common], help="bytes per tier and per upstream")
-    evict = cache.add_parser("evict", parents=[common], help="evict warm blobs now (never pinned ones)")
+    evict = cache.add_parser(
+        "evict", parents=[common], help="evict warm blobs now (never pinned ones)"
+    )
     evict.add_argument("--dry-run", action="store_true", help="only list what would go")
     evict.add_argument("--older-than", type=float, metavar="SECONDS", help="unused for this long")
-    evict.add_argument("--repo", metavar="PATTERN", help="held by repositories matching <upstream>/<repo glob>")
+    evict.add_argument(
+        "--repo", metavar="PATTERN", help="held by repositories matching <upstream>/<repo glob>"
+    )
     for name in ("pin", "unpin"):
-        one = cache.add_parser(name, parents=[common], help=f"{name} images: <upstream>/<repository>:<tag glob>")
+        one = cache.add_parser(
+            name, parents=[common], help=f"{name} images: <upstream>/<repository>:<tag glob>"
+        )
         one.add_argument("pattern")
-    fsck = sub.add_parser("fsck", parents=[common], help="re-hash every blob; check index against files")
-    fsck.add_argument("--repair", action="store_true", help="drop what fails, reconcile index and files")
+    fsck = sub.add_parser(
+        "fsck", parents=[common], help="re-hash every blob; check index against files"
+    )
+    fsck.add_argument(
+        "--repair", action="store_true", help="drop what fails, reconcile index and files"
+    )
     exp = sub.add_parser("export", parents=[common], help="cached images as an OCI layout tar")
     exp.add_argument("--out", required=True, help="the tar to write (- for standard output)")
     exp.add_argument("--all", action="store_true", help="every cached tag")
@@ -55,20 +69,28 @@ def _export(args: argparse.Namespace, config: Config) -> int:
     if not (args.all or args.images):
         print("mirror export: name images or give --all", file=sys.stderr)
         return 2
-    out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")
-    with out:
+    with _open(args.out, "wb", sys.stdout.buffer) as out:
         refs = bundle.export(config, out, args.images, args.all)
     print("\n".join(f"exported {r}" for r in refs) or "nothing exported", file=sys.stderr)
     return 0 if refs and (args.all or len(refs) == len(args.images)) else 1
 
 
+def _open(path: str, mode: str, std: IO[bytes]) -> IO[bytes]:
+    """The file at `path`, or standard input/output for `-`."""
+    return std if path == "-" else open(path, mode)  # the caller's `with` closes it
+
+
 def _import(args: argparse.Namespace, config: Config) -> int:
-    source = sys.stdin.buffer if args.bundle == "-" else open(args.bundle, "rb")
-    with source:
+    with _open(args.bundle, "rb", sys.stdin.buffer) as source:
         report = bundle.import_bundle(config, source)
-    _out(args, report, lambda: "\n".join(
-        [f"imported {report.blobs} blobs, {report.manifests} manifests, {report.tags} tags"]
-        + [f"  FAILED: {f}" for f in report.failed]))
+    _out(
+        args,
+        report,
+        lambda: "\n".join(
+            [f"imported {report.blobs} blobs, {report.manifests} manifests, {report.tags} tags"]
+            + [f"  FAILED: {f}" for f in report.failed]
+        ),
+    )
     return 1 if report.failed else 0
 
 
@@ -87,35 +109,68 @@ async def _dispatch(admin: Admin, args: argparse.Namespace) -> int:
     action = args.action if args.command == "cache" else "fsck"
     if action == "ls":
         images = await admin.catalog()
-        return _out(args, images, lambda: table(
-            ([f"{i.upstream}/{i.repository}", i.tag, human(i.size), _when(i.last_pulled), ",".join(i.tiers) or "-"]
-             for i in images), ["REPOSITORY", "TAG", "SIZE", "LAST PULLED", "TIER"]))
+        return _out(
+            args,
+            images,
+            lambda: table(
+                (
+                    [
+                        f"{i.upstream}/{i.repository}",
+                        i.tag,
+                        human(i.size),
+                        _when(i.last_pulled),
+                        ",".join(i.tiers) or "-",
+                    ]
+                    for i in images
+                ),
+                ["REPOSITORY", "TAG", "SIZE", "LAST PULLED", "TIER"],
+            ),
+        )
     if action == "du":
         usage = await admin.usage()
-        return _out(args, usage, lambda: table(
-            [[f"tier {t}", human(v["bytes"]), v["blobs"]] for t, v in usage["tiers"].items()]
-            + [[f"upstream {u}", human(v["bytes"]), v["blobs"]] for u, v in usage["upstreams"].items()],
-            ["", "BYTES", "BLOBS"]))
+        return _out(
+            args,
+            usage,
+            lambda: table(
+                [[f"tier {t}", human(v["bytes"]), v["blobs"]] for t, v in usage["tiers"].items()]
+                + [
+                    [f"upstream {u}", human(v["bytes"]), v["blobs"]]
+                    for u, v in usage["upstreams"].items()
+                ],
+                ["", "BYTES", "BLOBS"],
+            ),
+        )
     if action == "evict":
         gone = await admin.evict(args.dry_run, args.older_than, args.repo)
         verb = "would evict" if args.dry_run else "evicted"
-        return _out(args, gone, lambda: f"{verb} {len(gone)} blobs, {human(sum(e.size for e in gone))}")
+        return _out(
+            args, gone, lambda: f"{verb} {len(gone)} blobs, {human(sum(e.size for e in gone))}"
+        )
     if action == "pin":
         await admin.pin(args.pattern)
         pins = await admin.pins()
         return _out(args, pins, lambda: "pins:\n" + "\n".join(f"  {p}" for p in pins))
     if action == "unpin":
         found = await admin.unpin(args.pattern)
-        print(json.dumps({"unpinned": found}) if args.json else ("unpinned" if found else "no such pin"))
+        print(
+            json.dumps({"unpinned": found})
+            if args.json
+            else ("unpinned" if found else "no such pin")
+        )
         return 0 if found else 1
     report = await admin.fsck(args.repair)
-    _out(args, report, lambda: "\n".join(
-        [f"checked {report.checked} blobs: " + ("clean" if report.clean else "problems found")]
-        + [f"  corrupt: {d}" for d in report.corrupt]
-        + [f"  record without file: {d}" for d in report.records_without_files]
-        + [f"  file without record: {d}" for d in report.files_without_records]
-        + [f"  stale partial file: {p}" for p in report.stale_partials]
-        + (["  repaired"] if report.repaired else [])))
+    _out(
+        args,
+        report,
+        lambda: "\n".join(
+            [f"checked {report.checked} blobs: " + ("clean" if report.clean else "problems found")]
+            + [f"  corrupt: {d}" for d in report.corrupt]
+            + [f"  record without file: {d}" for d in report.records_without_files]
+            + [f"  file without record: {d}" for d in report.files_without_records]
+            + [f"  stale partial file: {p}" for p in report.stale_partials]
+            + (["  repaired"] if report.repaired else [])
+        ),
+    )
     return 0 if report.clean or report.repaired else 1
 
 

@@ -57,7 +57,10 @@ class ImportReport:
 
 # -- export ---------------------------------------------------------------------------------------
 
-def _wanted(config: Config, manifests: ManifestStore, images: list[str], everything: bool) -> dict[TagKey, TagRecord]:
+
+def _wanted(
+    config: Config, manifests: ManifestStore, images: list[str], everything: bool
+) -> dict[TagKey, TagRecord]:
     tags = dict(manifests.iter_tags())
     if everything:
         return tags
@@ -101,7 +104,9 @@ def export(config: Config, out: IO[bytes], images: list[str], everything: bool) 
         pool.shutdown()
 
 
-def _export(tiers: Tiers, manifests: ManifestStore, tags: dict[TagKey, TagRecord], out: IO[bytes]) -> list[str]:
+def _export(
+    tiers: Tiers, manifests: ManifestStore, tags: dict[TagKey, TagRecord], out: IO[bytes]
+) -> list[str]:
     written: set[str] = set()
     index, history, sums, exported = [], [], [], []
     layout = tiers.blobs.layout
@@ -110,7 +115,9 @@ def _export(tiers: Tiers, manifests: ManifestStore, tags: dict[TagKey, TagRecord
         for (upstream, repo, tag), record in sorted(tags.items()):
             closure = _closure(manifests, record.digest)
             ref = f"{upstream}/{repo}:{tag}"
-            if closure is None or not all(layout.blob(parse_digest(d)).exists() for d in closure[1]):
+            if closure is None or not all(
+                layout.blob(parse_digest(d)).exists() for d in closure[1]
+            ):
                 log.warning("%s is not wholly in the warm tier: left out", ref)
                 continue
             for m in closure[0]:
@@ -123,14 +130,34 @@ def _export(tiers: Tiers, manifests: ManifestStore, tags: dict[TagKey, TagRecord
                     tar.add(str(layout.blob(parse_digest(d))), arcname=_member(d), recursive=False)
                     written.add(d)
                     sums.append(d)
-            index.append({"mediaType": record.media_type, "digest": record.digest,
-                          "size": len(closure[0][0].data), "annotations": {REF_NAME: ref}})
-            history.append({"upstream": upstream, "repository": repo, "tag": tag, "digest": record.digest,
-                            "media_type": record.media_type, "checked": record.checked})
+            index.append(
+                {
+                    "mediaType": record.media_type,
+                    "digest": record.digest,
+                    "size": len(closure[0][0].data),
+                    "annotations": {REF_NAME: ref},
+                }
+            )
+            history.append(
+                {
+                    "upstream": upstream,
+                    "repository": repo,
+                    "tag": tag,
+                    "digest": record.digest,
+                    "media_type": record.media_type,
+                    "checked": record.checked,
+                }
+            )
             exported.append(ref)
-        _add_bytes(tar, "index.json", json.dumps({"schemaVersion": 2, "manifests": index}, indent=1).encode())
+        _add_bytes(
+            tar,
+            "index.json",
+            json.dumps({"schemaVersion": 2, "manifests": index}, indent=1).encode(),
+        )
         _add_bytes(tar, "mirror-tags.json", json.dumps(history, indent=1).encode())
-        _add_bytes(tar, "SHA256SUMS", "".join(f"{d.split(':')[1]}  {_member(d)}\n" for d in sums).encode())
+        _add_bytes(
+            tar, "SHA256SUMS", "".join(f"{d.split(':')[1]}  {_member(d)}\n" for d in sums).encode()
+        )
     return exported
 
 
@@ -147,6 +174,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 # -- import ---------------------------------------------------------------------------------------
+
 
 def import_bundle(config: Config, source: IO[bytes]) -> ImportReport:
     """Blocking: verify and store what the bundle holds (see the module docstring)."""
@@ -170,7 +198,11 @@ async def _import(tiers: Tiers, manifests: ManifestStore, source: IO[bytes]) -> 
             if member.isfile() and name.startswith("blobs/"):
                 digest = _digest_of_member(name)
                 reader = tar.extractfile(member)
-                if digest is None or reader is None or not _store_blob(tiers, digest, reader, member.size):
+                if (
+                    digest is None
+                    or reader is None
+                    or not _store_blob(tiers, digest, reader, member.size)
+                ):
                     report.failed.append(name)
                     continue
                 arrived.add(str(digest))
@@ -218,21 +250,33 @@ def _store_blob(tiers: Tiers, digest: Digest, reader: IO[bytes], size: int) -> b
         os.close(wfd)
 
 
-async def _restore_tags(tiers: Tiers, manifests: ManifestStore, docs: dict[str, Any], arrived: set[str],
-                        report: ImportReport) -> None:
+async def _restore_tags(
+    tiers: Tiers,
+    manifests: ManifestStore,
+    docs: dict[str, Any],
+    arrived: set[str],
+    report: ImportReport,
+) -> None:
     """Store manifests (verified) and tags whose every blob arrived."""
     history = docs.get("mirror-tags.json") or [
-        _from_ref_name(d) for d in (docs.get("index.json") or {}).get("manifests", []) if REF_NAME in d.get("annotations", {})]
+        _from_ref_name(d)
+        for d in (docs.get("index.json") or {}).get("manifests", [])
+        if REF_NAME in d.get("annotations", {})
+    ]
     for entry in history:
         if entry is None:
             continue
-        stored = await _store_closure(tiers, manifests, entry["digest"], entry["media_type"], arrived)
+        stored = await _store_closure(
+            tiers, manifests, entry["digest"], entry["media_type"], arrived
+        )
         if not stored:
             report.failed.append(f"{entry['upstream']}/{entry['repository']}:{entry['tag']}")
             continue
         report.manifests += stored
         key = (entry["upstream"], entry["repository"], entry["tag"])
-        await manifests.put_tag(key, TagRecord(entry["digest"], entry["media_type"], float(entry["checked"])))
+        await manifests.put_tag(
+            key, TagRecord(entry["digest"], entry["media_type"], float(entry["checked"]))
+        )
         report.tags += 1
 
 
@@ -242,12 +286,19 @@ def _from_ref_name(descriptor: dict[str, Any]) -> dict[str, Any] | None:
     upstream, _, repo = name.partition("/")
     if not (upstream and repo and tag):
         return None
-    return {"upstream": upstream, "repository": repo, "tag": tag, "digest": descriptor["digest"],
-            "media_type": descriptor["mediaType"], "checked": 0.0}
+    return {
+        "upstream": upstream,
+        "repository": repo,
+        "tag": tag,
+        "digest": descriptor["digest"],
+        "media_type": descriptor["mediaType"],
+        "checked": 0.0,
+    }
 
 
-async def _store_closure(tiers: Tiers, manifests: ManifestStore, root: str, media_type: str,
-                         arrived: set[str]) -> int:
+async def _store_closure(
+    tiers: Tiers, manifests: ManifestStore, root: str, media_type: str, arrived: set[str]
+) -> int:
     """Store the manifests under `root` if they and all their blobs arrived intact: how many.
     A manifest's media type is its descriptor's (the tag's, or its index's entry)."""
     todo, found = [(root, media_type)], []
@@ -262,7 +313,9 @@ async def _store_closure(tiers: Tiers, manifests: ManifestStore, root: str, medi
         if not all(b in arrived for b in refs.blobs):
             return 0
         found.append(StoredManifest(digest, kind, data))
-        todo.extend((d["digest"], d.get("mediaType", "")) for d in json.loads(data).get("manifests", []))
+        todo.extend(
+            (d["digest"], d.get("mediaType", "")) for d in json.loads(data).get("manifests", [])
+        )
     for m in found:
         await manifests.put_manifest(m)
     return len(found)

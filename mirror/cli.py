@@ -27,16 +27,22 @@ log = logging.getLogger("mirror")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirror", description="Pull-through caching mirror for container registries.")
+    parser = argparse.ArgumentParser(
+        prog="mirror", description="Pull-through caching mirror for container registries."
+    )
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="TOML config file (default: none, the embedded Docker Hub mirror)")
+    common.add_argument(
+        "--config", help="TOML config file (default: none, the embedded Docker Hub mirror)"
+    )
     common.add_argument("--data-dir", dest="data_dir", help="cache directory (default ./data)")
     common.add_argument("--json", action="store_true", help="JSON output (admin commands)")
     serve = sub.add_parser("serve", parents=[common], help="serve the registry API")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
-    serve.add_argument("--upstream", help="URL of the default (docker.io) upstream, e.g. http://127.0.0.1:5001")
+    serve.add_argument(
+        "--upstream", help="URL of the default (docker.io) upstream, e.g. http://127.0.0.1:5001"
+    )
     admin_cli.add_commands(sub, common)
     prefetch.add_command(sub)
     return parser
@@ -47,10 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "prefetch":
         return prefetch.run(args)
     try:
-        config = load_config(args.config or os.environ.get("MIRROR_CONFIG"),
-                             env={k: v for k, v in os.environ.items() if k != "MIRROR_CONFIG"},
-                             flags={"listen": getattr(args, "listen", None), "data_dir": args.data_dir,
-                                    "upstream": getattr(args, "upstream", None)})
+        config = load_config(
+            args.config or os.environ.get("MIRROR_CONFIG"),
+            env={k: v for k, v in os.environ.items() if k != "MIRROR_CONFIG"},
+            flags={
+                "listen": getattr(args, "listen", None),
+                "data_dir": args.data_dir,
+                "upstream": getattr(args, "upstream", None),
+            },
+        )
     except ConfigError as e:
         print(f"mirror: configuration error: {e}", file=sys.stderr)
         return 2
@@ -93,11 +104,22 @@ async def serve(config: Config) -> None:
     await runner.setup()
     host, port = config.host_port
     tls = _tls_context(config)
-    site = MirrorSite(runner, config, host, port, ssl_context=tls,
-                      access_log=logging.getLogger("mirror.access") if config.access_log else None)
+    site = MirrorSite(
+        runner,
+        config,
+        host,
+        port,
+        ssl_context=tls,
+        access_log=logging.getLogger("mirror.access") if config.access_log else None,
+    )
     await site.start()
-    log.info("serving on %s, data in %s, upstreams %s, default %s", config.listen, config.data_dir,
-             ", ".join(f"{u.name}={u.url}" for u in config.upstreams), config.default_upstream)
+    log.info(
+        "serving on %s, data in %s, upstreams %s, default %s",
+        config.listen,
+        config.data_dir,
+        ", ".join(f"{u.name}={u.url}" for u in config.upstreams),
+        config.default_upstream,
+    )
     log.info("effective configuration (secrets masked): %r", config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

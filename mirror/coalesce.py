@@ -23,7 +23,9 @@ class Flights(Generic[K, S, V]):
     def __init__(self) -> None:
         self._inflight: dict[K, tuple[S, asyncio.Task[V]]] = {}
 
-    def join(self, key: K, state: Callable[[], S], work: Callable[[S], Awaitable[V]]) -> tuple[S, asyncio.Task[V], bool]:
+    def join(
+        self, key: K, state: Callable[[], S], work: Callable[[S], Awaitable[V]]
+    ) -> tuple[S, asyncio.Task[V], bool]:
         """The running flight for `key`, or a new one; the bool says whether this call started it."""
         entry = self._inflight.get(key)
         if entry is not None:

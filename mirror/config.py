@@ -152,7 +152,9 @@ class ColdConfig:
     policy: str = "lru"
 
     def __repr__(self) -> str:  # secrets never reach logs
-        return f"ColdConfig(url={self.url!r}, endpoint={self.endpoint!r}, max_bytes={self.max_bytes})"
+        return (
+            f"ColdConfig(url={self.url!r}, endpoint={self.endpoint!r}, max_bytes={self.max_bytes})"
+        )
 
 
 @dataclass(frozen=True)
@@ -361,7 +363,7 @@ def _from_env(env: Mapping[str, str], raw: Mapping[str, Any]) -> dict[str, Any]:
     for var, value in env.items():
         if not var.startswith(ENV_PREFIX) or var in ENV_OWN:
             continue
-        parts = var[len(ENV_PREFIX):].split("__")
+        parts = var[len(ENV_PREFIX) :].split("__")
         if parts == ["UPSTREAM"]:
             default = env.get("MIRROR_DEFAULT_UPSTREAM") or _default_name(raw)
             _merge(out, {"upstreams": {default: {"url": value}}})
@@ -376,8 +378,11 @@ def _from_env(env: Mapping[str, str], raw: Mapping[str, Any]) -> dict[str, Any]:
 def ignored_variables(env: Mapping[str, str]) -> list[str]:
     """The MIRROR_ variables of `env` that are not the mirror's (for a debug line at start,
     once logging is up; `load_config` has refused the near-misses already)."""
-    return sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in ENV_OWN
-                  and not _from_env({v: ""}, {}))
+    return sorted(
+        v
+        for v in env
+        if v.startswith(ENV_PREFIX) and v not in ENV_OWN and not _from_env({v: ""}, {})
+    )
 
 
 def _nest(key: tuple[str, ...], value: str) -> dict[str, Any]:
@@ -392,20 +397,27 @@ def _env_key(var: str, parts: list[str]) -> tuple[str, ...] | None:
     ConfigError when it is a near-miss of one."""
     words = [p.lower() for p in parts]
     sections = {f.name: f.type for f in dataclasses.fields(Config) if _is_section(f.name)}
-    scalars = [f.name for f in dataclasses.fields(Config) if not _is_section(f.name)
-               and f.name not in ("upstreams",)]
+    scalars = [
+        f.name
+        for f in dataclasses.fields(Config)
+        if not _is_section(f.name) and f.name not in ("upstreams",)
+    ]
     if len(words) == 1:
         word = words[0]
         if word in scalars:
             return (word,)
         section = next((s for s in sections if word.startswith(f"{s}_")), None)
         if section is not None:
-            raise ConfigError(f"environment variable {var}: a section key takes two underscores, "
-                              f"MIRROR_{section.upper()}__{word[len(section) + 1:].upper()}")
+            raise ConfigError(
+                f"environment variable {var}: a section key takes two underscores, "
+                f"MIRROR_{section.upper()}__{word[len(section) + 1 :].upper()}"
+            )
         near = difflib.get_close_matches(word, [*scalars, *sections], n=1, cutoff=NEAR_MISS)
         if near:
-            raise ConfigError(f"{word}: unknown configuration key (environment variable {var}; "
-                              f"did you mean {near[0]}?)")
+            raise ConfigError(
+                f"{word}: unknown configuration key (environment variable {var}; "
+                f"did you mean {near[0]}?)"
+            )
         return None
     if words[0] in sections or difflib.get_close_matches(words[0], sections, n=1, cutoff=NEAR_MISS):
         if len(words) != 2 or words[0] not in sections:
@@ -452,7 +464,9 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
     if up.docker_config and not Path(up.docker_config).is_file():
         raise ConfigError(f"{where}.docker_config: no such file {up.docker_config!r}")
     if up.ns and not _NS.fullmatch(up.ns):
-        raise ConfigError(f"{where}.ns: must be a registry host[:port] such as 'ghcr.io', got {up.ns!r}")
+        raise ConfigError(
+            f"{where}.ns: must be a registry host[:port] such as 'ghcr.io', got {up.ns!r}"
+        )
     return dataclasses.replace(up, ns=up.ns.lower())
 
 
@@ -466,7 +480,9 @@ def _check(config: Config) -> None:
     for key in ("connect", "read", "rate_window", "client_idle"):
         value = getattr(config.timeouts, key)
         if not value > 0:
-            raise ConfigError(f"timeouts.{key}: must be a positive number of seconds, got {value!r}")
+            raise ConfigError(
+                f"timeouts.{key}: must be a positive number of seconds, got {value!r}"
+            )
     if config.timeouts.min_rate < 0:
         raise ConfigError("timeouts.min_rate: must not be negative")
     retries = config.retries
@@ -484,43 +500,59 @@ def _check(config: Config) -> None:
     if config.default_upstream not in {u.name for u in config.upstreams}:
         raise ConfigError(f"default_upstream: {config.default_upstream!r} is not in [upstreams]")
     if not config.status_path.startswith("/") or config.status_path.startswith("/v2"):
-        raise ConfigError(f"status_path: must start with / and not with /v2, got {config.status_path!r}")
+        raise ConfigError(
+            f"status_path: must start with / and not with /v2, got {config.status_path!r}"
+        )
     if not config.metrics_path.startswith("/") or config.metrics_path.startswith("/v2"):
-        raise ConfigError(f"metrics_path: must start with / and not with /v2, got {config.metrics_path!r}")
+        raise ConfigError(
+            f"metrics_path: must start with / and not with /v2, got {config.metrics_path!r}"
+        )
     seen: dict[str, str] = {}
     for up in config.upstreams:
         for host_name in up.hosts:
             if host_name.lower() in seen:
-                raise ConfigError(f"upstreams.{up.name}.aliases: {host_name!r} is also used by "
-                                  f"{seen[host_name.lower()]!r}")
+                raise ConfigError(
+                    f"upstreams.{up.name}.aliases: {host_name!r} is also used by "
+                    f"{seen[host_name.lower()]!r}"
+                )
             seen[host_name.lower()] = up.name
 
 
 def _check_tiers(config: Config) -> None:
     warm, cold = config.warm, config.cold
     if not 0 < warm.low_watermark < warm.high_watermark <= 1:
-        raise ConfigError("warm.low_watermark/high_watermark: need 0 < low < high <= 1, got "
-                          f"{warm.low_watermark!r} and {warm.high_watermark!r}")
+        raise ConfigError(
+            "warm.low_watermark/high_watermark: need 0 < low < high <= 1, got "
+            f"{warm.low_watermark!r} and {warm.high_watermark!r}"
+        )
     if not 0 <= warm.max_fraction <= 1:
         raise ConfigError(f"warm.max_fraction: a share between 0 and 1, got {warm.max_fraction!r}")
     for where, policy in (("warm.policy", warm.policy), ("cold.policy", cold.policy)):
         if policy not in POLICIES:
             raise ConfigError(f"{where}: one of {', '.join(POLICIES)}, got {policy!r}")
     if cold.url and urlsplit(cold.url).scheme not in ("file", "s3", "gs", "az", "memory"):
-        raise ConfigError(f"cold.url: file://, s3://, gs://, az:// or memory:// URL, got {cold.url!r}")
+        raise ConfigError(
+            f"cold.url: file://, s3://, gs://, az:// or memory:// URL, got {cold.url!r}"
+        )
     for key in ("max_bytes", "small_blob_bytes"):
         if getattr(config.hot, key) < 0:
             raise ConfigError(f"hot.{key}: must not be negative")
-    for where, value in (("warm.max_bytes", warm.max_bytes), ("warm.min_free_bytes", warm.min_free_bytes),
-                         ("cold.max_bytes", cold.max_bytes), ("cold.max_idle", cold.max_idle),
-                         ("eviction.max_per_pass", config.eviction.max_per_pass - 1)):
+    for where, value in (
+        ("warm.max_bytes", warm.max_bytes),
+        ("warm.min_free_bytes", warm.min_free_bytes),
+        ("cold.max_bytes", cold.max_bytes),
+        ("cold.max_idle", cold.max_idle),
+        ("eviction.max_per_pass", config.eviction.max_per_pass - 1),
+    ):
         if value < 0:
             raise ConfigError(f"{where}: must not be negative")
     if not (config.eviction.interval > 0 and config.eviction.access_flush > 0):
         raise ConfigError("eviction.interval/access_flush: must be positive seconds")
     for i, rule in enumerate(config.retention):
         if "/" not in rule.pattern:
-            raise ConfigError(f"retention[{i}].pattern: expected <upstream>/<repository glob>, got {rule.pattern!r}")
+            raise ConfigError(
+                f"retention[{i}].pattern: expected <upstream>/<repository glob>, got {rule.pattern!r}"
+            )
         if rule.max_idle < 0 or rule.keep_tags < 0 or not (rule.max_idle or rule.keep_tags):
             raise ConfigError(f"retention[{i}]: set max_idle and/or keep_tags to a positive number")
     if config.limits.max_connections_per_client < 0:
@@ -531,23 +563,35 @@ def _check_tiers(config: Config) -> None:
         raise ConfigError("tls.cert/tls.key: give both, or neither")
     if config.tls.cert:
         try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.tls.cert, config.tls.key)
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                config.tls.cert, config.tls.key
+            )
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"tls.cert/tls.key: cannot load them: {e}") from None
     if config.auth.htpasswd and not Path(config.auth.htpasswd).is_file():
         raise ConfigError(f"auth.htpasswd: no such file {config.auth.htpasswd!r}")
     for i, grant in enumerate(config.auth.grants):
-        if not grant.who or grant.who == "token:" or (grant.who.startswith("token:") and len(grant.who) < 22):
-            raise ConfigError(f"auth.grants[{i}].who: a user name, or token:<at least 16 characters>")
+        if (
+            not grant.who
+            or grant.who == "token:"
+            or (grant.who.startswith("token:") and len(grant.who) < 22)
+        ):
+            raise ConfigError(
+                f"auth.grants[{i}].who: a user name, or token:<at least 16 characters>"
+            )
     for i, entry in enumerate(config.sync):
         upstream, _, repo = entry.image.partition("/")
         if upstream not in {u.name for u in config.upstreams} or not repo or ":" in repo:
-            raise ConfigError(f"sync[{i}].image: <configured upstream>/<repository> without a tag, got {entry.image!r}")
+            raise ConfigError(
+                f"sync[{i}].image: <configured upstream>/<repository> without a tag, got {entry.image!r}"
+            )
         if not entry.tags or entry.every <= 0:
             raise ConfigError(f"sync[{i}]: needs tags and a positive `every`")
     for pattern in config.pins:
         if "/" not in pattern or ":" not in pattern.rpartition("/")[2]:
-            raise ConfigError(f"pins: expected <upstream>/<repository>:<tag pattern>, got {pattern!r}")
+            raise ConfigError(
+                f"pins: expected <upstream>/<repository>:<tag pattern>, got {pattern!r}"
+            )
 
 
 def _build(cls: type[Any], raw: Mapping[str, Any], where: str) -> Any:
@@ -595,7 +639,16 @@ def _scalar(kind: Any, value: Any, key: str) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{key}: must be true or false, got {_shown(key, value)}")
     if kind is int and isinstance(value, str) and (m := _SIZE.fullmatch(value)):

@@ -91,7 +91,9 @@ class Unauthorized(MirrorError):
     code = "UNAUTHORIZED"
     default_message = "authentication required by upstream"
 
-    def __init__(self, message: str | None = None, detail: Any = None, challenge: str | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, detail: Any = None, challenge: str | None = None
+    ) -> None:
         super().__init__(message, detail)
         #: A `WWW-Authenticate` value for the client, when the mirror itself asks for credentials.
         self.challenge = challenge

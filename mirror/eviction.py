@@ -14,17 +14,19 @@ until the tier is down to its target or the pass's bound is reached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from fnmatch import fnmatchcase
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from mirror.config import RetentionRule
 from mirror.store.index import Entry
 from mirror.store.manifests import TagKey
 
 log = logging.getLogger("mirror.eviction")
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -42,13 +44,17 @@ class Policy:
 
 LRU = Policy("lru", lambda e: (e.last_access,), "last_access")
 LFU = Policy("lfu", lambda e: (e.hits, e.last_access), "hits, last_access")
-GDSF = Policy("gdsf", lambda e: ((e.hits + 1) / max(e.size, 1), e.last_access),
-              "(hits + 1.0) / max(size, 1), last_access")
+GDSF = Policy(
+    "gdsf",
+    lambda e: ((e.hits + 1) / max(e.size, 1), e.last_access),
+    "(hits + 1.0) / max(size, 1), last_access",
+)
 POLICIES: dict[str, Policy] = {p.name: p for p in (LRU, LFU, GDSF)}
 
 
-def plan(ordered: Iterable[Entry], used: int, target: int, protected: Collection[str],
-         max_victims: int) -> list[Entry]:
+def plan(
+    ordered: Iterable[Entry], used: int, target: int, protected: Collection[str], max_victims: int
+) -> list[Entry]:
     """The entries to evict, taken from `ordered` (first to go first), so that `used` falls to
     `target` bytes; stops reading as soon as it is there or has `max_victims`."""
     victims: list[Entry] = []
@@ -64,7 +70,9 @@ def plan(ordered: Iterable[Entry], used: int, target: int, protected: Collection
     return victims
 
 
-def target_bytes(used: int, budget: int, free: int, min_free: int, high: float, low: float) -> int | None:
+def target_bytes(
+    used: int, budget: int, free: int, min_free: int, high: float, low: float
+) -> int | None:
     """Where a tier should shrink to, or None when it needs no eviction: above `high` × budget
     it goes down to `low` × budget; when the filesystem has less than `min_free` free it gives
     back the shortfall plus the watermarks' gap, so it does not evict again at the next write."""
@@ -78,8 +86,9 @@ def target_bytes(used: int, budget: int, free: int, min_free: int, high: float, 
     return target
 
 
-def expired_tags(last_pulled: Mapping[TagKey, float], rules: Sequence[RetentionRule],
-                 now: float) -> set[TagKey]:
+def expired_tags(
+    last_pulled: Mapping[TagKey, float], rules: Sequence[RetentionRule], now: float
+) -> set[TagKey]:
     """Tags that retention rules let go: past `keep_tags` most recent of their repository, or
     not pulled for `max_idle` seconds. The first rule matching `<upstream>/<repo>` applies."""
     by_repo: dict[tuple[str, str], list[tuple[float, str]]] = {}
@@ -91,7 +100,9 @@ def expired_tags(last_pulled: Mapping[TagKey, float], rules: Sequence[RetentionR
         if rule is None:
             continue
         for rank, (when, tag) in enumerate(sorted(tags, reverse=True)):
-            if (rule.keep_tags and rank >= rule.keep_tags) or (rule.max_idle and now - when > rule.max_idle):
+            if (rule.keep_tags and rank >= rule.keep_tags) or (
+                rule.max_idle and now - when > rule.max_idle
+            ):
                 expired.add((upstream, repo, tag))
     return expired
 
@@ -130,18 +141,14 @@ class Evictor:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def _run(self) -> None:
         while True:
             if not self._again:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._interval)
-                except asyncio.TimeoutError:
-                    pass
             self._wake.clear()
             self._again = False
             started = time.monotonic()
@@ -153,5 +160,10 @@ class Evictor:
             self.passes += 1
             self._again = report.bounded
             if report.deleted or report.demoted:
-                log.info("eviction pass: %d demoted, %d deleted, %d bytes freed in %.3fs",
-                         report.demoted, report.deleted, report.freed, time.monotonic() - started)
+                log.info(
+                    "eviction pass: %d demoted, %d deleted, %d bytes freed in %.3fs",
+                    report.demoted,
+                    report.deleted,
+                    report.freed,
+                    time.monotonic() - started,
+                )

@@ -40,6 +40,7 @@ SYNC_EVERY = 32 * 1024 * 1024
 #: Seconds a waiting follower thread sleeps at most before it looks at its stop flag again.
 FOLLOWER_WAKE = 0.2
 
+
 class BlobBody(Protocol):
     """Where a fill reads from: an upstream answer, or a cold-tier object being promoted."""
 
@@ -117,8 +118,9 @@ class Fill:
         with self._progress:
             self._progress.notify_all()
 
-    async def run(self, store: BlobStore, source: BlobSource, room: Room | None = None,
-                  max_size: int = 0) -> bool:
+    async def run(
+        self, store: BlobStore, source: BlobSource, room: Room | None = None, max_size: int = 0
+    ) -> bool:
         """Fetch, write, hash, verify, commit; on any failure keep nothing and tell everyone.
         True when this fill committed a new blob.
 
@@ -137,8 +139,10 @@ class Fill:
             async with source() as stream:
                 self.size = stream.size
                 if max_size and (stream.size or 0) > max_size:
-                    raise errors.Denied("blob larger than this mirror takes from that upstream",
-                                        detail={"digest": str(self.digest), "size": stream.size, "max": max_size})
+                    raise errors.Denied(
+                        "blob larger than this mirror takes from that upstream",
+                        detail={"digest": str(self.digest), "size": stream.size, "max": max_size},
+                    )
                 if room is not None and stream.size is not None and not await room(stream.size):
                     raise errors.DiskFull(detail={"digest": str(self.digest), "size": stream.size})
                 verifier = Verifier(self.digest, stream.size, max_size or None)
@@ -151,8 +155,13 @@ class Fill:
             self._notify()
             await self._synced()
             await store.run(store.commit, partial, out, self.digest)
-            log.info("fill of %s: %d bytes, copy %.2fs, verify+fsync+rename %.2fs", self.digest,
-                     self.written, copied - started, time.monotonic() - copied)
+            log.info(
+                "fill of %s: %d bytes, copy %.2fs, verify+fsync+rename %.2fs",
+                self.digest,
+                self.written,
+                copied - started,
+                time.monotonic() - copied,
+            )
             partial = None
             self._finish()
             return True
@@ -197,7 +206,9 @@ class Fill:
                 if pending >= WRITE_CHUNK:
                     if landing is not None:
                         await landing
-                    landing = asyncio.ensure_future(self._land(store, wfd, verifier, pieces, pending))
+                    landing = asyncio.ensure_future(
+                        self._land(store, wfd, verifier, pieces, pending)
+                    )
                     pieces, pending = [], 0
             if landing is not None:
                 await landing
@@ -209,15 +220,18 @@ class Fill:
                 if not landing.cancelled():
                     landing.exception()
 
-    async def _land(self, store: BlobStore, wfd: int, verifier: Verifier, pieces: list[bytes],
-                    size: int) -> None:
+    async def _land(
+        self, store: BlobStore, wfd: int, verifier: Verifier, pieces: list[bytes], size: int
+    ) -> None:
         """Write and hash one piece (as received, no copy) in parallel; then followers may read it."""
         crossed = (self.written + size) // SYNC_EVERY > self.written // SYNC_EVERY
         if crossed and (self._syncing is None or self._syncing.done()):
             await self._synced()  # raises a failed flush's error (EIO): the fill fails
             self._syncing = asyncio.ensure_future(store.run(os.fdatasync, wfd))
-        lanes = [asyncio.ensure_future(self._write(store, wfd, pieces)),
-                 asyncio.ensure_future(store.run(verifier.update_all, pieces))]
+        lanes = [
+            asyncio.ensure_future(self._write(store, wfd, pieces)),
+            asyncio.ensure_future(store.run(verifier.update_all, pieces)),
+        ]
         await asyncio.wait(lanes)
         for lane in lanes:
             lane.result()
@@ -238,7 +252,11 @@ class Fill:
             if e.errno != errno.ENOSPC or self._room is None:
                 raise
             need = max((self.size or 0) - self.written, sum(map(len, pieces)))
-            log.warning("disk full during the fill of %s; evicting to make room for %d bytes", self.digest, need)
+            log.warning(
+                "disk full during the fill of %s; evicting to make room for %d bytes",
+                self.digest,
+                need,
+            )
             if not await self._room(need):
                 raise errors.DiskFull(detail={"digest": str(self.digest)}) from e
             try:
@@ -278,8 +296,12 @@ class Fill:
         else:
             self.error = errors.UpstreamUnavailable("blob fill aborted")
             log.error("fill of %s aborted by an unexpected error", self.digest, exc_info=e)
-        log.warning("fill of %s failed: %s", self.digest, self.error.message,
-                    extra={"digest": str(self.digest), "code": self.error.code})
+        log.warning(
+            "fill of %s failed: %s",
+            self.digest,
+            self.error.message,
+            extra={"digest": str(self.digest), "code": self.error.code},
+        )
         if not self._ready.done():
             self._ready.set_exception(self.error)
             self._ready.exception()
@@ -295,4 +317,3 @@ class Fill:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-

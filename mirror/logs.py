@@ -41,7 +41,10 @@ def _logfmt(value: object) -> str:
 
 
 def _stamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
 
 
 class _Deferred(logging.handlers.QueueHandler):
@@ -61,8 +64,12 @@ class _Structured(logging.Formatter):
         self._json = as_json
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"ts": _stamp(record.created), "level": record.levelname.lower(),
-                                 "logger": record.name, "msg": record.getMessage()}
+        entry: dict[str, Any] = {
+            "ts": _stamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return render(entry, self._json)
@@ -91,7 +98,12 @@ class AccessLog:
         lines = []
         while self._pending:
             fields = self._pending.popleft()
-            entry = {"ts": _stamp(fields.pop("at")), "level": "info", "logger": "mirror.access", **fields}
+            entry = {
+                "ts": _stamp(fields.pop("at")),
+                "level": "info",
+                "logger": "mirror.access",
+                **fields,
+            }
             lines.append(render(entry, self._json))
         if lines:
             self._out.write("\n".join(lines) + "\n")

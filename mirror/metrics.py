@@ -23,7 +23,24 @@ EVICTION_REASONS = ("budget", "retention", "idle", "disk_full", "corrupt", "manu
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: Kinds of upstream request.
 UPSTREAM_KINDS = ("manifest", "manifest_head", "blob", "blob_head", "list", "token")
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
 _FILL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
 
@@ -35,64 +52,129 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "mirror_http_requests", "Requests answered, by route, method, status and cache outcome.",
-            ["route", "method", "status", "outcome"], registry=self.registry)
+            "mirror_http_requests",
+            "Requests answered, by route, method, status and cache outcome.",
+            ["route", "method", "status", "outcome"],
+            registry=self.registry,
+        )
         self.bytes_served = Counter(
-            "mirror_blob_bytes_served", "Blob bytes sent to clients, by source.",
-            ["source"], registry=self.registry)
-        self.fills = Gauge("mirror_fills_in_flight", "Blob fills running now.", registry=self.registry)
+            "mirror_blob_bytes_served",
+            "Blob bytes sent to clients, by source.",
+            ["source"],
+            registry=self.registry,
+        )
+        self.fills = Gauge(
+            "mirror_fills_in_flight", "Blob fills running now.", registry=self.registry
+        )
         self.lookups = Counter(
-            "mirror_blob_lookups", "Blob requests by the tier that answered (hot → warm → cold → upstream).",
-            ["source"], registry=self.registry)
-        self.tier_bytes = Gauge("mirror_tier_bytes", "Bytes held per tier.", ["tier"], registry=self.registry)
-        self.tier_objects = Gauge("mirror_tier_objects", "Objects held per tier.", ["tier"], registry=self.registry)
+            "mirror_blob_lookups",
+            "Blob requests by the tier that answered (hot → warm → cold → upstream).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.tier_bytes = Gauge(
+            "mirror_tier_bytes", "Bytes held per tier.", ["tier"], registry=self.registry
+        )
+        self.tier_objects = Gauge(
+            "mirror_tier_objects", "Objects held per tier.", ["tier"], registry=self.registry
+        )
         self.evictions = Counter(
-            "mirror_evictions", "Blobs that left a tier, by tier and reason (demotions included).",
-            ["tier", "reason"], registry=self.registry)
+            "mirror_evictions",
+            "Blobs that left a tier, by tier and reason (demotions included).",
+            ["tier", "reason"],
+            registry=self.registry,
+        )
         self.evicted_bytes = Counter(
-            "mirror_evicted_bytes", "Bytes that left a tier, by tier and reason.",
-            ["tier", "reason"], registry=self.registry)
+            "mirror_evicted_bytes",
+            "Bytes that left a tier, by tier and reason.",
+            ["tier", "reason"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "mirror_request_duration_seconds", "Time to answer a request (to the end of the body).",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+            "mirror_request_duration_seconds",
+            "Time to answer a request (to the end of the body).",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.upstream_requests = Counter(
-            "mirror_upstream_requests", "Requests sent to upstreams, by upstream, kind and status.",
-            ["upstream", "kind", "status"], registry=self.registry)
+            "mirror_upstream_requests",
+            "Requests sent to upstreams, by upstream, kind and status.",
+            ["upstream", "kind", "status"],
+            registry=self.registry,
+        )
         self.upstream_retries = Counter(
-            "mirror_upstream_retries", "Upstream requests tried again, by upstream, kind and why "
+            "mirror_upstream_retries",
+            "Upstream requests tried again, by upstream, kind and why "
             "(connection, status, resume: a blob body picked up again with Range).",
-            ["upstream", "kind", "reason"], registry=self.registry)
+            ["upstream", "kind", "reason"],
+            registry=self.registry,
+        )
         self.client_refusals = Counter(
-            "mirror_client_refusals", "Client requests refused before any work, by reason.",
-            ["reason"], registry=self.registry)
+            "mirror_client_refusals",
+            "Client requests refused before any work, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.client_aborts = Counter(
-            "mirror_client_aborts", "Blob answers cut off mid-body, by why: the client went away (gone), "
+            "mirror_client_aborts",
+            "Blob answers cut off mid-body, by why: the client went away (gone), "
             "read nothing for timeouts.read (stalled), or the fill it followed failed (fill_failed).",
-            ["reason"], registry=self.registry)
+            ["reason"],
+            registry=self.registry,
+        )
         self.upstream_bytes = Counter(
-            "mirror_upstream_bytes", "Blob bytes received from upstreams.", ["upstream"], registry=self.registry)
+            "mirror_upstream_bytes",
+            "Blob bytes received from upstreams.",
+            ["upstream"],
+            registry=self.registry,
+        )
         self.fill_seconds = Histogram(
-            "mirror_fill_duration_seconds", "Blob fills from start to commit, by source and result.",
-            ["source", "result"], buckets=_FILL_BUCKETS, registry=self.registry)
+            "mirror_fill_duration_seconds",
+            "Blob fills from start to commit, by source and result.",
+            ["source", "result"],
+            buckets=_FILL_BUCKETS,
+            registry=self.registry,
+        )
         self.fill_followers = Histogram(
-            "mirror_fill_followers", "Requests that streamed from one fill as it ran (the first included).",
-            buckets=(0, 1, 2, 5, 10, 20, 50, 100), registry=self.registry)
+            "mirror_fill_followers",
+            "Requests that streamed from one fill as it ran (the first included).",
+            buckets=(0, 1, 2, 5, 10, 20, 50, 100),
+            registry=self.registry,
+        )
         self.digest_mismatches = Counter(
-            "mirror_digest_mismatches", "Upstream or cold bytes that did not match their digest.",
-            ["source"], registry=self.registry)
+            "mirror_digest_mismatches",
+            "Upstream or cold bytes that did not match their digest.",
+            ["source"],
+            registry=self.registry,
+        )
         self.token_fetches = Counter(
-            "mirror_token_fetches", "Bearer tokens fetched from token realms, by upstream and result.",
-            ["upstream", "result"], registry=self.registry)
+            "mirror_token_fetches",
+            "Bearer tokens fetched from token realms, by upstream and result.",
+            ["upstream", "result"],
+            registry=self.registry,
+        )
         self.ratelimit_remaining = Gauge(
             "mirror_upstream_ratelimit_remaining",
             "Pulls left in the upstream's rate-limit window (Docker Hub's ratelimit-remaining), per credential.",
-            ["upstream", "credential"], registry=self.registry)
+            ["upstream", "credential"],
+            registry=self.registry,
+        )
         self.ratelimit_limit = Gauge(
-            "mirror_upstream_ratelimit_limit", "The upstream's pull limit per window, per credential.",
-            ["upstream", "credential"], registry=self.registry)
-        self.up = Gauge("mirror_upstream_up", "1 when the upstream's last answer was not a failure.",
-                        ["upstream"], registry=self.registry)
-        self.open_fds = Gauge("mirror_open_fds", "File descriptors the process holds.", registry=self.registry)
+            "mirror_upstream_ratelimit_limit",
+            "The upstream's pull limit per window, per credential.",
+            ["upstream", "credential"],
+            registry=self.registry,
+        )
+        self.up = Gauge(
+            "mirror_upstream_up",
+            "1 when the upstream's last answer was not a failure.",
+            ["upstream"],
+            registry=self.registry,
+        )
+        self.open_fds = Gauge(
+            "mirror_open_fds", "File descriptors the process holds.", registry=self.registry
+        )
         self.tasks = Gauge("mirror_asyncio_tasks", "asyncio tasks alive.", registry=self.registry)
         self._latency_children: dict[str, Any] = {}
         self.client_refusals.labels("connections_per_client")
@@ -116,7 +198,9 @@ class Metrics:
         child = self._request_children.get(key)
         if child is None:
             method = method if method in _METHODS else "other"
-            child = self._request_children[key] = self.requests.labels(route, method, str(status), outcome)
+            child = self._request_children[key] = self.requests.labels(
+                route, method, str(status), outcome
+            )
         child.inc()
 
     def served(self, source: str, nbytes: int) -> None:
@@ -143,7 +227,9 @@ class Metrics:
 
     def upstream(self, upstream: str, kind: str, status: int | str) -> None:
         self.upstream_requests.labels(upstream, kind, str(status)).inc()
-        self.up.labels(upstream).set(0 if status == "error" or (isinstance(status, int) and status >= 500) else 1)
+        self.up.labels(upstream).set(
+            0 if status == "error" or (isinstance(status, int) and status >= 500) else 1
+        )
 
     def fill_done(self, source: str, ok: bool, seconds: float, followers: int) -> None:
         self.fill_seconds.labels(source, "ok" if ok else "failed").observe(seconds)

@@ -23,7 +23,10 @@ from mirror.oci import mediatypes
 
 #: Blobs fetched at once per image.
 PARALLEL = 4
-INDEXES = {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
+INDEXES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,9 @@ def add_command(sub: Any) -> None:
     p.add_argument("images", nargs="*", help="images, e.g. python:3.12 or ghcr.io/org/tool:1")
     p.add_argument("--file", help="a file with one image per line (# comments)")
     p.add_argument("--mirror", default="http://127.0.0.1:5000", help="the mirror's base URL")
-    p.add_argument("--platform", help="comma-separated os/arch[/variant] of an index to bring (default: all)")
+    p.add_argument(
+        "--platform", help="comma-separated os/arch[/variant] of an index to bring (default: all)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         print("mirror prefetch: no images given", file=sys.stderr)
         return 2
     platforms = set(args.platform.split(",")) if args.platform else None
-    return asyncio.run(_prefetch_all(args.mirror.rstrip("/"), [parse_image(i) for i in images], platforms))
+    return asyncio.run(
+        _prefetch_all(args.mirror.rstrip("/"), [parse_image(i) for i in images], platforms)
+    )
 
 
 async def _prefetch_all(mirror: str, images: list[ImageRef], platforms: set[str] | None) -> int:
@@ -80,8 +87,11 @@ async def _prefetch_all(mirror: str, images: list[ImageRef], platforms: set[str]
         for image in images:
             try:
                 blobs, cached = await _prefetch(session, mirror, image, platforms)
-                print(f"{image}: {blobs} blobs, {cached} already cached, {blobs - cached} fetched", flush=True)
-            except (aiohttp.ClientError, asyncio.TimeoutError, PrefetchError) as e:
+                print(
+                    f"{image}: {blobs} blobs, {cached} already cached, {blobs - cached} fetched",
+                    flush=True,
+                )
+            except (TimeoutError, aiohttp.ClientError, PrefetchError) as e:
                 failed += 1
                 print(f"{image}: FAILED: {e}", file=sys.stderr, flush=True)
     return 1 if failed else 0
@@ -91,8 +101,9 @@ class PrefetchError(Exception):
     pass
 
 
-async def _prefetch(session: aiohttp.ClientSession, mirror: str, image: ImageRef,
-                    platforms: set[str] | None) -> tuple[int, int]:
+async def _prefetch(
+    session: aiohttp.ClientSession, mirror: str, image: ImageRef, platforms: set[str] | None
+) -> tuple[int, int]:
     base = f"{mirror}/v2/{image.repository}"
     ns = {"ns": image.registry}
     doc, media_type = await _manifest(session, base, image.reference, ns)
@@ -104,8 +115,11 @@ async def _prefetch(session: aiohttp.ClientSession, mirror: str, image: ImageRef
                 manifests.append((await _manifest(session, base, child["digest"], ns))[0])
         if not manifests:
             raise PrefetchError(f"no manifest for {', '.join(sorted(platforms or []))}")
-    blobs = {d["digest"]: d.get("size", 0) for m in manifests
-             for d in ([m["config"]] if "config" in m else []) + m.get("layers", [])}
+    blobs = {
+        d["digest"]: d.get("size", 0)
+        for m in manifests
+        for d in ([m["config"]] if "config" in m else []) + m.get("layers", [])
+    }
     progress = _progress(str(image), sum(blobs.values()))
     gate = asyncio.Semaphore(PARALLEL)
 
@@ -119,18 +133,25 @@ async def _prefetch(session: aiohttp.ClientSession, mirror: str, image: ImageRef
 
 
 def _platform(p: dict[str, str]) -> str:
-    return "/".join(x for x in (p.get("os", ""), p.get("architecture", ""), p.get("variant", "")) if x)
+    return "/".join(
+        x for x in (p.get("os", ""), p.get("architecture", ""), p.get("variant", "")) if x
+    )
 
 
-async def _manifest(session: aiohttp.ClientSession, base: str, ref: str, ns: dict[str, str]) -> tuple[Any, str]:
-    async with session.get(f"{base}/manifests/{ref}", params=ns,
-                           headers={"Accept": mediatypes.UPSTREAM_ACCEPT}) as resp:
+async def _manifest(
+    session: aiohttp.ClientSession, base: str, ref: str, ns: dict[str, str]
+) -> tuple[Any, str]:
+    async with session.get(
+        f"{base}/manifests/{ref}", params=ns, headers={"Accept": mediatypes.UPSTREAM_ACCEPT}
+    ) as resp:
         if resp.status != 200:
             raise PrefetchError(f"manifest {ref}: HTTP {resp.status}")
         return json.loads(await resp.read()), resp.headers.get("Content-Type", "").split(";")[0]
 
 
-async def _blob(session: aiohttp.ClientSession, url: str, ns: dict[str, str], progress: Any) -> bool:
+async def _blob(
+    session: aiohttp.ClientSession, url: str, ns: dict[str, str], progress: Any
+) -> bool:
     """True when the mirror held it already (HEAD says hit); else stream it through."""
     async with session.head(url, params=ns) as resp:
         if resp.status == 200 and resp.headers.get("X-Mirror-Cache") == "hit":
@@ -156,6 +177,7 @@ def _progress(label: str, total: int) -> Any:
     if not sys.stderr.isatty():
         return _Quiet()
     from tqdm import tqdm
+
     return tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False)
 
 

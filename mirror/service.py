@@ -20,19 +20,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
-from typing import Mapping
+from enum import StrEnum
 
 from mirror import errors
 from mirror.coalesce import Flights
 from mirror.fill import BlobBody, BlobSource, Fill
 from mirror.metrics import Metrics
 from mirror.oci import mediatypes
+from mirror.oci.manifest import references
 from mirror.oci.mediatypes import AcceptSet
 from mirror.oci.reference import Digest, Reference, parse_digest
-from mirror.oci.manifest import references
 from mirror.oci.verify import Verifier, digest_of, verified
 from mirror.store.blobs import OpenBlob
 from mirror.store.manifests import (
@@ -58,7 +57,7 @@ PULL_AHEAD_REMEMBERED = 10_000
 TOO_BIG_REMEMBERED = 1000
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """How a request was answered; reported in the X-Mirror-Cache header, logs and metrics."""
 
     HIT = "hit"
@@ -97,9 +96,15 @@ class _Verified:
 class MirrorService:
     """Answers registry reads from the cache, going upstream only on a miss."""
 
-    def __init__(self, upstream: UpstreamClient, tiers: Tiers, manifests: ManifestStore,
-                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
-                 max_fills: int = 0) -> None:
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        tiers: Tiers,
+        manifests: ManifestStore,
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
+        max_fills: int = 0,
+    ) -> None:
         self._max_fills = max_fills
         self._upstream = upstream
         self._metrics = metrics or Metrics()
@@ -130,7 +135,8 @@ class MirrorService:
         if not accept.allows(answer.manifest.media_type):
             raise errors.ManifestUnknown(
                 f"manifest is a {answer.manifest.media_type}, which the Accept header excludes",
-                detail={"mediaType": answer.manifest.media_type})
+                detail={"mediaType": answer.manifest.media_type},
+            )
         self.pull_ahead(target, answer.manifest)
         return answer
 
@@ -150,7 +156,9 @@ class MirrorService:
         if found is not None:
             return ManifestAnswer(found, Outcome.HIT)
         key = ("digest", target.upstream.name, str(digest))
-        answer, followed = await self._manifest_flights.run(key, lambda: self._fetch_digest(target, digest))
+        answer, followed = await self._manifest_flights.run(
+            key, lambda: self._fetch_digest(target, digest)
+        )
         return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
 
     async def _fetch_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
@@ -165,10 +173,14 @@ class MirrorService:
             found = await self._manifests.manifest(record.digest)
             if found is not None:
                 return ManifestAnswer(found, Outcome.HIT)
-        answer, followed = await self._manifest_flights.run(("tag", *key), lambda: self._refresh(target, key, record))
+        answer, followed = await self._manifest_flights.run(
+            ("tag", *key), lambda: self._refresh(target, key, record)
+        )
         return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
 
-    async def _refresh(self, target: Target, key: TagKey, record: TagRecord | None) -> ManifestAnswer:
+    async def _refresh(
+        self, target: Target, key: TagKey, record: TagRecord | None
+    ) -> ManifestAnswer:
         """Revalidate a held tag with HEAD, or fetch an unknown one with GET."""
         held = await self._manifests.manifest(record.digest) if record is not None else None
         if record is None or held is None:
@@ -177,11 +189,17 @@ class MirrorService:
             log.info("pull budget of %s low: serving %s/%s:%s as cached, unrevalidated", *key, *key)
             return ManifestAnswer(held, Outcome.STALE)
         try:
-            head = await self._upstream.manifest(target, key[2], mediatypes.UPSTREAM_ACCEPT, method="HEAD",
-                                                 retry=False)
+            head = await self._upstream.manifest(
+                target, key[2], mediatypes.UPSTREAM_ACCEPT, method="HEAD", retry=False
+            )
         except STALE_OK as e:
-            log.log(logging.DEBUG if isinstance(e, errors.Offline) else logging.WARNING,
-                    "serving stale tag %s/%s:%s: %s", *key, e.message, extra={"upstream": key[0], "code": e.code})
+            log.log(
+                logging.DEBUG if isinstance(e, errors.Offline) else logging.WARNING,
+                "serving stale tag %s/%s:%s: %s",
+                *key,
+                e.message,
+                extra={"upstream": key[0], "code": e.code},
+            )
             return ManifestAnswer(held, Outcome.STALE)
         except errors.ManifestUnknown:
             await self._manifests.drop_tag(key)
@@ -189,7 +207,9 @@ class MirrorService:
         if head.digest is None:
             return await self._fetch_tag(target, key)
         if head.digest == record.digest:
-            await self._manifests.put_tag(key, TagRecord(record.digest, record.media_type, self._clock()))
+            await self._manifests.put_tag(
+                key, TagRecord(record.digest, record.media_type, self._clock())
+            )
             return ManifestAnswer(held, Outcome.REVALIDATED)
         moved = await self._by_digest(target, parse_digest(head.digest))
         await self._remember(key, moved.manifest)
@@ -214,7 +234,9 @@ class MirrorService:
         return answer
 
     async def _remember(self, key: TagKey, manifest: StoredManifest) -> None:
-        await self._manifests.put_tag(key, TagRecord(manifest.digest, manifest.media_type, self._clock()))
+        await self._manifests.put_tag(
+            key, TagRecord(manifest.digest, manifest.media_type, self._clock())
+        )
 
     async def _keep(self, got: UpstreamManifest, expected: Digest | None) -> StoredManifest:
         """Verify a manifest's bytes against the digest asked for (or upstream's header) and
@@ -223,8 +245,10 @@ class MirrorService:
         actual = digest_of(got.data, claimed.algorithm if claimed else "sha256")
         if claimed is not None and actual != claimed:
             self._metrics.digest_mismatches.labels("upstream").inc()
-            raise errors.UpstreamBadResponse("upstream manifest does not match its digest",
-                                             detail={"expected": str(claimed), "actual": str(actual)})
+            raise errors.UpstreamBadResponse(
+                "upstream manifest does not match its digest",
+                detail={"expected": str(claimed), "actual": str(actual)},
+            )
         if not got.media_type:
             raise errors.UpstreamBadResponse("upstream manifest has no Content-Type")
         manifest = StoredManifest(str(actual), got.media_type, got.data)
@@ -260,8 +284,7 @@ class MirrorService:
             if await self._blobs.run(self._blobs.exists, digest):
                 continue
             async with self._pull_ahead_gate:
-                fill, task, _ = self._fills.join(text, lambda: Fill(digest),
-                                                 lambda f: self._fill(f, target, digest))
+                _, task, _ = self._join_fill(target, digest)
                 await asyncio.wait([task])
 
     # -- blobs -------------------------------------------------------------------------------
@@ -274,21 +297,37 @@ class MirrorService:
             return BlobAnswer(Outcome.HIT, stored=found.blob, tier=found.tier)
         if await self._still_too_big(str(digest)):
             return BlobAnswer(Outcome.PASS_THROUGH)
-        if self._max_fills and len(self._fills) >= self._max_fills and str(digest) not in self._fills:
-            raise errors.TooManyRequests("the mirror is at its limit of concurrent fills", retry_after="1")
-        fill, task, started = self._fills.join(str(digest), lambda: Fill(digest),
-                                               lambda f: self._fill(f, target, digest))
+        if (
+            self._max_fills
+            and len(self._fills) >= self._max_fills
+            and str(digest) not in self._fills
+        ):
+            raise errors.TooManyRequests(
+                "the mirror is at its limit of concurrent fills", retry_after="1"
+            )
+        fill, task, started = self._join_fill(target, digest)
         if fill.error is not None:  # failed, still winding down (removing its partial file):
             await asyncio.wait([task])  # a new request gets a new try, not the old error
-            fill, _, started = self._fills.join(str(digest), lambda: Fill(digest),
-                                                lambda f: self._fill(f, target, digest))
+            fill, _, started = self._join_fill(target, digest)
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
+
+    def _join_fill(self, target: Target, digest: Digest) -> tuple[Fill, asyncio.Task[None], bool]:
+        """The fill of `digest` in flight, or a new one; the bool says whether this started it."""
+        return self._fills.join(
+            str(digest), lambda: Fill(digest), lambda f: self._fill(f, target, digest)
+        )
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
         started = time.monotonic()
-        committed = await fill.run(self._blobs, self._source(fill, target, digest), self._tiers.make_room,
-                                   target.upstream.max_blob_bytes)
-        self._metrics.fill_done(fill.source, fill.error is None, time.monotonic() - started, fill.followers)
+        committed = await fill.run(
+            self._blobs,
+            self._source(fill, target, digest),
+            self._tiers.make_room,
+            target.upstream.max_blob_bytes,
+        )
+        self._metrics.fill_done(
+            fill.source, fill.error is None, time.monotonic() - started, fill.followers
+        )
         if isinstance(fill.error, errors.UpstreamBadResponse):
             self._metrics.digest_mismatches.labels(fill.source).inc()
         if committed:
@@ -332,7 +371,9 @@ class MirrorService:
     async def pass_through(self, target: Target, digest: Digest) -> AsyncIterator[BlobBody]:
         """The disk cannot take this blob: stream it from upstream to one client, verified
         (the last bytes are held until the digest checks out) and kept nowhere."""
-        log.warning("the store cannot keep %s (disk full or read-only): streaming it through", digest)
+        log.warning(
+            "the store cannot keep %s (disk full or read-only): streaming it through", digest
+        )
         async with self._upstream.blob(target, str(digest)) as stream:
             yield _Verified(stream.size, verified(stream.chunks(), Verifier(digest, stream.size)))
 
@@ -344,27 +385,36 @@ class MirrorService:
             return found.blob.size, Outcome.HIT
         return await self._upstream.blob_size(target, str(digest)), Outcome.MISS
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, seconds: float) -> None:
         """At shutdown: let fills in flight finish (each is one upstream transfer already
-        paid for), for at most `timeout` seconds."""
+        paid for), for at most `seconds`."""
         tasks = self._fills.tasks()
         if tasks:
-            log.info("waiting up to %.0fs for %d fills in flight", timeout, len(tasks))
-            await asyncio.wait(tasks, timeout=timeout)
+            log.info("waiting up to %.0fs for %d fills in flight", seconds, len(tasks))
+            await asyncio.wait(tasks, timeout=seconds)
 
     def fills_in_flight(self) -> int:
         return len(self._fills)
 
     # -- lists -------------------------------------------------------------------------------
 
-    async def listing(self, target: Target, suffix: str, query: Mapping[str, str]) -> tuple[CachedList, Outcome]:
+    async def listing(
+        self, target: Target, suffix: str, query: Mapping[str, str]
+    ) -> tuple[CachedList, Outcome]:
         """tags/list or referrers: fresh within list_ttl, else upstream, else stale."""
-        key = (target.upstream.name, target.repo, suffix, "&".join(f"{k}={v}" for k, v in sorted(query.items())))
+        key = (
+            target.upstream.name,
+            target.repo,
+            suffix,
+            "&".join(f"{k}={v}" for k, v in sorted(query.items())),
+        )
         cached = await self._manifests.listing(key)
         if cached is not None and self._clock() - cached.stored < target.upstream.list_ttl:
             return cached, Outcome.HIT
         try:
-            fresh, followed = await self._list_flights.run(key, lambda: self._fetch_listing(target, suffix, query, key))
+            fresh, followed = await self._list_flights.run(
+                key, lambda: self._fetch_listing(target, suffix, query, key)
+            )
         except STALE_OK as e:
             if cached is None:
                 raise
@@ -372,10 +422,14 @@ class MirrorService:
             return cached, Outcome.STALE
         return fresh, Outcome.COALESCED if followed else Outcome.MISS
 
-    async def _fetch_listing(self, target: Target, suffix: str, query: Mapping[str, str],
-                             key: tuple[str, ...]) -> CachedList:
-        not_found: errors.MirrorError = (errors.NameUnknown(detail={"name": target.name})
-                                         if suffix == "tags/list" else errors.ManifestUnknown())
+    async def _fetch_listing(
+        self, target: Target, suffix: str, query: Mapping[str, str], key: tuple[str, ...]
+    ) -> CachedList:
+        not_found: errors.MirrorError = (
+            errors.NameUnknown(detail={"name": target.name})
+            if suffix == "tags/list"
+            else errors.ManifestUnknown()
+        )
         got = await self._upstream.raw(target, suffix, query, not_found)
         value = CachedList(got.body, got.content_type, got.link, self._clock())
         await self._manifests.put_listing(key, value)

@@ -40,7 +40,9 @@ class Syncer:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._forever(e), name=f"sync {e.image}") for e in self._config.sync]
+        self._tasks = [
+            loop.create_task(self._forever(e), name=f"sync {e.image}") for e in self._config.sync
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -77,4 +79,6 @@ class Syncer:
             return literal
         listing, _ = await self._service.listing(target, "tags/list", {})
         available = json.loads(listing.body).get("tags") or []
-        return sorted({t for t in available if any(fnmatchcase(t, p) for p in entry.tags)} | set(literal))
+        return sorted(
+            {t for t in available if any(fnmatchcase(t, p) for p in entry.tags)} | set(literal)
+        )

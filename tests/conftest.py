@@ -56,8 +56,6 @@ async def sim() -> AsyncIterator[UpstreamSim]:
 # -- the mirror under test ----------------------------------------------------------------------
 
 
-
-
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -112,8 +110,11 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
         data = data_dir or tmp_path / f"data{len(runners)}"
         config_file = tmp_path / f"config{len(runners)}.toml"
         config_file.write_text(toml)
-        config = load_config(config_file, env={}, flags={
-            "upstream": upstream_url, "data_dir": str(data), "listen": "127.0.0.1:0"})
+        config = load_config(
+            config_file,
+            env={},
+            flags={"upstream": upstream_url, "data_dir": str(data), "listen": "127.0.0.1:0"},
+        )
         app = build_app(config)
         seen: list[tuple[str, str]] = []
 
@@ -144,7 +145,9 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 class MirrorProcess:
     """`python -m mirror serve` as a real process (uvloop, CLI, signals, restarts)."""
 
-    def __init__(self, data_dir: Path, upstream_url: str, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, upstream_url: str, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.upstream_url = upstream_url
         self.env = {**os.environ, **(extra_env or {})}
@@ -155,8 +158,18 @@ class MirrorProcess:
         self.log = data_dir.parent / f"mirror-{self.port}.log"
 
     def start(self, timeout: float = 15.0) -> MirrorProcess:
-        cmd = [sys.executable, "-m", "mirror", "serve", "--listen", self.host,
-               "--data-dir", str(self.data_dir), "--upstream", self.upstream_url]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mirror",
+            "serve",
+            "--listen",
+            self.host,
+            "--data-dir",
+            str(self.data_dir),
+            "--upstream",
+            self.upstream_url,
+        ]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=PROJECT, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
@@ -184,7 +197,9 @@ def mirror_process(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
     """Factory of mirror processes, all stopped at the end of the test."""
     started: list[MirrorProcess] = []
 
-    def make(upstream_url: str, data_dir: Path | None = None, env: dict[str, str] | None = None) -> MirrorProcess:
+    def make(
+        upstream_url: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+    ) -> MirrorProcess:
         proc = MirrorProcess(data_dir or tmp_path / "data", upstream_url, env)
         started.append(proc)
         return proc
@@ -197,8 +212,18 @@ def mirror_process(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
 async def skopeo_copy(src: str, dest: Path, *extra: str) -> tuple[int, str]:
     """Run `skopeo copy` without blocking the loop (an in-process mirror must keep serving)."""
     proc = await asyncio.create_subprocess_exec(
-        "skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", "--retry-times", "0",
-        *extra, src, f"dir:{dest}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        "skopeo",
+        "--insecure-policy",
+        "copy",
+        "--src-tls-verify=false",
+        "--retry-times",
+        "0",
+        *extra,
+        src,
+        f"dir:{dest}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode(errors="replace")
 
@@ -211,8 +236,11 @@ async def small_disk(tmp_path: Path) -> AsyncIterator[Callable[[int], Path]]:
     def mount(nbytes: int) -> Path:
         where = tmp_path / f"disk{len(mounts)}"
         where.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(where)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, f"these tests mount a tmpfs and need root: {done.stderr}"
         mounts.append(where)
         return where
@@ -231,8 +259,14 @@ class Ext4Disk:
         self.image, self.where = image, where
 
     def fail(self) -> None:
-        device = Path(subprocess.run(["findmnt", "-no", "SOURCE", str(self.where)], capture_output=True,
-                                     text=True, check=True).stdout.strip()).name
+        device = Path(
+            subprocess.run(
+                ["findmnt", "-no", "SOURCE", str(self.where)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        ).name
         Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("test")
 
 
@@ -247,8 +281,11 @@ def ext4_disk(tmp_path: Path) -> Iterator[Callable[[int], Ext4Disk]]:
         with image.open("wb") as f:
             f.truncate(nbytes)
         subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
-        done = subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(where)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-o", "loop,errors=remount-ro", str(image), str(where)],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, f"these tests mount a loop device and need root: {done.stderr}"
         disks.append(Ext4Disk(image, where))
         return disks[-1]

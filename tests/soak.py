@@ -13,6 +13,7 @@ ten minutes and writes the report.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -27,15 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 from images import ACCEPT_ALL, Image, make_image
 from registry import free_port
 from upstream_sim import UpstreamSim
 
 PROJECT = Path(__file__).resolve().parent.parent
 #: (action, weight) of what each client does next.
-MIX = (("manifest_tag", 25), ("manifest_digest", 10), ("head", 10), ("warm_blob", 25),
-       ("range", 15), ("cold_fill", 5), ("disconnect", 10))
+MIX = (
+    ("manifest_tag", 25),
+    ("manifest_digest", 10),
+    ("head", 10),
+    ("warm_blob", 25),
+    ("range", 15),
+    ("cold_fill", 5),
+    ("disconnect", 10),
+)
 WORKERS = 12
 
 
@@ -71,10 +78,19 @@ class Report:
         return sum(self.requests.values())
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in vars(self).items() if k not in ("requests", "statuses", "start", "end", "samples")}
-        out |= {"requests": dict(self.requests), "statuses": dict(self.statuses), "total_requests": self.total(),
-                "start": asdict(self.start) if self.start else None, "end": asdict(self.end) if self.end else None,
-                "samples": [asdict(s) for s in self.samples]}
+        out = {
+            k: v
+            for k, v in vars(self).items()
+            if k not in ("requests", "statuses", "start", "end", "samples")
+        }
+        out |= {
+            "requests": dict(self.requests),
+            "statuses": dict(self.statuses),
+            "total_requests": self.total(),
+            "start": asdict(self.start) if self.start else None,
+            "end": asdict(self.end) if self.end else None,
+            "samples": [asdict(s) for s in self.samples],
+        }
         return out
 
 
@@ -102,13 +118,31 @@ class Soak:
             self.sim.add_image(f"soak/app{i}", "latest", image)
             self.images[f"soak/app{i}"] = image
             self.blobs.update(image.blobs)
-        env = {**os.environ, "MIRROR_WARM__MAX_BYTES": self.warm_budget, "MIRROR_ACCESS_LOG": "false",
-               "MIRROR_EVICTION__INTERVAL": "2"}
+        env = {
+            **os.environ,
+            "MIRROR_WARM__MAX_BYTES": self.warm_budget,
+            "MIRROR_ACCESS_LOG": "false",
+            "MIRROR_EVICTION__INTERVAL": "2",
+        }
         log = (self.data_dir.parent / "soak-mirror.log").open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{self.port}",
-             "--data-dir", str(self.data_dir), "--upstream", self.sim.url],
-            cwd=PROJECT, env=env, stdout=log, stderr=log)
+            [
+                sys.executable,
+                "-m",
+                "mirror",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--data-dir",
+                str(self.data_dir),
+                "--upstream",
+                self.sim.url,
+            ],
+            cwd=PROJECT,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
         log.close()
         await self._wait_ready()
         return self
@@ -149,11 +183,15 @@ class Soak:
         blob_files = 0
         held = (str(self.data_dir / "blobs"), str(self.data_dir / "tmp"))
         for fd in Path(f"/proc/{self.proc.pid}/fd").iterdir():
-            try:
+            with contextlib.suppress(OSError):  # closed meanwhile
                 blob_files += os.readlink(fd).startswith(held)
-            except OSError:  # closed meanwhile
-                pass
-        found = Sample(time.monotonic(), gauge("mirror_open_fds"), blob_files, gauge("mirror_asyncio_tasks"), rss)
+        found = Sample(
+            time.monotonic(),
+            gauge("mirror_open_fds"),
+            blob_files,
+            gauge("mirror_asyncio_tasks"),
+            rss,
+        )
         self.report.peak_rss_kib = max(self.report.peak_rss_kib, rss)
         self.report.samples.append(found)
         return found
@@ -163,14 +201,19 @@ class Soak:
         or after 25 s (idle upstream connections close after 15 s): whatever is still held
         then is what the report shows."""
         deadline = time.monotonic() + 25
-        async with aiohttp.ClientSession(trust_env=False, connector=aiohttp.TCPConnector(force_close=True)) as s:
+        async with aiohttp.ClientSession(
+            trust_env=False, connector=aiohttp.TCPConnector(force_close=True)
+        ) as s:
             while True:
                 async with s.get(self.url + "/metrics") as resp:
-                    fills = re.search(r"^mirror_fills_in_flight (\S+)$", await resp.text(), re.MULTILINE)
+                    fills = re.search(
+                        r"^mirror_fills_in_flight (\S+)$", await resp.text(), re.MULTILINE
+                    )
                 got = await self.sample(s)
                 idle = fills is not None and float(fills[1]) == 0
-                if idle and (baseline is None or got.fds <= baseline.fds and not got.blob_files) \
-                        or time.monotonic() > deadline:
+                if (
+                    idle and (baseline is None or (got.fds <= baseline.fds and not got.blob_files))
+                ) or time.monotonic() > deadline:
                     return got
                 await asyncio.sleep(0.1)  # ok: polling a condition with a deadline
 
@@ -190,7 +233,9 @@ class Soak:
     async def _manifest(self, session: aiohttp.ClientSession, by_digest: bool) -> None:
         repo = self._rng.choice(list(self.images))
         ref = self.images[repo].digest if by_digest else "latest"
-        async with session.get(f"{self.url}/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT_ALL}) as resp:
+        async with session.get(
+            f"{self.url}/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT_ALL}
+        ) as resp:
             body = await resp.read()
             self._count("manifest_digest" if by_digest else "manifest_tag", resp.status)
             if resp.status == 200:
@@ -266,7 +311,7 @@ class Soak:
                     await self._cold_fill(session)
                 else:
                     await self._disconnect()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 if len(self.report.client_errors) < 50:
                     self.report.client_errors.append(f"{action}: {type(e).__name__}: {e}")
 
@@ -286,7 +331,9 @@ class Soak:
         async with aiohttp.ClientSession(trust_env=False, timeout=timeout) as session:
             workers = [asyncio.ensure_future(self._worker(session, until)) for _ in range(WORKERS)]
             while time.monotonic() < until:
-                await asyncio.sleep(min(sample_every, max(0.0, until - time.monotonic())))  # ok: sampling pace
+                await asyncio.sleep(
+                    min(sample_every, max(0.0, until - time.monotonic()))
+                )  # ok: sampling pace
                 await self.sample(session)
             await asyncio.gather(*workers)
         self.report.seconds = time.monotonic() - began
@@ -304,10 +351,14 @@ class Soak:
             elif line.startswith("mirror_fill_duration_seconds_count{"):
                 result = re.search(r'result="(\w+)"', line)
                 if result:
-                    self.report.fills[result[1]] = self.report.fills.get(result[1], 0) + float(line.rsplit(" ", 1)[1])
+                    self.report.fills[result[1]] = self.report.fills.get(result[1], 0) + float(
+                        line.rsplit(" ", 1)[1]
+                    )
 
     async def _manifest_of(self, session: aiohttp.ClientSession, repo: str) -> None:
-        async with session.get(f"{self.url}/v2/{repo}/manifests/latest", headers={"Accept": ACCEPT_ALL}) as resp:
+        async with session.get(
+            f"{self.url}/v2/{repo}/manifests/latest", headers={"Accept": ACCEPT_ALL}
+        ) as resp:
             self._check(self.images[repo].digest, await resp.read())
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 from conftest import PROJECT, MakeMirror, Mirror
 from images import make_image
-from mirror.http.app import TIERS
 from upstream_sim import UpstreamSim
+
+from mirror.http.app import TIERS
 
 TOKEN = "s3cret-admin-token-0123"
 ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
@@ -23,8 +23,16 @@ ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
 
 async def _mirror_cli(data: Path, *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mirror", *args, "--data-dir", str(data), cwd=PROJECT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "mirror",
+        *args,
+        "--data-dir",
+        str(data),
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode()
 
@@ -35,7 +43,9 @@ async def _cli_json(data: Path, *args: str) -> Any:
     return json.loads(out)
 
 
-async def _pull(client: aiohttp.ClientSession, mirror: Mirror, repo: str, tag: str, image: Any) -> None:
+async def _pull(
+    client: aiohttp.ClientSession, mirror: Mirror, repo: str, tag: str, image: Any
+) -> None:
     async with client.get(f"{mirror.url}/v2/{repo}/manifests/{tag}", headers=ACCEPT) as resp:
         assert resp.status == 200
     for digest in image.blobs:
@@ -45,8 +55,9 @@ async def _pull(client: aiohttp.ClientSession, mirror: Mirror, repo: str, tag: s
     await mirror.settled()
 
 
-async def _filled(sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession,
-                  toml: str = "") -> tuple[Mirror, Any, Any]:
+async def _filled(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession, toml: str = ""
+) -> tuple[Mirror, Any, Any]:
     app, db = make_image(90, [300_000, 200_000]), make_image(91, [400_000])
     sim.add_image("team/app", "1.0", app)
     sim.add_image("team/db", "stable", db)
@@ -57,10 +68,13 @@ async def _filled(sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.Cli
     return mirror, app, db
 
 
-async def test_ls_du_and_evict_on_a_running_mirrors_data(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                        client: aiohttp.ClientSession) -> None:
+async def test_ls_du_and_evict_on_a_running_mirrors_data(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     mirror, app, db = await _filled(sim, make_mirror, client)
-    images = {(i["repository"], i["tag"]): i for i in await _cli_json(mirror.data_dir, "cache", "ls")}
+    images = {
+        (i["repository"], i["tag"]): i for i in await _cli_json(mirror.data_dir, "cache", "ls")
+    }
     assert images[("team/app", "1.0")]["size"] == sum(map(len, app.blobs.values()))
     assert images[("team/db", "stable")]["tiers"] == ["warm"]
     code, text = await _mirror_cli(mirror.data_dir, "cache", "ls")
@@ -70,7 +84,9 @@ async def test_ls_du_and_evict_on_a_running_mirrors_data(sim: UpstreamSim, make_
     assert usage["tiers"]["warm"] == {"bytes": total, "blobs": 5}
     assert usage["upstreams"]["docker.io"]["bytes"] == total
     # dry run: lists, changes nothing
-    would = await _cli_json(mirror.data_dir, "cache", "evict", "--dry-run", "--repo", "docker.io/team/db")
+    would = await _cli_json(
+        mirror.data_dir, "cache", "evict", "--dry-run", "--repo", "docker.io/team/db"
+    )
     assert {e["digest"] for e in would} == set(db.blobs)
     assert len(mirror.blob_files()) == 5
     # nothing is older than an hour
@@ -84,10 +100,13 @@ async def test_ls_du_and_evict_on_a_running_mirrors_data(sim: UpstreamSim, make_
         assert await resp.read() == body and resp.headers["X-Mirror-Cache"] == "miss"
 
 
-async def test_pins_survive_evict_and_round_trip(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                client: aiohttp.ClientSession) -> None:
+async def test_pins_survive_evict_and_round_trip(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     mirror, app, _ = await _filled(sim, make_mirror, client)
-    assert await _cli_json(mirror.data_dir, "cache", "pin", "docker.io/team/app:1.*") == ["docker.io/team/app:1.*"]
+    assert await _cli_json(mirror.data_dir, "cache", "pin", "docker.io/team/app:1.*") == [
+        "docker.io/team/app:1.*"
+    ]
     code, out = await _mirror_cli(mirror.data_dir, "cache", "pin", "no-slash")
     assert code == 2 and "pin" in out
     await _cli_json(mirror.data_dir, "cache", "evict")
@@ -100,8 +119,9 @@ async def test_pins_survive_evict_and_round_trip(sim: UpstreamSim, make_mirror: 
     assert mirror.blob_files() == []
 
 
-async def test_fsck_finds_a_flipped_byte_and_repair_removes_it(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                              client: aiohttp.ClientSession) -> None:
+async def test_fsck_finds_a_flipped_byte_and_repair_removes_it(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     mirror, app, _ = await _filled(sim, make_mirror, client)
     assert (await _cli_json(mirror.data_dir, "fsck"))["clean"]
     victim = next(p for p in mirror.blob_files() if f"sha256:{p.name}" in app.blobs)
@@ -120,13 +140,20 @@ async def test_fsck_finds_a_flipped_byte_and_repair_removes_it(sim: UpstreamSim,
         assert await resp.read() == app.blobs[digest]
 
 
-async def test_admin_api_is_off_by_default_and_needs_its_token(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                               client: aiohttp.ClientSession) -> None:
+async def test_admin_api_is_off_by_default_and_needs_its_token(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     off = await make_mirror(sim.url)
     async with client.get(f"{off.url}/_mirror/catalog") as resp:
         assert resp.status == 404
-    mirror, app, db = await _filled(sim, make_mirror, client, f'[admin]\nenabled = true\ntoken = "{TOKEN}"\n')
-    for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": TOKEN}):
+    mirror, app, _db = await _filled(
+        sim, make_mirror, client, f'[admin]\nenabled = true\ntoken = "{TOKEN}"\n'
+    )
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token-wrong-token"},
+        {"Authorization": TOKEN},
+    ):
         async with client.get(f"{mirror.url}/_mirror/catalog", headers=headers) as resp:
             assert resp.status == 401
             assert resp.headers["WWW-Authenticate"] == 'Bearer realm="mirror-admin"'
@@ -135,9 +162,13 @@ async def test_admin_api_is_off_by_default_and_needs_its_token(sim: UpstreamSim,
     async with client.get(f"{mirror.url}/_mirror/catalog", headers=auth) as resp:
         assert resp.status == 200
         assert {i["repository"] for i in await resp.json()} == {"team/app", "team/db"}
-    async with client.post(f"{mirror.url}/_mirror/pins", headers=auth, json={"pattern": "docker.io/team/db:*"}) as resp:
+    async with client.post(
+        f"{mirror.url}/_mirror/pins", headers=auth, json={"pattern": "docker.io/team/db:*"}
+    ) as resp:
         assert await resp.json() == ["docker.io/team/db:*"]
-    async with client.post(f"{mirror.url}/_mirror/evict", headers=auth, json={"dry_run": False}) as resp:
+    async with client.post(
+        f"{mirror.url}/_mirror/evict", headers=auth, json={"dry_run": False}
+    ) as resp:
         assert {e["digest"] for e in await resp.json()} == set(app.blobs)
     async with client.post(f"{mirror.url}/_mirror/pins", headers=auth, data=b"{not json") as resp:
         assert resp.status == 400

@@ -51,13 +51,18 @@ def api_requests(mirror: Mirror) -> list[tuple[str, str]]:
 
 
 async def test_ns_option_is_sent_on_every_upstream_request(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """With `ns` set, manifests (GET by tag and digest), blobs (GET and HEAD) and tag lists all
     reach the upstream with `?ns=<host>`; a tag list keeps its own `n` beside it."""
     sim.add_image("team/app", "1", TOOL)
     mirror = await make_mirror(sim.url, toml=upstream_toml("docker.io", sim.url, ns="GHCR.io"))
     layer = next(iter(TOOL.blobs))
-    for path in ("team/app/manifests/1", f"team/app/manifests/{TOOL.digest}", f"team/app/blobs/{layer}"):
+    for path in (
+        "team/app/manifests/1",
+        f"team/app/manifests/{TOOL.digest}",
+        f"team/app/blobs/{layer}",
+    ):
         async with client.get(f"{mirror.url}/v2/{path}", headers={"Accept": ACCEPT_ALL}) as resp:
             assert resp.status == 200, await resp.read()
     async with client.head(f"{mirror.url}/v2/team/app/blobs/{next(reversed(TOOL.blobs))}") as resp:
@@ -67,24 +72,31 @@ async def test_ns_option_is_sent_on_every_upstream_request(
         assert (await resp.json())["tags"] == ["1"]
     seen = [s for s in sim.log if s.server == "registry" and s.path != "/v2/"]
     assert {(s.method, s.path) for s in seen} >= {
-        ("GET", "/v2/team/app/manifests/1"), ("GET", f"/v2/team/app/blobs/{layer}"),
-        ("HEAD", f"/v2/team/app/blobs/{next(reversed(TOOL.blobs))}"), ("GET", "/v2/team/app/tags/list")}
+        ("GET", "/v2/team/app/manifests/1"),
+        ("GET", f"/v2/team/app/blobs/{layer}"),
+        ("HEAD", f"/v2/team/app/blobs/{next(reversed(TOOL.blobs))}"),
+        ("GET", "/v2/team/app/tags/list"),
+    }
     assert all(s.query.get("ns") == "ghcr.io" for s in seen), [(s.path, s.query) for s in seen]
     assert [s.query.get("n") for s in seen if s.path.endswith("/tags/list")] == ["1"]
 
 
 async def test_without_ns_option_no_ns_is_sent(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """The default (`ns` empty) sends no `ns` upstream, even when the client sent one to us."""
     sim.add_image("team/app", "1", TOOL)
     mirror = await make_mirror(sim.url)
-    async with client.get(f"{mirror.url}/v2/team/app/manifests/1?ns=docker.io",
-                          headers={"Accept": ACCEPT_ALL}) as resp:
+    async with client.get(
+        f"{mirror.url}/v2/team/app/manifests/1?ns=docker.io", headers={"Accept": ACCEPT_ALL}
+    ) as resp:
         assert resp.status == 200
     assert [s.query for s in sim.log if s.path == "/v2/team/app/manifests/1"] == [{}]
 
 
-@pytest.mark.parametrize("value", ["ghcr.io/owner", "ghcr.io?x=1", "-bad.example", "a b", "host:port"])
+@pytest.mark.parametrize(
+    "value", ["ghcr.io/owner", "ghcr.io?x=1", "-bad.example", "a b", "host:port"]
+)
 def test_bad_ns_option_is_refused_naming_the_key(tmp_path: Path, value: str) -> None:
     config = tmp_path / "c.toml"
     config.write_text(upstream_toml("ghcr.io", "https://ghcr.io", ns=value))
@@ -93,8 +105,12 @@ def test_bad_ns_option_is_refused_naming_the_key(tmp_path: Path, value: str) -> 
 
 
 def test_ns_option_from_the_environment(tmp_path: Path) -> None:
-    config = load_config(env={"MIRROR_UPSTREAMS__DOCKER_IO__NS": "docker.io",
-                              "MIRROR_UPSTREAMS__DOCKER_IO__URL": "http://regional.example:5000"})
+    config = load_config(
+        env={
+            "MIRROR_UPSTREAMS__DOCKER_IO__NS": "docker.io",
+            "MIRROR_UPSTREAMS__DOCKER_IO__URL": "http://regional.example:5000",
+        }
+    )
     assert config.upstream("docker.io").ns == "docker.io"
 
 
@@ -102,7 +118,8 @@ def test_ns_option_from_the_environment(tmp_path: Path) -> None:
 
 
 async def test_prefix_naming_the_ns_upstream_is_stripped(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """`/v2/sim.example/team/app/...?ns=sim.example` (containerd with `override_path` on
     `http://mirror/v2/sim.example`) reaches that upstream as `team/app`; a prefix naming
     another upstream than ns is part of the name, and the answer stays the upstream's 404."""
@@ -113,8 +130,10 @@ async def test_prefix_naming_the_ns_upstream_is_stripped(
         assert resp.status == 200, await resp.read()
         assert await resp.read() == TOOL.data
         assert resp.headers["OCI-Namespace"] == "sim.example"
-    async with client.get(f"{mirror.url}/v2/docker.io/team/app/manifests/1?ns=sim.example",
-                          headers={"Accept": ACCEPT_ALL}) as resp:
+    async with client.get(
+        f"{mirror.url}/v2/docker.io/team/app/manifests/1?ns=sim.example",
+        headers={"Accept": ACCEPT_ALL},
+    ) as resp:
         assert resp.status == 404
     assert sim.requests[("GET", "/v2/team/app/manifests/1")] == 1
     assert sim.requests[("GET", "/v2/docker.io/team/app/manifests/1")] == 1
@@ -131,15 +150,19 @@ async def _pull(host: str, ref: str, dest: Path, *extra: str) -> Path:
 
 
 async def test_site_mirror_pulls_two_registries_through_a_regional_mirror(
-        upstream: Upstream, sim: UpstreamSim, make_mirror: MakeMirror, tmp_path: Path) -> None:
+    upstream: Upstream, sim: UpstreamSim, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
     """registry + sim ← mirror A (regional: docker.io → registry, ghcr.io → sim) ← mirror B
     (site: both upstreams are A, each with its ns) ← skopeo. The bytes match the origins'
     digests, A saw every request with the ns of the right registry, and a second pull of the
     same images through B sends nothing to A."""
     sim.add_image("team/tool", "2", TOOL)
     regional = await make_mirror(upstream.url, toml=upstream_toml("ghcr.io", sim.url))
-    site = await make_mirror(regional.url, toml=upstream_toml("docker.io", regional.url, ns="docker.io")
-                             + upstream_toml("ghcr.io", regional.url, ns="ghcr.io"))
+    site = await make_mirror(
+        regional.url,
+        toml=upstream_toml("docker.io", regional.url, ns="docker.io")
+        + upstream_toml("ghcr.io", regional.url, ns="ghcr.io"),
+    )
     multi = upstream.images["test/multi:1"]
 
     for run in ("first", "second"):

@@ -60,15 +60,31 @@ class Containerd:
     async def ctr(self, *args: str) -> tuple[int, str]:
         """Run `ctr` without blocking the loop (the in-process mirror must keep serving)."""
         proc = await asyncio.create_subprocess_exec(
-            "ctr", "--address", self.address, "--namespace", NAMESPACE, *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            "ctr",
+            "--address",
+            self.address,
+            "--namespace",
+            NAMESPACE,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         out, _ = await proc.communicate()
         return proc.returncode or 0, out.decode(errors="replace")
 
     async def content(self, digest: str) -> bytes:
         proc = await asyncio.create_subprocess_exec(
-            "ctr", "--address", self.address, "--namespace", NAMESPACE, "content", "get", digest,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            "ctr",
+            "--address",
+            self.address,
+            "--namespace",
+            NAMESPACE,
+            "content",
+            "get",
+            digest,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode(errors="replace")
         return out
@@ -93,8 +109,11 @@ def containerd() -> Iterator[Containerd]:
     config.write_text(CONTAINERD_CONFIG.format(root=root))
     log = root / "containerd.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(["containerd", "--config", str(config), "--log-level", "warn"],
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["containerd", "--config", str(config), "--log-level", "warn"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     daemon = Containerd(str(root / "containerd.sock"), proc, log)
     try:
         _wait_serving(daemon)
@@ -115,8 +134,9 @@ def _wait_serving(daemon: Containerd, timeout: float = 20.0) -> None:
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"containerd exited:\n{daemon.log.read_text()[-2000:]}")
         if Path(daemon.address).exists():
-            version = subprocess.run(["ctr", "--address", daemon.address, "version"],
-                                     capture_output=True, timeout=10)
+            version = subprocess.run(
+                ["ctr", "--address", daemon.address, "version"], capture_output=True, timeout=10
+            )
             if version.returncode == 0:
                 return
         time.sleep(0.05)  # ok: polling a condition with a deadline
@@ -152,18 +172,32 @@ async def assert_containerd_has(daemon: Containerd, ref: str, pushed: Pushed) ->
 
 
 async def test_containerd_pulls_through_the_mirror_per_registry_hosts_toml(
-        upstream: Upstream, make_mirror: MakeMirror, containerd: Containerd, tmp_path: Path) -> None:
+    upstream: Upstream, make_mirror: MakeMirror, containerd: Containerd, tmp_path: Path
+) -> None:
     """`certs.d/docker.io/hosts.toml` with the mirror as a `[host]`: `ctr image pull`
     (unpacked) gets the upstream's digests, and the mirror saw every request with
     `ns=docker.io`."""
     mirror = await make_mirror(upstream.url)
     hosts = tmp_path / "certs.d"
-    write_hosts(hosts, "docker.io", f'server = "http://{CLOSED}"\n\n'
-                f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n')
-    code, out = await containerd.ctr("image", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native",
-                                     "docker.io/test/single:1")
+    write_hosts(
+        hosts,
+        "docker.io",
+        f'server = "http://{CLOSED}"\n\n'
+        f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n',
+    )
+    code, out = await containerd.ctr(
+        "image",
+        "pull",
+        "--hosts-dir",
+        str(hosts),
+        "--snapshotter",
+        "native",
+        "docker.io/test/single:1",
+    )
     assert code == 0, out
-    await assert_containerd_has(containerd, "docker.io/test/single:1", upstream.images["test/single:1"])
+    await assert_containerd_has(
+        containerd, "docker.io/test/single:1", upstream.images["test/single:1"]
+    )
     seen = requests_for(mirror, "/v2/test/single/")
     assert seen
     assert all(parse_qs(urlsplit(p).query)["ns"] == ["docker.io"] for p in seen), seen
@@ -172,16 +206,21 @@ async def test_containerd_pulls_through_the_mirror_per_registry_hosts_toml(
 
 
 async def test_containerd_default_hosts_toml_serves_any_registry(
-        upstream: Upstream, make_mirror: MakeMirror, containerd: Containerd, tmp_path: Path) -> None:
+    upstream: Upstream, make_mirror: MakeMirror, containerd: Containerd, tmp_path: Path
+) -> None:
     """`certs.d/_default/hosts.toml` with the mirror as `server`: a registry that has no
     directory of its own (ghcr.io) is pulled through the mirror, all platforms of an index,
     routed there by `ns=ghcr.io`."""
     mirror = await make_mirror(upstream.url, toml=mirror_toml(upstream, "ghcr.io"))
     hosts = tmp_path / "certs.d"
-    write_hosts(hosts, "_default", f'server = "{mirror.url}"\n\n'
-                f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n')
-    code, out = await containerd.ctr("content", "fetch", "--hosts-dir", str(hosts), "--all-platforms",
-                                     "ghcr.io/test/multi:1")
+    write_hosts(
+        hosts,
+        "_default",
+        f'server = "{mirror.url}"\n\n[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n',
+    )
+    code, out = await containerd.ctr(
+        "content", "fetch", "--hosts-dir", str(hosts), "--all-platforms", "ghcr.io/test/multi:1"
+    )
     assert code == 0, out
     await assert_containerd_has(containerd, "ghcr.io/test/multi:1", upstream.images["test/multi:1"])
     seen = requests_for(mirror, "/v2/test/multi/")
@@ -190,16 +229,23 @@ async def test_containerd_default_hosts_toml_serves_any_registry(
 
 
 async def test_containerd_prefixed_mirror_with_override_path(
-        upstream: Upstream, make_mirror: MakeMirror, containerd: Containerd, tmp_path: Path) -> None:
+    upstream: Upstream, make_mirror: MakeMirror, containerd: Containerd, tmp_path: Path
+) -> None:
     """A `[host."http://mirror/v2/quay.io"]` with `override_path = true` (for clients or
     proxies that need the registry in the path): containerd sends the prefix and `ns`, and
     the mirror serves quay.io's image from it."""
     mirror = await make_mirror(upstream.url, toml=mirror_toml(upstream, "quay.io"))
     hosts = tmp_path / "certs.d"
-    write_hosts(hosts, "quay.io", f'server = "http://{CLOSED}"\n\n'
-                f'[host."{mirror.url}/v2/quay.io"]\n  capabilities = ["pull", "resolve"]\n'
-                '  override_path = true\n')
-    code, out = await containerd.ctr("content", "fetch", "--hosts-dir", str(hosts), "quay.io/test/v2s2:1")
+    write_hosts(
+        hosts,
+        "quay.io",
+        f'server = "http://{CLOSED}"\n\n'
+        f'[host."{mirror.url}/v2/quay.io"]\n  capabilities = ["pull", "resolve"]\n'
+        "  override_path = true\n",
+    )
+    code, out = await containerd.ctr(
+        "content", "fetch", "--hosts-dir", str(hosts), "quay.io/test/v2s2:1"
+    )
     assert code == 0, out
     await assert_containerd_has(containerd, "quay.io/test/v2s2:1", upstream.images["test/v2s2:1"])
     seen = requests_for(mirror, "/v2/quay.io/test/v2s2/")
@@ -211,7 +257,8 @@ async def test_containerd_prefixed_mirror_with_override_path(
 
 
 async def test_registries_conf_mirror_for_docker_io_and_a_prefixed_registry(
-        upstream: Upstream, make_mirror: MakeMirror, tmp_path: Path) -> None:
+    upstream: Upstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
     """A v2 `registries.conf` with `[[registry.mirror]]` entries: `docker.io/…` is pulled
     through the mirror as `/v2/<repo>`, and `ghcr.io/…` through `mirror/ghcr.io` as a path
     prefix, both with the upstream's digests, the primary locations never reached."""
@@ -221,9 +268,12 @@ async def test_registries_conf_mirror_for_docker_io_and_a_prefixed_registry(
         f'[[registry]]\nprefix = "docker.io"\nlocation = "{CLOSED}"\ninsecure = true\n\n'
         f'[[registry.mirror]]\nlocation = "{mirror.host}"\ninsecure = true\n\n'
         f'[[registry]]\nprefix = "ghcr.io"\nlocation = "{CLOSED}"\ninsecure = true\n\n'
-        f'[[registry.mirror]]\nlocation = "{mirror.host}/ghcr.io"\ninsecure = true\n')
-    for ref, path in (("docker.io/test/single:1", "/v2/test/single/"),
-                      ("ghcr.io/test/v2s2:1", "/v2/ghcr.io/test/v2s2/")):
+        f'[[registry.mirror]]\nlocation = "{mirror.host}/ghcr.io"\ninsecure = true\n'
+    )
+    for ref, path in (
+        ("docker.io/test/single:1", "/v2/test/single/"),
+        ("ghcr.io/test/v2s2:1", "/v2/ghcr.io/test/v2s2/"),
+    ):
         pushed = upstream.images[ref.split("/", 1)[1]]
         dest = tmp_path / ref.replace("/", "_")
         # --registries-conf: a root flag of skopeo's (accepted after `copy`, not in its help)

@@ -18,16 +18,16 @@ from pathlib import Path
 import aiohttp
 import boto3
 import pytest
-
 from conftest import MakeMirror, Mirror
+from registry import free_port
+from test_metrics import _value
+from upstream_sim import UpstreamSim
+
 from mirror import errors
 from mirror.config import ColdConfig
 from mirror.http.app import TIERS
 from mirror.oci.reference import Digest, parse_digest
 from mirror.store.cold import ColdStore
-from registry import free_port
-from test_metrics import _value
-from upstream_sim import UpstreamSim
 
 MiB = 1024 * 1024
 BUCKET = "mirror-cold"
@@ -41,7 +41,9 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("s3") / "moto.log"
     server = Path(sys.executable).with_name("moto_server")
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -52,9 +54,13 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except OSError:
             assert time.monotonic() < deadline, "S3 server did not start"
             time.sleep(0.05)  # ok: polling a condition with a deadline
-    boto3.client("s3", endpoint_url=url, aws_access_key_id=KEYS["access_key_id"],
-                 aws_secret_access_key=KEYS["secret_access_key"],
-                 region_name=KEYS["region"]).create_bucket(Bucket=BUCKET)
+    boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id=KEYS["access_key_id"],
+        aws_secret_access_key=KEYS["secret_access_key"],
+        region_name=KEYS["region"],
+    ).create_bucket(Bucket=BUCKET)
     yield url
     proc.terminate()
     proc.wait(10)
@@ -98,7 +104,8 @@ async def test_put_read_size_list_delete(cold_config: ColdConfig, tmp_path: Path
     assert body == big and pieces > 1, "a large blob streams in pieces, never read whole"
     assert await store.size(_digest(small)) == len(small)
     assert sorted([(str(d), n) async for d, n in store.list()]) == sorted(
-        [(str(_digest(small)), len(small)), (str(_digest(big)), len(big))])
+        [(str(_digest(small)), len(small)), (str(_digest(big)), len(big))]
+    )
     absent = _digest(b"absent")
     assert await store.open(absent) is None and await store.size(absent) is None
     await store.delete(_digest(small))
@@ -126,18 +133,33 @@ async def test_unreachable_endpoint_is_a_store_error_and_secrets_stay_hidden() -
 
 # -- the tiers: demote, then promote -------------------------------------------------------------
 
+
 def _toml(cold: ColdConfig) -> str:
-    lines = [f'{k} = "{v}"' for k, v in (("url", cold.url), ("endpoint", cold.endpoint),
-                                          ("access_key_id", cold.access_key_id),
-                                          ("secret_access_key", cold.secret_access_key),
-                                          ("region", cold.region)) if v]
-    return ("[warm]\nmax_bytes = 3145728\nhigh_watermark = 0.9\nlow_watermark = 0.5\nmin_free_bytes = 0\n"
-            "[eviction]\ninterval = 3600\n[cold]\n" + "\n".join(lines) +
-            f"\nallow_http = {'true' if cold.allow_http else 'false'}\n")
+    lines = [
+        f'{k} = "{v}"'
+        for k, v in (
+            ("url", cold.url),
+            ("endpoint", cold.endpoint),
+            ("access_key_id", cold.access_key_id),
+            ("secret_access_key", cold.secret_access_key),
+            ("region", cold.region),
+        )
+        if v
+    ]
+    return (
+        "[warm]\nmax_bytes = 3145728\nhigh_watermark = 0.9\nlow_watermark = 0.5\nmin_free_bytes = 0\n"
+        "[eviction]\ninterval = 3600\n[cold]\n"
+        + "\n".join(lines)
+        + f"\nallow_http = {'true' if cold.allow_http else 'false'}\n"
+    )
 
 
-async def test_demote_then_promote_round_trip(cold_config: ColdConfig, sim: UpstreamSim, make_mirror: MakeMirror,
-                                              client: aiohttp.ClientSession) -> None:
+async def test_demote_then_promote_round_trip(
+    cold_config: ColdConfig,
+    sim: UpstreamSim,
+    make_mirror: MakeMirror,
+    client: aiohttp.ClientSession,
+) -> None:
     blobs = [_data(10 + i, MiB) for i in range(3)]
     digests = [sim.add_blob(b) for b in blobs]
     mirror = await make_mirror(sim.url, _toml(cold_config))
@@ -156,12 +178,17 @@ async def test_demote_then_promote_round_trip(cold_config: ColdConfig, sim: Upst
     upstream_gets = sum(n for (m, p), n in sim.requests.items() if m == "GET" and "/blobs/" in p)
     bodies = await asyncio.gather(*(_get_body(client, mirror, digests[0]) for _ in range(10)))
     assert all(b == blobs[0] for b in bodies)
-    assert sum(n for (m, p), n in sim.requests.items() if m == "GET" and "/blobs/" in p) == upstream_gets
+    assert (
+        sum(n for (m, p), n in sim.requests.items() if m == "GET" and "/blobs/" in p)
+        == upstream_gets
+    )
     await mirror.settled()
     assert digests[0] in {f"sha256:{p.name}" for p in mirror.blob_files()}, "promoted back to warm"
     async with client.get(f"{mirror.url}/metrics") as resp:
         text = await resp.text()
-    assert _value(text, "mirror_blob_lookups_total", source="cold") == 10  # all from the one promotion
+    assert (
+        _value(text, "mirror_blob_lookups_total", source="cold") == 10
+    )  # all from the one promotion
     assert _value(text, "mirror_blob_lookups_total", source="upstream") == 3
     assert _value(text, "mirror_evictions_total", tier="warm", reason="budget") >= 1
     assert _value(text, "mirror_tier_objects", tier="cold") >= 1
@@ -174,8 +201,9 @@ async def _get_body(client: aiohttp.ClientSession, mirror: Mirror, digest: str) 
         return await resp.read()
 
 
-async def test_a_corrupt_cold_copy_is_never_served(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                   client: aiohttp.ClientSession, tmp_path: Path) -> None:
+async def test_a_corrupt_cold_copy_is_never_served(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     """Cold bytes are verified like upstream ones: a flipped byte in the cold copy fails that
     promotion (no client gets wrong bytes as a success) and nothing wrong lands in warm."""
     cold = ColdConfig(url=f"file://{tmp_path}/cold")
@@ -203,15 +231,16 @@ async def test_a_corrupt_cold_copy_is_never_served(sim: UpstreamSim, make_mirror
     await mirror.settled()
     assert not obj.exists() and digest not in await tiers.index.call(tiers.index.digests, "cold")
     before = sim.requests[("GET", f"/v2/test/cold/blobs/{digest}")]
-    assert await _get_body(client, mirror, digest) == data   # from upstream now
+    assert await _get_body(client, mirror, digest) == data  # from upstream now
     assert sim.requests[("GET", f"/v2/test/cold/blobs/{digest}")] == before + 1
     await mirror.settled()
     for p in mirror.blob_files():
         assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name
 
 
-async def test_cold_keeps_its_budget_and_max_idle(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                  client: aiohttp.ClientSession, tmp_path: Path) -> None:
+async def test_cold_keeps_its_budget_and_max_idle(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     cold = ColdConfig(url=f"file://{tmp_path}/cold")
     digests = [sim.add_blob(_data(40 + i, MiB)) for i in range(5)]
     toml = _toml(cold).replace("allow_http", "max_bytes = 3145728\nmax_idle = 3600\nallow_http")
@@ -227,8 +256,11 @@ async def test_cold_keeps_its_budget_and_max_idle(sim: UpstreamSim, make_mirror:
     assert in_cold, "warm evictions went to cold"
     # one cold blob has not been used for two hours: past max_idle, it goes
     idle = sorted(in_cold)[0]
-    await tiers.index.call(lambda: tiers.index.db.execute(
-        "UPDATE blobs SET last_access = 0 WHERE digest = ? AND tier = 'cold'", (idle,)))
+    await tiers.index.call(
+        lambda: tiers.index.db.execute(
+            "UPDATE blobs SET last_access = 0 WHERE digest = ? AND tier = 'cold'", (idle,)
+        )
+    )
     await tiers.evict_pass()
     assert idle not in await tiers.index.call(tiers.index.digests, "cold")
     assert not (tmp_path / "cold" / ColdStore.key(parse_digest(idle))).exists()

@@ -19,12 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import MirrorProcess
 
 from mirror.config import Config, Timeouts, UpstreamConfig, ignored_variables, load_config
 from mirror.errors import ConfigError
 from mirror.upstream.auth import credentials_for
-
-from conftest import MirrorProcess
 
 PROJECT = Path(__file__).resolve().parent.parent
 EXAMPLE = PROJECT / "config.example.toml"
@@ -71,7 +70,9 @@ def test_defaults_are_a_docker_hub_mirror() -> None:
 def test_toml_overrides_and_merges_over_the_builtin_upstream(tmp_path: Path) -> None:
     """A TOML file overrides top-level keys, sections and single keys of the built-in
     docker.io entry (the others keep their defaults), and adds upstreams."""
-    path = toml_file(tmp_path, """
+    path = toml_file(
+        tmp_path,
+        """
 listen = "127.0.0.1:6000"
 data_dir = "/var/cache/mirror"
 log_level = "debug"
@@ -85,7 +86,8 @@ username = "robot"
 url = "https://ghcr.io"
 aliases = ["ghcr.example"]
 list_ttl = 1.5
-""")
+""",
+    )
     config = load_config(path, env={})
     assert config.listen == "127.0.0.1:6000"
     assert config.data_dir == "/var/cache/mirror"
@@ -109,7 +111,9 @@ def test_environment_overrides_toml(tmp_path: Path) -> None:
     """MIRROR_LISTEN, MIRROR_TIMEOUTS__READ, MIRROR_UPSTREAMS__<NAME>__<KEY> (name with dots
     and dashes as underscores, for built-in and TOML upstreams), MIRROR_UPSTREAM and a list
     from a comma-separated value all win over the file, coerced to the field's type."""
-    path = toml_file(tmp_path, """
+    path = toml_file(
+        tmp_path,
+        """
 listen = "127.0.0.1:6000"
 [timeouts]
 read = 60
@@ -117,17 +121,21 @@ read = 60
 tag_ttl = 5
 [upstreams."registry.k8s.io"]
 url = "https://registry.k8s.io"
-""")
-    config = load_config(path, env={
-        "MIRROR_LISTEN": "127.0.0.1:7000",
-        "MIRROR_TIMEOUTS__READ": "12.5",
-        "MIRROR_UPSTREAMS__DOCKER_IO__TAG_TTL": "42",
-        "MIRROR_UPSTREAMS__DOCKER_IO__ALIASES": "a.example, b.example",
-        "MIRROR_UPSTREAMS__REGISTRY_K8S_IO__PASSWORD": "s3cret",
-        "MIRROR_UPSTREAM": "http://127.0.0.1:5001",
-        "MIRROR_ACCESS_LOG": "off",
-        "HOME": "/root",  # not ours: ignored
-    })
+""",
+    )
+    config = load_config(
+        path,
+        env={
+            "MIRROR_LISTEN": "127.0.0.1:7000",
+            "MIRROR_TIMEOUTS__READ": "12.5",
+            "MIRROR_UPSTREAMS__DOCKER_IO__TAG_TTL": "42",
+            "MIRROR_UPSTREAMS__DOCKER_IO__ALIASES": "a.example, b.example",
+            "MIRROR_UPSTREAMS__REGISTRY_K8S_IO__PASSWORD": "s3cret",
+            "MIRROR_UPSTREAM": "http://127.0.0.1:5001",
+            "MIRROR_ACCESS_LOG": "off",
+            "HOME": "/root",  # not ours: ignored
+        },
+    )
     assert config.listen == "127.0.0.1:7000"
     assert config.timeouts.read == 12.5
     hub = config.upstream("docker.io")
@@ -141,10 +149,16 @@ url = "https://registry.k8s.io"
 def test_flags_win_over_environment(tmp_path: Path) -> None:
     """Command-line flags beat MIRROR_* variables (and the file); a flag left None does not."""
     path = toml_file(tmp_path, 'listen = "127.0.0.1:6000"\ndata_dir = "/from/toml"\n')
-    env = {"MIRROR_LISTEN": "127.0.0.1:7000", "MIRROR_UPSTREAM": "http://127.0.0.1:5001",
-           "MIRROR_DATA_DIR": "/from/env"}
-    config = load_config(path, env=env, flags={
-        "listen": "127.0.0.1:8000", "upstream": "http://127.0.0.1:5002", "data_dir": None})
+    env = {
+        "MIRROR_LISTEN": "127.0.0.1:7000",
+        "MIRROR_UPSTREAM": "http://127.0.0.1:5001",
+        "MIRROR_DATA_DIR": "/from/env",
+    }
+    config = load_config(
+        path,
+        env=env,
+        flags={"listen": "127.0.0.1:8000", "upstream": "http://127.0.0.1:5002", "data_dir": None},
+    )
     assert config.listen == "127.0.0.1:8000"
     assert config.upstream("docker.io").url == "http://127.0.0.1:5002"
     assert config.data_dir == "/from/env"
@@ -154,15 +168,19 @@ def test_mirror_upstream_applies_to_the_configured_default(tmp_path: Path) -> No
     """MIRROR_UPSTREAM and --upstream set the url of the *default* upstream, whichever it is:
     chosen in the file, or chosen by MIRROR_DEFAULT_UPSTREAM in the same environment."""
     path = toml_file(tmp_path, '[upstreams."ghcr.io"]\nurl = "https://ghcr.io"\n')
-    by_file = toml_file(tmp_path, 'default_upstream = "ghcr.io"\n[upstreams."ghcr.io"]\n'
-                        'url = "https://ghcr.io"\n', "by_file.toml")
+    by_file = toml_file(
+        tmp_path,
+        'default_upstream = "ghcr.io"\n[upstreams."ghcr.io"]\nurl = "https://ghcr.io"\n',
+        "by_file.toml",
+    )
     config = load_config(by_file, env={"MIRROR_UPSTREAM": "http://127.0.0.1:5001"})
     assert config.upstream("ghcr.io").url == "http://127.0.0.1:5001"
     assert config.upstream("docker.io").url == "https://registry-1.docker.io"
     config = load_config(by_file, env={}, flags={"upstream": "http://127.0.0.1:5002"})
     assert config.upstream("ghcr.io").url == "http://127.0.0.1:5002"
-    config = load_config(path, env={"MIRROR_DEFAULT_UPSTREAM": "ghcr.io",
-                                    "MIRROR_UPSTREAM": "http://127.0.0.1:5003"})
+    config = load_config(
+        path, env={"MIRROR_DEFAULT_UPSTREAM": "ghcr.io", "MIRROR_UPSTREAM": "http://127.0.0.1:5003"}
+    )
     assert config.default_upstream == "ghcr.io"
     assert config.upstream("ghcr.io").url == "http://127.0.0.1:5003"
     assert config.upstream("docker.io").url == "https://registry-1.docker.io"
@@ -171,56 +189,79 @@ def test_mirror_upstream_applies_to_the_configured_default(tmp_path: Path) -> No
 # -- refusals --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "key"), [
-    ("bogus = 1\n", "bogus"),
-    ("[timeouts]\nconnnect = 3\n", "timeouts.connnect"),
-    ('[upstreams."docker.io"]\npasword = "x"\n', "upstreams.docker.io.pasword"),
-    ('[upstreams."ghcr.io"]\nurl = "https://ghcr.io"\ntag_tll = 3\n', "upstreams.ghcr.io.tag_tll"),
-    ("[logging]\nlevel = 'debug'\n", "logging"),
-])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("bogus = 1\n", "bogus"),
+        ("[timeouts]\nconnnect = 3\n", "timeouts.connnect"),
+        ('[upstreams."docker.io"]\npasword = "x"\n', "upstreams.docker.io.pasword"),
+        (
+            '[upstreams."ghcr.io"]\nurl = "https://ghcr.io"\ntag_tll = 3\n',
+            "upstreams.ghcr.io.tag_tll",
+        ),
+        ("[logging]\nlevel = 'debug'\n", "logging"),
+    ],
+)
 def test_unknown_keys_are_refused_by_name(tmp_path: Path, text: str, key: str) -> None:
     """A misspelt or unknown key anywhere in the file is an error naming it, never ignored."""
     assert key in refused(tmp_path, text)
 
 
-@pytest.mark.parametrize(("var", "key"), [
-    ("MIRROR_TIMEOUTS__BOGUS", "timeouts.bogus"),
-    ("MIRROR_UPSTREAMS__DOCKER_IO__BOGUS", "upstreams.docker.io.bogus"),
-    ("MIRROR_TIMEOUTS__A__B", "MIRROR_TIMEOUTS__A__B"),
-])
-def test_unknown_environment_variables_are_refused_by_name(tmp_path: Path, var: str, key: str) -> None:
+@pytest.mark.parametrize(
+    ("var", "key"),
+    [
+        ("MIRROR_TIMEOUTS__BOGUS", "timeouts.bogus"),
+        ("MIRROR_UPSTREAMS__DOCKER_IO__BOGUS", "upstreams.docker.io.bogus"),
+        ("MIRROR_TIMEOUTS__A__B", "MIRROR_TIMEOUTS__A__B"),
+    ],
+)
+def test_unknown_environment_variables_are_refused_by_name(
+    tmp_path: Path, var: str, key: str
+) -> None:
     """A MIRROR_ variable that names a section, or an upstream, with a key it does not have is
     an error naming the key it maps to (or the variable)."""
     assert key.lower() in refused(tmp_path, env={var: "1"}).lower()
 
 
-@pytest.mark.parametrize(("text", "env", "key"), [
-    ('[upstreams."docker.io"]\ntag_ttl = "abc"\n', {}, "upstreams.docker.io.tag_ttl"),
-    ('[upstreams."docker.io"]\ntag_ttl = true\n', {}, "upstreams.docker.io.tag_ttl"),
-    ('[upstreams."docker.io"]\ntag_ttl = -1\n', {}, "tag_ttl"),
-    ('[upstreams."docker.io"]\nlist_ttl = -1\n', {}, "list_ttl"),
-    ('[upstreams."docker.io"]\nurl = "ftp://x"\n', {}, "upstreams.docker.io.url"),
-    ('[upstreams."docker.io"]\nurl = "registry.example"\n', {}, "upstreams.docker.io.url"),
-    ('[upstreams."docker.io"]\naliases = [1, 2]\n', {}, "upstreams.docker.io.aliases"),
-    ('[upstreams."docker.io"]\nlibrary_prefix = "perhaps"\n', {}, "upstreams.docker.io.library_prefix"),
-    ('[upstreams."docker.io"]\ndocker_config = "/nonexistent/config.json"\n', {},
-     "upstreams.docker.io.docker_config"),
-    ('listen = "nope"\n', {}, "listen"),
-    ('listen = "127.0.0.1:70000"\n', {}, "listen"),
-    ("listen = 5000\n", {}, "listen"),
-    ('log_level = "loud"\n', {}, "log_level"),
-    ('access_log = "maybe"\n', {}, "access_log"),
-    ('default_upstream = "ghcr.io"\n', {}, "default_upstream"),
-    ('metrics_path = "metrics"\n', {}, "metrics_path"),
-    ('metrics_path = "/v2/metrics"\n', {}, "metrics_path"),
-    ("timeouts = 5\n", {}, "timeouts"),
-    ('[timeouts]\nread = "slow"\n', {}, "timeouts.read"),
-    ("", {"MIRROR_TIMEOUTS__READ": "abc"}, "timeouts.read"),
-    ("", {"MIRROR_ACCESS_LOG": "maybe"}, "access_log"),
-    ("", {"MIRROR_UPSTREAMS__DOCKER_IO__TAG_TTL": "abc"}, "upstreams.docker.io.tag_ttl"),
-    ("", {"MIRROR_UPSTREAM": "ftp://x"}, "upstreams.docker.io.url"),
-])
-def test_bad_values_are_refused_by_key(tmp_path: Path, text: str, env: dict[str, str], key: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "env", "key"),
+    [
+        ('[upstreams."docker.io"]\ntag_ttl = "abc"\n', {}, "upstreams.docker.io.tag_ttl"),
+        ('[upstreams."docker.io"]\ntag_ttl = true\n', {}, "upstreams.docker.io.tag_ttl"),
+        ('[upstreams."docker.io"]\ntag_ttl = -1\n', {}, "tag_ttl"),
+        ('[upstreams."docker.io"]\nlist_ttl = -1\n', {}, "list_ttl"),
+        ('[upstreams."docker.io"]\nurl = "ftp://x"\n', {}, "upstreams.docker.io.url"),
+        ('[upstreams."docker.io"]\nurl = "registry.example"\n', {}, "upstreams.docker.io.url"),
+        ('[upstreams."docker.io"]\naliases = [1, 2]\n', {}, "upstreams.docker.io.aliases"),
+        (
+            '[upstreams."docker.io"]\nlibrary_prefix = "perhaps"\n',
+            {},
+            "upstreams.docker.io.library_prefix",
+        ),
+        (
+            '[upstreams."docker.io"]\ndocker_config = "/nonexistent/config.json"\n',
+            {},
+            "upstreams.docker.io.docker_config",
+        ),
+        ('listen = "nope"\n', {}, "listen"),
+        ('listen = "127.0.0.1:70000"\n', {}, "listen"),
+        ("listen = 5000\n", {}, "listen"),
+        ('log_level = "loud"\n', {}, "log_level"),
+        ('access_log = "maybe"\n', {}, "access_log"),
+        ('default_upstream = "ghcr.io"\n', {}, "default_upstream"),
+        ('metrics_path = "metrics"\n', {}, "metrics_path"),
+        ('metrics_path = "/v2/metrics"\n', {}, "metrics_path"),
+        ("timeouts = 5\n", {}, "timeouts"),
+        ('[timeouts]\nread = "slow"\n', {}, "timeouts.read"),
+        ("", {"MIRROR_TIMEOUTS__READ": "abc"}, "timeouts.read"),
+        ("", {"MIRROR_ACCESS_LOG": "maybe"}, "access_log"),
+        ("", {"MIRROR_UPSTREAMS__DOCKER_IO__TAG_TTL": "abc"}, "upstreams.docker.io.tag_ttl"),
+        ("", {"MIRROR_UPSTREAM": "ftp://x"}, "upstreams.docker.io.url"),
+    ],
+)
+def test_bad_values_are_refused_by_key(
+    tmp_path: Path, text: str, env: dict[str, str], key: str
+) -> None:
     """A value of the wrong type or out of range is refused with a message naming its key."""
     assert key in refused(tmp_path, text, env)
 
@@ -231,11 +272,14 @@ def test_negative_timeouts_are_refused(tmp_path: Path, key: str) -> None:
     assert f"timeouts.{key}" in refused(tmp_path, f"[timeouts]\n{key} = -1\n")
 
 
-@pytest.mark.parametrize("text", [
-    '[upstreams]\n"ghcr.io" = "https://ghcr.io"\n',
-    'upstreams = { "ghcr.io" = 5 }\n',
-    'upstreams = { "docker.io" = "https://registry-1.docker.io" }\n',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[upstreams]\n"ghcr.io" = "https://ghcr.io"\n',
+        'upstreams = { "ghcr.io" = 5 }\n',
+        'upstreams = { "docker.io" = "https://registry-1.docker.io" }\n',
+    ],
+)
 def test_upstream_that_is_not_a_table_is_a_config_error(tmp_path: Path, text: str) -> None:
     """`[upstreams]` entries that are not tables (an easy slip: `"ghcr.io" = "https://..."`)
     are refused with a ConfigError naming the upstream, not an unhandled exception."""
@@ -248,14 +292,19 @@ def test_upstreams_must_be_a_table(tmp_path: Path) -> None:
     assert "upstreams" in refused(tmp_path, 'upstreams = "x"\n')
 
 
-@pytest.mark.parametrize("text", [
-    '[upstreams."mirror.example"]\nurl = "https://m.example"\naliases = ["index.docker.io"]\n',
-    '[upstreams."mirror.example"]\nurl = "https://m.example"\naliases = ["docker.io"]\n',
-    ('[upstreams."a.example"]\nurl = "https://a.example"\naliases = ["shared.example"]\n'
-     '[upstreams."b.example"]\nurl = "https://b.example"\naliases = ["shared.example"]\n'),
-    '[upstreams."mirror.example"]\nurl = "https://m.example"\naliases = ["DOCKER.IO"]\n',
-    '[upstreams."Docker.IO"]\nurl = "https://m.example"\n',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[upstreams."mirror.example"]\nurl = "https://m.example"\naliases = ["index.docker.io"]\n',
+        '[upstreams."mirror.example"]\nurl = "https://m.example"\naliases = ["docker.io"]\n',
+        (
+            '[upstreams."a.example"]\nurl = "https://a.example"\naliases = ["shared.example"]\n'
+            '[upstreams."b.example"]\nurl = "https://b.example"\naliases = ["shared.example"]\n'
+        ),
+        '[upstreams."mirror.example"]\nurl = "https://m.example"\naliases = ["DOCKER.IO"]\n',
+        '[upstreams."Docker.IO"]\nurl = "https://m.example"\n',
+    ],
+)
 def test_a_host_selecting_two_upstreams_is_refused(tmp_path: Path, text: str) -> None:
     """A host (name or alias) may select only one upstream; hosts are case-insensitive (the
     router lowercases them), so `DOCKER.IO` on another upstream would silently take
@@ -266,7 +315,9 @@ def test_a_host_selecting_two_upstreams_is_refused(tmp_path: Path, text: str) ->
 def test_credentials_in_the_url_are_refused_without_echoing_them(tmp_path: Path) -> None:
     """`https://user:secret@host` is refused (credentials belong in username/password) and
     the message does not repeat the secret."""
-    message = refused(tmp_path, '[upstreams."docker.io"]\nurl = "https://robot:hunter2@r.example"\n')
+    message = refused(
+        tmp_path, '[upstreams."docker.io"]\nurl = "https://robot:hunter2@r.example"\n'
+    )
     assert "upstreams.docker.io.url" in message
     assert "hunter2" not in message
 
@@ -285,12 +336,20 @@ def test_bad_password_value_is_not_echoed(tmp_path: Path) -> None:
 def test_reprs_never_contain_the_password(tmp_path: Path) -> None:
     """repr/str of an UpstreamConfig, of the whole Config and of the derived Credentials
     mask the password (they may end up in logs and tracebacks)."""
-    path = toml_file(tmp_path, '[upstreams."docker.io"]\nusername = "robot"\npassword = "hunter2-xyz"\n')
+    path = toml_file(
+        tmp_path, '[upstreams."docker.io"]\nusername = "robot"\npassword = "hunter2-xyz"\n'
+    )
     config = load_config(path, env={})
     hub = config.upstream("docker.io")
     assert hub.password == "hunter2-xyz"
-    for text in (repr(hub), str(hub), repr(config), str(config), repr(config.upstreams),
-                 repr(credentials_for(hub))):
+    for text in (
+        repr(hub),
+        str(hub),
+        repr(config),
+        str(config),
+        repr(config.upstreams),
+        repr(credentials_for(hub)),
+    ):
         assert "hunter2-xyz" not in text
     assert "robot" in repr(hub)
     direct = UpstreamConfig(name="x", url="https://x.example", username="u", password="pw-123456")
@@ -300,11 +359,29 @@ def test_reprs_never_contain_the_password(tmp_path: Path) -> None:
 # -- CLI -------------------------------------------------------------------------------------
 
 
-def _run_cli(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _run_cli(
+    args: list[str], env: dict[str, str], tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    return subprocess.run([sys.executable, "-m", "mirror", "serve", "--listen", "127.0.0.1:0",
-                           "--data-dir", str(tmp_path / "data"), *args],
-                          cwd=PROJECT, env={**clean, **env}, capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mirror",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            *args,
+        ],
+        cwd=PROJECT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_cli_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
@@ -346,15 +423,21 @@ def test_example_config_documents_every_key() -> None:
 
 def test_retention_rules_are_an_array_of_tables_and_checked(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
-    good.write_text('[[retention]]\npattern = "docker.io/library/*"\nkeep_tags = 3\n'
-                    '[[retention]]\npattern = "ghcr.io/*"\nmax_idle = "86400"\n')
+    good.write_text(
+        '[[retention]]\npattern = "docker.io/library/*"\nkeep_tags = 3\n'
+        '[[retention]]\npattern = "ghcr.io/*"\nmax_idle = "86400"\n'
+    )
     rules = load_config(good, env={}).retention
     assert [(r.pattern, r.keep_tags, r.max_idle) for r in rules] == [
-        ("docker.io/library/*", 3, 0.0), ("ghcr.io/*", 0, 86400.0)]
-    for body, key in (('retention = "x"', "retention"),
-                      ('[[retention]]\npattern = "nohost"\nkeep_tags = 1', "retention[0].pattern"),
-                      ('[[retention]]\npattern = "a/b"', "retention[0]"),
-                      ('[[retention]]\npattern = "a/b"\nkeep = 1', "retention[0].keep")):
+        ("docker.io/library/*", 3, 0.0),
+        ("ghcr.io/*", 0, 86400.0),
+    ]
+    for body, key in (
+        ('retention = "x"', "retention"),
+        ('[[retention]]\npattern = "nohost"\nkeep_tags = 1', "retention[0].pattern"),
+        ('[[retention]]\npattern = "a/b"', "retention[0]"),
+        ('[[retention]]\npattern = "a/b"\nkeep = 1', "retention[0].keep"),
+    ):
         bad = tmp_path / "bad.toml"
         bad.write_text(body)
         with pytest.raises(ConfigError, match=re.escape(key)):
@@ -382,23 +465,31 @@ KUBERNETES_SERVICE_LINKS = {
 def test_variables_that_are_not_keys_are_ignored() -> None:
     """Kubernetes service links and a wrapper's own MIRROR_URL / MIRROR_NAME leave the
     configuration as it is, and are the ones reported as ignored."""
-    env = {**KUBERNETES_SERVICE_LINKS, "MIRROR_URL": "http://x", "MIRROR_NAME": "edge",
-           "MIRROR_LISTEN": "127.0.0.1:7000"}
+    env = {
+        **KUBERNETES_SERVICE_LINKS,
+        "MIRROR_URL": "http://x",
+        "MIRROR_NAME": "edge",
+        "MIRROR_LISTEN": "127.0.0.1:7000",
+    }
     config = load_config(env=env)
     assert config == load_config(env={}, flags={"listen": "127.0.0.1:7000"})
     assert ignored_variables({**env, "MIRROR_CONFIG": "x.toml", "PATH": "/bin"}) == sorted(
-        set(env) - {"MIRROR_LISTEN"})
+        set(env) - {"MIRROR_LISTEN"}
+    )
 
 
-@pytest.mark.parametrize(("var", "key"), [
-    ("MIRROR_WARM__MAX_BYTE", "warm.max_byte"),
-    ("MIRROR_TIMEOUTS__REED", "timeouts.reed"),
-    ("MIRROR_WARM_MAX_BYTES", "MIRROR_WARM__MAX_BYTES"),
-    ("MIRROR_DATA_DIRR", "data_dir"),
-    ("MIRROR_LISTN", "listen"),
-    ("MIRROR_TIMEOUT__READ", "MIRROR_TIMEOUT__READ"),
-    ("MIRROR_TIMEOUTS__READ__X", "MIRROR_TIMEOUTS__READ__X"),
-])
+@pytest.mark.parametrize(
+    ("var", "key"),
+    [
+        ("MIRROR_WARM__MAX_BYTE", "warm.max_byte"),
+        ("MIRROR_TIMEOUTS__REED", "timeouts.reed"),
+        ("MIRROR_WARM_MAX_BYTES", "MIRROR_WARM__MAX_BYTES"),
+        ("MIRROR_DATA_DIRR", "data_dir"),
+        ("MIRROR_LISTN", "listen"),
+        ("MIRROR_TIMEOUT__READ", "MIRROR_TIMEOUT__READ"),
+        ("MIRROR_TIMEOUTS__READ__X", "MIRROR_TIMEOUTS__READ__X"),
+    ],
+)
 def test_near_misses_of_keys_are_refused_by_name(tmp_path: Path, var: str, key: str) -> None:
     """A variable that looks meant for a key (a typo of its name, one underscore where a
     section takes two) still stops the start, naming the key."""
@@ -406,10 +497,13 @@ def test_near_misses_of_keys_are_refused_by_name(tmp_path: Path, var: str, key: 
 
 
 def test_the_server_starts_with_a_pods_service_link_variables(
-        mirror_process: Callable[..., MirrorProcess]) -> None:
+    mirror_process: Callable[..., MirrorProcess],
+) -> None:
     """`mirror serve` as a real process, with exactly the variables a pod gets for the
     Service `mirror`, starts and serves; with log_level=debug it says what it ignored."""
-    proc = mirror_process("http://127.0.0.1:9", env={**KUBERNETES_SERVICE_LINKS, "MIRROR_LOG_LEVEL": "debug"})
+    proc = mirror_process(
+        "http://127.0.0.1:9", env={**KUBERNETES_SERVICE_LINKS, "MIRROR_LOG_LEVEL": "debug"}
+    )
     proc.start()  # raises if the process exits (a configuration error) instead of answering
     proc.stop()
     out = proc.log.read_text()

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-
 from conftest import PROJECT, MirrorProcess
 from upstream_sim import UpstreamSim
 
@@ -24,8 +23,11 @@ MiB = 1024 * 1024
 
 
 async def test_kill_9_during_fills_loses_and_corrupts_nothing(
-        sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], client: aiohttp.ClientSession,
-        tmp_path: Path) -> None:
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     data = tmp_path / "data"
     blobs = [hashlib.sha256(str(i).encode()).digest() * (4 * MiB // 32) for i in range(3)]
     digests = [sim.add_blob(b) for b in blobs]
@@ -35,7 +37,7 @@ async def test_kill_9_during_fills_loses_and_corrupts_nothing(
     for hold in holds:
         await hold.reached.wait()
     deadline = time.monotonic() + 10
-    while len(list((data / "tmp").iterdir())) < len(digests):   # every fill is writing
+    while len(list((data / "tmp").iterdir())) < len(digests):  # every fill is writing
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
     await asyncio.to_thread(proc.stop, signal.SIGKILL)
@@ -46,16 +48,23 @@ async def test_kill_9_during_fills_loses_and_corrupts_nothing(
             assert len(body) < 4 * MiB, "a killed fill never completes a transfer"
         except aiohttp.ClientError:
             pass
-    assert not [p for p in (data / "blobs").rglob("*") if p.is_file()], "nothing unverified was kept"
+    assert not [p for p in (data / "blobs").rglob("*") if p.is_file()], (
+        "nothing unverified was kept"
+    )
     sim.clear_faults()
     proc = await asyncio.to_thread(mirror_process(sim.url, data).start)
     assert list((data / "tmp").iterdir()) == [], "the crash's partial files were swept"
-    for digest, body in zip(digests, blobs):
+    for digest, body in zip(digests, blobs, strict=False):
         async with client.get(f"{proc.url}/v2/crash/x/blobs/{digest}") as resp:
             assert resp.status == 200 and await resp.read() == body
     await asyncio.to_thread(proc.stop)
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mirror", "fsck", "--data-dir", str(data)],
-                                   cwd=PROJECT, capture_output=True, text=True)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mirror", "fsck", "--data-dir", str(data)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and "clean" in done.stdout, done.stdout + done.stderr
 
 
@@ -73,15 +82,23 @@ def _write_store(data: Path, count: int, size: int) -> dict[str, bytes]:
 
 
 async def _fsck(data: Path) -> dict[str, object]:
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mirror", "fsck", "--json", "--data-dir",
-                                                    str(data)], cwd=PROJECT, capture_output=True, text=True)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mirror", "fsck", "--json", "--data-dir", str(data)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+    )
     report: dict[str, object] = json.loads(done.stdout)
     return report
 
 
 async def test_kill_9_during_an_eviction_pass_loses_and_corrupts_nothing(
-        sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], client: aiohttp.ClientSession,
-        tmp_path: Path) -> None:
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     """5,000 blobs against a budget that fits a few hundred: bounded passes of 250 run
     back to back; the process is killed once the first has finished, so mid-way through a
     later one. Right after: no record points at a missing file (records go first) and no file
@@ -89,8 +106,11 @@ async def test_kill_9_during_an_eviction_pass_loses_and_corrupts_nothing(
     and every blob still held is served whole."""
     data = tmp_path / "data"
     made = await asyncio.to_thread(_write_store, data, 5_000, 64)
-    env = {"MIRROR_WARM__MAX_BYTES": "20000", "MIRROR_EVICTION__INTERVAL": "0.1",
-           "MIRROR_EVICTION__MAX_PER_PASS": "250"}
+    env = {
+        "MIRROR_WARM__MAX_BYTES": "20000",
+        "MIRROR_EVICTION__INTERVAL": "0.1",
+        "MIRROR_EVICTION__MAX_PER_PASS": "250",
+    }
     proc = await asyncio.to_thread(mirror_process(sim.url, data, env=env).start)
     deadline = time.monotonic() + 60
     while "eviction pass:" not in proc.log.read_text():

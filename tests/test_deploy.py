@@ -36,7 +36,11 @@ PROBE_PATHS = {LIVENESS, READINESS}
 
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
-    lines = [ln for ln in (DEPLOY / "Dockerfile").read_text().splitlines() if not ln.lstrip().startswith("#")]
+    lines = [
+        ln
+        for ln in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if not ln.lstrip().startswith("#")
+    ]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
     out = []
     for line in joined.splitlines():
@@ -53,7 +57,11 @@ def final_stage() -> list[tuple[str, str]]:
 
 
 def arg_default(name: str) -> str:
-    return next(rest.split("=", 1)[1] for word, rest in final_stage() if word == "ARG" and rest.startswith(name + "="))
+    return next(
+        rest.split("=", 1)[1]
+        for word, rest in final_stage()
+        if word == "ARG" and rest.startswith(name + "=")
+    )
 
 
 def expand(value: str) -> str:
@@ -82,7 +90,9 @@ def test_dockerfile_is_slim_non_root_with_healthcheck_and_volume() -> None:
     """python:3.11-slim in every stage; the final stage runs as a non-root uid, keeps the
     cache in a VOLUME that is the `--data-dir` of its command, listens on the EXPOSEd port,
     and its HEALTHCHECK asks the liveness path on that port."""
-    assert all(rest.split()[0] == "python:3.11-slim" for word, rest in dockerfile() if word == "FROM")
+    assert all(
+        rest.split()[0] == "python:3.11-slim" for word, rest in dockerfile() if word == "FROM"
+    )
     user = expand(one("USER")).split(":")[0]
     assert user.isdigit() and int(user) >= 1000
     volume = json.loads(one("VOLUME"))
@@ -98,11 +108,18 @@ def test_dockerfile_is_slim_non_root_with_healthcheck_and_volume() -> None:
 def test_dockerfile_copies_only_what_exists_and_the_context_lets_through() -> None:
     """Every COPY source (build context = repository root) exists and is re-included by the
     root `.dockerignore`, which otherwise excludes everything."""
-    ignore = [ln.strip() for ln in (PROJECT / ".dockerignore").read_text().splitlines()
-              if ln.strip() and not ln.startswith("#")]
+    ignore = [
+        ln.strip()
+        for ln in (PROJECT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert ignore[0] == "*"
-    sources = [src for word, rest in dockerfile() if word == "COPY" and "--from" not in rest
-               for src in rest.split()[:-1]]
+    sources = [
+        src
+        for word, rest in dockerfile()
+        if word == "COPY" and "--from" not in rest
+        for src in rest.split()[:-1]
+    ]
     assert sources
     for src in sources:
         assert (PROJECT / src).exists(), src
@@ -142,11 +159,18 @@ def test_compose_mirror_service_matches_the_image() -> None:
     mirror = services["mirror"]
     build = mirror["build"]
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
-    assert any(v.split(":")[1] == "/var/lib/mirror" and not v.startswith(".") for v in mirror["volumes"])
+    assert any(
+        v.split(":")[1] == "/var/lib/mirror" and not v.startswith(".") for v in mirror["volumes"]
+    )
     assert published(mirror) == {5000: 5000}
     health = urlsplit(url_in(" ".join(mirror["healthcheck"]["test"])))
     assert (health.port, health.path) == (5000, LIVENESS)
-    named = {v.split(":")[0] for s in services.values() for v in s.get("volumes", []) if not v.startswith(".")}
+    named = {
+        v.split(":")[0]
+        for s in services.values()
+        for v in s.get("volumes", [])
+        if not v.startswith(".")
+    }
     assert named == set(compose()["volumes"])
 
 
@@ -161,12 +185,16 @@ def test_prometheus_scrapes_the_mirror_metrics_path() -> None:
     metrics on by default."""
     services = compose()["services"]
     prometheus = services["prometheus"]
-    config_file = next(src for src, dst in binds(prometheus) if dst == "/etc/prometheus/prometheus.yml")
+    config_file = next(
+        src for src, dst in binds(prometheus) if dst == "/etc/prometheus/prometheus.yml"
+    )
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
     jobs = load_yaml(config_file)["scrape_configs"]
     assert len(jobs) == 1
     assert jobs[0]["metrics_path"] == Config().metrics_path
-    assert jobs[0]["static_configs"] == [{"targets": [f"mirror:{next(iter(published(services['mirror'])))}"]}]
+    assert jobs[0]["static_configs"] == [
+        {"targets": [f"mirror:{next(iter(published(services['mirror'])))}"]}
+    ]
 
 
 def test_grafana_provisions_the_datasource_and_the_dashboard() -> None:
@@ -175,19 +203,27 @@ def test_grafana_provisions_the_datasource_and_the_dashboard() -> None:
     dashboard is mounted, and every data source the dashboard names is a variable of the
     provisioned type (`__inputs` placeholders alone are not resolved for provisioned files)."""
     services = compose()["services"]
-    grafana = dict((dst, src) for src, dst in binds(services["grafana"]))
+    grafana = {dst: src for src, dst in binds(services["grafana"])}
     provisioning = grafana["/etc/grafana/provisioning"]
     assert provisioning == DEPLOY / "grafana" / "provisioning"
-    sources = [d for f in (provisioning / "datasources").glob("*.yaml") for d in load_yaml(f)["datasources"]]
+    sources = [
+        d
+        for f in (provisioning / "datasources").glob("*.yaml")
+        for d in load_yaml(f)["datasources"]
+    ]
     assert len(sources) == 1 and sources[0]["isDefault"] is True
     prometheus_port = next(iter(published(services["prometheus"])))
     assert sources[0]["url"] == f"http://prometheus:{prometheus_port}"
-    providers = [p for f in (provisioning / "dashboards").glob("*.yaml") for p in load_yaml(f)["providers"]]
+    providers = [
+        p for f in (provisioning / "dashboards").glob("*.yaml") for p in load_yaml(f)["providers"]
+    ]
     assert len(providers) == 1
     folder = providers[0]["options"]["path"]
     mounted = {dst: src for dst, src in grafana.items() if dst.startswith(folder + "/")}
     assert list(mounted.values()) == [DASHBOARD]
-    assert services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] in mounted
+    assert (
+        services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"] in mounted
+    )
 
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"] if v["type"] == "datasource"}
@@ -232,7 +268,11 @@ def test_kubernetes_statefulset_config_and_storage_agree(tmp_path: Path) -> None
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     args = serve_args(container["args"])
     config_volume = next(v for v in pod["volumes"] if v.get("configMap"))
-    (configmap,) = [c for c in of_kind("ConfigMap") if c["metadata"]["name"] == config_volume["configMap"]["name"]]
+    (configmap,) = [
+        c
+        for c in of_kind("ConfigMap")
+        if c["metadata"]["name"] == config_volume["configMap"]["name"]
+    ]
     assert args.config == f"{mounts[config_volume['name']]}/config.toml"
     config_file = Path(args.config).name
     (tmp_path / config_file).write_text(configmap["data"][config_file])
@@ -241,7 +281,12 @@ def test_kubernetes_statefulset_config_and_storage_agree(tmp_path: Path) -> None
     assert config.data_dir == mounts[claim["metadata"]["name"]]
     assert claim["spec"]["resources"]["requests"]["storage"]
     assert [p["containerPort"] for p in container["ports"]] == [config.host_port[1]]
-    assert {u.name for u in config.upstreams} >= {"docker.io", "ghcr.io", "quay.io", "registry.k8s.io"}
+    assert {u.name for u in config.upstreams} >= {
+        "docker.io",
+        "ghcr.io",
+        "quay.io",
+        "registry.k8s.io",
+    }
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert str(pod["securityContext"]["runAsUser"]) == expand(one("USER")).split(":")[0]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -277,7 +322,11 @@ def test_kubernetes_services_and_servicemonitor_select_the_pods() -> None:
     (headless,) = [s for s in services if s["spec"].get("clusterIP") == "None"]
     assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
     (monitor,) = of_kind("ServiceMonitor")
-    selected = [s for s in services if matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+    selected = [
+        s
+        for s in services
+        if matches(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+    ]
     assert len(selected) == 1
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {p["name"] for p in selected[0]["spec"]["ports"]}
@@ -298,11 +347,27 @@ def unit() -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.parametrize("key", [
-    "NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
-    "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock",
-    "ProtectHostname", "RestrictNamespaces", "RestrictRealtime", "RestrictSUIDSGID",
-    "LockPersonality", "MemoryDenyWriteExecute", "DynamicUser"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectClock",
+        "ProtectHostname",
+        "RestrictNamespaces",
+        "RestrictRealtime",
+        "RestrictSUIDSGID",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+        "DynamicUser",
+    ],
+)
 def test_systemd_unit_hardening_option(key: str) -> None:
     assert unit()[key] == ["yes"]
 

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-
 from conftest import Ext4Disk, MakeMirror, Mirror
 from images import ACCEPT_ALL, make_image
 from upstream_sim import UpstreamSim
@@ -52,8 +51,11 @@ def _nothing_partial(mirror: Mirror) -> bool:
 
 
 async def test_blob_larger_than_the_disk_streams_through(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession,
-        small_disk: Callable[[int], Path]) -> None:
+    sim: UpstreamSim,
+    make_mirror: MakeMirror,
+    client: aiohttp.ClientSession,
+    small_disk: Callable[[int], Path],
+) -> None:
     data = _blob(1, 6 * MiB)
     digest = sim.add_blob(data)
     mirror = await make_mirror(sim.url, NO_FLOOR, data_dir=small_disk(4 * MiB))
@@ -80,12 +82,15 @@ async def test_blob_larger_than_the_disk_streams_through(
         assert resp.status == 200 and resp.headers["X-Mirror-Cache"] == "miss"
 
 
-async def _fill_meets_a_full_disk(sim: UpstreamSim, mirror: Mirror, disk: Path, client: aiohttp.ClientSession,
-                                  data: bytes) -> tuple[str, asyncio.Task[bool]]:
+async def _fill_meets_a_full_disk(
+    sim: UpstreamSim, mirror: Mirror, disk: Path, client: aiohttp.ClientSession, data: bytes
+) -> tuple[str, asyncio.Task[bool]]:
     """Start a fill, fill the disk behind it while upstream holds the rest, then let it go on."""
     digest = sim.add_blob(data)
     hold = sim.fault(digest, "slow", part=MiB)
-    transfer = asyncio.create_task(_fails(client, f"{mirror.url}/v2/{REPO}/blobs/{digest}", len(data)))
+    transfer = asyncio.create_task(
+        _fails(client, f"{mirror.url}/v2/{REPO}/blobs/{digest}", len(data))
+    )
     await hold.reached.wait()
     deadline = time.monotonic() + 10
     while not any(p.stat().st_size for p in mirror.partial_files()):  # past the room check, writing
@@ -97,8 +102,11 @@ async def _fill_meets_a_full_disk(sim: UpstreamSim, mirror: Mirror, disk: Path, 
 
 
 async def test_enospc_mid_fill_evicts_and_retries(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession,
-        small_disk: Callable[[int], Path]) -> None:
+    sim: UpstreamSim,
+    make_mirror: MakeMirror,
+    client: aiohttp.ClientSession,
+    small_disk: Callable[[int], Path],
+) -> None:
     disk = small_disk(10 * MiB)
     mirror = await make_mirror(sim.url, NO_FLOOR, data_dir=disk)
     old = _blob(3, 3 * MiB)
@@ -118,8 +126,11 @@ async def test_enospc_mid_fill_evicts_and_retries(
 
 
 async def test_enospc_mid_fill_with_nothing_to_evict_fails_clean_then_streams_through(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession,
-        small_disk: Callable[[int], Path]) -> None:
+    sim: UpstreamSim,
+    make_mirror: MakeMirror,
+    client: aiohttp.ClientSession,
+    small_disk: Callable[[int], Path],
+) -> None:
     disk = small_disk(8 * MiB)
     mirror = await make_mirror(sim.url, NO_FLOOR, data_dir=disk)
     data = _blob(5, 3 * MiB)
@@ -133,9 +144,12 @@ async def test_enospc_mid_fill_with_nothing_to_evict_fails_clean_then_streams_th
     assert mirror.blob_files() == []
 
 
-async def test_store_gone_read_only_keeps_serving(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                  client: aiohttp.ClientSession,
-                                                  ext4_disk: Callable[[int], Ext4Disk]) -> None:
+async def test_store_gone_read_only_keeps_serving(
+    sim: UpstreamSim,
+    make_mirror: MakeMirror,
+    client: aiohttp.ClientSession,
+    ext4_disk: Callable[[int], Ext4Disk],
+) -> None:
     """The store's ext4 hits an error and the kernel remounts it read-only under the running
     mirror (errors=remount-ro): cached manifests and blobs are still served, /readyz says
     503, and an uncached blob streams through, verified and unkept, with no upstream request
@@ -165,5 +179,7 @@ async def test_store_gone_read_only_keeps_serving(sim: UpstreamSim, make_mirror:
         async with client.get(f"{mirror.url}/v2/{REPO}/blobs/{new_digest}") as resp:
             assert resp.status == 200 and resp.headers["X-Mirror-Cache"] == "pass-through"
             assert await resp.read() == new
-    assert sim.requests[("GET", f"/v2/{REPO}/blobs/{new_digest}")] == 2, "one per client, no fill attempt"
+    assert sim.requests[("GET", f"/v2/{REPO}/blobs/{new_digest}")] == 2, (
+        "one per client, no fill attempt"
+    )
     assert not any(p.name == new_digest.split(":")[1] for p in mirror.blob_files())

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 from aiohttp import web
-
 from conftest import MakeMirror, Mirror
 from registry import free_port
 
@@ -31,7 +30,7 @@ async def _serves_on(client: aiohttp.ClientSession, mirror: Mirror) -> None:
 
 async def _error(client: aiohttp.ClientSession, mirror: Mirror) -> tuple[int, str]:
     async with client.get(mirror.url + PATH) as resp:
-        if resp.status == 200:          # headers went out before the fault: a cut transfer
+        if resp.status == 200:  # headers went out before the fault: a cut transfer
             try:
                 body = await resp.read()
             except aiohttp.ClientPayloadError:
@@ -40,12 +39,17 @@ async def _error(client: aiohttp.ClientSession, mirror: Mirror) -> tuple[int, st
         return resp.status, (await resp.json())["errors"][0]["code"]
 
 
-@pytest.mark.parametrize("url, status, code", [
-    ("http://127.0.0.1:{closed}", 502, "UPSTREAM_UNAVAILABLE"),
-    ("http://nonexistent.invalid", 502, "UPSTREAM_UNAVAILABLE"),
-], ids=["refused", "dns"])
-async def test_unreachable_upstreams(make_mirror: MakeMirror, client: aiohttp.ClientSession,
-                                     url: str, status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    "url, status, code",
+    [
+        ("http://127.0.0.1:{closed}", 502, "UPSTREAM_UNAVAILABLE"),
+        ("http://nonexistent.invalid", 502, "UPSTREAM_UNAVAILABLE"),
+    ],
+    ids=["refused", "dns"],
+)
+async def test_unreachable_upstreams(
+    make_mirror: MakeMirror, client: aiohttp.ClientSession, url: str, status: int, code: str
+) -> None:
     with socket.socket() as closed:  # bound, never listening: connections are refused, and
         closed.bind(("127.0.0.1", 0))  # no other listener (the mirror's own) can take the port
         mirror = await make_mirror(url.format(closed=closed.getsockname()[1]))
@@ -54,7 +58,9 @@ async def test_unreachable_upstreams(make_mirror: MakeMirror, client: aiohttp.Cl
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]]:
+async def serve() -> AsyncIterator[
+    Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
+]:
     runners: list[web.AppRunner] = []
 
     async def start(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
@@ -72,8 +78,9 @@ async def serve() -> AsyncIterator[Callable[[Callable[[web.Request], Awaitable[w
         await runner.cleanup()
 
 
-async def test_tls_to_a_plain_http_upstream_fails_cleanly(serve: Callable[..., Awaitable[str]], make_mirror: MakeMirror,
-                                                          client: aiohttp.ClientSession) -> None:
+async def test_tls_to_a_plain_http_upstream_fails_cleanly(
+    serve: Callable[..., Awaitable[str]], make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     async def plain(_: web.Request) -> web.Response:
         return web.Response(body=DATA)
 
@@ -83,10 +90,15 @@ async def test_tls_to_a_plain_http_upstream_fails_cleanly(serve: Callable[..., A
     await _serves_on(client, mirror)
 
 
-@pytest.mark.parametrize("location", ["{self}", "file:///etc/passwd", "ftp://127.0.0.1/x"],
-                         ids=["loop", "file", "ftp"])
-async def test_bad_redirects_end_in_an_error(serve: Callable[..., Awaitable[str]], make_mirror: MakeMirror,
-                                             client: aiohttp.ClientSession, location: str) -> None:
+@pytest.mark.parametrize(
+    "location", ["{self}", "file:///etc/passwd", "ftp://127.0.0.1/x"], ids=["loop", "file", "ftp"]
+)
+async def test_bad_redirects_end_in_an_error(
+    serve: Callable[..., Awaitable[str]],
+    make_mirror: MakeMirror,
+    client: aiohttp.ClientSession,
+    location: str,
+) -> None:
     hits = 0
 
     async def redirect(request: web.Request) -> web.Response:
@@ -101,14 +113,19 @@ async def test_bad_redirects_end_in_an_error(serve: Callable[..., Awaitable[str]
 
 
 @pytest.mark.parametrize("sent", [DATA + b"extra bytes", DATA[:-100]], ids=["longer", "shorter"])
-async def test_body_not_matching_its_content_length(make_mirror: MakeMirror, client: aiohttp.ClientSession,
-                                                    sent: bytes) -> None:
+async def test_body_not_matching_its_content_length(
+    make_mirror: MakeMirror, client: aiohttp.ClientSession, sent: bytes
+) -> None:
     """A raw server announces len(DATA) and sends more or fewer bytes (then closes)."""
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while (await reader.readline()) not in (b"\r\n", b""):
             pass
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                     + f"Content-Length: {len(DATA)}\r\nConnection: close\r\n\r\n".encode() + sent)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            + f"Content-Length: {len(DATA)}\r\nConnection: close\r\n\r\n".encode()
+            + sent
+        )
         await writer.drain()
         writer.close()
 
@@ -124,7 +141,7 @@ async def test_body_not_matching_its_content_length(make_mirror: MakeMirror, cli
         async with client.get(f"{mirror.url}/v2/") as resp:
             assert resp.status == 200
         assert mirror.partial_files() == []
-        for kept in mirror.blob_files():   # if anything was kept, it is the right bytes
+        for kept in mirror.blob_files():  # if anything was kept, it is the right bytes
             assert kept.read_bytes() == DATA
     finally:
         server.close()

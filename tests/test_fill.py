@@ -8,7 +8,6 @@ import hashlib
 import os
 
 import aiohttp
-
 from conftest import MakeMirror
 from upstream_sim import UpstreamSim
 
@@ -46,7 +45,8 @@ async def _fails(client: aiohttp.ClientSession, url: str, size: int) -> bool:
 
 
 async def test_twenty_clients_one_upstream_get_and_early_first_bytes(
-        sim: UpstreamSim, make_mirror: MakeMirror) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror
+) -> None:
     """20 clients of one uncached blob: exactly one upstream GET, every client gets the right
     bytes, and the later ones get their first bytes while the fill is still held upstream."""
     data = _blob(1)
@@ -65,7 +65,9 @@ async def test_twenty_clients_one_upstream_get_and_early_first_bytes(
             first_bytes[i].set()
             return head + await resp.read()
 
-    async with aiohttp.ClientSession(trust_env=False, connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with aiohttp.ClientSession(
+        trust_env=False, connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
         leader = asyncio.create_task(one(0, session))
         await first_bytes[0].wait()
         await hold.reached.wait()
@@ -83,7 +85,8 @@ async def test_twenty_clients_one_upstream_get_and_early_first_bytes(
 
 
 async def test_corrupted_upstream_blob_reaches_no_client_and_leaves_nothing(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A corrupted upstream body fails every client (leader and followers), keeps nothing in
     the store, and the next request fetches afresh and succeeds. (A cut body is resumed:
     test_resume.py.)"""
@@ -105,7 +108,8 @@ async def test_corrupted_upstream_blob_reaches_no_client_and_leaves_nothing(
 
 
 async def test_second_request_is_a_hit_with_no_upstream_call(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A committed blob is served from disk: the upstream sees one GET in all."""
     digest = sim.add_blob(_blob(3))
     mirror = await make_mirror(sim.url)
@@ -118,7 +122,8 @@ async def test_second_request_is_a_hit_with_no_upstream_call(
 
 
 async def test_client_that_leaves_does_not_cancel_the_fill(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """The only client drops its connection mid-fill; the fill still completes and commits,
     so the next client is served from disk without a second upstream GET."""
     data = _blob(4)
@@ -138,8 +143,9 @@ async def test_client_that_leaves_does_not_cancel_the_fill(
     assert len(mirror.blob_files()) == 1
 
 
-async def test_range_on_a_blob_being_filled(sim: UpstreamSim, make_mirror: MakeMirror,
-                                           client: aiohttp.ClientSession) -> None:
+async def test_range_on_a_blob_being_filled(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A Range request that arrives during the fill is answered 206 from the partial file
     (all but its last byte, which waits for the digest check), sharing the one upstream GET."""
     data = _blob(5)
@@ -160,8 +166,9 @@ async def test_range_on_a_blob_being_filled(sim: UpstreamSim, make_mirror: MakeM
     assert sim.requests[("GET", _path(digest))] == 1
 
 
-async def test_upstream_errors_become_error_json(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                 client: aiohttp.ClientSession) -> None:
+async def test_upstream_errors_become_error_json(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Unknown blob → 404 BLOB_UNKNOWN; upstream 500 → 502; upstream down → 502; the mirror
     keeps serving throughout."""
     mirror = await make_mirror(sim.url)
@@ -184,8 +191,9 @@ async def test_upstream_errors_become_error_json(sim: UpstreamSim, make_mirror: 
     assert len(await _fetch(client, mirror.url + _path(digest))) == 1000
 
 
-async def test_upstream_silence_times_out_as_504(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                client: aiohttp.ClientSession) -> None:
+async def test_upstream_silence_times_out_as_504(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """An upstream that accepts and never answers yields 504 after the read timeout."""
     digest = sim.add_blob(_blob(7, 1000))
     hang = sim.fault(digest, "hang")
@@ -196,8 +204,9 @@ async def test_upstream_silence_times_out_as_504(sim: UpstreamSim, make_mirror: 
     hang.gate.set()
 
 
-async def test_blob_head_reports_size_without_fetching(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                      client: aiohttp.ClientSession) -> None:
+async def test_blob_head_reports_size_without_fetching(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """HEAD on an uncached blob asks upstream's HEAD for the size and fetches no body."""
     digest = sim.add_blob(_blob(8, 5000))
     mirror = await make_mirror(sim.url)
@@ -209,16 +218,21 @@ async def test_blob_head_reports_size_without_fetching(sim: UpstreamSim, make_mi
     assert mirror.blob_files() == []
 
 
-
-
-async def test_limits_on_fills_and_blob_size(sim: UpstreamSim, make_mirror: MakeMirror,
-                                             client: aiohttp.ClientSession) -> None:
+async def test_limits_on_fills_and_blob_size(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """`limits.max_fills`: a miss beyond it gets 429 with Retry-After, a follower of a running
     fill is not turned away. `max_blob_bytes`: a bigger blob is refused, nothing kept."""
     held, other, big = _blob(20), _blob(21), _blob(22, 3 * 1024 * 1024)
-    held_digest, other_digest, big_digest = sim.add_blob(held), sim.add_blob(other), sim.add_blob(big)
+    held_digest, other_digest, big_digest = (
+        sim.add_blob(held),
+        sim.add_blob(other),
+        sim.add_blob(big),
+    )
     hold = sim.fault(held_digest, "slow", part=2 * 1024 * 1024)
-    mirror = await make_mirror(sim.url, '[limits]\nmax_fills = 1\n[upstreams."docker.io"]\nmax_blob_bytes = "9MiB"\n')
+    mirror = await make_mirror(
+        sim.url, '[limits]\nmax_fills = 1\n[upstreams."docker.io"]\nmax_blob_bytes = "9MiB"\n'
+    )
     first = asyncio.create_task(_fetch(client, mirror.url + _path(held_digest)))
     await hold.reached.wait()
     async with client.get(mirror.url + _path(other_digest)) as resp:

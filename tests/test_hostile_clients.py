@@ -12,10 +12,10 @@ import socket
 from collections.abc import Callable
 
 import aiohttp
-
 from conftest import MakeMirror, MirrorProcess, wait_until
-from mirror.http.app import METRICS
 from upstream_sim import UpstreamSim
+
+from mirror.http.app import METRICS
 
 REPO = "test/hostile"
 
@@ -32,7 +32,9 @@ async def _exchange(host: str, port: int, request: bytes) -> tuple[int, dict[str
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    headers = {
+        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+    }
     return int(lines[0].split()[1]), headers, body
 
 
@@ -45,7 +47,7 @@ async def _slowloris(host: str, port: int) -> bytes:
         for line in range(200):
             try:
                 return await asyncio.wait_for(reader.read(4096), 0.2)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 writer.write(b"X-Slow-%d: 1\r\n" % line)
                 await writer.drain()
         return b"still open"
@@ -61,8 +63,13 @@ async def _idle_after_one_request(host: str, port: int) -> bytes:
     try:
         writer.write(b"GET /v2/ HTTP/1.1\r\nHost: mirror\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length")))
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
         await reader.readexactly(length)
         return await asyncio.wait_for(reader.read(-1), 30)
     finally:
@@ -70,7 +77,8 @@ async def _idle_after_one_request(host: str, port: int) -> bytes:
 
 
 async def test_slowloris_and_idle_connections_are_closed_while_others_are_served(
-        sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], client: aiohttp.ClientSession
+) -> None:
     """A real mirror process with `timeouts.client_idle = 1`: 30 connections trickling a
     request head that never ends, and one idle keep-alive, are all closed by the mirror;
     meanwhile a normal client is answered at once."""
@@ -88,7 +96,8 @@ async def test_slowloris_and_idle_connections_are_closed_while_others_are_served
 
 
 async def test_unparseable_requests_get_error_json(
-        sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], client: aiohttp.ClientSession
+) -> None:
     """A header flood (300 fields), a 20 KB header, a 20 KB request line, a TLS hello on the
     plain port and a request line of garbage: each gets 400 with OCI error JSON
     (INVALID_REQUEST) from the real process, which then serves on."""
@@ -110,8 +119,9 @@ async def test_unparseable_requests_get_error_json(
         assert resp.status == 200
 
 
-async def test_absurd_and_many_part_ranges(sim: UpstreamSim, make_mirror: MakeMirror,
-                                           client: aiohttp.ClientSession) -> None:
+async def test_absurd_and_many_part_ranges(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A Range of 1,000 parts is ignored (the whole blob, 200: multipart answers are not
     made, which RFC 9110 allows); numbers past 64 bits are unsatisfiable (416) or clamped to
     the blob, never a crash."""
@@ -121,7 +131,9 @@ async def test_absurd_and_many_part_ranges(sim: UpstreamSim, make_mirror: MakeMi
     url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
     async with client.get(url) as resp:
         assert await resp.read() == data
-    many = "bytes=" + ",".join(f"{i}-{i}" for i in range(1000))  # 7.9 KB: under the 8 KiB field limit
+    many = "bytes=" + ",".join(
+        f"{i}-{i}" for i in range(1000)
+    )  # 7.9 KB: under the 8 KiB field limit
     async with client.get(url, headers={"Range": many}) as resp:
         assert (resp.status, await resp.read()) == (200, data)
     huge = "9" * 30
@@ -152,7 +164,9 @@ async def test_connections_per_client_are_capped(sim: UpstreamSim, make_mirror: 
     await writer.wait_closed()
     status = 0
     for _ in range(50):  # the close reaches the mirror asynchronously: poll, with a bound
-        status, _, _ = await _exchange(host, port, b"GET /v2/ HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+        status, _, _ = await _exchange(
+            host, port, b"GET /v2/ HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        )
         if status == 200:
             break
         await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
@@ -161,8 +175,9 @@ async def test_connections_per_client_are_capped(sim: UpstreamSim, make_mirror: 
         writer.close()
 
 
-async def test_client_that_never_reads_is_dropped(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                  client: aiohttp.ClientSession) -> None:
+async def test_client_that_never_reads_is_dropped(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A client asks for a 32 MiB cached blob and then reads nothing: after `timeouts.read`
     the mirror drops it (counted as a stalled client), so it holds no socket, file or
     sender thread; other clients are served meanwhile."""
@@ -176,7 +191,9 @@ async def test_client_that_never_reads_is_dropped(sim: UpstreamSim, make_mirror:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", int(mirror.url.rsplit(":", 1)[1])))
+    await asyncio.get_running_loop().sock_connect(
+        sock, ("127.0.0.1", int(mirror.url.rsplit(":", 1)[1]))
+    )
     reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(f"GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
     await writer.drain()
@@ -184,7 +201,9 @@ async def test_client_that_never_reads_is_dropped(sim: UpstreamSim, make_mirror:
     async with client.get(url) as resp:  # served while the other one sits
         assert await resp.read() == data
     metrics = mirror.app[METRICS]  # type: ignore[index]
-    await wait_until(lambda: metrics.total("mirror_client_aborts_total", reason="stalled") >= 1, timeout=30)
+    await wait_until(
+        lambda: metrics.total("mirror_client_aborts_total", reason="stalled") >= 1, timeout=30
+    )
     received = 0
     try:
         while chunk := await asyncio.wait_for(reader.read(1 << 20), 30):

@@ -10,11 +10,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from yarl import URL
-
 from images import ACCEPT_ALL, DOCKER_MANIFEST, OCI_INDEX, Upstream, build_images, sha256_digest
 from registry import LOCAL_OPENER
 from upstream_sim import UpstreamSim
+from yarl import URL
 
 SINGLE = build_images()["test/single:1"]
 

@@ -32,8 +32,14 @@ IMAGE: Image = build_images()["test/single:1"]
 HEX = "a" * 64
 
 #: Error codes a refused malformed or hostile request may carry (OCI spec set + NOT_FOUND).
-REFUSAL_CODES = {"NAME_INVALID", "TAG_INVALID", "MANIFEST_UNKNOWN", "DIGEST_INVALID",
-                 "NAME_UNKNOWN", "NOT_FOUND"}
+REFUSAL_CODES = {
+    "NAME_INVALID",
+    "TAG_INVALID",
+    "MANIFEST_UNKNOWN",
+    "DIGEST_INVALID",
+    "NAME_UNKNOWN",
+    "NOT_FOUND",
+}
 
 # The OCI distribution spec grammar, written out independently of mirror.oci.reference.
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -117,14 +123,15 @@ WRITES = [
 
 @pytest.mark.parametrize(("method", "path"), WRITES)
 async def test_writes_are_refused_405_unsupported(
-        method: str, path: str, sim: UpstreamSim, make_mirror: MakeMirror,
-        client: aiohttp.ClientSession) -> None:
+    method: str, path: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Push, delete and every other non-read method is 405 UNSUPPORTED (read-only mirror),
     with or without a body, and nothing reaches the upstream."""
     sim.add_image("library/x", "1", IMAGE)
     mirror = await make_mirror(sim.url, toml=f'[upstreams."sim.example"]\nurl = "{sim.url}"\n')
-    async with client.request(method, raw(mirror.url, path), data=IMAGE.data,
-                              headers={"Content-Type": IMAGE.media_type}) as resp:
+    async with client.request(
+        method, raw(mirror.url, path), data=IMAGE.data, headers={"Content-Type": IMAGE.media_type}
+    ) as resp:
         body = await resp.read()
         assert resp.status == 405, body
         assert error_code(body) == "UNSUPPORTED"
@@ -207,7 +214,8 @@ MALFORMED = [
 
 
 async def test_malformed_and_traversal_paths_are_refused_locally(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Every malformed name, tag, digest and traversal attempt (raw and percent-encoded, in
     every path segment and in `ns`) gets a 4xx (400 or 404) with error JSON carrying an
     expected code, GET and HEAD alike; the upstream receives nothing, nothing is written to
@@ -244,8 +252,8 @@ async def test_malformed_and_traversal_paths_are_refused_locally(
 
 
 async def test_one_word_name_too_long_with_library_prefix_is_refused(
-        upstream: Upstream, sim: UpstreamSim, make_mirror: MakeMirror,
-        client: aiohttp.ClientSession) -> None:
+    upstream: Upstream, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A one-word name of 250 characters is within the 255 limit, but Docker Hub's rule turns
     it into `library/<name>` (258 characters), which no registry accepts (the reference
     registry answers 500). The mirror must refuse it itself (400 NAME_INVALID) rather than
@@ -254,7 +262,9 @@ async def test_one_word_name_too_long_with_library_prefix_is_refused(
     name = "a" * 250
     for upstream_url in (upstream.url, sim.url):
         mirror = await make_mirror(upstream_url)
-        async with client.get(f"{mirror.url}/v2/{name}/manifests/1", headers={"Accept": ACCEPT_ALL}) as resp:
+        async with client.get(
+            f"{mirror.url}/v2/{name}/manifests/1", headers={"Accept": ACCEPT_ALL}
+        ) as resp:
             body = await resp.read()
             assert resp.status == 400, (upstream_url, resp.status, body[:200])
             assert error_code(body) == "NAME_INVALID"
@@ -265,8 +275,9 @@ async def test_one_word_name_too_long_with_library_prefix_is_refused(
 
 
 @pytest.fixture
-async def cached_blob(sim: UpstreamSim, make_mirror: MakeMirror,
-                      client: aiohttp.ClientSession) -> tuple[str, str, bytes]:
+async def cached_blob(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> tuple[str, str, bytes]:
     """(mirror URL, digest, bytes) of a 100 KiB blob fetched once and committed to disk."""
     data = random.Random(7).randbytes(100_000)
     digest = sim.add_blob(data)
@@ -280,7 +291,8 @@ async def cached_blob(sim: UpstreamSim, make_mirror: MakeMirror,
 
 
 async def test_range_requests_on_a_cached_blob(
-        cached_blob: tuple[str, str, bytes], sim: UpstreamSim, client: aiohttp.ClientSession) -> None:
+    cached_blob: tuple[str, str, bytes], sim: UpstreamSim, client: aiohttp.ClientSession
+) -> None:
     """On a committed blob: `bytes=0-9` is 206 with Content-Range and the first 10 bytes;
     `bytes=-5` the last 5; an end past the size is clamped; `bytes=<size>-` is 416 with
     `Content-Range: bytes */size` and RANGE_INVALID JSON; a malformed or multi-range header
@@ -341,11 +353,14 @@ async def _head_then_ping(host: str, port: int, path: str, accept: str) -> tuple
 
 def _headers(block: bytes) -> dict[str, str]:
     lines = block.decode("latin-1").split("\r\n")[1:]
-    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+    return {
+        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)
+    }
 
 
 async def test_head_on_manifest_and_blob_has_headers_and_no_body(
-        sim: UpstreamSim, make_mirror: MakeMirror) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror
+) -> None:
     """HEAD on a manifest (tag and digest) and on a blob (uncached, then cached) answers 200
     with the right Content-Length and Docker-Content-Digest and sends no body bytes at all
     (checked on the raw socket: the next response follows the headers immediately)."""
@@ -377,8 +392,9 @@ async def test_head_on_manifest_and_blob_has_headers_and_no_body(
         assert rest.startswith(b"HTTP/1.1 200"), rest[:100]
 
 
-async def test_base_endpoint(sim: UpstreamSim, make_mirror: MakeMirror,
-                             client: aiohttp.ClientSession) -> None:
+async def test_base_endpoint(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """`GET /v2/` (and `/v2`) is 200 `{}` with `Docker-Distribution-API-Version: registry/2.0`,
     answered locally even though the upstream demands auth."""
     sim.require_bearer()
@@ -413,22 +429,59 @@ def threaded_sim() -> Iterator[UpstreamSim]:
         loop.close()
 
 
-SPECIAL_SEGMENTS = ["..", ".", "", "a", "library", "alpine", "team", "manifests", "blobs", "tags",
-                    "list", "referrers", "uploads", "sim.example", "registry.example", "localhost",
-                    "%2e%2e", "%2F", "1", "latest", "sha256:" + HEX, "sha256:" + HEX[:63], "md5:00",
-                    "x" * 300, "UPPER", "a..b", "-a", "a__b", "a---b", "test", "single"]
-valid_component = st.from_regex(r"[a-z0-9]{1,8}(?:(?:[._]|__|-+)[a-z0-9]{1,5}){0,2}", fullmatch=True)
+SPECIAL_SEGMENTS = [
+    "..",
+    ".",
+    "",
+    "a",
+    "library",
+    "alpine",
+    "team",
+    "manifests",
+    "blobs",
+    "tags",
+    "list",
+    "referrers",
+    "uploads",
+    "sim.example",
+    "registry.example",
+    "localhost",
+    "%2e%2e",
+    "%2F",
+    "1",
+    "latest",
+    "sha256:" + HEX,
+    "sha256:" + HEX[:63],
+    "md5:00",
+    "x" * 300,
+    "UPPER",
+    "a..b",
+    "-a",
+    "a__b",
+    "a---b",
+    "test",
+    "single",
+]
+valid_component = st.from_regex(
+    r"[a-z0-9]{1,8}(?:(?:[._]|__|-+)[a-z0-9]{1,5}){0,2}", fullmatch=True
+)
 valid_ref = st.one_of(
     st.from_regex(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,12}", fullmatch=True),
-    st.sampled_from([IMAGE.digest, *IMAGE.blobs, "sha256:" + HEX, "sha512:" + "b" * 128]))
+    st.sampled_from([IMAGE.digest, *IMAGE.blobs, "sha256:" + HEX, "sha512:" + "b" * 128]),
+)
 valid_name = st.lists(valid_component, min_size=1, max_size=3).map("/".join)
-fuzzed_name = st.lists(st.one_of(valid_component, st.text(max_size=30), st.sampled_from(SPECIAL_SEGMENTS)),
-                       min_size=0, max_size=4).map("/".join)
+fuzzed_name = st.lists(
+    st.one_of(valid_component, st.text(max_size=30), st.sampled_from(SPECIAL_SEGMENTS)),
+    min_size=0,
+    max_size=4,
+).map("/".join)
 fuzzed_ref = st.one_of(st.text(max_size=30), st.sampled_from(SPECIAL_SEGMENTS))
 structured = st.tuples(
     st.sampled_from(["", "", "", "sim.example/", "registry.example/", "evil.example/"]),
     st.one_of(valid_name, valid_name, fuzzed_name),
-    st.sampled_from(["/manifests/", "/manifests/", "/blobs/", "/tags/list", "/referrers/", "/", ""]),
+    st.sampled_from(
+        ["/manifests/", "/manifests/", "/blobs/", "/tags/list", "/referrers/", "/", ""]
+    ),
     st.one_of(valid_ref, valid_ref, fuzzed_ref),
 )
 
@@ -443,10 +496,28 @@ def fuzz_paths(draw: st.DrawFn) -> str:
         tail = quote(draw(st.text(max_size=80)), safe=safe)
     else:
         prefix, name, endpoint, ref = draw(structured)
-        tail = (quote(prefix + name, safe="/" + safe) + endpoint
-                + ("" if endpoint in ("/tags/list", "") else quote(ref, safe=":" + safe)))
-    ns = draw(st.sampled_from([None, None, None, None, "docker.io", "sim.example", "registry.example",
-                               "evil.example", "..%2F", "%00", "SIM.EXAMPLE"]))
+        tail = (
+            quote(prefix + name, safe="/" + safe)
+            + endpoint
+            + ("" if endpoint in ("/tags/list", "") else quote(ref, safe=":" + safe))
+        )
+    ns = draw(
+        st.sampled_from(
+            [
+                None,
+                None,
+                None,
+                None,
+                "docker.io",
+                "sim.example",
+                "registry.example",
+                "evil.example",
+                "..%2F",
+                "%00",
+                "SIM.EXAMPLE",
+            ]
+        )
+    )
     return "/v2/" + tail + (f"?ns={ns}" if ns is not None else "")
 
 
@@ -454,12 +525,15 @@ def _decoded_tail(path: str) -> tuple[str, str | None]:
     """(decoded tail after /v2/, ns) as the server sees them."""
     raw_path, _, query = path.partition("?")
     ns = unquote(query.removeprefix("ns=")) if query else None
-    return unquote(raw_path[len("/v2/"):]), ns
+    return unquote(raw_path[len("/v2/") :]), ns
 
 
 def test_fuzzed_paths_never_5xx_and_invalid_ones_never_go_upstream(
-        upstream: Upstream, threaded_sim: UpstreamSim,
-        mirror_process: Callable[..., MirrorProcess], tmp_path: Path) -> None:
+    upstream: Upstream,
+    threaded_sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
     """Property: for any text after `/v2/` (percent-encoded), with any method and `ns`, the
     real `mirror serve` process answers < 500 and, for a GET 4xx, with error JSON; writes are
     never accepted; a path whose name or reference is not spec-valid causes no upstream
@@ -468,14 +542,23 @@ def test_fuzzed_paths_never_5xx_and_invalid_ones_never_go_upstream(
     sim = threaded_sim
     sim.add_image("library/alpine", "latest", IMAGE)
     config = tmp_path / "fuzz.toml"
-    config.write_text(f'[upstreams."sim.example"]\nurl = "{sim.url}"\n'
-                      f'[upstreams."registry.example"]\nurl = "{upstream.url}"\n')
+    config.write_text(
+        f'[upstreams."sim.example"]\nurl = "{sim.url}"\n'
+        f'[upstreams."registry.example"]\nurl = "{upstream.url}"\n'
+    )
     mirror = mirror_process(sim.url, env={"MIRROR_CONFIG": str(config)}).start()
     seen: list[tuple[str, int]] = []
 
-    @settings(max_examples=200, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(path=fuzz_paths(), method=st.sampled_from(["GET"] * 8 + ["HEAD"] * 2 + ["DELETE", "PUT", "POST"]))
+    @settings(
+        max_examples=200,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(
+        path=fuzz_paths(),
+        method=st.sampled_from(["GET"] * 8 + ["HEAD"] * 2 + ["DELETE", "PUT", "POST"]),
+    )
     def check(path: str, method: str) -> None:
         before = len(sim.log)
         conn = http.client.HTTPConnection("127.0.0.1", mirror.port, timeout=15)
@@ -492,11 +575,20 @@ def test_fuzzed_paths_never_5xx_and_invalid_ones_never_go_upstream(
         if method != "HEAD" and resp.status >= 400:
             error_code(body)
         tail, ns = _decoded_tail(path)
-        if not spec_valid_tail(tail) or method not in ("GET", "HEAD") or \
-                (ns is not None and ns.lower() not in ("docker.io", "sim.example", "registry.example")):
+        if (
+            not spec_valid_tail(tail)
+            or method not in ("GET", "HEAD")
+            or (
+                ns is not None
+                and ns.lower() not in ("docker.io", "sim.example", "registry.example")
+            )
+        ):
             assert sim.log[before:] == [], (method, path)
-        bad = [(s.method, s.path) for s in sim.log if s.method not in ("GET", "HEAD")
-               or not upstream_path_ok(s.path)]
+        bad = [
+            (s.method, s.path)
+            for s in sim.log
+            if s.method not in ("GET", "HEAD") or not upstream_path_ok(s.path)
+        ]
         assert bad == [], (method, path)
 
     check()

@@ -15,18 +15,19 @@ import sys
 from pathlib import Path
 
 import aiohttp
-
 from conftest import PROJECT, MakeMirror, Mirror
+from upstream_sim import UpstreamSim
+
 from mirror.http.app import METRICS
 from mirror.store.blobs import SEAL_NS
-from upstream_sim import UpstreamSim
 
 REPO = "test/integrity"
 LARGE = 3 * 1024 * 1024 + 5
 
 
-async def _cached(sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession,
-                  sizes: tuple[int, ...]) -> tuple[Mirror, dict[str, bytes]]:
+async def _cached(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession, sizes: tuple[int, ...]
+) -> tuple[Mirror, dict[str, bytes]]:
     """A mirror with these blobs committed to its warm tier (hot tier off)."""
     blobs = {sim.add_blob(os.urandom(n)): b"" for n in sizes}
     for digest in blobs:
@@ -64,8 +65,9 @@ def _flip(path: Path, at: int) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-async def test_committed_blobs_are_sealed(sim: UpstreamSim, make_mirror: MakeMirror,
-                                          client: aiohttp.ClientSession) -> None:
+async def test_committed_blobs_are_sealed(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     mirror, blobs = await _cached(sim, make_mirror, client, (LARGE, 1000))
     for digest in blobs:
         st = _file(mirror, digest).stat()
@@ -74,7 +76,8 @@ async def test_committed_blobs_are_sealed(sim: UpstreamSim, make_mirror: MakeMir
 
 
 async def test_altered_truncated_and_deleted_files_are_fetched_again(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A flipped byte in a large blob, a truncated large blob, a flipped byte in a small blob
     with its mtime put back, and a deleted file: each is answered with the right bytes,
     fetched from upstream once more, and the bad files are counted as corrupt evictions."""
@@ -98,11 +101,12 @@ async def test_altered_truncated_and_deleted_files_are_fetched_again(
 
 
 async def test_a_file_touched_but_whole_is_checked_and_sealed_again(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A store copied without its times (`cp -r`): the mtime moved, the bytes did not. The
     blob is hashed once, sealed again and served, without going upstream."""
     mirror, blobs = await _cached(sim, make_mirror, client, (LARGE,))
-    (digest, data), = blobs.items()
+    ((digest, data),) = blobs.items()
     path = _file(mirror, digest)
     os.utime(path)
     assert await _get(client, mirror, digest) == data
@@ -111,17 +115,22 @@ async def test_a_file_touched_but_whole_is_checked_and_sealed_again(
 
 
 async def test_an_alteration_with_the_mtime_put_back_is_found_by_fsck(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Bytes of a large blob changed and its mtime restored: no cheap check on read can see
     that (clients verify digests themselves); `mirror fsck` does, and `--repair` drops it."""
     mirror, blobs = await _cached(sim, make_mirror, client, (LARGE,))
-    (digest, data), = blobs.items()
+    ((digest, data),) = blobs.items()
     path = _file(mirror, digest)
     _flip(path, 10)
     os.utime(path, ns=(SEAL_NS, SEAL_NS))
     fsck = [sys.executable, "-m", "mirror", "fsck", "--data-dir", str(mirror.data_dir)]
-    done = await asyncio.to_thread(subprocess.run, fsck, cwd=PROJECT, capture_output=True, text=True)
+    done = await asyncio.to_thread(
+        subprocess.run, fsck, cwd=PROJECT, capture_output=True, text=True
+    )
     assert done.returncode == 1 and f"corrupt: {digest}" in done.stdout
-    done = await asyncio.to_thread(subprocess.run, [*fsck, "--repair"], cwd=PROJECT, capture_output=True, text=True)
+    done = await asyncio.to_thread(
+        subprocess.run, [*fsck, "--repair"], cwd=PROJECT, capture_output=True, text=True
+    )
     assert not path.exists()
     assert await _get(client, mirror, digest) == data

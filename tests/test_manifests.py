@@ -7,7 +7,6 @@ import asyncio
 from typing import Any
 
 import aiohttp
-
 from conftest import MakeMirror
 from images import ACCEPT_ALL, make_image, sha256_digest
 from upstream_sim import UpstreamSim
@@ -23,8 +22,9 @@ async def _get(client: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, 
         return resp.status, dict(resp.headers), await resp.read()
 
 
-async def test_fresh_tag_is_served_without_upstream(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                   client: aiohttp.ClientSession) -> None:
+async def test_fresh_tag_is_served_without_upstream(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Within tag_ttl a tag costs the upstream nothing after the first GET."""
     image = make_image(11, [100])
     sim.add_image(REPO, "1", image)
@@ -36,8 +36,9 @@ async def test_fresh_tag_is_served_without_upstream(sim: UpstreamSim, make_mirro
     assert sim.requests[("HEAD", TAG_PATH)] == 0
 
 
-async def test_expired_tag_is_revalidated_with_head_only(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                        client: aiohttp.ClientSession) -> None:
+async def test_expired_tag_is_revalidated_with_head_only(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Past the TTL, an unchanged tag costs one HEAD (free on Docker Hub) and no GET; the
     pull-limit counter does not move."""
     limit = sim.rate_limit(limit=100)
@@ -52,8 +53,9 @@ async def test_expired_tag_is_revalidated_with_head_only(sim: UpstreamSim, make_
     assert limit.remaining == 99
 
 
-async def test_moved_tag_fetches_the_new_manifest(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                 client: aiohttp.ClientSession) -> None:
+async def test_moved_tag_fetches_the_new_manifest(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """When the HEAD shows a new digest, the new manifest is fetched, verified and served;
     the old one stays reachable by digest."""
     old, new = make_image(13, [100]), make_image(14, [100])
@@ -68,8 +70,9 @@ async def test_moved_tag_fetches_the_new_manifest(sim: UpstreamSim, make_mirror:
     assert (status, body) == (200, old.data)
 
 
-async def test_stale_tag_served_when_upstream_fails(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                   client: aiohttp.ClientSession) -> None:
+async def test_stale_tag_served_when_upstream_fails(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Upstream down, 503, 429 or silent past the timeout: a held tag is served stale, with
     headers that say so; an unknown tag gets error JSON with 502/503/429/504."""
     image = make_image(15, [100])
@@ -82,14 +85,20 @@ async def test_stale_tag_served_when_upstream_fails(sim: UpstreamSim, make_mirro
         ({"kind": "status", "status": 500}, 502, "UPSTREAM_INVALID"),
         ({"kind": "hang"}, 504, "UPSTREAM_TIMEOUT"),
         # last: a 429 makes the mirror back off from this upstream's manifests (Retry-After)
-        ({"kind": "status", "status": 429, "headers": {"Retry-After": "30"}}, 429, "TOOMANYREQUESTS"),
+        (
+            {"kind": "status", "status": 429, "headers": {"Retry-After": "30"}},
+            429,
+            "TOOMANYREQUESTS",
+        ),
     ]
     for options, status_unknown, code in cases:
         fault = sim.fault("manifest", **options)
         status, headers, body = await _get(client, mirror.url + TAG_PATH)
         assert (status, headers["X-Mirror-Cache"], body) == (200, "stale", image.data)
         assert "Stale" in headers["Warning"]
-        async with client.get(f"{mirror.url}/v2/{REPO}/manifests/2", headers={"Accept": ACCEPT_ALL}) as resp:
+        async with client.get(
+            f"{mirror.url}/v2/{REPO}/manifests/2", headers={"Accept": ACCEPT_ALL}
+        ) as resp:
             assert resp.status == status_unknown
             assert (await resp.json())["errors"][0]["code"] == code
         fault.gate.set()
@@ -99,8 +108,9 @@ async def test_stale_tag_served_when_upstream_fails(sim: UpstreamSim, make_mirro
     assert (status, headers["X-Mirror-Cache"]) == (200, "stale")
 
 
-async def test_pull_budget_floor_and_429_backoff(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                 client: aiohttp.ClientSession) -> None:
+async def test_pull_budget_floor_and_429_backoff(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Below the budget floor a held tag is served as cached without asking upstream; after a
     429 no manifest request goes upstream until Retry-After has passed: held tags are served
     stale, unknown ones get 429 with Retry-After."""
@@ -110,18 +120,24 @@ async def test_pull_budget_floor_and_429_backoff(sim: UpstreamSim, make_mirror: 
     sim.add_image(REPO, "2", make_image(18, [100]))
     sim.add_image(REPO, "3", make_image(19, [100]))
     mirror = await make_mirror(sim.url, toml=EXPIRED)
-    await _get(client, mirror.url + TAG_PATH)                # a real miss: 9 pulls left, below 10
+    await _get(client, mirror.url + TAG_PATH)  # a real miss: 9 pulls left, below 10
     for _ in range(3):
         status, headers, body = await _get(client, mirror.url + TAG_PATH)
         assert (status, headers["X-Mirror-Cache"], body) == (200, "stale", image.data)
     assert (sim.requests[("GET", TAG_PATH)], sim.requests[("HEAD", TAG_PATH)]) == (1, 0)
-    async with client.get(f"{mirror.url}/v2/{REPO}/manifests/2", headers={"Accept": ACCEPT_ALL}) as resp:
+    async with client.get(
+        f"{mirror.url}/v2/{REPO}/manifests/2", headers={"Accept": ACCEPT_ALL}
+    ) as resp:
         assert resp.status == 200, "what is left of the budget goes to real misses"
-    limit.remaining = 0                                      # upstream now answers 429
-    async with client.get(f"{mirror.url}/v2/{REPO}/manifests/3", headers={"Accept": ACCEPT_ALL}) as resp:
+    limit.remaining = 0  # upstream now answers 429
+    async with client.get(
+        f"{mirror.url}/v2/{REPO}/manifests/3", headers={"Accept": ACCEPT_ALL}
+    ) as resp:
         assert resp.status == 429
     asked = sim.requests[("GET", f"/v2/{REPO}/manifests/3")]
-    async with client.get(f"{mirror.url}/v2/{REPO}/manifests/3", headers={"Accept": ACCEPT_ALL}) as resp:
+    async with client.get(
+        f"{mirror.url}/v2/{REPO}/manifests/3", headers={"Accept": ACCEPT_ALL}
+    ) as resp:
         assert resp.status == 429 and int(resp.headers["Retry-After"]) > 0
     assert sim.requests[("GET", f"/v2/{REPO}/manifests/3")] == asked, "backing off: not asked again"
     status, headers, _ = await _get(client, mirror.url + TAG_PATH)
@@ -129,7 +145,8 @@ async def test_pull_budget_floor_and_429_backoff(sim: UpstreamSim, make_mirror: 
 
 
 async def test_tag_gone_upstream_is_passed_on_and_blobs_stay(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A 404 on revalidation is passed on (MANIFEST_UNKNOWN) and drops the tag record, but
     the manifest by digest and the blobs stay."""
     image = make_image(17, [2000])
@@ -153,7 +170,8 @@ async def test_tag_gone_upstream_is_passed_on_and_blobs_stay(
 
 
 async def test_concurrent_tag_requests_make_one_upstream_call(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Ten clients asking for the same uncached tag at once cause one upstream GET."""
     image = make_image(18, [100])
     sim.add_image(REPO, "1", image)
@@ -169,7 +187,8 @@ async def test_concurrent_tag_requests_make_one_upstream_call(
 
 
 async def test_manifest_that_does_not_match_its_digest_is_refused(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """An upstream that answers a digest request with other bytes is a lying upstream:
     502, and nothing is stored (the next request asks upstream again)."""
     image = make_image(19, [100])
@@ -186,8 +205,9 @@ async def test_manifest_that_does_not_match_its_digest_is_refused(
     assert sha256_digest(other.data) != image.digest
 
 
-async def test_tag_lists_paginate_and_serve_stale(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                 client: aiohttp.ClientSession) -> None:
+async def test_tag_lists_paginate_and_serve_stale(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """tags/list passes n/last through, rewrites the Link to the client's name (library/
     prefix), and serves the last answer stale when upstream is down."""
     for tag in ("a", "b", "c"):
@@ -209,7 +229,8 @@ async def test_tag_lists_paginate_and_serve_stale(sim: UpstreamSim, make_mirror:
 
 
 async def test_referrers_pass_through_and_unknown_is_error_json(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A registry without the referrers API (the simulator, like distribution 2.8) answers 404:
     the client gets the spec's error JSON (so it falls back to the tag schema), not a raw page."""
     image = make_image(22, [100])

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import aiohttp
-
 from conftest import MakeMirror
 from upstream_sim import UpstreamSim
 
@@ -22,7 +21,8 @@ def _value(text: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_count_hits_misses_and_dashboard_queries_exist(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A miss then a hit of one blob move the request counter by one each and the bytes
     counter by the blob size per source; every metric the dashboard queries is exported."""
     digest = sim.add_blob(b"m" * 300_000)
@@ -33,8 +33,12 @@ async def test_metrics_count_hits_misses_and_dashboard_queries_exist(
         await mirror.settled()
     async with client.get(f"{mirror.url}/metrics") as resp:
         text = await resp.text()
-    assert _value(text, "mirror_http_requests_total", route="blob", outcome="miss", status="200") == 1
-    assert _value(text, "mirror_http_requests_total", route="blob", outcome="hit", status="200") == 1
+    assert (
+        _value(text, "mirror_http_requests_total", route="blob", outcome="miss", status="200") == 1
+    )
+    assert (
+        _value(text, "mirror_http_requests_total", route="blob", outcome="hit", status="200") == 1
+    )
     assert _value(text, "mirror_blob_bytes_served_total", source="upstream") == 300_000
     assert _value(text, "mirror_blob_bytes_served_total", source="warm") == 300_000
     exported = set(re.findall(r"^(mirror_[a-z_]+)", text, re.M))

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-
 from conftest import MakeMirror, Mirror, MirrorProcess
 from images import make_image
 from upstream_sim import UpstreamSim
@@ -34,8 +33,9 @@ async def _metrics(client: aiohttp.ClientSession, mirror: Mirror) -> str:
         return await resp.text()
 
 
-async def test_metrics_follow_scripted_pulls(sim: UpstreamSim, make_mirror: MakeMirror,
-                                             client: aiohttp.ClientSession) -> None:
+async def test_metrics_follow_scripted_pulls(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     sim.rate_limit(limit=100, remaining=77)
     image = make_image(60, [3_000_000])
     sim.add_image("obs/app", "1", image)
@@ -67,21 +67,45 @@ async def test_metrics_follow_scripted_pulls(sim: UpstreamSim, make_mirror: Make
     miss = _value(text, "mirror_http_requests_total", route="blob", outcome="miss")
     coalesced = _value(text, "mirror_http_requests_total", route="blob", outcome="coalesced")
     assert (miss, miss + coalesced) == (1, 5), "one fill; each follower counted once"
-    assert _value(text, "mirror_upstream_requests_total", upstream="docker.io", kind="blob", status="200") == 1
-    assert _value(text, "mirror_upstream_bytes_total", upstream="docker.io") == len(image.blobs[layer])
+    assert (
+        _value(
+            text, "mirror_upstream_requests_total", upstream="docker.io", kind="blob", status="200"
+        )
+        == 1
+    )
+    assert _value(text, "mirror_upstream_bytes_total", upstream="docker.io") == len(
+        image.blobs[layer]
+    )
     assert _value(text, "mirror_fill_followers_count") == 1
     assert _value(text, "mirror_fill_followers_sum") == miss + coalesced
     assert _value(text, "mirror_request_duration_seconds_count", route="manifest") == 2
     # one manifest GET reached upstream, which counted it against the 77 left
-    assert _value(text, "mirror_upstream_ratelimit_remaining", upstream="docker.io", credential="anonymous") == 76
-    assert _value(text, "mirror_upstream_ratelimit_limit", upstream="docker.io", credential="anonymous") == 100
+    assert (
+        _value(
+            text,
+            "mirror_upstream_ratelimit_remaining",
+            upstream="docker.io",
+            credential="anonymous",
+        )
+        == 76
+    )
+    assert (
+        _value(
+            text, "mirror_upstream_ratelimit_limit", upstream="docker.io", credential="anonymous"
+        )
+        == 100
+    )
     assert _value(text, "mirror_blob_lookups_total", source="upstream") == 5
     assert _value(text, "mirror_upstream_up", upstream="docker.io") == 1
     assert _value(text, "mirror_open_fds") > 0 and _value(text, "mirror_asyncio_tasks") > 0
 
 
-async def test_health_and_readiness(sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession,
-                                    small_disk: Callable[[int], Path]) -> None:
+async def test_health_and_readiness(
+    sim: UpstreamSim,
+    make_mirror: MakeMirror,
+    client: aiohttp.ClientSession,
+    small_disk: Callable[[int], Path],
+) -> None:
     disk = small_disk(8 * 1024 * 1024)
     mirror = await make_mirror(sim.url, "[warm]\nmin_free_bytes = 0\n", data_dir=disk)
     async with client.get(f"{mirror.url}/healthz") as resp:
@@ -90,7 +114,7 @@ async def test_health_and_readiness(sim: UpstreamSim, make_mirror: MakeMirror, c
         body = await resp.json()
         assert resp.status == 200 and body["store"] == "writable"
         assert body["upstreams"] == {"docker.io": "not contacted yet"}
-    ballast = disk / "ballast"   # another program fills the disk: the store cannot take writes
+    ballast = disk / "ballast"  # another program fills the disk: the store cannot take writes
     with ballast.open("wb") as f:
         try:
             while True:
@@ -107,19 +131,31 @@ async def test_health_and_readiness(sim: UpstreamSim, make_mirror: MakeMirror, c
         assert resp.status == 200
 
 
-async def test_json_logs_from_a_real_process(sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess],
-                                             client: aiohttp.ClientSession) -> None:
+async def test_json_logs_from_a_real_process(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], client: aiohttp.ClientSession
+) -> None:
     sim.require_bearer("robot", "hunter2-password")
     digest = sim.add_blob(b"j" * 5000)
-    proc = await asyncio.to_thread(mirror_process(sim.url, env={
-        "MIRROR_LOG_FORMAT": "json", "MIRROR_UPSTREAMS__DOCKER_IO__USERNAME": "robot",
-        "MIRROR_UPSTREAMS__DOCKER_IO__PASSWORD": "hunter2-password"}).start)
-    async with client.get(f"{proc.url}/v2/obs/x/blobs/{digest}", headers={"Authorization": "Bearer client-secret"}) as resp:
+    proc = await asyncio.to_thread(
+        mirror_process(
+            sim.url,
+            env={
+                "MIRROR_LOG_FORMAT": "json",
+                "MIRROR_UPSTREAMS__DOCKER_IO__USERNAME": "robot",
+                "MIRROR_UPSTREAMS__DOCKER_IO__PASSWORD": "hunter2-password",
+            },
+        ).start
+    )
+    async with client.get(
+        f"{proc.url}/v2/obs/x/blobs/{digest}", headers={"Authorization": "Bearer client-secret"}
+    ) as resp:
         assert resp.status == 200
         await resp.read()
     await asyncio.to_thread(proc.stop)
     lines = [json.loads(line) for line in proc.log.read_text().splitlines() if line.startswith("{")]
-    access = [e for e in lines if e["logger"] == "mirror.access" and e["path"].startswith("/v2/obs/")]
+    access = [
+        e for e in lines if e["logger"] == "mirror.access" and e["path"].startswith("/v2/obs/")
+    ]
     assert access and access[0]["status"] == 200 and access[0]["outcome"] == "miss"
     assert access[0]["upstream"] == "docker.io" and access[0]["bytes"] == 5000
     assert any("effective configuration" in e.get("msg", "") for e in lines)
@@ -132,17 +168,18 @@ def _png_pixels_vary(png: bytes) -> bool:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat = 8, b""
     while pos < len(png):
-        length = int.from_bytes(png[pos:pos + 4], "big")
-        kind = png[pos + 4:pos + 8]
+        length = int.from_bytes(png[pos : pos + 4], "big")
+        kind = png[pos + 4 : pos + 8]
         if kind == b"IDAT":
-            idat += png[pos + 8:pos + 8 + length]
+            idat += png[pos + 8 : pos + 8 + length]
         pos += 12 + length
     raw = zlib.decompress(idat)
     return len(set(raw[1:4096])) > 2
 
 
-async def test_status_page_renders_its_tables_in_chromium(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                          client: aiohttp.ClientSession, tmp_path: Path) -> None:
+async def test_status_page_renders_its_tables_in_chromium(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     image = make_image(61, [100_000])
     sim.add_image("team/web", "2.1", image)
     mirror = await make_mirror(sim.url)
@@ -154,14 +191,24 @@ async def test_status_page_renders_its_tables_in_chromium(sim: UpstreamSim, make
     await mirror.settled()
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium package is installed by `make test`"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=412,915"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=412,915",
+    ]
     url = f"{mirror.url}/_status"
 
     async def run(*args: str) -> bytes:
-        proc = await asyncio.create_subprocess_exec(chromium, *flags, *args, url, stdout=subprocess.PIPE,
-                                                    stderr=subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(
+            chromium, *flags, *args, url, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
         return out
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
-
 from conftest import MakeMirror
 from images import make_image
 from upstream_sim import UpstreamSim
@@ -13,8 +12,9 @@ from upstream_sim import UpstreamSim
 ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
 
 
-async def test_offline_serves_the_cache_and_never_dials(sim: UpstreamSim, make_mirror: MakeMirror,
-                                                        client: aiohttp.ClientSession, tmp_path: Path) -> None:
+async def test_offline_serves_the_cache_and_never_dials(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     image = make_image(70, [150_000, 400_000])
     sim.add_image("site/app", "1", image)
     sim.add_blob(b"never cached" * 100)
@@ -28,10 +28,12 @@ async def test_offline_serves_the_cache_and_never_dials(sim: UpstreamSim, make_m
     await online.settled()
     seen = sum(sim.requests.values())
 
-    offline = await make_mirror(sim.url, "offline = true\n[upstreams.\"docker.io\"]\ntag_ttl = 0\n", data_dir=data)
+    offline = await make_mirror(
+        sim.url, 'offline = true\n[upstreams."docker.io"]\ntag_ttl = 0\n', data_dir=data
+    )
     async with client.get(f"{offline.url}/v2/site/app/manifests/1", headers=ACCEPT) as resp:
         assert resp.status == 200 and await resp.read() == image.data
-        assert resp.headers["X-Mirror-Cache"] == "stale"   # the tag as last seen
+        assert resp.headers["X-Mirror-Cache"] == "stale"  # the tag as last seen
     for digest, body in image.blobs.items():
         async with client.get(f"{offline.url}/v2/site/app/blobs/{digest}") as resp:
             assert resp.status == 200 and await resp.read() == body

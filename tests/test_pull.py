@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 
 import aiohttp
-
 from conftest import MakeMirror, skopeo_copy
-from images import ACCEPT_ALL, Upstream
+from images import ACCEPT_ALL, Upstream, push_all
 from registry import Registry, free_port
-from images import push_all
 
 
 def _sha256(path: Path) -> str:
@@ -22,12 +20,15 @@ async def _pull_all(mirror_host: str, refs: list[str], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for ref in refs:
         extra = ("--all",) if "multi" in ref else ()
-        code, out = await skopeo_copy(f"docker://{mirror_host}/{ref}", dest / ref.replace("/", "_"), *extra)
+        code, out = await skopeo_copy(
+            f"docker://{mirror_host}/{ref}", dest / ref.replace("/", "_"), *extra
+        )
         assert code == 0, out
 
 
 async def test_skopeo_pulls_every_image_with_upstream_digests(
-        upstream: Upstream, make_mirror: MakeMirror, tmp_path: Path) -> None:
+    upstream: Upstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
     """Each test image pulls through the mirror, and the manifest skopeo received hashes to
     the digest the upstream registry reports (exact bytes, not a re-serialisation)."""
     mirror = await make_mirror(upstream.url)
@@ -40,8 +41,9 @@ async def test_skopeo_pulls_every_image_with_upstream_digests(
             assert _sha256(pulled / blob.digest.split(":")[1]) == blob.digest
 
 
-async def test_second_pull_needs_no_upstream(make_mirror: MakeMirror, tmp_path: Path,
-                                            client: aiohttp.ClientSession) -> None:
+async def test_second_pull_needs_no_upstream(
+    make_mirror: MakeMirror, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
     """After one pull, the same pull succeeds with the upstream registry stopped: zero
     upstream requests for blobs and for manifests within the tag TTL."""
     registry = Registry(tmp_path / "own-registry")
@@ -58,13 +60,16 @@ async def test_second_pull_needs_no_upstream(make_mirror: MakeMirror, tmp_path: 
         first = tmp_path / "first" / ref.replace("/", "_")
         second = tmp_path / "second" / ref.replace("/", "_")
         assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in second.iterdir())
-    async with client.get(f"{mirror.url}/v2/test/single/manifests/1", headers={"Accept": ACCEPT_ALL}) as resp:
+    async with client.get(
+        f"{mirror.url}/v2/test/single/manifests/1", headers={"Accept": ACCEPT_ALL}
+    ) as resp:
         assert resp.status == 200
         assert resp.headers["X-Mirror-Cache"] == "hit"
 
 
-async def test_blobs_are_shared_across_repositories(upstream: Upstream, make_mirror: MakeMirror,
-                                                   client: aiohttp.ClientSession) -> None:
+async def test_blobs_are_shared_across_repositories(
+    upstream: Upstream, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """One file per digest: fetching the same blob through two names stores it once."""
     mirror = await make_mirror(upstream.url)
     layer = upstream.images["test/single:1"].layers[0]
@@ -76,8 +81,9 @@ async def test_blobs_are_shared_across_repositories(upstream: Upstream, make_mir
     assert len([p for p in mirror.blob_files() if p.name == layer.digest.split(":")[1]]) == 1
 
 
-async def test_manifest_headers_and_head(upstream: Upstream, make_mirror: MakeMirror,
-                                        client: aiohttp.ClientSession) -> None:
+async def test_manifest_headers_and_head(
+    upstream: Upstream, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """GET and HEAD by tag and by digest carry the upstream's Content-Type, the digest, a
     Content-Length and an ETag; HEAD has no body."""
     mirror = await make_mirror(upstream.url)
@@ -98,8 +104,9 @@ async def test_manifest_headers_and_head(upstream: Upstream, make_mirror: MakeMi
             assert await resp.read() == b""
 
 
-async def test_accept_that_excludes_an_index_never_gets_one(upstream: Upstream, make_mirror: MakeMirror,
-                                                            client: aiohttp.ClientSession) -> None:
+async def test_accept_that_excludes_an_index_never_gets_one(
+    upstream: Upstream, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A client that accepts only single-image manifests is never handed the cached index
     (the wrong type): it gets what upstream gives for its own Accept, here MANIFEST_UNKNOWN."""
     mirror = await make_mirror(upstream.url)
@@ -112,16 +119,21 @@ async def test_accept_that_excludes_an_index_never_gets_one(upstream: Upstream, 
         assert resp.status == 404
         assert body["errors"][0]["code"] == "MANIFEST_UNKNOWN"
     digest = upstream.images["test/multi:1"].digest
-    async with client.get(f"{mirror.url}/v2/test/multi/manifests/{digest}", headers={"Accept": narrow}) as resp:
+    async with client.get(
+        f"{mirror.url}/v2/test/multi/manifests/{digest}", headers={"Accept": narrow}
+    ) as resp:
         assert resp.status == 404
     single = upstream.images["test/single:1"]
-    async with client.get(f"{mirror.url}/v2/test/single/manifests/1", headers={"Accept": narrow}) as resp:
+    async with client.get(
+        f"{mirror.url}/v2/test/single/manifests/1", headers={"Accept": narrow}
+    ) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"] == single.media_type
 
 
-async def test_tags_list_passes_through(upstream: Upstream, make_mirror: MakeMirror,
-                                        client: aiohttp.ClientSession) -> None:
+async def test_tags_list_passes_through(
+    upstream: Upstream, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """tags/list answers what the real registry answers (pagination: see test_lists)."""
     mirror = await make_mirror(upstream.url)
     async with client.get(f"{mirror.url}/v2/test/single/tags/list") as resp:
@@ -131,8 +143,11 @@ async def test_tags_list_passes_through(upstream: Upstream, make_mirror: MakeMir
         assert sorted(body["tags"]) == ["1", "2", "latest"]
 
 
-async def test_restart_keeps_cache_and_sweeps_partials(upstream: Upstream, mirror_process,  # type: ignore[no-untyped-def]
-                                                      tmp_path: Path) -> None:
+async def test_restart_keeps_cache_and_sweeps_partials(
+    upstream: Upstream,
+    mirror_process,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
     """The real process (uvloop, CLI): a pull, a stop, a partial file left as by a crash, a
     restart against a dead upstream: the pull still succeeds from disk, the partial is gone."""
     data = tmp_path / "data"
@@ -143,7 +158,9 @@ async def test_restart_keeps_cache_and_sweeps_partials(upstream: Upstream, mirro
     crash_left = data / "tmp" / ("0" * 64 + ".dead.partial")
     crash_left.write_bytes(b"half a blob")
     dead = f"http://127.0.0.1:{free_port()}"
-    second = mirror_process(dead, data_dir=data, env={"MIRROR_UPSTREAMS__DOCKER_IO__TAG_TTL": "0"}).start()
+    second = mirror_process(
+        dead, data_dir=data, env={"MIRROR_UPSTREAMS__DOCKER_IO__TAG_TTL": "0"}
+    ).start()
     code, out = await skopeo_copy(f"docker://{second.host}/test/single:2", tmp_path / "b")
     assert code == 0, out
     assert not crash_left.exists()

@@ -9,10 +9,10 @@ import hashlib
 import os
 
 import aiohttp
-
 from conftest import MakeMirror, wait_until
-from mirror.http.app import METRICS
 from upstream_sim import UpstreamSim
+
+from mirror.http.app import METRICS
 
 SIZE = 4 * 1024 * 1024 + 777
 REPO = "test/resume"
@@ -38,8 +38,11 @@ async def _get(client: aiohttp.ClientSession, url: str) -> bytes | None:
 
 def _ranges(sim: UpstreamSim, digest: str) -> list[str | None]:
     """The Range header of each upstream GET of the blob, in order (None: the whole blob)."""
-    return [seen.headers.get("Range") for seen in sim.log
-            if seen.method == "GET" and seen.path == _path(digest)]
+    return [
+        seen.headers.get("Range")
+        for seen in sim.log
+        if seen.method == "GET" and seen.path == _path(digest)
+    ]
 
 
 def _retries(mirror_app: object, reason: str) -> float:
@@ -48,7 +51,8 @@ def _retries(mirror_app: object, reason: str) -> float:
 
 
 async def test_cut_body_resumes_with_range_and_every_client_gets_the_blob(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Upstream cuts the body a third of the way in: the fill asks again with
     `Range: bytes=<received>-`, appends, verifies the whole, commits; the leader and its
     followers all get the right blob, as one transfer each."""
@@ -72,7 +76,8 @@ async def test_cut_body_resumes_with_range_and_every_client_gets_the_blob(
 
 
 async def test_upstream_that_ignores_range_still_resumes(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """An upstream that answers the resumed request with a plain 200 (the whole blob): the
     bytes already held are skipped, and the result still verifies."""
     data = _blob(2)
@@ -93,7 +98,8 @@ async def test_upstream_that_ignores_range_still_resumes(
 
 
 async def test_resumed_bytes_that_differ_are_caught_and_nothing_is_kept(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """The first connection is cut, the resumed one sends a flipped byte: the digest check
     over the whole fails, no client gets a complete answer, nothing is kept, and the next
     request fetches afresh and succeeds."""
@@ -112,7 +118,8 @@ async def test_resumed_bytes_that_differ_are_caught_and_nothing_is_kept(
 
 
 async def test_a_cut_that_keeps_coming_is_given_up(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Every connection breaks after a few bytes: three tries in all (`retries.attempts`),
     then the fill fails; nothing is kept and the mirror keeps serving."""
     data = _blob(4)
@@ -129,15 +136,18 @@ async def test_a_cut_that_keeps_coming_is_given_up(
 
 
 async def test_trickle_below_min_rate_is_a_stall(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A body that keeps arriving, but at about 2 KB/s against a floor of 64 KiB/s: each
     connection is given up after `rate_window`, resumed once, then the fill fails (the read
     timeout alone would never fire). Nothing is kept; at full speed the blob then comes."""
     data = _blob(5)
     digest = sim.add_blob(data)
     trickle = sim.fault(digest, "trickle", part=10_000, step=100, interval=0.05)
-    toml = FAST.replace("[retries]\n", "[retries]\nattempts = 2\n") + \
-        '[timeouts]\nmin_rate = "64KiB"\nrate_window = 0.3\n'
+    toml = (
+        FAST.replace("[retries]\n", "[retries]\nattempts = 2\n")
+        + '[timeouts]\nmin_rate = "64KiB"\nrate_window = 0.3\n'
+    )
     mirror = await make_mirror(sim.url, toml=toml)
     assert await _get(client, mirror.url + _path(digest)) is None
     assert len(_ranges(sim, digest)) == 2 and trickle.hits == 2
@@ -149,7 +159,8 @@ async def test_trickle_below_min_rate_is_a_stall(
 
 
 async def test_transient_statuses_and_refusals_are_tried_again(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Two 503s, then success: the client gets the blob. A Retry-After longer than
     `max_backoff` is not waited for: that 503 goes to the client at once. A refused
     connection is tried three times before the client gets 502."""

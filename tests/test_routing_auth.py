@@ -54,7 +54,9 @@ def creds_toml(**keys: object) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def get_manifest(client: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, str], bytes]:
+async def get_manifest(
+    client: aiohttp.ClientSession, url: str
+) -> tuple[int, dict[str, str], bytes]:
     async with client.get(url, headers={"Accept": ACCEPT_ALL}) as resp:
         return resp.status, dict(resp.headers), await resp.read()
 
@@ -91,21 +93,25 @@ def sent_authorization(sim: UpstreamSim) -> list[tuple[str, str]]:
 
 
 async def test_ns_selects_configured_upstream_and_echoes_namespace(
-        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
-        client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """`?ns=sim.example` (and its alias) routes manifest and blob requests to the `sim.example`
     upstream, never the default, and each answer echoes `OCI-Namespace` as the client sent it."""
     sim.add_image("team/app", "1", IMAGE)
-    mirror = await make_mirror(other_sim.url, toml=upstream_toml(
-        "sim.example", sim.url, aliases=["alias.example"]))
+    mirror = await make_mirror(
+        other_sim.url, toml=upstream_toml("sim.example", sim.url, aliases=["alias.example"])
+    )
     layer = next(iter(IMAGE.blobs))
     for ns in ("sim.example", "alias.example"):
         status, headers, body = await get_manifest(
-            client, f"{mirror.url}/v2/team/app/manifests/1?ns={ns}")
+            client, f"{mirror.url}/v2/team/app/manifests/1?ns={ns}"
+        )
         assert status == 200, body
         assert body == IMAGE.data
         assert headers["OCI-Namespace"] == ns
-        status, headers, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}?ns={ns}")
+        status, headers, body = await get_blob(
+            client, f"{mirror.url}/v2/team/app/blobs/{layer}?ns={ns}"
+        )
         assert status == 200
         assert sha256(body) == layer
         assert headers["OCI-Namespace"] == ns
@@ -115,15 +121,16 @@ async def test_ns_selects_configured_upstream_and_echoes_namespace(
 
 
 async def test_ns_docker_io_and_no_ns_go_to_the_default(
-        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
-        client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """`?ns=docker.io` (and its alias index.docker.io) selects the default upstream and is
     echoed; a request with no ns reaches the default too and carries no OCI-Namespace."""
     sim.add_image("team/app", "1", IMAGE)
     mirror = await make_mirror(sim.url, toml=upstream_toml("sim.example", other_sim.url))
     for ns in ("docker.io", "index.docker.io"):
         status, headers, body = await get_manifest(
-            client, f"{mirror.url}/v2/team/app/manifests/{IMAGE.digest}?ns={ns}")
+            client, f"{mirror.url}/v2/team/app/manifests/{IMAGE.digest}?ns={ns}"
+        )
         assert status == 200, body
         assert body == IMAGE.data
         assert headers["OCI-Namespace"] == ns
@@ -136,14 +143,20 @@ async def test_ns_docker_io_and_no_ns_go_to_the_default(
 
 
 async def test_unconfigured_ns_is_refused_without_dialling(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Closed world: `?ns=evil.example` on every endpoint is 404 NAME_UNKNOWN and no upstream
     (neither the default nor anything else) receives a single request."""
     sim.add_image("team/app", "1", IMAGE)
     mirror = await make_mirror(sim.url, toml=upstream_toml("sim.example", sim.url))
     layer = next(iter(IMAGE.blobs))
-    paths = ["team/app/manifests/1", f"team/app/manifests/{IMAGE.digest}",
-             f"team/app/blobs/{layer}", "team/app/tags/list", f"team/app/referrers/{IMAGE.digest}"]
+    paths = [
+        "team/app/manifests/1",
+        f"team/app/manifests/{IMAGE.digest}",
+        f"team/app/blobs/{layer}",
+        "team/app/tags/list",
+        f"team/app/referrers/{IMAGE.digest}",
+    ]
     for ns in ("evil.example", "sim.example.evil", "127.0.0.1", "EVIL.example"):
         for path in paths:
             for method in ("GET", "HEAD"):
@@ -156,14 +169,16 @@ async def test_unconfigured_ns_is_refused_without_dialling(
 
 
 async def test_path_prefix_routes_to_the_host_and_strips_it(
-        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
-        client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """`/v2/sim.example/team/app/...` reaches the `sim.example` upstream as `/v2/team/app/...`
     (prefix stripped, no library/ added), for manifests, blobs and tags/list."""
     sim.add_image("team/app", "1", IMAGE)
     sim.add_image("solo", "1", OTHER)
     mirror = await make_mirror(other_sim.url, toml=upstream_toml("sim.example", sim.url))
-    status, headers, body = await get_manifest(client, f"{mirror.url}/v2/sim.example/team/app/manifests/1")
+    status, headers, body = await get_manifest(
+        client, f"{mirror.url}/v2/sim.example/team/app/manifests/1"
+    )
     assert status == 200, body
     assert body == IMAGE.data
     assert "OCI-Namespace" not in headers
@@ -186,13 +201,19 @@ async def test_path_prefix_routes_to_the_host_and_strips_it(
 
 
 async def test_unconfigured_host_prefix_is_refused(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A first path component that looks like a host (a dot, a port, `localhost`) but is not
     configured is 404 NAME_UNKNOWN, and no upstream is contacted for it."""
     mirror = await make_mirror(sim.url)
-    for path in ("other.example/x/manifests/1", "other.example/x/blobs/sha256:" + "a" * 64,
-                 "other.example/x/tags/list", "localhost/x/manifests/1",
-                 "localhost:5000/x/manifests/1", f"{sim.host}/x/manifests/1"):
+    for path in (
+        "other.example/x/manifests/1",
+        "other.example/x/blobs/sha256:" + "a" * 64,
+        "other.example/x/tags/list",
+        "localhost/x/manifests/1",
+        "localhost:5000/x/manifests/1",
+        f"{sim.host}/x/manifests/1",
+    ):
         async with client.get(f"{mirror.url}/v2/{path}") as resp:
             body = await resp.read()
             assert resp.status == 404, (path, body)
@@ -201,16 +222,19 @@ async def test_unconfigured_host_prefix_is_refused(
 
 
 async def test_library_prefix_for_one_word_names(
-        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
-        client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """On docker.io a one-word name `alpine` is asked upstream as `library/alpine` (without
     ns, with `?ns=docker.io`); `library/alpine` is not doubled; an upstream without
     library_prefix gets the one-word name unchanged."""
     sim.add_image("library/alpine", "1", IMAGE)
     other_sim.add_image("alpine", "1", OTHER)
     mirror = await make_mirror(sim.url, toml=upstream_toml("sim.example", other_sim.url))
-    for url in (f"{mirror.url}/v2/alpine/manifests/1", f"{mirror.url}/v2/alpine/manifests/1?ns=docker.io",
-                f"{mirror.url}/v2/library/alpine/manifests/{IMAGE.digest}"):
+    for url in (
+        f"{mirror.url}/v2/alpine/manifests/1",
+        f"{mirror.url}/v2/alpine/manifests/1?ns=docker.io",
+        f"{mirror.url}/v2/library/alpine/manifests/{IMAGE.digest}",
+    ):
         status, _, body = await get_manifest(client, url)
         assert status == 200, (url, body)
         assert body == IMAGE.data
@@ -220,7 +244,9 @@ async def test_library_prefix_for_one_word_names(
     assert sha256(body) == layer
     assert sim.requests[("GET", "/v2/library/alpine/manifests/1")] >= 1
     assert sim.requests[("GET", f"/v2/library/alpine/blobs/{layer}")] == 1
-    assert not any(path.startswith(("/v2/alpine/", "/v2/library/library/")) for _, path in sim.requests)
+    assert not any(
+        path.startswith(("/v2/alpine/", "/v2/library/library/")) for _, path in sim.requests
+    )
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/sim.example/alpine/manifests/1")
     assert status == 200, body
     assert body == OTHER.data
@@ -231,7 +257,8 @@ async def test_library_prefix_for_one_word_names(
 
 
 async def test_anonymous_bearer_dance_and_token_cache(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """With a Bearer challenge, a manifest and two blobs pull through; the token (scoped to
     the repository, fetched without credentials) is fetched once and reused for all three."""
     sim.require_bearer()
@@ -256,7 +283,8 @@ async def test_anonymous_bearer_dance_and_token_cache(
 
 
 async def test_revoked_token_is_renewed(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """When upstream stops honouring the cached token (expiry, revocation), the next request
     answers the new 401 with a fresh token and still succeeds."""
     sim.require_bearer()
@@ -275,18 +303,22 @@ async def test_revoked_token_is_renewed(
 
 @pytest.mark.parametrize("realm_rule", ["own-host", "token_realms"])
 async def test_bearer_with_credentials_to_an_allowed_realm(
-        realm_rule: str, sim: UpstreamSim, make_mirror: MakeMirror,
-        client: aiohttp.ClientSession) -> None:
+    realm_rule: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A token realm that demands credentials gets the configured ones (as Basic) when it is
     the registry's own host, or, for a realm on another host (registry dialled as
     `localhost`, realm on 127.0.0.1), when that host is listed in `token_realms`."""
     sim.require_bearer("u", "p")
     sim.add_image("team/app", "1", IMAGE)
     if realm_rule == "own-host":
-        mirror = await make_mirror(sim.url, toml=creds_toml(username="u", password="p", token_realms=[]))
+        mirror = await make_mirror(
+            sim.url, toml=creds_toml(username="u", password="p", token_realms=[])
+        )
     else:
-        mirror = await make_mirror(f"http://localhost:{sim.registry.port}", toml=creds_toml(
-            username="u", password="p", token_realms=["127.0.0.1"]))
+        mirror = await make_mirror(
+            f"http://localhost:{sim.registry.port}",
+            toml=creds_toml(username="u", password="p", token_realms=["127.0.0.1"]),
+        )
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
     assert status == 200, body
     assert body == IMAGE.data
@@ -297,18 +329,23 @@ async def test_bearer_with_credentials_to_an_allowed_realm(
     token_auth = [s.headers.get("Authorization") for s in sim.log if s.path == "/token"]
     assert token_auth == [BASIC_UP]
     # the registry itself only ever saw the token, never the password
-    assert all(value.startswith("Bearer ") for path, value in sent_authorization(sim) if path != "/token")
+    assert all(
+        value.startswith("Bearer ") for path, value in sent_authorization(sim) if path != "/token"
+    )
 
 
 async def test_credentials_never_go_to_a_realm_that_is_not_allowed(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """With credentials configured, a challenge naming a realm on a host that is neither the
     registry's nor in `token_realms` is refused (401 UNAUTHORIZED) and the credentials are
     sent nowhere: no request the simulator received carries an Authorization header."""
     sim.require_bearer("u", "p")
     sim.add_image("team/app", "1", IMAGE)
-    mirror = await make_mirror(f"http://localhost:{sim.registry.port}", toml=creds_toml(
-        username="u", password="p", token_realms=["auth.example"]))
+    mirror = await make_mirror(
+        f"http://localhost:{sim.registry.port}",
+        toml=creds_toml(username="u", password="p", token_realms=["auth.example"]),
+    )
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
     assert status == 401, body
     assert error_code(body) == "UNAUTHORIZED"
@@ -324,7 +361,8 @@ async def test_credentials_never_go_to_a_realm_that_is_not_allowed(
 
 @pytest.mark.parametrize("scheme", ["bearer", "basic"])
 async def test_cdn_redirect_gets_no_credentials(
-        scheme: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    scheme: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Blob GETs redirected (307) to a CDN on another host arrive intact, and the CDN never
     receives the token or the Basic credentials the registry was sent."""
     if scheme == "bearer":
@@ -348,7 +386,8 @@ async def test_cdn_redirect_gets_no_credentials(
 
 
 async def test_basic_challenge_answered_with_configured_credentials(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A registry demanding HTTP Basic gets the configured username and password, and the
     pull (manifest and blob) succeeds."""
     sim.require_basic("u", "p")
@@ -366,7 +405,8 @@ async def test_basic_challenge_answered_with_configured_credentials(
 
 @pytest.mark.parametrize("scheme", ["bearer", "basic"])
 async def test_wrong_credentials_are_401_unauthorized(
-        scheme: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    scheme: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Credentials the upstream refuses (at the token realm or on Basic) end as 401 with
     UNAUTHORIZED error JSON, for manifests and blobs alike."""
     if scheme == "bearer":
@@ -387,7 +427,8 @@ async def test_wrong_credentials_are_401_unauthorized(
 
 
 async def test_basic_registry_without_credentials_is_401(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """A Basic challenge with no credentials configured is passed on as 401 UNAUTHORIZED."""
     sim.require_basic("u", "p")
     sim.add_image("team/app", "1", IMAGE)
@@ -399,17 +440,20 @@ async def test_basic_registry_without_credentials_is_401(
 
 
 async def test_credentials_stay_with_their_upstream(
-        sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror,
-        client: aiohttp.ClientSession) -> None:
+    sim: UpstreamSim, other_sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """Credentials configured for `sim.example` are used there and never offered to the
     default upstream, even when the default challenges for Basic."""
     sim.require_basic("u", "p")
     sim.add_image("team/app", "1", IMAGE)
     other_sim.require_basic("u", "p")
     other_sim.add_image("team/app", "1", IMAGE)
-    mirror = await make_mirror(other_sim.url, toml=upstream_toml(
-        "sim.example", sim.url, username="u", password="p"))
-    status, _, body = await get_manifest(client, f"{mirror.url}/v2/sim.example/team/app/manifests/1")
+    mirror = await make_mirror(
+        other_sim.url, toml=upstream_toml("sim.example", sim.url, username="u", password="p")
+    )
+    status, _, body = await get_manifest(
+        client, f"{mirror.url}/v2/sim.example/team/app/manifests/1"
+    )
     assert status == 200, body
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
     assert status == 401, body
@@ -420,7 +464,8 @@ async def test_credentials_stay_with_their_upstream(
 
 @pytest.mark.parametrize("target", ["manifest", "blob"])
 async def test_upstream_403_is_403_denied(
-        target: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession) -> None:
+    target: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
     """An upstream 403 on a repository is passed on as 403 with DENIED error JSON."""
     sim.add_image("team/app", "1", IMAGE)
     sim.fault(target, "status", status=403)
@@ -444,12 +489,23 @@ def _docker_entry(form: str) -> dict[str, str]:
     return {"username": "u", "password": "p"}
 
 
-@pytest.mark.parametrize(("key_form", "entry_form"), [
-    ("host:port", "auth"), ("host:port", "username"), ("http://host:port", "auth"),
-    ("https://index.docker.io/v1/", "auth")])
+@pytest.mark.parametrize(
+    ("key_form", "entry_form"),
+    [
+        ("host:port", "auth"),
+        ("host:port", "username"),
+        ("http://host:port", "auth"),
+        ("https://index.docker.io/v1/", "auth"),
+    ],
+)
 async def test_docker_config_json_provides_credentials(
-        key_form: str, entry_form: str, sim: UpstreamSim, make_mirror: MakeMirror,
-        client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    key_form: str,
+    entry_form: str,
+    sim: UpstreamSim,
+    make_mirror: MakeMirror,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
     """A docker `config.json` named by `docker_config` supplies the credentials: an `auths`
     entry keyed by the registry's host:port (bare or as a URL), or Docker Hub's classic
     `https://index.docker.io/v1/` key for the docker.io upstream, in `auth` or
@@ -467,8 +523,8 @@ async def test_docker_config_json_provides_credentials(
 
 
 async def test_docker_config_entry_for_another_host_is_not_used(
-        sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession,
-        tmp_path: Path) -> None:
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     """Credentials in config.json for a different registry are not sent to this one: the
     realm sees no Authorization and the answer is 401 UNAUTHORIZED."""
     sim.require_bearer("u", "p")

@@ -11,8 +11,10 @@ from soak import soak
 
 async def test_mixed_soak_serves_everything_and_leaks_nothing(tmp_path: Path) -> None:
     report = await soak(15, tmp_path / "data", sample_every=5)
-    assert report.total() > 1000 and all(report.requests[a] > 0 for a in
-                                         ("manifest_tag", "warm_blob", "range", "cold_fill", "disconnect"))
+    assert report.total() > 1000 and all(
+        report.requests[a] > 0
+        for a in ("manifest_tag", "warm_blob", "range", "cold_fill", "disconnect")
+    )
     assert report.server_errors == 0, report.statuses
     assert report.wrong_bytes == 0
     assert report.client_errors == []

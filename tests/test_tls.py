@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-
 from conftest import PROJECT
 from registry import free_port
 from upstream_sim import UpstreamSim
@@ -24,9 +23,28 @@ from upstream_sim import UpstreamSim
 
 def _make_cert(where: Path, name: str) -> tuple[Path, Path]:
     cert, key = where / f"{name}.crt", where / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -51,9 +69,24 @@ async def test_tls_serves_blobs_and_reloads_on_sighup(sim: UpstreamSim, tmp_path
     port = free_port()
     env = {**os.environ, "MIRROR_TLS__CERT": str(cert), "MIRROR_TLS__KEY": str(key)}
     log = (tmp_path / "mirror.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}",
-                             "--data-dir", str(tmp_path / "data"), "--upstream", sim.url],
-                            cwd=PROJECT, env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mirror",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--upstream",
+            sim.url,
+        ],
+        cwd=PROJECT,
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -61,12 +94,16 @@ async def test_tls_serves_blobs_and_reloads_on_sighup(sim: UpstreamSim, tmp_path
                 await asyncio.to_thread(_served_cert, port, cert)
                 break
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "mirror.log").read_text()
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "mirror.log"
+                ).read_text()
                 await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
-        data = hashlib.sha256(b"tls").digest() * 200_000      # 6.4 MB: a fill, then a hit
+        data = hashlib.sha256(b"tls").digest() * 200_000  # 6.4 MB: a fill, then a hit
         digest = sim.add_blob(data)
         trust = ssl.create_default_context(cafile=str(cert))
-        async with aiohttp.ClientSession(trust_env=False, connector=aiohttp.TCPConnector(ssl=trust)) as client:
+        async with aiohttp.ClientSession(
+            trust_env=False, connector=aiohttp.TCPConnector(ssl=trust)
+        ) as client:
             for outcome in ("miss", "hit"):
                 if outcome == "hit":
                     deadline = time.monotonic() + 10
@@ -103,7 +140,12 @@ async def test_tls_serves_blobs_and_reloads_on_sighup(sim: UpstreamSim, tmp_path
 def test_a_broken_certificate_is_refused_at_start(tmp_path: Path) -> None:
     cert, key = _make_cert(tmp_path, "ok")
     key.write_text("broken")
-    done = subprocess.run([sys.executable, "-m", "mirror", "serve", "--data-dir", str(tmp_path / "d")],
-                          cwd=PROJECT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "MIRROR_TLS__CERT": str(cert), "MIRROR_TLS__KEY": str(key)})
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror", "serve", "--data-dir", str(tmp_path / "d")],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MIRROR_TLS__CERT": str(cert), "MIRROR_TLS__KEY": str(key)},
+    )
     assert done.returncode == 2 and "tls.cert/tls.key" in done.stderr

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-
 from images import Image, sha256_digest
 
 FaultKind = Literal["status", "slow", "cut", "wrong", "hang", "trickle"]

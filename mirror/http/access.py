@@ -34,9 +34,14 @@ class Access:
     def __init__(self, config: AuthConfig) -> None:
         self.enabled = config.enabled
         self._users = _read_htpasswd(Path(config.htpasswd)) if config.htpasswd else {}
-        self._tokens = {g.who[len("token:"):].encode(): g.repositories for g in config.grants
-                        if g.who.startswith("token:")}
-        self._grants = {g.who: g.repositories for g in config.grants if not g.who.startswith("token:")}
+        self._tokens = {
+            g.who[len("token:") :].encode(): g.repositories
+            for g in config.grants
+            if g.who.startswith("token:")
+        }
+        self._grants = {
+            g.who: g.repositories for g in config.grants if not g.who.startswith("token:")
+        }
         self._verified: set[tuple[str, bytes]] = set()
 
     async def check(self, request: web.Request, target: Target | None) -> None:
@@ -46,8 +51,9 @@ class Access:
         patterns = await self._who(request.headers.get("Authorization", ""))
         if patterns is None:
             raise errors.Unauthorized("authentication required", challenge=CHALLENGE)
-        if target is not None and not any(fnmatchcase(f"{target.upstream.name}/{target.repo}", p)
-                                          for p in patterns):
+        if target is not None and not any(
+            fnmatchcase(f"{target.upstream.name}/{target.repo}", p) for p in patterns
+        ):
             raise errors.Denied(detail={"name": target.name})
 
     async def _who(self, header: str) -> tuple[str, ...] | None:
@@ -59,7 +65,9 @@ class Access:
         if scheme.lower() != "basic":
             return None
         try:
-            user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            user, _, password = (
+                base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            )
         except (binascii.Error, UnicodeDecodeError):
             return None
         stored = self._users.get(user)
@@ -83,6 +91,8 @@ def _read_htpasswd(path: Path) -> dict[str, bytes]:
         if not sep or line.startswith("#"):
             continue
         if not hashed.startswith(("$2y$", "$2b$", "$2a$")):
-            raise errors.ConfigError(f"auth.htpasswd: {user!r} is not a bcrypt entry (use htpasswd -B)")
+            raise errors.ConfigError(
+                f"auth.htpasswd: {user!r} is not a bcrypt entry (use htpasswd -B)"
+            )
         users[user] = hashed.encode()
     return users

@@ -27,12 +27,15 @@ from mirror.config import AdminConfig
 def install(app: web.Application, admin: Admin, config: AdminConfig) -> None:
     token = config.token.encode()
 
-    def guarded(fn: Callable[[dict[str, Any]], Awaitable[Any]]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def guarded(
+        fn: Callable[[dict[str, Any]], Awaitable[Any]],
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
             given = request.headers.get("Authorization", "")
             if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token)):
-                raise errors.Unauthorized("the admin API needs its bearer token",
-                                          challenge='Bearer realm="mirror-admin"')
+                raise errors.Unauthorized(
+                    "the admin API needs its bearer token", challenge='Bearer realm="mirror-admin"'
+                )
             body: dict[str, Any] = {}
             if request.can_read_body:
                 try:
@@ -40,13 +43,16 @@ def install(app: web.Application, admin: Admin, config: AdminConfig) -> None:
                 except ValueError:
                     raise errors.InvalidRequest("request body is not JSON") from None
             return web.json_response(as_json(await fn(body)))
+
         return handler
 
     p = config.prefix
     app.router.add_get(f"{p}/catalog", guarded(lambda _: admin.catalog()))
     app.router.add_get(f"{p}/usage", guarded(lambda _: admin.usage()))
-    app.router.add_post(f"{p}/evict", guarded(lambda b: admin.evict(
-        bool(b.get("dry_run")), b.get("older_than"), b.get("repo"))))
+    app.router.add_post(
+        f"{p}/evict",
+        guarded(lambda b: admin.evict(bool(b.get("dry_run")), b.get("older_than"), b.get("repo"))),
+    )
     app.router.add_get(f"{p}/pins", guarded(lambda _: admin.pins()))
     app.router.add_post(f"{p}/pins", guarded(lambda b: _pin(admin, b)))
     app.router.add_delete(f"{p}/pins", guarded(lambda b: admin.unpin(str(b.get("pattern", "")))))

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from mirror.admin import Admin
 from mirror.config import Config
 from mirror.eviction import Evictor
-from mirror.admin import Admin
 from mirror.http import admin as admin_api
 from mirror.http import status
 from mirror.http.access import Access
@@ -52,7 +52,9 @@ def build_app(config: Config) -> web.Application:
     tiers.extra_pins = pin_patterns(config)
     metrics.prefill((u.name, u.username or "anonymous") for u in config.upstreams)
     upstream = UpstreamClient(config, metrics)
-    service = MirrorService(upstream, tiers, manifests, metrics=metrics, max_fills=config.limits.max_fills)
+    service = MirrorService(
+        upstream, tiers, manifests, metrics=metrics, max_fills=config.limits.max_fills
+    )
     syncer = Syncer(config, service)
 
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
@@ -60,8 +62,15 @@ def build_app(config: Config) -> web.Application:
     app[METRICS] = metrics
     app[TIERS] = tiers
     app[SYNC] = syncer
-    Routes(service, Router(config), blobs, sender_pool, config.timeouts.read, metrics,
-           Access(config.auth)).install(app)
+    Routes(
+        service,
+        Router(config),
+        blobs,
+        sender_pool,
+        config.timeouts.read,
+        metrics,
+        Access(config.auth),
+    ).install(app)
 
     tiers.on_evicted = metrics.evicted
 

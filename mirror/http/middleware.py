@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from time import time as _now
 from collections.abc import Awaitable, Callable
+from time import time as _now
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -66,8 +66,12 @@ def error_response(err: errors.MirrorError) -> web.Response:
         headers["WWW-Authenticate"] = err.challenge
     if isinstance(err, errors.TooManyRequests) and err.retry_after:
         headers["Retry-After"] = err.retry_after
-    return web.Response(status=status, text=json.dumps({"errors": [entry]}),
-                        content_type="application/json", headers=headers)
+    return web.Response(
+        status=status,
+        text=json.dumps({"errors": [entry]}),
+        content_type="application/json",
+        headers=headers,
+    )
 
 
 def _from_http_exception(exc: web.HTTPException) -> errors.MirrorError:
@@ -85,7 +89,9 @@ def make_middleware(metrics: Metrics) -> Middleware:
         try:
             if getattr(request.protocol, "over_cap", False):  # see http/server.py
                 metrics.client_refusals.labels("connections_per_client").inc()
-                raise errors.TooManyRequests("too many connections from this client", retry_after="1")
+                raise errors.TooManyRequests(
+                    "too many connections from this client", retry_after="1"
+                )
             response = await handler(request)
         except errors.MirrorError as e:
             response = error_response(e)
@@ -114,7 +120,16 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         sink = logs.access
         if sink is not None:
-            sink.add({"at": _now(), "method": request.method, "path": request.path_qs,
-                      "status": response.status, "bytes": response.content_length,
-                      "duration_ms": round(time * 1000, 2), "outcome": request.get(OUTCOME),
-                      "upstream": request.get(UPSTREAM), "remote": request.remote})
+            sink.add(
+                {
+                    "at": _now(),
+                    "method": request.method,
+                    "path": request.path_qs,
+                    "status": response.status,
+                    "bytes": response.content_length,
+                    "duration_ms": round(time * 1000, 2),
+                    "outcome": request.get(OUTCOME),
+                    "upstream": request.get(UPSTREAM),
+                    "remote": request.remote,
+                }
+            )

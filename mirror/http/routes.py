@@ -45,9 +45,16 @@ _ENDPOINTS = (
 class Routes:
     """The handlers, bound to the service and the pieces they stream with."""
 
-    def __init__(self, service: MirrorService, router: Router, blobs: BlobStore,
-                 sender_pool: ThreadPoolExecutor, idle_timeout: float, metrics: Metrics,
-                 access: Access) -> None:
+    def __init__(
+        self,
+        service: MirrorService,
+        router: Router,
+        blobs: BlobStore,
+        sender_pool: ThreadPoolExecutor,
+        idle_timeout: float,
+        metrics: Metrics,
+        access: Access,
+    ) -> None:
         self._access = access
         self._service = service
         self._router = router
@@ -92,15 +99,18 @@ class Routes:
     async def manifest(self, request: web.Request, target: Target, ref: str) -> web.Response:
         reference = parse_reference(ref)
         accept = parse_accept(request.headers.getall("Accept", []))
-        hot = self._service.manifest_hot(target, reference.tag) if reference.tag is not None else None
+        hot = (
+            self._service.manifest_hot(target, reference.tag) if reference.tag is not None else None
+        )
         if hot is not None and accept.allows(hot.media_type):
             self._service.pull_ahead(target, hot)
             return self._manifest_response(request, target, hot, Outcome.HIT)
         answer = await self._service.manifest(target, reference, accept)
         return self._manifest_response(request, target, answer.manifest, answer.outcome)
 
-    def _manifest_response(self, request: web.Request, target: Target, m: StoredManifest,
-                           outcome: Outcome) -> web.Response:
+    def _manifest_response(
+        self, request: web.Request, target: Target, m: StoredManifest, outcome: Outcome
+    ) -> web.Response:
         request[OUTCOME] = outcome.value
         headers = {
             **API_VERSION,
@@ -132,7 +142,9 @@ class Routes:
         request[OUTCOME] = answer.outcome.value
         if answer.stored is not None:
             self._metrics.lookup(answer.tier)
-            return await self._send_stored(request, target, digest, answer.stored, answer.outcome, answer.tier)
+            return await self._send_stored(
+                request, target, digest, answer.stored, answer.outcome, answer.tier
+            )
         assert answer.fill is not None
         try:
             await answer.fill.ready()
@@ -142,7 +154,9 @@ class Routes:
         self._metrics.lookup(answer.fill.source)
         return await self._send_filling(request, target, digest, answer.fill, answer.outcome)
 
-    async def _blob_head(self, request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:
+    async def _blob_head(
+        self, request: web.Request, target: Target, digest: Digest
+    ) -> web.StreamResponse:
         size, outcome = await self._service.blob_size(target, digest)
         request[OUTCOME] = outcome.value
         response = web.StreamResponse(headers=self._blob_headers(target, digest, outcome))
@@ -164,8 +178,15 @@ class Routes:
         self._annotate(headers, target, outcome)
         return headers
 
-    async def _send_stored(self, request: web.Request, target: Target, digest: Digest,
-                           blob: OpenBlob, outcome: Outcome, tier: str = "warm") -> web.StreamResponse:
+    async def _send_stored(
+        self,
+        request: web.Request,
+        target: Target,
+        digest: Digest,
+        blob: OpenBlob,
+        outcome: Outcome,
+        tier: str = "warm",
+    ) -> web.StreamResponse:
         try:
             start, end = byte_range(request, blob.size)
             status, headers = self._range_headers(target, digest, outcome, blob.size, start, end)
@@ -173,13 +194,21 @@ class Routes:
                 self._metrics.served(tier, end - start)
                 return web.Response(status=status, body=blob.data[start:end], headers=headers)
             fd = blob.fd
-            return await self._stream(request, status, headers, start, end, tier,
-                                      lambda sender: sender.send(fd, start, end - start))
+            return await self._stream(
+                request,
+                status,
+                headers,
+                start,
+                end,
+                tier,
+                lambda sender: sender.send(fd, start, end - start),
+            )
         finally:
             blob.close()
 
-    async def _send_filling(self, request: web.Request, target: Target, digest: Digest,
-                            fill: Fill, outcome: Outcome) -> web.StreamResponse:
+    async def _send_filling(
+        self, request: web.Request, target: Target, digest: Digest, fill: Fill, outcome: Outcome
+    ) -> web.StreamResponse:
         """Follow a fill from the partial file as it grows (or the committed file once done)."""
         await fill.ready()
         fd = fill.attach()
@@ -194,17 +223,28 @@ class Routes:
         try:
             start, end = byte_range(request, fill.size)
             status, headers = self._range_headers(target, digest, outcome, fill.size, start, end)
-            return await self._stream(request, status, headers, start, end, fill.source,
-                                      lambda sender: sender.send_growing(fd, start, end, fill.available))
+            return await self._stream(
+                request,
+                status,
+                headers,
+                start,
+                end,
+                fill.source,
+                lambda sender: sender.send_growing(fd, start, end, fill.available),
+            )
         finally:
             os.close(fd)
 
-    async def _send_through(self, request: web.Request, target: Target, digest: Digest) -> web.StreamResponse:
+    async def _send_through(
+        self, request: web.Request, target: Target, digest: Digest
+    ) -> web.StreamResponse:
         """No room on disk: this client gets the blob straight from upstream (whole: a Range
         may be ignored, RFC 9110 §14.2), verified on the way, and nothing is kept."""
         request[OUTCOME] = Outcome.PASS_THROUGH.value
         async with self._service.pass_through(target, digest) as body:
-            response = web.StreamResponse(headers=self._blob_headers(target, digest, Outcome.PASS_THROUGH))
+            response = web.StreamResponse(
+                headers=self._blob_headers(target, digest, Outcome.PASS_THROUGH)
+            )
             response.content_length = body.size
             await response.prepare(request)
             sent = 0
@@ -219,8 +259,9 @@ class Routes:
         await response.write_eof()
         return response
 
-    def _range_headers(self, target: Target, digest: Digest, outcome: Outcome, size: int,
-                       start: int, end: int) -> tuple[int, dict[str, str]]:
+    def _range_headers(
+        self, target: Target, digest: Digest, outcome: Outcome, size: int, start: int, end: int
+    ) -> tuple[int, dict[str, str]]:
         """Status and headers of a whole (200) or partial (206, RFC 9110 §15.3.7) blob answer."""
         headers = self._blob_headers(target, digest, outcome)
         if (start, end) == (0, size):
@@ -228,8 +269,16 @@ class Routes:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         return 206, headers
 
-    async def _stream(self, request: web.Request, status: int, headers: dict[str, str], start: int,
-                      end: int, source: str, send: Callable[[SocketSender], Awaitable[None]]) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        status: int,
+        headers: dict[str, str],
+        start: int,
+        end: int,
+        source: str,
+        send: Callable[[SocketSender], Awaitable[None]],
+    ) -> web.StreamResponse:
         """Send the headers, then the body through a SocketSender; a failure after the headers
         cuts the connection, so the client sees a failed transfer, never a short success."""
         response = web.StreamResponse(status=status, headers=headers)
@@ -239,10 +288,20 @@ class Routes:
             async with SocketSender(request, response, self._pool, self._idle) as sender:
                 await send(sender)
         except (ClientGone, errors.MirrorError) as e:
-            reason = "fill_failed" if isinstance(e, errors.MirrorError) else \
-                "stalled" if isinstance(e, ClientStalled) else "gone"
+            reason = (
+                "fill_failed"
+                if isinstance(e, errors.MirrorError)
+                else "stalled"
+                if isinstance(e, ClientStalled)
+                else "gone"
+            )
             if reason == "stalled":
-                log.info("dropped a client that read nothing for %.0fs: %s %s", self._idle, request.remote, request.path)
+                log.info(
+                    "dropped a client that read nothing for %.0fs: %s %s",
+                    self._idle,
+                    request.remote,
+                    request.path,
+                )
             self._metrics.client_aborts.labels(reason).inc()
             abort(request)
             return response
@@ -261,11 +320,16 @@ class Routes:
         query = {k: v for k, v in request.query.items() if k == "artifactType"}
         return await self._listing(request, target, f"referrers/{digest}", query)
 
-    async def _listing(self, request: web.Request, target: Target, suffix: str,
-                       query: dict[str, str]) -> web.Response:
+    async def _listing(
+        self, request: web.Request, target: Target, suffix: str, query: dict[str, str]
+    ) -> web.Response:
         cached, outcome = await self._service.listing(target, suffix, query)
         request[OUTCOME] = outcome.value
-        headers = {**API_VERSION, "Content-Type": cached.content_type, "X-Mirror-Cache": outcome.value}
+        headers = {
+            **API_VERSION,
+            "Content-Type": cached.content_type,
+            "X-Mirror-Cache": outcome.value,
+        }
         self._annotate(headers, target, outcome)
         if cached.link:
             headers["Link"] = cached.link.replace(f"/v2/{target.repo}/", f"/v2/{target.name}/", 1)

@@ -48,7 +48,9 @@ class ClientStalled(ClientGone):
     that never reads cannot hold a socket, a file and a sender thread forever."""
 
 
-def _sendfile_blocking(sock: int, fd: int, offset: int, end: int, idle: float, stop: threading.Event) -> None:
+def _sendfile_blocking(
+    sock: int, fd: int, offset: int, end: int, idle: float, stop: threading.Event
+) -> None:
     """Send bytes [offset, end) of `fd` to `sock` (non-blocking) with os.sendfile."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
@@ -75,8 +77,15 @@ def _sendfile_blocking(sock: int, fd: int, offset: int, end: int, idle: float, s
                 raise ClientGone("client connection closed")
 
 
-def _follow_blocking(sock: int, fd: int, start: int, end: int, available: Available, idle: float,
-                     stop: threading.Event) -> None:
+def _follow_blocking(
+    sock: int,
+    fd: int,
+    start: int,
+    end: int,
+    available: Available,
+    idle: float,
+    stop: threading.Event,
+) -> None:
     """Send [start, end) of a growing file, each range as soon as `available` releases it."""
     pos = start
     while pos < end:
@@ -90,8 +99,13 @@ def _follow_blocking(sock: int, fd: int, start: int, end: int, available: Availa
 class SocketSender:
     """Sends file ranges over one prepared response's socket; use as an async context."""
 
-    def __init__(self, request: web.Request, response: web.StreamResponse, executor: ThreadPoolExecutor,
-                 idle_timeout: float) -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        executor: ThreadPoolExecutor,
+        idle_timeout: float,
+    ) -> None:
         self._request = request
         self._response = response
         self._executor = executor
@@ -125,7 +139,7 @@ class SocketSender:
         try:
             protocol = self._request.protocol
             while transport.get_write_buffer_size() and not transport.is_closing():
-                await protocol._drain_helper()  # noqa: SLF001 - aiohttp's own flow-control wait
+                await protocol._drain_helper()
         finally:
             transport.set_write_buffer_limits()
 
@@ -147,15 +161,20 @@ class SocketSender:
         stop = threading.Event()
         try:
             while pos < end:
-                limit = end if available is None else await loop.run_in_executor(
-                    self._executor, available, pos, end, stop)
+                limit = (
+                    end
+                    if available is None
+                    else await loop.run_in_executor(self._executor, available, pos, end, stop)
+                )
                 while pos < limit:
-                    chunk = await loop.run_in_executor(self._executor, os.pread, fd, min(COPY_CHUNK, limit - pos), pos)
+                    chunk = await loop.run_in_executor(
+                        self._executor, os.pread, fd, min(COPY_CHUNK, limit - pos), pos
+                    )
                     if not chunk:
                         raise ClientGone("file shorter than announced")
                     try:
                         await asyncio.wait_for(self._response.write(chunk), self._idle)
-                    except asyncio.TimeoutError as e:
+                    except TimeoutError as e:
                         raise ClientStalled("client stopped reading") from e
                     except ConnectionError as e:
                         raise ClientGone(str(e)) from e
@@ -169,7 +188,9 @@ class SocketSender:
         assert self._sock is not None
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._executor, functools.partial(fn, self._sock, *args, self._idle, stop))
+        fut = loop.run_in_executor(
+            self._executor, functools.partial(fn, self._sock, *args, self._idle, stop)
+        )
         try:
             await asyncio.shield(fut)
         except asyncio.CancelledError:

@@ -72,8 +72,13 @@ class MirrorConnection(web.RequestHandler):
             self._clients.release(peer)
         super().connection_lost(exc)
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         """A request that never reached a handler: error JSON, connection closed."""
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error")
@@ -81,12 +86,19 @@ class MirrorConnection(web.RequestHandler):
             log.error("error handling a request from %s", request.remote, exc_info=exc)
             code, text = "UNKNOWN", "internal error"
         else:
-            log.warning("refused an unparseable request from %s: %s", request.remote,
-                        (message or str(exc) or "bad request").splitlines()[0][:200])
+            log.warning(
+                "refused an unparseable request from %s: %s",
+                request.remote,
+                (message or str(exc) or "bad request").splitlines()[0][:200],
+            )
             code, text = "INVALID_REQUEST", "the request could not be parsed"
         body = {"errors": [{"code": code, "message": text}]}
-        resp = web.Response(status=status, text=json.dumps(body), content_type="application/json",
-                            headers=API_VERSION)
+        resp = web.Response(
+            status=status,
+            text=json.dumps(body),
+            content_type="application/json",
+            headers=API_VERSION,
+        )
         resp.force_close()
         return resp
 
@@ -95,8 +107,15 @@ class MirrorSite(web.BaseSite):
     """A TCP listener whose connections are `MirrorConnection`s (aiohttp's TCPSite always
     builds its own protocol). `port` is the bound one, also when 0 was asked for."""
 
-    def __init__(self, runner: web.AppRunner, config: Config, host: str, port: int,
-                 ssl_context: ssl.SSLContext | None = None, access_log: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        config: Config,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        access_log: logging.Logger | None = None,
+    ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=1024)
         self._app_runner = runner
         self._host, self.port = host, port
@@ -116,13 +135,16 @@ class MirrorSite(web.BaseSite):
     def _connection(self) -> MirrorConnection:
         server = self._app_runner.server
         assert server is not None, "runner.setup() first"
-        return MirrorConnection(server, self.clients, loop=asyncio.get_running_loop(), **self._settings)
+        return MirrorConnection(
+            server, self.clients, loop=asyncio.get_running_loop(), **self._settings
+        )
 
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(self._connection, self._host, self.port, ssl=self._tls,
-                                                  backlog=1024, reuse_address=True)
+        self._listener = await loop.create_server(
+            self._connection, self._host, self.port, ssl=self._tls, backlog=1024, reuse_address=True
+        )
         self.port = int(self._listener.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

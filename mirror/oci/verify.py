@@ -16,9 +16,11 @@ class Verifier:
     hashing a fill does not hold up the event loop.
     """
 
-    __slots__ = ("digest", "expected_size", "max_size", "size", "_hash")
+    __slots__ = ("_hash", "digest", "expected_size", "max_size", "size")
 
-    def __init__(self, digest: Digest, expected_size: int | None = None, max_size: int | None = None) -> None:
+    def __init__(
+        self, digest: Digest, expected_size: int | None = None, max_size: int | None = None
+    ) -> None:
         self.digest = digest
         self.expected_size = expected_size
         #: Refuse past this many bytes even when no size was announced.
@@ -30,10 +32,13 @@ class Verifier:
         self._hash.update(data)
         self.size += len(data)
         if self.expected_size is not None and self.size > self.expected_size:
-            raise UpstreamBadResponse("upstream sent more bytes than announced",
-                                      detail={"digest": str(self.digest)})
+            raise UpstreamBadResponse(
+                "upstream sent more bytes than announced", detail={"digest": str(self.digest)}
+            )
         if self.max_size is not None and self.size > self.max_size:
-            raise UpstreamBadResponse("upstream blob larger than allowed", detail={"digest": str(self.digest)})
+            raise UpstreamBadResponse(
+                "upstream blob larger than allowed", detail={"digest": str(self.digest)}
+            )
 
     def update_all(self, pieces: list[bytes]) -> None:
         for piece in pieces:
@@ -42,11 +47,13 @@ class Verifier:
     def check(self) -> None:
         """Raise UpstreamBadResponse unless every byte arrived and they hash to the digest."""
         if self.expected_size is not None and self.size != self.expected_size:
-            raise UpstreamBadResponse("upstream sent a short blob",
-                                      detail={"digest": str(self.digest), "size": self.size})
+            raise UpstreamBadResponse(
+                "upstream sent a short blob", detail={"digest": str(self.digest), "size": self.size}
+            )
         if self._hash.hexdigest() != self.digest.hex:
-            raise UpstreamBadResponse("upstream content does not match its digest",
-                                      detail={"digest": str(self.digest)})
+            raise UpstreamBadResponse(
+                "upstream content does not match its digest", detail={"digest": str(self.digest)}
+            )
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:

@@ -16,6 +16,7 @@ put back by hand, bit rot below the filesystem) is what `mirror fsck` is for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -120,10 +121,8 @@ class BlobStore:
         log.warning("blob %s was modified after it was stored; checking its digest", digest)
         if not _matches(fd, digest):
             raise Corrupt(digest, size)
-        try:
+        with contextlib.suppress(OSError):  # a read-only store: it is checked again next time
             os.utime(fd, ns=(SEAL_NS, SEAL_NS))
-        except OSError:  # a read-only store: it is checked again next time
-            pass
 
     def verify(self, digest: Digest) -> bool:
         """Whether the committed file hashes to its digest (blocking; fsck). A file gone
@@ -165,10 +164,8 @@ class BlobStore:
     @staticmethod
     def discard(partial: Path) -> None:
         """Remove a failed fill's temp file (blocking)."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             partial.unlink()
-        except FileNotFoundError:
-            pass
 
     def remove(self, digests: list[str]) -> int:
         """Delete committed blob files (blocking; eviction, after their records went); how

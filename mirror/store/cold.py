@@ -42,7 +42,9 @@ def _translate(what: str, digest: Digest | None = None) -> Iterator[None]:
     try:
         yield
     except (ObstoreError, OSError) as e:
-        detail: dict[str, str] = {"reason": str(e).splitlines()[0][:200] if str(e) else type(e).__name__}
+        detail: dict[str, str] = {
+            "reason": str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        }
         if digest is not None:
             detail["digest"] = str(digest)
         raise errors.StoreUnavailable(f"cold tier: {what} failed", detail=detail) from e
@@ -63,7 +65,7 @@ class ColdObject:
 
 
 class ColdStore:
-    def __init__(self, store: "ObjectStore", where: str) -> None:
+    def __init__(self, store: ObjectStore, where: str) -> None:
         self._store = store
         self._where = where
 
@@ -71,7 +73,7 @@ class ColdStore:
         return f"ColdStore({self._where})"
 
     @classmethod
-    def from_config(cls, cold: ColdConfig) -> "ColdStore | None":
+    def from_config(cls, cold: ColdConfig) -> ColdStore | None:
         """None when no cold tier is configured. A local directory is created if missing."""
         if not cold.url:
             return None
@@ -80,9 +82,16 @@ class ColdStore:
         if parts.scheme == "file":
             Path(parts.path).mkdir(parents=True, exist_ok=True)
         elif parts.scheme == "s3":
-            options = {k: v for k, v in (("endpoint", cold.endpoint), ("region", cold.region),
-                                         ("access_key_id", cold.access_key_id),
-                                         ("secret_access_key", cold.secret_access_key)) if v}
+            options = {
+                k: v
+                for k, v in (
+                    ("endpoint", cold.endpoint),
+                    ("region", cold.region),
+                    ("access_key_id", cold.access_key_id),
+                    ("secret_access_key", cold.secret_access_key),
+                )
+                if v
+            }
         if parts.scheme != "file":
             options["client_options"] = {"allow_http": cold.allow_http, "timeout": TIMEOUT}
         with _translate("configuration"):

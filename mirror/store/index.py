@@ -107,9 +107,15 @@ class BlobIndex:
         return self._db
 
     def _order_indexes(self, db: sqlite3.Connection) -> None:
-        wanted = {f"blobs_by_{hashlib.sha256(o.encode()).hexdigest()[:12]}": o for o in self._orders}
-        have = {row[0] for row in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'blobs_by_%'")}
+        wanted = {
+            f"blobs_by_{hashlib.sha256(o.encode()).hexdigest()[:12]}": o for o in self._orders
+        }
+        have = {
+            row[0]
+            for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'blobs_by_%'"
+            )
+        }
         for name in have - wanted.keys() - {"blobs_by_access"}:
             db.execute(f"DROP INDEX {name}")
         for name, order in wanted.items():
@@ -122,50 +128,67 @@ class BlobIndex:
         self.db.execute(
             "INSERT INTO blobs (digest, tier, size, stored, last_access) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (digest, tier) DO UPDATE SET size = excluded.size, last_access = excluded.last_access",
-            (digest, tier, size, now, now))
+            (digest, tier, size, now, now),
+        )
 
     def record_many(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
         with self.db:
             self.db.executemany(
                 "INSERT OR IGNORE INTO blobs (digest, tier, size, stored, last_access) VALUES (?, ?, ?, ?, ?)",
-                ((d, t, s, now, now) for d, t, s, now in rows))
+                ((d, t, s, now, now) for d, t, s, now in rows),
+            )
 
     def forget(self, digest: str, tier: str) -> None:
         self.db.execute("DELETE FROM blobs WHERE digest = ? AND tier = ?", (digest, tier))
 
     def forget_many(self, tier: str, digests: Iterable[str]) -> None:
         with self.db:
-            self.db.execute("DELETE FROM blobs WHERE tier = ? AND digest IN (SELECT value FROM json_each(?))",
-                            (tier, json.dumps(list(digests))))
+            self.db.execute(
+                "DELETE FROM blobs WHERE tier = ? AND digest IN (SELECT value FROM json_each(?))",
+                (tier, json.dumps(list(digests))),
+            )
 
     def touch(self, tier: str, accesses: Mapping[str, tuple[float, int]]) -> None:
         """Apply a batch of (last access, hit count) from `Accesses`, in one transaction."""
         with self.db:
             self.db.executemany(
                 "UPDATE blobs SET last_access = max(last_access, ?), hits = hits + ? WHERE digest = ? AND tier = ?",
-                ((last, hits, digest, tier) for digest, (last, hits) in accesses.items()))
+                ((last, hits, digest, tier) for digest, (last, hits) in accesses.items()),
+            )
 
     def touch_tags(self, pulled: Mapping[tuple[str, str, str], float]) -> None:
         with self.db:
             self.db.executemany(
                 "INSERT INTO tags VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
                 "SET last_access = max(last_access, excluded.last_access)",
-                ((*key, when) for key, when in pulled.items()))
+                ((*key, when) for key, when in pulled.items()),
+            )
 
     def tags_pulled(self) -> dict[tuple[str, str, str], float]:
         """When each tag was last pulled through the mirror."""
-        return {(u, r, t): when for u, r, t, when in self.db.execute("SELECT upstream, repo, tag, last_access FROM tags")}
+        return {
+            (u, r, t): when
+            for u, r, t, when in self.db.execute(
+                "SELECT upstream, repo, tag, last_access FROM tags"
+            )
+        }
 
     def forget_tags(self, keys: Iterable[tuple[str, str, str]]) -> None:
         with self.db:
-            self.db.executemany("DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ?", keys)
+            self.db.executemany(
+                "DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ?", keys
+            )
 
     def select(self, tier: str, digests: Iterable[str]) -> list[Entry]:
         """The entries of these digests that `tier` holds."""
-        return [Entry(*row) for row in self.db.execute(
-            "SELECT digest, size, stored, last_access, hits FROM blobs "
-            "WHERE tier = ? AND digest IN (SELECT value FROM json_each(?)) ORDER BY last_access",
-            (tier, json.dumps(list(digests))))]
+        return [
+            Entry(*row)
+            for row in self.db.execute(
+                "SELECT digest, size, stored, last_access, hits FROM blobs "
+                "WHERE tier = ? AND digest IN (SELECT value FROM json_each(?)) ORDER BY last_access",
+                (tier, json.dumps(list(digests))),
+            )
+        ]
 
     def usage(self) -> dict[str, tuple[int, int]]:
         """Bytes and blob count per tier: kept by triggers, so reading it costs nothing however
@@ -179,22 +202,35 @@ class BlobIndex:
         """A tier's blobs in an eviction policy's order (`Policy.sql`, a constant of ours,
         never input), read lazily: a pass stops as soon as it has its victims."""
         for row in self.db.execute(
-                f"SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? ORDER BY {order_sql}",
-                (tier,)):
+            f"SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? ORDER BY {order_sql}",
+            (tier,),
+        ):
             yield Entry(*row)
 
     def idle(self, tier: str, before: float, limit: int) -> list[Entry]:
         """Blobs of a tier not used since `before`."""
-        return [Entry(*row) for row in self.db.execute(
-            "SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? AND last_access < ? "
-            "ORDER BY last_access LIMIT ?", (tier, before, limit))]
+        return [
+            Entry(*row)
+            for row in self.db.execute(
+                "SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? AND last_access < ? "
+                "ORDER BY last_access LIMIT ?",
+                (tier, before, limit),
+            )
+        ]
 
     def tiers_of(self, digest: str) -> dict[str, Entry]:
-        return {row[0]: Entry(digest, *row[1:]) for row in self.db.execute(
-            "SELECT tier, size, stored, last_access, hits FROM blobs WHERE digest = ?", (digest,))}
+        return {
+            row[0]: Entry(digest, *row[1:])
+            for row in self.db.execute(
+                "SELECT tier, size, stored, last_access, hits FROM blobs WHERE digest = ?",
+                (digest,),
+            )
+        }
 
     def digests(self, tier: str) -> set[str]:
-        return {row[0] for row in self.db.execute("SELECT digest FROM blobs WHERE tier = ?", (tier,))}
+        return {
+            row[0] for row in self.db.execute("SELECT digest FROM blobs WHERE tier = ?", (tier,))
+        }
 
     def pins(self) -> list[str]:
         return [row[0] for row in self.db.execute("SELECT pattern FROM pins ORDER BY pattern")]
@@ -218,7 +254,7 @@ class Accesses:
         self._tags: dict[tuple[str, str, str], float] = {}
 
     def hit(self, digest: str) -> None:
-        last, hits = self._pending.get(digest, (0.0, 0))
+        _last, hits = self._pending.get(digest, (0.0, 0))
         self._pending[digest] = (self._clock(), hits + 1)
 
     def tag_pulled(self, key: tuple[str, str, str]) -> None:

@@ -9,9 +9,9 @@ without an executor hop; it is a copy, never the only one.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Iterator
 from typing import Any
 
 import diskcache
@@ -79,7 +79,9 @@ class ManifestStore:
 
     async def put_manifest(self, manifest: StoredManifest) -> None:
         """Keep a manifest whose bytes the caller has verified against its digest."""
-        await self._run(self._disk.set, ("m", manifest.digest), (manifest.media_type, manifest.data))
+        await self._run(
+            self._disk.set, ("m", manifest.digest), (manifest.media_type, manifest.data)
+        )
         self._hot.put(("m", manifest.digest), manifest, len(manifest.data))
 
     def tag_cached(self, key: TagKey) -> TagRecord | None:
@@ -97,7 +99,9 @@ class ManifestStore:
 
     async def put_tag(self, key: TagKey, record: TagRecord) -> None:
         self._hot.put(("t", *key), record)
-        await self._run(self._disk.set, ("t", *key), (record.digest, record.media_type, record.checked))
+        await self._run(
+            self._disk.set, ("t", *key), (record.digest, record.media_type, record.checked)
+        )
 
     async def drop_tag(self, key: TagKey) -> None:
         """Forget a tag upstream says is gone; its manifest and blobs stay."""
@@ -109,8 +113,9 @@ class ManifestStore:
         return CachedList(*raw) if raw is not None else None
 
     async def put_listing(self, key: tuple[str, ...], value: CachedList) -> None:
-        await self._run(self._disk.set, ("l", *key),
-                        (value.body, value.content_type, value.link, value.stored))
+        await self._run(
+            self._disk.set, ("l", *key), (value.body, value.content_type, value.link, value.stored)
+        )
 
     # -- blocking reads for background work (pins, catalog, export): run them in an executor --
 

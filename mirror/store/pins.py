@@ -22,8 +22,11 @@ def matches(upstream: str, repo: str, tag: str, patterns: Iterable[str]) -> bool
 def pinned_blobs(manifests: ManifestStore, patterns: Iterable[str]) -> set[str]:
     """Every blob digest held by a pin."""
     patterns = list(patterns)
-    roots = [record.digest for (up, repo, tag), record in manifests.iter_tags()
-             if matches(up, repo, tag, patterns)]
+    roots = [
+        record.digest
+        for (up, repo, tag), record in manifests.iter_tags()
+        if matches(up, repo, tag, patterns)
+    ]
     return reachable_blobs(manifests, roots)
 
 

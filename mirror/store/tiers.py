@@ -68,9 +68,16 @@ class Found:
 
 
 class Tiers:
-    def __init__(self, config: Config, blobs: BlobStore, manifests: ManifestStore, hot: HotTier,
-                 index: BlobIndex, cold: ColdBackend | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        blobs: BlobStore,
+        manifests: ManifestStore,
+        hot: HotTier,
+        index: BlobIndex,
+        cold: ColdBackend | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._config = config
         self.blobs = blobs
         self._manifests = manifests
@@ -120,8 +127,11 @@ class Tiers:
         """A warm file that no longer matches its digest: record first, then file (the
         index's order), so the request becomes a miss and a fresh verified fill replaces it."""
         key = str(bad.digest)
-        log.error("blob %s in the warm tier does not match its digest (altered on disk); dropped, "
-                  "it will be fetched again", key)
+        log.error(
+            "blob %s in the warm tier does not match its digest (altered on disk); dropped, "
+            "it will be fetched again",
+            key,
+        )
         await self.index.call(self.index.forget, key, "warm")
         await self.blobs.run(self.blobs.remove, [key])
         self.on_evicted("warm", "corrupt", 1, bad.size)
@@ -200,8 +210,11 @@ class Tiers:
         store from before the index) and drop rows whose files are gone. (added, dropped)"""
         files = await self.blobs.run(self.blobs.scan)
         known = await self.index.call(self.index.digests, "warm")
-        adopt = [(d, "warm", size, ctime) for d, (size, ctime) in files.items()
-                 if d not in known and _valid(d)]
+        adopt = [
+            (d, "warm", size, ctime)
+            for d, (size, ctime) in files.items()
+            if d not in known and _valid(d)
+        ]
         gone = [d for d in known if d not in files]
         if adopt:
             await self.index.call(self.index.record_many, adopt)
@@ -209,7 +222,11 @@ class Tiers:
             await self.index.call(self.index.forget_many, "warm", gone)
         await self.refresh_usage()
         if adopt or gone:
-            log.info("index reconciled with the store: %d files adopted, %d records dropped", len(adopt), len(gone))
+            log.info(
+                "index reconciled with the store: %d files adopted, %d records dropped",
+                len(adopt),
+                len(gone),
+            )
         return len(adopt), len(gone)
 
     # -- eviction --------------------------------------------------------------------------
@@ -217,7 +234,9 @@ class Tiers:
     async def protected(self) -> set[str]:
         """Digests no pass may evict: pins, fills in flight, blobs being sent."""
         patterns = [*self._config.pins, *self.extra_pins, *await self.index.call(self.index.pins)]
-        pinned = await asyncio.to_thread(pinned_blobs, self._manifests, patterns) if patterns else set()
+        pinned = (
+            await asyncio.to_thread(pinned_blobs, self._manifests, patterns) if patterns else set()
+        )
         return pinned | set(self.in_flight()) | set(self._serving)
 
     async def evict_pass(self) -> PassReport:
@@ -250,8 +269,13 @@ class Tiers:
             await self._evict_warm(await self.protected(), report, reserve=nbytes)
             await self.refresh_usage()
         room = await self.room()
-        log.warning("disk full: evicted %d blobs (%d bytes) for %d bytes; %s", report.deleted + report.demoted,
-                    report.freed, nbytes, "room made" if room >= nbytes else "still no room")
+        log.warning(
+            "disk full: evicted %d blobs (%d bytes) for %d bytes; %s",
+            report.deleted + report.demoted,
+            report.freed,
+            nbytes,
+            "room made" if room >= nbytes else "still no room",
+        )
         return room >= nbytes
 
     async def room(self) -> int:
@@ -270,8 +294,14 @@ class Tiers:
         used = self.usage["warm"][0]
         total, free = await self._disk()
         budgets = [b for b in (warm.max_bytes, int(warm.max_fraction * total)) if b]
-        target = target_bytes(used, min(budgets, default=0), free - reserve, warm.min_free_bytes,
-                              warm.high_watermark, warm.low_watermark)
+        target = target_bytes(
+            used,
+            min(budgets, default=0),
+            free - reserve,
+            warm.min_free_bytes,
+            warm.high_watermark,
+            warm.low_watermark,
+        )
         if target is None:
             return
         victims = await self._plan("warm", warm.policy, used, target, protected)
@@ -309,8 +339,11 @@ class Tiers:
         gone_roots = [records[key].digest for key in expired]
 
         def doomed() -> set[str]:
-            return (reachable_blobs(self._manifests, gone_roots)
-                    - reachable_blobs(self._manifests, kept_roots) - protected)
+            return (
+                reachable_blobs(self._manifests, gone_roots)
+                - reachable_blobs(self._manifests, kept_roots)
+                - protected
+            )
 
         victims = await self.index.call(self.index.select, "warm", await asyncio.to_thread(doomed))
         for key in expired:
@@ -336,14 +369,27 @@ class Tiers:
         idle: list[Entry] = []
         if cold.max_idle:
             before = self._clock() - cold.max_idle
-            idle = await self.index.call(self.index.idle, "cold", before, self._config.eviction.max_per_pass)
+            idle = await self.index.call(
+                self.index.idle, "cold", before, self._config.eviction.max_per_pass
+            )
             report.bounded |= len(idle) >= self._config.eviction.max_per_pass
             idle = [e for e in idle if e.digest not in protected]
         used = self.usage.get("cold", (0, 0))[0] - sum(e.size for e in idle)
-        target = target_bytes(used, cold.max_bytes, 1, 0, self._config.warm.high_watermark,
-                              self._config.warm.low_watermark)
-        over = await self._plan("cold", cold.policy, used, target, protected | {e.digest for e in idle}) \
-            if target is not None else []
+        target = target_bytes(
+            used,
+            cold.max_bytes,
+            1,
+            0,
+            self._config.warm.high_watermark,
+            self._config.warm.low_watermark,
+        )
+        over = (
+            await self._plan(
+                "cold", cold.policy, used, target, protected | {e.digest for e in idle}
+            )
+            if target is not None
+            else []
+        )
         report.bounded |= len(over) >= self._config.eviction.max_per_pass
         await self._drop("cold", idle + over)
         report.deleted += len(idle) + len(over)
@@ -351,11 +397,19 @@ class Tiers:
             if gone:
                 self.on_evicted("cold", reason, len(gone), sum(e.size for e in gone))
 
-    async def _plan(self, tier: str, policy: str, used: int, target: int, protected: set[str]) -> list[Entry]:
+    async def _plan(
+        self, tier: str, policy: str, used: int, target: int, protected: set[str]
+    ) -> list[Entry]:
         """Victims chosen on the index thread, reading candidates in policy order."""
+
         def choose() -> list[Entry]:
-            return plan(self.index.ordered(tier, POLICIES[policy].sql), used, target, protected,
-                        self._config.eviction.max_per_pass)
+            return plan(
+                self.index.ordered(tier, POLICIES[policy].sql),
+                used,
+                target,
+                protected,
+                self._config.eviction.max_per_pass,
+            )
 
         return await self.index.call(choose)
 
@@ -381,7 +435,9 @@ class Tiers:
             # unlink releases the GIL: a few store threads at once get through thousands
             # faster; only a few, so that the event loop does not queue behind them for it
             lanes = min(REMOVE_LANES, -(-len(digests) // REMOVE_BATCH))
-            await asyncio.gather(*(self.blobs.run(self.blobs.remove, digests[i::lanes]) for i in range(lanes)))
+            await asyncio.gather(
+                *(self.blobs.run(self.blobs.remove, digests[i::lanes]) for i in range(lanes))
+            )
             for d in digests:
                 self.hot.drop(("b", d))
         else:
@@ -397,8 +453,12 @@ def open_tiers(config: Config, pool: ThreadPoolExecutor) -> tuple[Tiers, Manifes
     layout.create()
     hot = HotTier(config.hot.max_bytes)
     manifests = ManifestStore(layout, pool, hot)
-    index = BlobIndex(layout.index, [POLICIES[config.warm.policy].sql, POLICIES[config.cold.policy].sql])
-    tiers = Tiers(config, BlobStore(layout, pool), manifests, hot, index, ColdStore.from_config(config.cold))
+    index = BlobIndex(
+        layout.index, [POLICIES[config.warm.policy].sql, POLICIES[config.cold.policy].sql]
+    )
+    tiers = Tiers(
+        config, BlobStore(layout, pool), manifests, hot, index, ColdStore.from_config(config.cold)
+    )
     return tiers, manifests
 
 

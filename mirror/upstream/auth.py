@@ -79,7 +79,7 @@ def credentials_for(up: UpstreamConfig) -> Credentials | None:
 def _from_docker_config(path: Path, up: UpstreamConfig) -> Credentials | None:
     auths = json.loads(path.read_text()).get("auths", {})
     keys = {urlsplit(k if "//" in k else f"//{k}").netloc: v for k, v in auths.items()}
-    hosts = list(up.hosts) + [urlsplit(up.url).netloc]
+    hosts = [*list(up.hosts), urlsplit(up.url).netloc]
     if up.name == "docker.io":
         hosts.append("index.docker.io")
     for host in hosts:
@@ -100,8 +100,12 @@ TokenFetcher = Callable[[str, str, dict[str, str], str | None], Awaitable[dict[s
 class Authenticator:
     """Per-upstream credentials and the token cache; the HTTP client asks it what to send."""
 
-    def __init__(self, upstreams: tuple[UpstreamConfig, ...], fetch: TokenFetcher,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        upstreams: tuple[UpstreamConfig, ...],
+        fetch: TokenFetcher,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._creds = {up.name: credentials_for(up) for up in upstreams}
         self._fetch = fetch
         self._clock = clock
@@ -134,7 +138,9 @@ class Authenticator:
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
         self._tokens.pop((up.name, scope), None)
-        token, _ = await self._flights.run((up.name, scope), lambda: self._token(up, scope, challenge))
+        token, _ = await self._flights.run(
+            (up.name, scope), lambda: self._token(up, scope, challenge)
+        )
         return f"Bearer {token}"
 
     async def _token(self, up: UpstreamConfig, scope: str, challenge: Challenge) -> str:
@@ -146,8 +152,10 @@ class Authenticator:
         auth = None
         if creds is not None:
             if not self._realm_allowed(up, parts.netloc, parts.hostname):
-                raise Unauthorized("upstream token realm is not allowed to receive credentials",
-                                   detail={"realm_host": parts.hostname})
+                raise Unauthorized(
+                    "upstream token realm is not allowed to receive credentials",
+                    detail={"realm_host": parts.hostname},
+                )
             auth = creds.basic()
         query = {"scope": challenge.params.get("scope", scope)}
         if "service" in challenge.params:
@@ -157,11 +165,20 @@ class Authenticator:
         if not isinstance(token, str) or not token:
             raise Unauthorized("upstream token realm returned no token")
         expires_in = body.get("expires_in")
-        ttl = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else DEFAULT_EXPIRES_IN
+        ttl = (
+            float(expires_in)
+            if isinstance(expires_in, (int, float)) and expires_in > 0
+            else DEFAULT_EXPIRES_IN
+        )
         self._tokens[(up.name, scope)] = (token, self._clock() + max(ttl - EXPIRY_MARGIN, 1.0))
         return token
 
     @staticmethod
     def _realm_allowed(up: UpstreamConfig, netloc: str, hostname: str) -> bool:
         own = urlsplit(up.url)
-        return netloc == own.netloc or hostname == own.hostname or hostname in up.token_realms or netloc in up.token_realms
+        return (
+            netloc == own.netloc
+            or hostname == own.hostname
+            or hostname in up.token_realms
+            or netloc in up.token_realms
+        )

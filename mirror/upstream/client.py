@@ -90,10 +90,12 @@ def _translate() -> Any:
         yield
     except errors.MirrorError:
         raise
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as e:
         raise errors.UpstreamTimeout(detail={"reason": type(e).__name__}) from e
     except aiohttp.ClientSSLError as e:
-        raise errors.UpstreamUnavailable("TLS failure talking to upstream", detail={"reason": str(e)[:200]}) from e
+        raise errors.UpstreamUnavailable(
+            "TLS failure talking to upstream", detail={"reason": str(e)[:200]}
+        ) from e
     except aiohttp.ClientPayloadError as e:
         raise errors.UpstreamUnavailable("upstream connection cut mid-body") from e
     except (aiohttp.ClientError, OSError, ValueError) as e:
@@ -105,9 +107,9 @@ def _transient(e: errors.MirrorError) -> bool:
     connection. Not DNS, TLS or a certificate (those are settings), not a timeout (a hang
     would only be waited for again)."""
     cause = e.__cause__
-    return (isinstance(cause, aiohttp.ClientConnectionError)
-            and not isinstance(cause, (aiohttp.ClientSSLError, aiohttp.ClientConnectorDNSError,
-                                       aiohttp.ServerTimeoutError)))
+    return isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
+        cause, (aiohttp.ClientSSLError, aiohttp.ClientConnectorDNSError, aiohttp.ServerTimeoutError)
+    )
 
 
 def _range_start(content_range: str) -> int | None:
@@ -117,7 +119,9 @@ def _range_start(content_range: str) -> int | None:
     return int(first) if unit == "bytes" and first.isdigit() else None
 
 
-def _status_error(status: int, headers: Mapping[str, str], not_found: errors.MirrorError) -> errors.MirrorError:
+def _status_error(
+    status: int, headers: Mapping[str, str], not_found: errors.MirrorError
+) -> errors.MirrorError:
     """The domain error for a non-success upstream status."""
     if status == 404:
         return not_found
@@ -178,16 +182,21 @@ class UpstreamClient:
         assert self._session is not None, "UpstreamClient.start() not called"
         return self._session
 
-    async def manifest(self, target: Target, ref: str, accept: str, method: str = "GET",
-                       retry: bool = True) -> UpstreamManifest:
+    async def manifest(
+        self, target: Target, ref: str, accept: str, method: str = "GET", retry: bool = True
+    ) -> UpstreamManifest:
         """GET or HEAD a manifest by tag or digest. `retry=False` when a cached answer can
         stand in for a failure: it is better served at once than after the back-off."""
         path = f"/v2/{target.repo}/manifests/{ref}"
         async with self._open(target, method, path, {"Accept": accept}, retry=retry) as resp:
-            self._check(resp, errors.ManifestUnknown(detail={"name": target.name, "reference": ref}))
+            self._check(
+                resp, errors.ManifestUnknown(detail={"name": target.name, "reference": ref})
+            )
             data = b"" if method == "HEAD" else await self._read_small(resp)
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
-            return UpstreamManifest(data, media_type, resp.headers.get("Docker-Content-Digest"), resp.content_length)
+            return UpstreamManifest(
+                data, media_type, resp.headers.get("Docker-Content-Digest"), resp.content_length
+            )
 
     @contextlib.asynccontextmanager
     async def blob(self, target: Target, digest: str) -> AsyncIterator[ResumingBlob]:
@@ -196,8 +205,14 @@ class UpstreamClient:
         up = target.upstream
         resumed = self._metrics.upstream_retries.labels(up.name, "blob", "resume")
         t = self._config.timeouts
-        async with open_resuming(lambda offset: self._blob_at(target, digest, offset), self._config.retries,
-                                 t.min_rate, t.rate_window, resumed.inc, digest) as body:
+        async with open_resuming(
+            lambda offset: self._blob_at(target, digest, offset),
+            self._config.retries,
+            t.min_rate,
+            t.rate_window,
+            resumed.inc,
+            digest,
+        ) as body:
             yield body
 
     @contextlib.asynccontextmanager
@@ -215,8 +230,13 @@ class UpstreamClient:
                 return
             if resp.status == 206:
                 if _range_start(resp.headers.get("Content-Range", "")) != offset:
-                    raise errors.UpstreamBadResponse("upstream answered a resumed blob from the wrong offset",
-                                                     detail={"asked": offset, "Content-Range": resp.headers.get("Content-Range")})
+                    raise errors.UpstreamBadResponse(
+                        "upstream answered a resumed blob from the wrong offset",
+                        detail={
+                            "asked": offset,
+                            "Content-Range": resp.headers.get("Content-Range"),
+                        },
+                    )
                 yield BlobStream(resp, received)
             else:
                 yield BlobStream(resp, received, skip=offset)
@@ -228,8 +248,9 @@ class UpstreamClient:
             self._check(resp, errors.BlobUnknown(detail={"digest": digest}))
             return resp.content_length
 
-    async def raw(self, target: Target, suffix: str, query: Mapping[str, str],
-                  not_found: errors.MirrorError) -> RawAnswer:
+    async def raw(
+        self, target: Target, suffix: str, query: Mapping[str, str], not_found: errors.MirrorError
+    ) -> RawAnswer:
         """GET a small JSON endpoint (tags/list, referrers)."""
         path = f"/v2/{target.repo}/{suffix}"
         accept = {"Accept": "application/json, application/vnd.oci.image.index.v1+json"}
@@ -255,9 +276,15 @@ class UpstreamClient:
         return data
 
     @contextlib.asynccontextmanager
-    async def _open(self, target: Target, method: str, path: str, headers: dict[str, str],
-                    query: Mapping[str, str] | None = None,
-                    retry: bool = True) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _open(
+        self,
+        target: Target,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        query: Mapping[str, str] | None = None,
+        retry: bool = True,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send a request with auth, answering one 401 challenge and following redirects,
         trying again after a transient failure (see `_tries`). An upstream with `ns` set gets
         `?ns=<host>` on the first hop (not on redirects)."""
@@ -266,7 +293,9 @@ class UpstreamClient:
         up = target.upstream
         wait = self._backoff.get(up.name, 0.0) - time.monotonic()
         if wait > 0 and "/manifests/" in path:
-            raise errors.TooManyRequests("upstream rate limit: backing off", retry_after=str(int(wait) + 1))
+            raise errors.TooManyRequests(
+                "upstream rate limit: backing off", retry_after=str(int(wait) + 1)
+            )
         scope = f"repository:{target.repo}:pull"
         url = up.url.rstrip("/") + path
         if up.ns:  # the upstream is a mirror: tell it which registry we mean
@@ -274,7 +303,9 @@ class UpstreamClient:
         auth = self.auth.header(up, scope)
         kind = _kind(method, path)
         attempts = self._config.retries.attempts if retry else 1
-        resp = await self._tries(up, kind, attempts, lambda: self._follow(up, method, url, headers, auth, query))
+        resp = await self._tries(
+            up, kind, attempts, lambda: self._follow(up, method, url, headers, auth, query)
+        )
         try:
             if resp.status == 401 and "WWW-Authenticate" in resp.headers:
                 challenge = resp.headers["WWW-Authenticate"]
@@ -282,15 +313,24 @@ class UpstreamClient:
                 with _translate():
                     answer = await self.auth.answer(up, scope, challenge)
                 if answer is not None:
-                    resp = await self._tries(up, kind, attempts,
-                                             lambda: self._follow(up, method, url, headers, answer, query))
+                    resp = await self._tries(
+                        up,
+                        kind,
+                        attempts,
+                        lambda: self._follow(up, method, url, headers, answer, query),
+                    )
             self._observe(up, kind, resp)
             yield resp
         finally:
             resp.release()
 
-    async def _tries(self, up: UpstreamConfig, kind: str, attempts: int,
-                     send: Callable[[], Awaitable[aiohttp.ClientResponse]]) -> aiohttp.ClientResponse:
+    async def _tries(
+        self,
+        up: UpstreamConfig,
+        kind: str,
+        attempts: int,
+        send: Callable[[], Awaitable[aiohttp.ClientResponse]],
+    ) -> aiohttp.ClientResponse:
         """`send` up to `attempts` times while it fails transiently: a refused or reset
         connection, or a status in RETRY_STATUSES (waiting its Retry-After when that is within
         `max_backoff`, else giving that answer at once). Every registry read is idempotent."""
@@ -304,7 +344,9 @@ class UpstreamClient:
                 if last or not _transient(e):
                     raise
                 reason, delay = "connection", backoff(retry, attempt)
-                log.info("upstream %s %s: %s; trying again in %.2fs", up.name, kind, e.message, delay)
+                log.info(
+                    "upstream %s %s: %s; trying again in %.2fs", up.name, kind, e.message, delay
+                )
             else:
                 if last or resp.status not in RETRY_STATUSES:
                     return resp
@@ -313,8 +355,17 @@ class UpstreamClient:
                     return resp
                 self._observe(up, kind, resp)
                 resp.release()
-                reason, delay = "status", float(after) if after.isdigit() else backoff(retry, attempt)
-                log.info("upstream %s %s answered %d; trying again in %.2fs", up.name, kind, resp.status, delay)
+                reason, delay = (
+                    "status",
+                    float(after) if after.isdigit() else backoff(retry, attempt),
+                )
+                log.info(
+                    "upstream %s %s answered %d; trying again in %.2fs",
+                    up.name,
+                    kind,
+                    resp.status,
+                    delay,
+                )
             self._metrics.upstream_retries.labels(up.name, kind, reason).inc()
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last try returns or raises")
@@ -322,15 +373,23 @@ class UpstreamClient:
     def conserving(self, up: UpstreamConfig) -> bool:
         """Whether pulls from this upstream should be kept for real misses: below its budget
         floor, or backing off after a 429."""
-        return (self._remaining.get(up.name, up.pull_budget_floor) < up.pull_budget_floor
-                or self._backoff.get(up.name, 0.0) > time.monotonic())
+        return (
+            self._remaining.get(up.name, up.pull_budget_floor) < up.pull_budget_floor
+            or self._backoff.get(up.name, 0.0) > time.monotonic()
+        )
 
     def _observe(self, up: UpstreamConfig, kind: str, resp: aiohttp.ClientResponse) -> None:
         self._metrics.upstream(up.name, kind, resp.status)
         if resp.status == 429:
             retry = resp.headers.get("Retry-After", "")
-            self._backoff[up.name] = time.monotonic() + (float(retry) if retry.isdigit() else DEFAULT_BACKOFF)
-            log.warning("upstream %s answered 429: no manifest requests for %ss", up.name, retry or DEFAULT_BACKOFF)
+            self._backoff[up.name] = time.monotonic() + (
+                float(retry) if retry.isdigit() else DEFAULT_BACKOFF
+            )
+            log.warning(
+                "upstream %s answered 429: no manifest requests for %ss",
+                up.name,
+                retry or DEFAULT_BACKOFF,
+            )
         limit = parse_ratelimit(resp.headers)
         if limit is not None:
             self._remaining[up.name] = limit.remaining
@@ -338,16 +397,24 @@ class UpstreamClient:
             self._metrics.ratelimit_remaining.labels(up.name, credential).set(limit.remaining)
             self._metrics.ratelimit_limit.labels(up.name, credential).set(limit.limit)
 
-    async def _follow(self, up: UpstreamConfig, method: str, url: str, headers: dict[str, str],
-                      auth: str | None, query: Mapping[str, str] | None) -> aiohttp.ClientResponse:
+    async def _follow(
+        self,
+        up: UpstreamConfig,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        auth: str | None,
+        query: Mapping[str, str] | None,
+    ) -> aiohttp.ClientResponse:
         """One request, following redirects; credentials only ever go to the registry's origin."""
         for _ in range(MAX_REDIRECTS + 1):
             send = dict(headers)
             if auth is not None and _same_origin(url, up.url):
                 send["Authorization"] = auth
             with _translate():
-                resp = await self.session.request(method, url, headers=send, params=query,
-                                                  allow_redirects=False)
+                resp = await self.session.request(
+                    method, url, headers=send, params=query, allow_redirects=False
+                )
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:
                 return resp
             location = resp.headers["Location"]
@@ -360,7 +427,9 @@ class UpstreamClient:
                 method = "GET" if method != "HEAD" else method
         raise errors.UpstreamBadResponse("too many upstream redirects")
 
-    async def _fetch_token(self, upstream: str, realm: str, query: dict[str, str], auth: str | None) -> dict[str, Any]:
+    async def _fetch_token(
+        self, upstream: str, realm: str, query: dict[str, str], auth: str | None
+    ) -> dict[str, Any]:
         """GET a token from a realm (the Authenticator decided whether `auth` may go there)."""
         try:
             body = await self._token_request(realm, query, auth)
@@ -370,16 +439,21 @@ class UpstreamClient:
         self._metrics.token_fetches.labels(upstream, "ok").inc()
         return body
 
-    async def _token_request(self, realm: str, query: dict[str, str], auth: str | None) -> dict[str, Any]:
+    async def _token_request(
+        self, realm: str, query: dict[str, str], auth: str | None
+    ) -> dict[str, Any]:
         headers = {"Authorization": auth} if auth else {}
         with _translate():
-            async with self.session.get(realm, params=query, headers=headers, allow_redirects=False) as resp:
+            async with self.session.get(
+                realm, params=query, headers=headers, allow_redirects=False
+            ) as resp:
                 if resp.status in (401, 403):
                     raise errors.Unauthorized("upstream token realm refused the credentials")
                 if resp.status != 200:
-                    raise _status_error(resp.status, resp.headers, errors.Unauthorized("token realm not found"))
+                    raise _status_error(
+                        resp.status, resp.headers, errors.Unauthorized("token realm not found")
+                    )
                 body = await resp.json(content_type=None)
         if not isinstance(body, dict):
             raise errors.Unauthorized("upstream token realm answered no JSON object")
         return body
-

@@ -62,7 +62,9 @@ class RateFloor:
     """Fails a body that averages less than `min_rate` bytes/s over a `window` of seconds.
     Checked as pieces arrive; total silence is the read timeout's business."""
 
-    def __init__(self, min_rate: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, min_rate: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._min_rate = min_rate
         self._window = window
         self._clock = clock
@@ -78,7 +80,9 @@ class RateFloor:
         if elapsed < self._window:
             return
         if self._bytes < self._min_rate * elapsed:
-            raise TooSlow(detail={"bytes_per_second": int(self._bytes / elapsed), "min_rate": self._min_rate})
+            raise TooSlow(
+                detail={"bytes_per_second": int(self._bytes / elapsed), "min_rate": self._min_rate}
+            )
         self._start, self._bytes = now, 0
 
 
@@ -87,8 +91,15 @@ class ResumingBlob:
     breaks. Use through `open_resuming`, which opens the first connection (so a 404 or 401 is
     raised before any byte) and closes the last one."""
 
-    def __init__(self, open_at: OpenAt, retry: RetryConfig, min_rate: int, rate_window: float,
-                 on_resume: Callable[[], None], name: str) -> None:
+    def __init__(
+        self,
+        open_at: OpenAt,
+        retry: RetryConfig,
+        min_rate: int,
+        rate_window: float,
+        on_resume: Callable[[], None],
+        name: str,
+    ) -> None:
         self._open_at = open_at
         self._retry = retry
         self._min_rate = min_rate
@@ -143,8 +154,13 @@ class ResumingBlob:
                 if failures >= self._retry.attempts or (self.size is not None and got >= self.size):
                     raise
                 delay = backoff(self._retry, failures)
-                log.warning("blob %s broke off after %d bytes (%s); resuming from there in %.2fs",
-                            self._name, got, e.message, delay)
+                log.warning(
+                    "blob %s broke off after %d bytes (%s); resuming from there in %.2fs",
+                    self._name,
+                    got,
+                    e.message,
+                    delay,
+                )
                 await self._disconnect()
                 body = None
                 self._on_resume()
@@ -152,8 +168,14 @@ class ResumingBlob:
 
 
 @contextlib.asynccontextmanager
-async def open_resuming(open_at: OpenAt, retry: RetryConfig, min_rate: int, rate_window: float,
-                        on_resume: Callable[[], None], name: str) -> AsyncIterator[ResumingBlob]:
+async def open_resuming(
+    open_at: OpenAt,
+    retry: RetryConfig,
+    min_rate: int,
+    rate_window: float,
+    on_resume: Callable[[], None],
+    name: str,
+) -> AsyncIterator[ResumingBlob]:
     """A `ResumingBlob` with its first connection open; every connection closed on exit."""
     blob = ResumingBlob(open_at, retry, min_rate, rate_window, on_resume, name)
     try:

@@ -54,13 +54,17 @@ class Router:
         if ns is not None:
             up = self._by_host.get(ns.lower())
             if up is None:
-                raise NameUnknown("registry host not served by this mirror", detail={"ns": ns[:255]})
+                raise NameUnknown(
+                    "registry host not served by this mirror", detail={"ns": ns[:255]}
+                )
             return self._target(up, self._strip_own_host(up, name), name, ns)
         first, _, rest = name.partition("/")
         if rest and ("." in first or ":" in first or first == "localhost"):
             up = self._by_host.get(first.lower())
             if up is None:
-                raise NameUnknown("registry host not served by this mirror", detail={"host": first[:255]})
+                raise NameUnknown(
+                    "registry host not served by this mirror", detail={"host": first[:255]}
+                )
             return self._target(up, rest, name, None)
         return self._target(self._default, name, name, None)
 
