@@ -242,7 +242,7 @@ class Upstream:
     big_layer: Blob
 
 
-def _skopeo_copy(layout: Path, registry_host: str, ref: str, extra: list[str]) -> None:
+def push_layout(layout: Path, registry_host: str, ref: str, extra: list[str]) -> None:
     """Push one tag from an OCI layout, retrying twice; raise with skopeo's stderr if it fails."""
     tag = ref.rsplit(":", 1)[1]
     cmd = [
@@ -272,7 +272,7 @@ def fetch_manifest(registry_host: str, repo: str, ref: str) -> tuple[bytes, str,
         return data, resp.headers["Content-Type"], resp.headers["Docker-Content-Digest"]
 
 
-def _describe(registry_host: str, ref: str) -> Pushed:
+def describe_pushed(registry_host: str, ref: str) -> Pushed:
     """Read back a pushed reference and list what it references, as the upstream has it."""
     repo, tag = ref.rsplit(":", 1)
     data, media_type, digest = fetch_manifest(registry_host, repo, tag)
@@ -311,8 +311,8 @@ def push_all(registry_host: str, workdir: Path) -> dict[str, Pushed]:
     def push(ref: str) -> None:
         repo = ref.rsplit(":", 1)[0]
         extra = {"test/multi:1": ["--all"], "test/v2s2:1": ["--format", "v2s2"]}.get(ref, [])
-        _skopeo_copy(workdir / repo.replace("/", "_"), registry_host, ref, extra)
+        push_layout(workdir / repo.replace("/", "_"), registry_host, ref, extra)
 
     with ThreadPoolExecutor(max_workers=len(images)) as pool:
         list(pool.map(push, images))
-    return {ref: _describe(registry_host, ref) for ref in images}
+    return {ref: describe_pushed(registry_host, ref) for ref in images}
