@@ -187,7 +187,7 @@ class Dockerd:
                     _signal_group(containerd, signal.SIGKILL)
                     self._wait_gone(containerd, timeout)
         finally:
-            _unmount_under(self.root)
+            unmount_under(self.root)
             shutil.rmtree(self.root, ignore_errors=True)
 
     def _containerd_pid(self) -> int | None:
@@ -224,7 +224,7 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def _unmount_under(root: Path) -> None:
+def unmount_under(root: Path) -> None:
     """Lazily unmount anything dockerd left mounted below `root` (its exec root holds netns
     bind mounts), deepest first, so the tree can be removed."""
     prefix = str(root) + "/"

@@ -86,13 +86,27 @@ def url_in(command: str) -> str:
     return found[0]
 
 
-def test_dockerfile_is_slim_non_root_with_healthcheck_and_volume() -> None:
-    """python:3.11-slim in every stage; the final stage runs as a non-root uid, keeps the
-    cache in a VOLUME that is the `--data-dir` of its command, listens on the EXPOSEd port,
-    and its HEALTHCHECK asks the liveness path on that port."""
-    assert all(
-        rest.split()[0] == "python:3.11-slim" for word, rest in dockerfile() if word == "FROM"
+def base_images() -> list[str]:
+    """The image of every FROM, with the defaults of the ARGs declared before the first FROM
+    (the only ones a FROM line can use) put in."""
+    steps = dockerfile()
+    first = next(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    defaults = dict(
+        rest.split("=", 1) for word, rest in steps[:first] if word == "ARG" and "=" in rest
     )
+    return [
+        re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], rest.split()[0])
+        for word, rest in steps
+        if word == "FROM"
+    ]
+
+
+def test_dockerfile_is_slim_non_root_with_healthcheck_and_volume() -> None:
+    """python:3.11-slim in every stage (the default of the BASE build argument); the final
+    stage runs as a non-root uid, keeps the cache in a VOLUME that is the `--data-dir` of its
+    command, listens on the EXPOSEd port, and its HEALTHCHECK asks the liveness path on that
+    port."""
+    assert base_images() == ["python:3.11-slim"] * 2
     user = expand(one("USER")).split(":")[0]
     assert user.isdigit() and int(user) >= 1000
     volume = json.loads(one("VOLUME"))
