@@ -31,14 +31,13 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
+from mirror.cache import open_cache  # noqa: E402
 from mirror.config import load_config  # noqa: E402
-from mirror.eviction import POLICIES  # noqa: E402
-from mirror.store.blobs import BlobStore  # noqa: E402
-from mirror.store.hot import HotTier  # noqa: E402
+from mirror.metrics import Metrics  # noqa: E402
+from mirror.oci.reference import parse_digest  # noqa: E402
+from mirror.policies import POLICIES  # noqa: E402
 from mirror.store.index import BlobIndex  # noqa: E402
 from mirror.store.layout import Layout  # noqa: E402
-from mirror.store.manifests import ManifestStore  # noqa: E402
-from mirror.store.tiers import Tiers  # noqa: E402
 
 
 def _populate(layout: Layout, index: BlobIndex, n: int, size: int) -> None:
@@ -52,12 +51,12 @@ def _populate(layout: Layout, index: BlobIndex, n: int, size: int) -> None:
         path = layout.blobs / "sha256" / hexd[:2] / hexd
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(payload)
-        rows.append((f"sha256:{hexd}", "warm", size, now - (n - i)))
+        rows.append((parse_digest(f"sha256:{hexd}"), "warm", size, now - (n - i)))
     index.record_many(rows)
     with index.db:
         index.db.executemany(
             "UPDATE blobs SET hits = ? WHERE digest = ?",
-            ((i % 97, d) for i, (d, *_rest) in enumerate(rows)),
+            ((i % 97, str(d)) for i, (d, *_rest) in enumerate(rows)),
         )
 
 
@@ -91,21 +90,20 @@ async def _one_pass(data: Path, policy: str, evict: int, size: int) -> dict[str,
         flags={"data_dir": str(data)},
     )
     pool = ThreadPoolExecutor(16)
-    hot = HotTier(config.hot.max_bytes)
-    index = BlobIndex(layout.index, [POLICIES[policy].sql])
-    tiers = Tiers(config, BlobStore(layout, pool), ManifestStore(layout, pool, hot), hot, index)
-    await tiers.refresh_usage()
+    cache = open_cache(config, pool, Metrics())
+    await cache.usage.refresh()
     for i in range(1000):  # hits counted on the request path, flushed by the pass
-        tiers.accesses.hit(f"sha256:{hashlib.sha256(i.to_bytes(8, 'big')).hexdigest()}")
+        hexd = hashlib.sha256(i.to_bytes(8, "big")).hexdigest()
+        cache.tiers.accesses.hit(parse_digest(f"sha256:{hexd}"))
     stop = asyncio.Event()
     probe = asyncio.create_task(_lag_probe(stop))
     await asyncio.sleep(0.05)
     t0 = time.perf_counter()
-    report = await tiers.evict_pass()
+    report = await cache.evictions.evict_pass()
     took = time.perf_counter() - t0
     stop.set()
     lag = await probe
-    await asyncio.to_thread(index.close)
+    await asyncio.to_thread(cache.close)
     pool.shutdown()
     return {
         "policy": policy,
@@ -261,11 +259,12 @@ def _per_hit_ns() -> float:
     from mirror.store.index import Accesses
 
     acc = Accesses(None)  # type: ignore[arg-type]  # flush is never called here
-    keys = [f"sha256:{i:064x}" for i in range(1000)]
+    from mirror.store.keys import TagKey
+
+    keys = [parse_digest(f"sha256:{i:064x}") for i in range(1000)]
+    tag = TagKey("docker.io", "library/x", "1")
     n = 200_000
-    t = timeit.timeit(
-        lambda: (acc.hit(keys[7]), acc.tag_pulled(("docker.io", "library/x", "1"))), number=n
-    )
+    t = timeit.timeit(lambda: (acc.hit(keys[7]), acc.tag_pulled(tag)), number=n)
     return t / n * 1e9
 
 

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 import uvloop
 from aiohttp import web
 
-from mirror import __version__, admin_cli, logs, prefetch
+from mirror import __version__, logs
 from mirror.config import Config, ignored_variables, load_config
 from mirror.errors import ConfigError
 from mirror.http.app import build_app
 from mirror.http.server import MirrorSite
+from mirror.ops import commands, prefetch
 
 log = logging.getLogger("mirror")
 
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--upstream", help="URL of the default (docker.io) upstream, e.g. http://127.0.0.1:5001"
     )
-    admin_cli.add_commands(sub, common)
+    commands.add_commands(sub, common)
     prefetch.add_command(sub)
     return parser
 
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command != "serve":
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s %(message)s")
-        return admin_cli.run(args, config)
+        return commands.run(args, config)
     listener = logs.start(config.log_level, config.log_format)
     for var in ignored_variables(os.environ):
         log.debug("environment variable %s is not a configuration key: ignored", var)

@@ -28,12 +28,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mirror.errors import ConfigError
+from mirror.policies import POLICIES
 
 DOCKER_HUB = "docker.io"
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
-POLICIES = ("lru", "lfu", "gdsf")
 ENV_PREFIX = "MIRROR_"
 #: Variables the mirror reads that are not configuration keys (the CLI's).
 ENV_OWN = frozenset({"MIRROR_CONFIG"})
@@ -292,6 +292,11 @@ class Config:
 
     def upstream(self, name: str) -> UpstreamConfig:
         return next(u for u in self.upstreams if u.name == name)
+
+    @property
+    def all_pins(self) -> tuple[str, ...]:
+        """`pins` and the sync list's images as pins (`<upstream>/<repository>:<tag glob>`)."""
+        return (*self.pins, *(f"{e.image}:{tag}" for e in self.sync for tag in e.tags))
 
 
 #: The embedded default: a Docker Hub mirror. A config file's `[upstreams."docker.io"]` merges
@@ -588,10 +593,18 @@ def _check_tiers(config: Config) -> None:
         if not entry.tags or entry.every <= 0:
             raise ConfigError(f"sync[{i}]: needs tags and a positive `every`")
     for pattern in config.pins:
-        if "/" not in pattern or ":" not in pattern.rpartition("/")[2]:
-            raise ConfigError(
-                f"pins: expected <upstream>/<repository>:<tag pattern>, got {pattern!r}"
-            )
+        if not is_pin(pattern):
+            raise ConfigError(f"pins: expected {PIN_FORM}, got {pattern!r}")
+
+
+#: What a pin looks like, in words (for errors).
+PIN_FORM = "<upstream>/<repository>:<tag pattern>"
+
+
+def is_pin(pattern: str) -> bool:
+    """Whether `pattern` has the form of a pin, `<upstream>/<repository>:<tag pattern>` (in
+    the config's `pins`, or added at run time by `mirror cache pin` and the admin API)."""
+    return "/" in pattern and ":" in pattern.rpartition("/")[2]
 
 
 def _build(cls: type[Any], raw: Mapping[str, Any], where: str) -> Any:

@@ -1,29 +1,34 @@
 """Domain errors, each carrying the OCI error code it is reported as.
 
 The HTTP status of every code lives in ONE table, `http.middleware.STATUS_BY_CODE`; code in
-`service`, `store` and `upstream` raises these and never builds a response itself.
+`pull`, `store` and `upstream` raises these and never builds a response itself.
 
     MirrorError (code, message, detail)
-    ├── NameInvalid            NAME_INVALID      malformed repository name
-    ├── NameUnknown            NAME_UNKNOWN      registry host (ns / prefix) not configured
-    ├── ManifestUnknown        MANIFEST_UNKNOWN
-    ├── BlobUnknown            BLOB_UNKNOWN
-    ├── DigestInvalid          DIGEST_INVALID    malformed digest, or content that does not match
-    ├── TagInvalid             TAG_INVALID       malformed reference
-    ├── RangeInvalid           RANGE_INVALID     unsatisfiable Range (416)
-    ├── Unsupported            UNSUPPORTED       push, delete, other methods
-    ├── Unauthorized           UNAUTHORIZED      upstream refused our credentials
-    ├── Denied                 DENIED            upstream forbids the repository
-    ├── TooManyRequests        TOOMANYREQUESTS   upstream rate limit, nothing cached
-    └── UpstreamError          (502 family: upstream failed and nothing cached can serve)
-        ├── UpstreamUnavailable UPSTREAM_UNAVAILABLE  refused, reset, DNS, TLS (502)
-        ├── UpstreamTimeout     UPSTREAM_TIMEOUT      connect or idle read timeout (504)
-        ├── UpstreamBadResponse UPSTREAM_INVALID      5xx, lying digest or size (502)
-        └── UpstreamOverloaded  UPSTREAM_OVERLOADED   503 from upstream (503)
-    ├── StoreUnavailable       STORE_UNAVAILABLE disk full, read-only, unreadable (503)
-    │   └── DiskFull               (a blob that cannot be kept streams through)
+    ├── NameInvalid             NAME_INVALID          malformed repository name (400)
+    ├── NameUnknown             NAME_UNKNOWN          registry host (ns / prefix) not served (404)
+    ├── ManifestUnknown         MANIFEST_UNKNOWN      (404)
+    ├── BlobUnknown             BLOB_UNKNOWN          (404)
+    ├── DigestInvalid           DIGEST_INVALID        malformed digest (400)
+    ├── TagInvalid              TAG_INVALID           malformed reference (400)
+    ├── RangeInvalid            RANGE_INVALID         unsatisfiable Range (416)
+    ├── Unsupported             UNSUPPORTED           push, delete, other methods (405)
+    ├── Unauthorized            UNAUTHORIZED          credentials missing or refused (401)
+    ├── InvalidRequest          INVALID_REQUEST       a request the mirror cannot parse (400)
+    ├── Denied                  DENIED                not granted, or upstream forbids it (403)
+    ├── TooManyRequests         TOOMANYREQUESTS       a rate limit, ours or upstream's (429)
+    ├── UpstreamError           UPSTREAM_INVALID      upstream failed, nothing cached stands in
+    │   ├── UpstreamUnavailable UPSTREAM_UNAVAILABLE  refused, reset, DNS, TLS (502)
+    │   ├── UpstreamTimeout     UPSTREAM_TIMEOUT      connect or idle read timeout (504)
+    │   ├── UpstreamBadResponse UPSTREAM_INVALID      an unexpected status or answer (502)
+    │   │   └── DigestMismatch                        bytes that are not what their digest names
+    │   ├── UpstreamOverloaded  UPSTREAM_OVERLOADED   503 from upstream (503)
+    │   └── Offline             OFFLINE               `offline = true` and not cached (503)
+    ├── StoreUnavailable        STORE_UNAVAILABLE     disk full, read-only, unreadable (503)
+    │   └── DiskFull                                  a blob that cannot be kept streams through
     │       └── StoreReadOnly
-    └── EndpointUnknown        NOT_FOUND         a path that is no registry endpoint (404)
+    └── EndpointUnknown         NOT_FOUND             a path that is no registry endpoint (404)
+
+    ConfigError                 (not a response: a key or value refused at start)
 """
 
 from __future__ import annotations
@@ -100,7 +105,8 @@ class Unauthorized(MirrorError):
 
 
 class InvalidRequest(MirrorError):
-    """A malformed admin request (bad JSON, a bad pin pattern)."""
+    """A request the mirror cannot act on: one aiohttp cannot parse, an admin request with bad
+    JSON or a bad pin pattern."""
 
     code = "INVALID_REQUEST"
     default_message = "the request is not valid"
@@ -140,6 +146,13 @@ class UpstreamTimeout(UpstreamError):
 class UpstreamBadResponse(UpstreamError):
     code = "UPSTREAM_INVALID"
     default_message = "upstream registry sent an invalid response"
+
+
+class DigestMismatch(UpstreamBadResponse):
+    """What a source sent is not the content its digest names (upstream lied or was cut,
+    or a cold copy went bad): nothing of it is kept."""
+
+    default_message = "upstream content does not match its digest"
 
 
 class UpstreamOverloaded(UpstreamError):

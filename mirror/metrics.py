@@ -7,11 +7,13 @@ repository, tag or digest.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from mirror.outcome import Outcome
 
 ROUTES = ("base", "manifest", "blob", "tags", "referrers", "other")
 TIERS = ("hot", "warm", "cold")
@@ -177,20 +179,33 @@ class Metrics:
         )
         self.tasks = Gauge("mirror_asyncio_tasks", "asyncio tasks alive.", registry=self.registry)
         self._latency_children: dict[str, Any] = {}
+        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        self._prefill()
+
+    def _prefill(self) -> None:
+        """Every label set known in advance, exported at 0 from the start: a panel over a
+        fresh mirror shows 0, not "no data"."""
         self.client_refusals.labels("connections_per_client")
         for reason in ("gone", "stalled", "fill_failed"):
             self.client_aborts.labels(reason)
         for source in ("upstream", "cold"):
             self.digest_mismatches.labels(source)
+            for result in ("ok", "failed"):
+                self.fill_seconds.labels(source, result)
         for source in SOURCES:
             self.lookups.labels(source)
+            self.bytes_served.labels(source)
+        for route in ROUTES:
+            self.latency.labels(route)
+        for route in ("manifest", "blob"):
+            for outcome in Outcome:
+                self.requests.labels(route, "GET", "200", outcome.value)
         for tier in TIERS:
             self.tier_bytes.labels(tier)
             self.tier_objects.labels(tier)
             for reason in EVICTION_REASONS:
                 self.evictions.labels(tier, reason)
                 self.evicted_bytes.labels(tier, reason)
-        self._request_children: dict[tuple[str, str, int, str], Counter] = {}
 
     def request(self, route: str, method: str, status: int, outcome: str) -> None:
         """Count one answered request (label children memoised: this is on every request)."""
@@ -216,8 +231,48 @@ class Metrics:
             self.ratelimit_limit.labels(name, credential).set(math.nan)
             self.up.labels(name).set(math.nan)
             self.upstream_bytes.labels(name)
-            for kind, reason in (("blob", "resume"), ("blob", "status"), ("blob", "connection")):
-                self.upstream_retries.labels(name, kind, reason)
+            self.upstream_retries.labels(name, "blob", "resume")
+            for kind in UPSTREAM_KINDS:
+                self.upstream_requests.labels(name, kind, "200")
+                for reason in ("status", "connection"):
+                    self.upstream_retries.labels(name, kind, reason)
+
+    # -- named helpers: every update goes through one of these ---------------------------------
+
+    def retried(self, upstream: str, kind: str, reason: str) -> None:
+        """An upstream request tried again: after a `connection` failure or a retryable
+        `status`, or a blob body picked up again with Range (`resume`)."""
+        self.upstream_retries.labels(upstream, kind, reason).inc()
+
+    def receiving(self, upstream: str) -> Callable[[float], None]:
+        """What counts blob bytes received from `upstream`, piece by piece (one label lookup
+        per body, not per piece)."""
+        return self.upstream_bytes.labels(upstream).inc
+
+    def rate_limit(self, upstream: str, credential: str, limit: int, remaining: int) -> None:
+        self.ratelimit_remaining.labels(upstream, credential).set(remaining)
+        self.ratelimit_limit.labels(upstream, credential).set(limit)
+
+    def token_fetched(self, upstream: str, ok: bool) -> None:
+        self.token_fetches.labels(upstream, "ok" if ok else "failed").inc()
+
+    def refused(self, reason: str) -> None:
+        """A client request refused before any work (`connections_per_client`)."""
+        self.client_refusals.labels(reason).inc()
+
+    def aborted(self, reason: str) -> None:
+        """A blob answer cut off mid-body: `gone`, `stalled` or `fill_failed`."""
+        self.client_aborts.labels(reason).inc()
+
+    def mismatch(self, source: str) -> None:
+        """Bytes from `upstream` or `cold` that did not match their digest."""
+        self.digest_mismatches.labels(source).inc()
+
+    def process(self, fills: int, fds: int, tasks: int) -> None:
+        """The process's own state, sampled when metrics are scraped."""
+        self.fills.set(fills)
+        self.open_fds.set(fds)
+        self.tasks.set(tasks)
 
     def took(self, route: str, seconds: float) -> None:
         child = self._latency_children.get(route)
@@ -246,8 +301,32 @@ class Metrics:
         self.evictions.labels(tier, reason).inc(count)
         self.evicted_bytes.labels(tier, reason).inc(nbytes)
 
+    # -- read back, for the status page ------------------------------------------------------
+
+    def answered(self, outcome: str) -> float:
+        """Requests answered with this cache outcome."""
+        return _sum(self.requests, outcome=outcome)
+
+    def served_from(self, source: str) -> float:
+        return _sum(self.bytes_served, source=source)
+
+    def received_total(self) -> float:
+        """Blob bytes received from every upstream."""
+        return _sum(self.upstream_bytes)
+
+    def contacted(self, upstream: str) -> bool:
+        return _sum(self.upstream_requests, upstream=upstream) > 0
+
+    def is_up(self, upstream: str) -> bool:
+        return _sum(self.up, upstream=upstream) == 1
+
+    def pulls_left(self, upstream: str) -> float:
+        """What the upstream last said is left of its pull limit (NaN: it has not said)."""
+        return _sum(self.ratelimit_remaining, upstream=upstream)
+
     def total(self, name: str, **match: str) -> float:
-        """The sum of a metric's samples whose labels include `match` (for the status page)."""
+        """The sum of the samples of exposition name `name` whose labels include `match`, as a
+        scraper would read them (tests and tools)."""
         found = 0.0
         for family in self.registry.collect():
             for sample in family.samples:
@@ -257,3 +336,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _sum(metric: Counter | Gauge, **match: str) -> float:
+    """The sum of a metric's samples whose labels include `match` (counters: the `_total`
+    samples, not `_created`)."""
+    found = 0.0
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            if all(sample.labels.get(k) == v for k, v in match.items()):
+                found += sample.value
+    return found

@@ -5,6 +5,7 @@ test, in-process (`make_mirror`) or as a real `python -m mirror serve` process (
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from registry import LOCAL_OPENER, Registry, free_port
 from upstream_sim import UpstreamSim
 
 from mirror.config import load_config
-from mirror.http.app import SERVICE, build_app
+from mirror.http.app import CACHE, build_app
 from mirror.http.server import MirrorSite
 
 
@@ -80,14 +81,45 @@ class Mirror:
         """Wait until no fill is in flight and every committed blob is recorded: a client
         has its last byte once the digest checks out, before the fsync, rename and record."""
         assert self.app is not None
-        service = self.app[SERVICE]
+        coordinator = self.app[CACHE].coordinator
         deadline = time.monotonic() + timeout
-        while service.fills_in_flight():
+        while coordinator.filling():
             assert time.monotonic() < deadline, "fills still in flight"
             await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
 
 
 MakeMirror = Callable[..., Awaitable[Mirror]]
+
+
+class _FormatCheck(logging.Handler):
+    """Formats every record of the mirror's loggers, down to debug: a log call whose
+    arguments do not fit its format string is a lost line in production (logging reports it
+    on stderr and goes on), and a failed test here."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.broken: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            record.getMessage()
+        except Exception as e:
+            self.broken.append(f"{record.name}: {record.msg!r} % {record.args!r}: {e!r}")
+
+
+@pytest.fixture(autouse=True)
+def log_calls_format() -> Iterator[None]:
+    """Every log line the mirror writes during a test can be formatted."""
+    logger = logging.getLogger("mirror")
+    check, level = _FormatCheck(), logger.level
+    logger.addHandler(check)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(check)
+        logger.setLevel(level)
+    assert not check.broken, "log calls that cannot be formatted:\n" + "\n".join(check.broken)
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -190,6 +222,8 @@ class MirrorProcess:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=15)
         self.proc = None
+        # logging's own report of a call whose arguments did not fit its format
+        assert "--- Logging error ---" not in self.log.read_text(errors="replace"), self.log
 
 
 @pytest.fixture

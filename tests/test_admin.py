@@ -15,7 +15,7 @@ from conftest import PROJECT, MakeMirror, Mirror
 from images import make_image
 from upstream_sim import UpstreamSim
 
-from mirror.http.app import TIERS
+from mirror.http.app import CACHE
 
 TOKEN = "s3cret-admin-token-0123"
 ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
@@ -64,7 +64,7 @@ async def _filled(
     mirror = await make_mirror(sim.url, toml)
     await _pull(client, mirror, "team/app", "1.0", app)
     await _pull(client, mirror, "team/db", "stable", db)
-    await mirror.app[TIERS].accesses.flush()  # type: ignore[index]
+    await mirror.app[CACHE].tiers.accesses.flush()  # type: ignore[index]
     return mirror, app, db
 
 
@@ -112,7 +112,8 @@ async def test_pins_survive_evict_and_round_trip(
     await _cli_json(mirror.data_dir, "cache", "evict")
     assert {f"sha256:{p.name}" for p in mirror.blob_files()} == set(app.blobs)
     # the running mirror's own passes see the pin too
-    assert set(app.blobs) <= await mirror.app[TIERS].protected()  # type: ignore[index]
+    protected = await mirror.app[CACHE].evictions.protected()  # type: ignore[index]
+    assert set(app.blobs) <= {str(d) for d in protected}
     assert (await _mirror_cli(mirror.data_dir, "cache", "unpin", "docker.io/team/app:1.*"))[0] == 0
     assert (await _mirror_cli(mirror.data_dir, "cache", "unpin", "docker.io/team/app:1.*"))[0] == 1
     await _cli_json(mirror.data_dir, "cache", "evict")

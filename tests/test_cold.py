@@ -25,9 +25,10 @@ from upstream_sim import UpstreamSim
 
 from mirror import errors
 from mirror.config import ColdConfig
-from mirror.http.app import TIERS
+from mirror.http.app import CACHE
 from mirror.oci.reference import Digest, parse_digest
 from mirror.store.cold import ColdStore
+from mirror.store.layout import object_key
 
 MiB = 1024 * 1024
 BUCKET = "mirror-cold"
@@ -164,14 +165,14 @@ async def test_demote_then_promote_round_trip(
     digests = [sim.add_blob(b) for b in blobs]
     mirror = await make_mirror(sim.url, _toml(cold_config))
     assert mirror.app is not None
-    tiers = mirror.app[TIERS]
+    tiers = mirror.app[CACHE]
     for digest in digests:
         async with client.get(f"{mirror.url}/v2/test/cold/blobs/{digest}") as resp:
             assert resp.status == 200 and resp.headers["X-Mirror-Cache"] == "miss"
             await resp.read()
         await mirror.settled()
-    await tiers.evict_pass()
-    in_cold = await tiers.index.call(tiers.index.digests, "cold")
+    await tiers.evictions.evict_pass()
+    in_cold = {str(d) for d in await tiers.index.call(tiers.index.digests, "cold")}
     warm = {f"sha256:{p.name}" for p in mirror.blob_files()}
     assert digests[0] in in_cold and digests[0] not in warm, "the oldest blob was demoted"
     # 10 clients of the demoted blob: one cold read, promoted, correct bytes for everyone
@@ -212,12 +213,12 @@ async def test_a_corrupt_cold_copy_is_never_served(
     others = [sim.add_blob(_data(31 + i, MiB)) for i in range(2)]
     mirror = await make_mirror(sim.url, _toml(cold))
     assert mirror.app is not None
-    tiers = mirror.app[TIERS]
+    tiers = mirror.app[CACHE]
     for d in (digest, *others):
         await _get_body(client, mirror, d)
         await mirror.settled()
-    await tiers.evict_pass()
-    obj = tmp_path / "cold" / ColdStore.key(parse_digest(digest))
+    await tiers.evictions.evict_pass()
+    obj = tmp_path / "cold" / object_key(parse_digest(digest))
     assert obj.exists()
     raw = bytearray(obj.read_bytes())
     raw[1000] ^= 0xFF
@@ -229,7 +230,9 @@ async def test_a_corrupt_cold_copy_is_never_served(
         ok = False
     assert not ok, "the corrupt cold copy failed the transfer"
     await mirror.settled()
-    assert not obj.exists() and digest not in await tiers.index.call(tiers.index.digests, "cold")
+    assert not obj.exists() and parse_digest(digest) not in await tiers.index.call(
+        tiers.index.digests, "cold"
+    )
     before = sim.requests[("GET", f"/v2/test/cold/blobs/{digest}")]
     assert await _get_body(client, mirror, digest) == data  # from upstream now
     assert sim.requests[("GET", f"/v2/test/cold/blobs/{digest}")] == before + 1
@@ -246,12 +249,12 @@ async def test_cold_keeps_its_budget_and_max_idle(
     toml = _toml(cold).replace("allow_http", "max_bytes = 3145728\nmax_idle = 3600\nallow_http")
     mirror = await make_mirror(sim.url, toml)
     assert mirror.app is not None
-    tiers = mirror.app[TIERS]
+    tiers = mirror.app[CACHE]
     for d in digests:
         await _get_body(client, mirror, d)
         await mirror.settled()
-        await tiers.evict_pass()
-    in_cold = await tiers.index.call(tiers.index.digests, "cold")
+        await tiers.evictions.evict_pass()
+    in_cold = {str(d) for d in await tiers.index.call(tiers.index.digests, "cold")}
     assert len(in_cold) * MiB <= 3 * MiB * 0.9, "cold stays within its budget"
     assert in_cold, "warm evictions went to cold"
     # one cold blob has not been used for two hours: past max_idle, it goes
@@ -261,6 +264,6 @@ async def test_cold_keeps_its_budget_and_max_idle(
             "UPDATE blobs SET last_access = 0 WHERE digest = ? AND tier = 'cold'", (idle,)
         )
     )
-    await tiers.evict_pass()
-    assert idle not in await tiers.index.call(tiers.index.digests, "cold")
-    assert not (tmp_path / "cold" / ColdStore.key(parse_digest(idle))).exists()
+    await tiers.evictions.evict_pass()
+    assert parse_digest(idle) not in await tiers.index.call(tiers.index.digests, "cold")
+    assert not (tmp_path / "cold" / object_key(parse_digest(idle))).exists()

@@ -4,9 +4,11 @@ the tag-list cache, against the upstream simulator (which counts every request).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import aiohttp
+import pytest
 from conftest import MakeMirror
 from images import ACCEPT_ALL, make_image, sha256_digest
 from upstream_sim import UpstreamSim
@@ -109,7 +111,10 @@ async def test_stale_tag_served_when_upstream_fails(
 
 
 async def test_pull_budget_floor_and_429_backoff(
-    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+    sim: UpstreamSim,
+    make_mirror: MakeMirror,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Below the budget floor a held tag is served as cached without asking upstream; after a
     429 no manifest request goes upstream until Retry-After has passed: held tags are served
@@ -121,9 +126,12 @@ async def test_pull_budget_floor_and_429_backoff(
     sim.add_image(REPO, "3", make_image(19, [100]))
     mirror = await make_mirror(sim.url, toml=EXPIRED)
     await _get(client, mirror.url + TAG_PATH)  # a real miss: 9 pulls left, below 10
+    caplog.set_level(logging.INFO, logger="mirror")
     for _ in range(3):
         status, headers, body = await _get(client, mirror.url + TAG_PATH)
         assert (status, headers["X-Mirror-Cache"], body) == (200, "stale", image.data)
+    said = f"pull budget of docker.io low: serving docker.io/{REPO}:1 as cached, unrevalidated"
+    assert said in caplog.messages
     assert (sim.requests[("GET", TAG_PATH)], sim.requests[("HEAD", TAG_PATH)]) == (1, 0)
     async with client.get(
         f"{mirror.url}/v2/{REPO}/manifests/2", headers={"Accept": ACCEPT_ALL}

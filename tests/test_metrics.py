@@ -45,3 +45,29 @@ async def test_metrics_count_hits_misses_and_dashboard_queries_exist(
     queries = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
     used = {m for q in queries for m in re.findall(r"mirror_[a-z_]+", q)}
     assert used and used <= exported, used - exported
+
+
+def _dashboard_metrics() -> set[str]:
+    queries = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    return {m for q in queries for m in re.findall(r"mirror_[a-z_]+", q)}
+
+
+async def test_a_fresh_mirror_exports_every_metric_the_dashboard_queries(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
+    """Before any request: every series the dashboard asks for is there (at 0, or NaN for
+    what no upstream has said yet), so no panel starts as "no data"; bytes served and fill
+    durations are exported for every source they can have."""
+    mirror = await make_mirror(sim.url)
+    async with client.get(f"{mirror.url}/metrics") as resp:
+        text = await resp.text()
+    exported = set(re.findall(r"^(mirror_[a-z_]+)", text, re.M))
+    assert _dashboard_metrics() <= exported, _dashboard_metrics() - exported
+    for source in ("hot", "warm", "cold", "upstream", "pass-through"):
+        assert f'mirror_blob_bytes_served_total{{source="{source}"}} 0.0' in text
+    for source in ("upstream", "cold"):
+        for result in ("ok", "failed"):
+            assert (
+                f'mirror_fill_duration_seconds_count{{result="{result}",source="{source}"}} 0.0'
+                in text
+            )

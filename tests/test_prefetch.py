@@ -18,8 +18,8 @@ from images import Upstream, make_image
 from upstream_sim import UpstreamSim
 
 from mirror.config import SyncEntry
-from mirror.http.app import SYNC, TIERS
-from mirror.prefetch import ImageRef, parse_image
+from mirror.http.app import CACHE, SYNC
+from mirror.oci.reference import ImageRef, parse_image
 
 
 @pytest.mark.parametrize(
@@ -131,14 +131,15 @@ async def test_sync_list_keeps_matching_tags_fresh_and_pinned(
     )
     mirror = await make_mirror(sim.url, toml)
     assert mirror.app is not None
-    syncer, tiers = mirror.app[SYNC], mirror.app[TIERS]
+    syncer, cache = mirror.app[SYNC], mirror.app[CACHE]
     entry = SyncEntry("docker.io/sync/app", ("1.*",), 3600)
     assert await syncer.sync(entry) == ["1.0", "1.1"]
     await mirror.settled()
     files = {f"sha256:{p.name}" for p in mirror.blob_files()}
     wanted = set(images["1.0"].blobs) | set(images["1.1"].blobs)
     assert wanted <= files and not set(images["2.0"].blobs) & files
-    assert wanted <= await tiers.protected(), "what the sync list holds is pinned"
+    protected = {str(d) for d in await cache.evictions.protected()}
+    assert wanted <= protected, "what the sync list holds is pinned"
     # upstream moves 1.1: the next sync revalidates (HEAD), sees the new digest, pulls it
     moved = make_image(90, [250_000])
     sim.add_image("sync/app", "1.1", moved)

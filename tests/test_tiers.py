@@ -19,13 +19,14 @@ from conftest import MakeMirror, Mirror, MirrorProcess
 from images import make_image, make_index
 from upstream_sim import UpstreamSim
 
+from mirror.cache import Cache
 from mirror.config import RetentionRule
-from mirror.eviction import GDSF, LFU, LRU, Policy, expired_tags, plan, target_bytes
-from mirror.http.app import TIERS
+from mirror.eviction.policy import expired_tags, plan, target_bytes
+from mirror.http.app import CACHE
 from mirror.oci.reference import parse_digest
+from mirror.policies import GDSF, LFU, LRU, Policy
 from mirror.store.hot import OVERHEAD, HotTier
 from mirror.store.index import BlobIndex, Entry
-from mirror.store.tiers import Tiers
 
 MiB = 1024 * 1024
 REPO = "test/tiers"
@@ -35,9 +36,9 @@ def _blob(seed: int, size: int = MiB) -> bytes:
     return hashlib.sha256(str(seed).encode()).digest() * (size // 32)
 
 
-def _tiers(mirror: Mirror) -> Tiers:
+def _tiers(mirror: Mirror) -> Cache:
     assert mirror.app is not None
-    return mirror.app[TIERS]
+    return mirror.app[CACHE]
 
 
 async def _get(
@@ -86,7 +87,11 @@ def test_the_index_streams_candidates_in_the_policys_own_order(
     index = BlobIndex(tmp_path / "index.sqlite")
     entries = [
         Entry(
-            f"sha256:{i:064x}", rng.randint(1, 10**9), 0.0, rng.random() * 1000, rng.randint(0, 50)
+            parse_digest(f"sha256:{i:064x}"),
+            rng.randint(1, 10**9),
+            0.0,
+            rng.random() * 1000,
+            rng.randint(0, 50),
         )
         for i in range(500)
     ]
@@ -153,11 +158,11 @@ async def test_budget_holds_under_fills_larger_than_it(
     tiers = _tiers(mirror)
     for digest in digests:
         await _fill(client, mirror, digest)
-        await tiers.evict_pass()
+        await tiers.evictions.evict_pass()
         files = _warm_files(mirror)
         assert sum(p.stat().st_size for p in mirror.blob_files()) <= 3 * MiB
         assert digest in files
-        assert files == await tiers.index.call(tiers.index.digests, "warm")
+        assert files == {str(d) for d in await tiers.index.call(tiers.index.digests, "warm")}
     assert (
         sum(
             n for (method, path), n in sim.requests.items() if method == "GET" and "/blobs/" in path
@@ -189,11 +194,11 @@ async def test_lru_keeps_the_recently_hit(
     tiers = _tiers(mirror)
     for digest in (a, b, c):
         await _fill(client, mirror, digest)
-    await tiers.evict_pass()
+    await tiers.evictions.evict_pass()
     assert _warm_files(mirror) == {a, b, c}  # 3 MiB is under the high watermark
     await _get(client, mirror, a)  # a hit: a is now the most recently used
     await _fill(client, mirror, d)
-    await tiers.evict_pass()  # (or the one the fill woke: passes queue)
+    await tiers.evictions.evict_pass()  # (or the one the fill woke: passes queue)
     assert _warm_files(mirror) == {a, d}
     # evicted blobs come back from upstream, correct, when asked again
     await _get(client, mirror, b)
@@ -231,10 +236,10 @@ async def test_pinned_images_and_blobs_in_use_survive(
     for digest in others[:2]:
         await _fill(client, mirror, digest)
     # one blob is being sent right now: held open, as a slow client's transfer would hold it
-    in_use = await tiers.open(parse_digest(others[0]))
+    in_use = await tiers.tiers.open(parse_digest(others[0]))
     assert in_use is not None
     await _fill(client, mirror, others[2])  # past the high watermark: evict down to 1 MiB
-    await tiers.evict_pass()
+    await tiers.evictions.evict_pass()
     files = _warm_files(mirror)
     assert pinned_blobs <= files
     assert others[0] in files
@@ -242,7 +247,7 @@ async def test_pinned_images_and_blobs_in_use_survive(
     in_use.blob.close()  # the transfer ends: others[0] may go now
     for digest in others[3:]:
         await _fill(client, mirror, digest)
-    await tiers.evict_pass()
+    await tiers.evictions.evict_pass()
     assert _warm_files(mirror) == pinned_blobs
 
 
@@ -339,7 +344,7 @@ async def test_retention_keeps_the_newest_tags_and_frees_what_only_old_tags_held
             await _get(client, mirror, digest, "test/app")
     await mirror.settled()
     assert set(old.blobs) | set(new.blobs) <= _warm_files(mirror)
-    report = await tiers.evict_pass()
+    report = await tiers.evictions.evict_pass()
     assert report.expired_tags == 1
     files = _warm_files(mirror)
     assert set(new.blobs) <= files and not set(old.blobs) & files

@@ -22,6 +22,7 @@ import bcrypt
 from aiohttp import web
 
 from mirror import errors
+from mirror.bounded import Bounded
 from mirror.config import AuthConfig
 from mirror.upstream.routing import Target
 
@@ -42,7 +43,7 @@ class Access:
         self._grants = {
             g.who: g.repositories for g in config.grants if not g.who.startswith("token:")
         }
-        self._verified: set[tuple[str, bytes]] = set()
+        self._verified: Bounded[tuple[str, bytes], bool] = Bounded(REMEMBERED)
 
     async def check(self, request: web.Request, target: Target | None) -> None:
         """Raise Unauthorized or Denied unless the request may go on (to `target`, if any)."""
@@ -77,9 +78,7 @@ class Access:
         if key not in self._verified:
             if not await asyncio.to_thread(bcrypt.checkpw, password.encode(), stored):
                 return None
-            if len(self._verified) >= REMEMBERED:
-                self._verified.clear()
-            self._verified.add(key)
+            self._verified.remember(key, True)
         return self._grants.get(user, ("*",))
 
 

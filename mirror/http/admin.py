@@ -20,8 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from mirror import errors
-from mirror.admin import Admin, as_json
 from mirror.config import AdminConfig
+from mirror.ops.admin import Admin
+from mirror.ops.format import as_json
 
 
 def install(app: web.Application, admin: Admin, config: AdminConfig) -> None:

@@ -53,12 +53,17 @@ UPSTREAM = web.RequestKey("upstream", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def error_body(code: str, message: str, detail: object = None) -> str:
+    """The spec's error JSON: {"errors": [{"code", "message", "detail"}]}."""
+    entry: dict[str, object] = {"code": code, "message": message}
+    if detail is not None:
+        entry["detail"] = detail
+    return json.dumps({"errors": [entry]})
+
+
 def error_response(err: errors.MirrorError) -> web.Response:
     """The spec's error JSON with the status from the table (500 if a code is missing)."""
     status = STATUS_BY_CODE.get(err.code, 500)
-    entry: dict[str, object] = {"code": err.code, "message": err.message}
-    if err.detail is not None:
-        entry["detail"] = err.detail
     headers = dict(API_VERSION)
     if isinstance(err, errors.RangeInvalid):
         headers["Content-Range"] = f"bytes */{err.size}"
@@ -68,7 +73,7 @@ def error_response(err: errors.MirrorError) -> web.Response:
         headers["Retry-After"] = err.retry_after
     return web.Response(
         status=status,
-        text=json.dumps({"errors": [entry]}),
+        text=error_body(err.code, err.message, err.detail),
         content_type="application/json",
         headers=headers,
     )
@@ -88,7 +93,7 @@ def make_middleware(metrics: Metrics) -> Middleware:
         started = time.monotonic()
         try:
             if getattr(request.protocol, "over_cap", False):  # see http/server.py
-                metrics.client_refusals.labels("connections_per_client").inc()
+                metrics.refused("connections_per_client")
                 raise errors.TooManyRequests(
                     "too many connections from this client", retry_after="1"
                 )

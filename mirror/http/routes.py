@@ -20,15 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from mirror import errors
-from mirror.fill import Fill
 from mirror.http.access import Access
 from mirror.http.middleware import API_VERSION, OUTCOME, ROUTE, UPSTREAM
 from mirror.http.sendfile import ClientGone, ClientStalled, SocketSender, abort
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import parse_accept
 from mirror.oci.reference import Digest, parse_digest, parse_reference
-from mirror.service import MirrorService, Outcome
-from mirror.store.blobs import BlobStore, OpenBlob
+from mirror.outcome import Outcome
+from mirror.pull.fill import Fill
+from mirror.pull.service import MirrorService
+from mirror.store.blobs import OpenBlob
 from mirror.store.manifests import StoredManifest
 from mirror.upstream.routing import Router, Target
 
@@ -49,7 +50,6 @@ class Routes:
         self,
         service: MirrorService,
         router: Router,
-        blobs: BlobStore,
         sender_pool: ThreadPoolExecutor,
         idle_timeout: float,
         metrics: Metrics,
@@ -58,7 +58,6 @@ class Routes:
         self._access = access
         self._service = service
         self._router = router
-        self._blobs = blobs
         self._pool = sender_pool
         self._idle = idle_timeout
         self._metrics = metrics
@@ -99,13 +98,13 @@ class Routes:
     async def manifest(self, request: web.Request, target: Target, ref: str) -> web.Response:
         reference = parse_reference(ref)
         accept = parse_accept(request.headers.getall("Accept", []))
-        hot = (
-            self._service.manifest_hot(target, reference.tag) if reference.tag is not None else None
-        )
+        service = self._service
+        hot = service.manifests.hot(target, reference.tag) if reference.tag is not None else None
         if hot is not None and accept.allows(hot.media_type):
-            self._service.pull_ahead(target, hot)
+            service.ahead.after(target, hot)
             return self._manifest_response(request, target, hot, Outcome.HIT)
-        answer = await self._service.manifest(target, reference, accept)
+        answer = await service.manifests.get(target, reference, accept)
+        service.ahead.after(target, answer.manifest)
         return self._manifest_response(request, target, answer.manifest, answer.outcome)
 
     def _manifest_response(
@@ -115,7 +114,7 @@ class Routes:
         headers = {
             **API_VERSION,
             "Content-Type": m.media_type,
-            "Docker-Content-Digest": m.digest,
+            "Docker-Content-Digest": str(m.digest),
             "ETag": f'"{m.digest}"',
             "X-Mirror-Cache": outcome.value,
         }
@@ -135,7 +134,7 @@ class Routes:
         digest = parse_digest(ref)
         if request.method == "HEAD":
             return await self._blob_head(request, target, digest)
-        answer = await self._service.blob(target, digest)
+        answer = await self._service.blobs.get(target, digest)
         if answer.outcome is Outcome.PASS_THROUGH:
             self._metrics.lookup("pass-through")
             return await self._send_through(request, target, digest)
@@ -157,7 +156,7 @@ class Routes:
     async def _blob_head(
         self, request: web.Request, target: Target, digest: Digest
     ) -> web.StreamResponse:
-        size, outcome = await self._service.blob_size(target, digest)
+        size, outcome = await self._service.blobs.size(target, digest)
         request[OUTCOME] = outcome.value
         response = web.StreamResponse(headers=self._blob_headers(target, digest, outcome))
         if size is not None:
@@ -216,7 +215,7 @@ class Routes:
             if fd is not None:
                 os.close(fd)
             await fill.finished()
-            stored = await self._blobs.run(self._blobs.open, digest)
+            stored = await self._service.blobs.committed(digest)
             if stored is None:
                 raise errors.BlobUnknown(detail={"digest": str(digest)})
             return await self._send_stored(request, target, digest, stored, outcome)
@@ -241,7 +240,7 @@ class Routes:
         """No room on disk: this client gets the blob straight from upstream (whole: a Range
         may be ignored, RFC 9110 §14.2), verified on the way, and nothing is kept."""
         request[OUTCOME] = Outcome.PASS_THROUGH.value
-        async with self._service.pass_through(target, digest) as body:
+        async with self._service.blobs.pass_through(target, digest) as body:
             response = web.StreamResponse(
                 headers=self._blob_headers(target, digest, Outcome.PASS_THROUGH)
             )
@@ -302,7 +301,7 @@ class Routes:
                     request.remote,
                     request.path,
                 )
-            self._metrics.client_aborts.labels(reason).inc()
+            self._metrics.aborted(reason)
             abort(request)
             return response
         self._metrics.served(source, end - start)
@@ -323,7 +322,7 @@ class Routes:
     async def _listing(
         self, request: web.Request, target: Target, suffix: str, query: dict[str, str]
     ) -> web.Response:
-        cached, outcome = await self._service.listing(target, suffix, query)
+        cached, outcome = await self._service.manifests.listing(target, suffix, query)
         request[OUTCOME] = outcome.value
         headers = {
             **API_VERSION,

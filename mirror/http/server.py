@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 from collections import Counter
@@ -24,8 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
+from mirror import errors
 from mirror.config import Config
-from mirror.http.middleware import API_VERSION, AccessLogger
+from mirror.http.middleware import API_VERSION, AccessLogger, error_body
 
 log = logging.getLogger("mirror.http")
 
@@ -84,18 +84,17 @@ class MirrorConnection(web.RequestHandler):
             raise ConnectionError("response already started; cannot send an error")
         if status >= 500:
             log.error("error handling a request from %s", request.remote, exc_info=exc)
-            code, text = "UNKNOWN", "internal error"
+            err: errors.MirrorError = errors.MirrorError("internal error")
         else:
             log.warning(
                 "refused an unparseable request from %s: %s",
                 request.remote,
                 (message or str(exc) or "bad request").splitlines()[0][:200],
             )
-            code, text = "INVALID_REQUEST", "the request could not be parsed"
-        body = {"errors": [{"code": code, "message": text}]}
+            err = errors.InvalidRequest("the request could not be parsed")
         resp = web.Response(
             status=status,
-            text=json.dumps(body),
+            text=error_body(err.code, err.message),
             content_type="application/json",
             headers=API_VERSION,
         )

@@ -12,31 +12,28 @@ from __future__ import annotations
 
 import html
 import math
-import os
 import time
 from collections.abc import Iterable
 
 from aiohttp import web
 
-from mirror.admin import Admin, Image, human
 from mirror.config import Config
 from mirror.metrics import Metrics
-from mirror.store.tiers import Tiers
+from mirror.ops.admin import Admin, Image
+from mirror.ops.format import human
 
 #: Rows of the cached-images table (the page stays small for a large cache).
 CATALOG_ROWS = 200
 
 
-def install(
-    app: web.Application, config: Config, tiers: Tiers, admin: Admin, metrics: Metrics
-) -> None:
+def install(app: web.Application, config: Config, admin: Admin, metrics: Metrics) -> None:
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        problem = await tiers.blobs.run(_store_problem, str(tiers.blobs.layout.tmp))
+        problem = await admin.unwritable()
         upstreams = {u.name: _upstream_state(metrics, u.name) for u in config.upstreams}
         body = {
             "status": "ready" if problem is None else "unready",
@@ -47,10 +44,8 @@ def install(
 
     async def status(_: web.Request) -> web.Response:
         images = await admin.catalog(CATALOG_ROWS)
-        usage = await tiers.refresh_usage()
-        page = _page(
-            config, metrics, usage, tiers.hot.used, len(tiers.hot), images, time.time() - started
-        )
+        usage = await admin.tiers()
+        page = _page(config, metrics, usage, images, time.time() - started)
         return web.Response(text=page, content_type="text/html")
 
     app.router.add_get("/healthz", healthz)
@@ -58,30 +53,14 @@ def install(
     app.router.add_get(config.status_path, status)
 
 
-def _store_problem(tmp: str) -> str | None:
-    """Blocking: write, sync and remove a probe file where fills write theirs."""
-    path = os.path.join(tmp, f".ready-{os.getpid()}")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.unlink(path)
-    except OSError as e:
-        return f"store not writable: {e.strerror}"
-    return None
-
-
 def _upstream_state(metrics: Metrics, name: str) -> str:
-    if not metrics.total("mirror_upstream_requests_total", upstream=name):
+    if not metrics.contacted(name):
         return "not contacted yet"
-    return "ok" if metrics.total("mirror_upstream_up", upstream=name) == 1 else "failing"
+    return "ok" if metrics.is_up(name) else "failing"
 
 
 def _pulls_left(m: Metrics, name: str) -> str:
-    left = m.total("mirror_upstream_ratelimit_remaining", upstream=name)
+    left = m.pulls_left(name)
     return "-" if math.isnan(left) else f"{left:.0f}"
 
 
@@ -93,82 +72,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _page(
-    config: Config,
-    m: Metrics,
-    usage: dict[str, tuple[int, int]],
-    hot_bytes: int,
-    hot_items: int,
-    images: list[Image],
-    uptime: float,
-) -> str:
-    answered = {
-        o: m.total("mirror_http_requests_total", outcome=o)
-        for o in ("hit", "coalesced", "revalidated", "stale", "miss")
-    }
-    total = sum(answered.values())
-    cached = answered["hit"] + answered["revalidated"] + answered["stale"]
-    ratio = f"{100 * cached / total:.1f} %" if total else "no requests yet"
-    saved = sum(
-        m.total("mirror_blob_bytes_served_total", source=s) for s in ("hot", "warm", "cold")
-    )
-    fetched = m.total("mirror_upstream_bytes_total")
-    summary = _table(
-        ["measure", "value"],
-        [
-            ["hit ratio (manifests and blobs)", ratio],
-            ["requests answered from the cache", f"{cached:.0f} of {total:.0f}"],
-            ["bytes served from the cache (not pulled again)", human(saved)],
-            ["bytes pulled from upstreams", human(fetched)],
-            [
-                "upstream pulls avoided",
-                f"{answered['hit'] + answered['coalesced'] + answered['stale']:.0f}",
-            ],
-            ["uptime", f"{uptime / 3600:.1f} h"],
-        ],
-    )
-    budget = config.warm.max_bytes
-    tiers = _table(
-        ["tier", "bytes", "objects", "budget"],
-        [
-            ["hot (memory)", human(hot_bytes), hot_items, human(config.hot.max_bytes)],
-            [
-                "warm (disk)",
-                human(usage.get("warm", (0, 0))[0]),
-                usage.get("warm", (0, 0))[1],
-                human(budget) if budget else "free space",
-            ],
-            [
-                "cold",
-                human(usage.get("cold", (0, 0))[0]),
-                usage.get("cold", (0, 0))[1],
-                (human(config.cold.max_bytes) if config.cold.max_bytes else "none")
-                if config.cold.url
-                else "not configured",
-            ],
-        ],
-    )
-    upstreams = _table(
-        ["upstream", "address", "state", "pull limit left"],
-        [
-            [u.name, u.url, _upstream_state(m, u.name), _pulls_left(m, u.name)]
-            for u in config.upstreams
-        ],
-    )
-    cached_rows = _table(
-        ["repository", "tag", "size", "last pulled", "tier"],
-        [
-            [
-                f"{i.upstream}/{i.repository}",
-                i.tag,
-                human(i.size),
-                time.strftime("%Y-%m-%d %H:%M", time.localtime(i.last_pulled)),
-                ", ".join(i.tiers) or "-",
-            ]
-            for i in images
-        ],
-    )
-    return f"""<!doctype html>
+_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>mirror status</title>
@@ -186,6 +90,71 @@ th {{ background: #eef2f7; }}
 <h2>Summary</h2>{summary}
 <h2>Tiers</h2>{tiers}
 <h2>Upstreams</h2>{upstreams}
-<h2>Cached images</h2>{cached_rows}
+<h2>Cached images</h2>{cached}
 </body></html>
 """
+
+
+def _page(
+    config: Config,
+    m: Metrics,
+    usage: dict[str, tuple[int, int]],
+    images: list[Image],
+    uptime: float,
+) -> str:
+    return _PAGE.format(
+        summary=_summary(m, uptime),
+        tiers=_tiers(config, usage),
+        upstreams=_table(
+            ["upstream", "address", "state", "pull limit left"],
+            [
+                [u.name, u.url, _upstream_state(m, u.name), _pulls_left(m, u.name)]
+                for u in config.upstreams
+            ],
+        ),
+        cached=_table(
+            ["repository", "tag", "size", "last pulled", "tier"], map(_image_row, images)
+        ),
+    )
+
+
+def _summary(m: Metrics, uptime: float) -> str:
+    answered = {o: m.answered(o) for o in ("hit", "coalesced", "revalidated", "stale", "miss")}
+    total = sum(answered.values())
+    cached = answered["hit"] + answered["revalidated"] + answered["stale"]
+    avoided = answered["hit"] + answered["coalesced"] + answered["stale"]
+    ratio = f"{100 * cached / total:.1f} %" if total else "no requests yet"
+    saved = sum(m.served_from(s) for s in ("hot", "warm", "cold"))
+    return _table(
+        ["measure", "value"],
+        [
+            ["hit ratio (manifests and blobs)", ratio],
+            ["requests answered from the cache", f"{cached:.0f} of {total:.0f}"],
+            ["bytes served from the cache (not pulled again)", human(saved)],
+            ["bytes pulled from upstreams", human(m.received_total())],
+            ["upstream pulls avoided", f"{avoided:.0f}"],
+            ["uptime", f"{uptime / 3600:.1f} h"],
+        ],
+    )
+
+
+def _tiers(config: Config, usage: dict[str, tuple[int, int]]) -> str:
+    def row(name: str, tier: str, budget: str) -> list[object]:
+        nbytes, count = usage.get(tier, (0, 0))
+        return [name, human(nbytes), count, budget]
+
+    warm, cold = config.warm.max_bytes, config.cold.max_bytes
+    cold_budget = (human(cold) if cold else "none") if config.cold.url else "not configured"
+    return _table(
+        ["tier", "bytes", "objects", "budget"],
+        [
+            row("hot (memory)", "hot", human(config.hot.max_bytes)),
+            row("warm (disk)", "warm", human(warm) if warm else "free space"),
+            row("cold", "cold", cold_budget),
+        ],
+    )
+
+
+def _image_row(i: Image) -> list[object]:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(i.last_pulled))
+    return [f"{i.upstream}/{i.repository}", i.tag, human(i.size), when, ", ".join(i.tiers) or "-"]

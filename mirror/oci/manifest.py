@@ -6,18 +6,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from mirror.errors import DigestInvalid
+from mirror.oci.reference import Digest, parse_digest
+
 
 @dataclass(frozen=True, slots=True)
 class References:
     """Blobs (config, layers) and child manifests (of an index) one manifest names."""
 
-    blobs: tuple[str, ...]
-    manifests: tuple[str, ...]
+    blobs: tuple[Digest, ...]
+    manifests: tuple[Digest, ...]
 
 
 def references(data: bytes) -> References:
-    """Digests named by a manifest; an unreadable document names nothing (it was verified
-    against its digest when stored, so this is upstream's problem, not a reason to fail)."""
+    """Digests named by a manifest; an unreadable document names nothing, and a descriptor
+    whose digest is malformed or of an unknown algorithm is passed over (the manifest was
+    verified against its own digest when stored, so this is upstream's problem, not a reason
+    to fail)."""
     try:
         doc = json.loads(data)
     except ValueError:
@@ -35,7 +40,11 @@ def _list(value: object) -> list[object]:
     return value if isinstance(value, list) else []
 
 
-def _digest(descriptor: object) -> str | None:
+def _digest(descriptor: object) -> Digest | None:
+    """A descriptor's digest; None for one that has none, or one we cannot verify."""
     if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
-        return str(descriptor["digest"])
+        try:
+            return parse_digest(descriptor["digest"])
+        except DigestInvalid:
+            return None
     return None

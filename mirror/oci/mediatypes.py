@@ -6,6 +6,8 @@ only knows Docker schema2 must not receive an OCI index. `acceptable` is the one
 
 from __future__ import annotations
 
+from mirror.bounded import Bounded
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -54,15 +56,10 @@ class AcceptSet:
         """True when a manifest of `media_type` may be sent to this client."""
         return self._any or media_type.lower() in self._types
 
-    @property
-    def allows_anything(self) -> bool:
-        return self._any
-
 
 #: Parsed Accept headers by their raw values: clients send a handful of distinct ones, and
 #: parsing is a visible share of a cached manifest request.
-_ACCEPT_CACHE: dict[tuple[str, ...], AcceptSet] = {}
-_ACCEPT_CACHE_MAX = 512
+_ACCEPT_CACHE: Bounded[tuple[str, ...], AcceptSet] = Bounded(512)
 
 
 def parse_accept(headers: list[str]) -> AcceptSet:
@@ -70,7 +67,5 @@ def parse_accept(headers: list[str]) -> AcceptSet:
     key = tuple(headers)
     found = _ACCEPT_CACHE.get(key)
     if found is None:
-        if len(_ACCEPT_CACHE) >= _ACCEPT_CACHE_MAX:
-            _ACCEPT_CACHE.clear()
-        found = _ACCEPT_CACHE[key] = AcceptSet(headers)
+        found = _ACCEPT_CACHE.remember(key, AcceptSet(headers))
     return found

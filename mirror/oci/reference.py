@@ -58,6 +58,12 @@ def is_digest_like(reference: str) -> bool:
     return ":" in reference
 
 
+def looks_like_host(segment: str) -> bool:
+    """Whether the first path segment of an image name is a registry host rather than part
+    of the repository: it has a `.` or a `:` (a port), or is `localhost` (docker's rule)."""
+    return "." in segment or ":" in segment or segment == "localhost"
+
+
 def check_name(name: str) -> str:
     """Return `name` if it is a valid repository name, else raise NAME_INVALID."""
     if len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
@@ -88,3 +94,32 @@ def parse_reference(value: str) -> Reference:
     if is_digest_like(value):
         return Reference(digest=parse_digest(value))
     return Reference(tag=check_tag(value))
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image as a person writes it: registry, repository and tag or digest."""
+
+    registry: str
+    repository: str
+    reference: str
+
+    def __str__(self) -> str:
+        sep = "@" if is_digest_like(self.reference) else ":"
+        return f"{self.registry}/{self.repository}{sep}{self.reference}"
+
+
+def parse_image(text: str) -> ImageRef:
+    """`[registry/]repository[:tag|@digest]`, as docker reads it (docker.io by default)."""
+    name, at, digest = text.strip().partition("@")
+    first, slash, rest = name.partition("/")
+    if slash and looks_like_host(first):
+        registry, name = first, rest
+    else:
+        registry = "docker.io"
+    if at:
+        return ImageRef(registry, name, digest)
+    repo, colon, tag = name.rpartition(":")
+    if colon and "/" not in tag:
+        return ImageRef(registry, repo, tag)
+    return ImageRef(registry, name, "latest")

@@ -1,12 +1,25 @@
-"""Incremental digest and size checking: hash while streaming, decide at the end."""
+"""Incremental digest and size checking: hash while streaming, decide at the end.
+
+Pure: it says that bytes are not what their digest names (`Mismatch`), not whose fault that
+is. The caller knows (a lying upstream, a bad cold copy, a tampered bundle) and reports it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from typing import Any
 
-from mirror.errors import UpstreamBadResponse
 from mirror.oci.reference import Digest
+
+
+class Mismatch(Exception):
+    """Bytes that are not the content their digest names: too many, too few, or other."""
+
+    def __init__(self, message: str, detail: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
 
 
 class Verifier:
@@ -32,28 +45,22 @@ class Verifier:
         self._hash.update(data)
         self.size += len(data)
         if self.expected_size is not None and self.size > self.expected_size:
-            raise UpstreamBadResponse(
-                "upstream sent more bytes than announced", detail={"digest": str(self.digest)}
-            )
+            raise Mismatch("has more bytes than announced", {"digest": str(self.digest)})
         if self.max_size is not None and self.size > self.max_size:
-            raise UpstreamBadResponse(
-                "upstream blob larger than allowed", detail={"digest": str(self.digest)}
-            )
+            raise Mismatch("is larger than allowed", {"digest": str(self.digest)})
 
     def update_all(self, pieces: list[bytes]) -> None:
         for piece in pieces:
             self.update(piece)
 
     def check(self) -> None:
-        """Raise UpstreamBadResponse unless every byte arrived and they hash to the digest."""
+        """Raise Mismatch unless every byte arrived and they hash to the digest."""
         if self.expected_size is not None and self.size != self.expected_size:
-            raise UpstreamBadResponse(
-                "upstream sent a short blob", detail={"digest": str(self.digest), "size": self.size}
+            raise Mismatch(
+                "is shorter than announced", {"digest": str(self.digest), "size": self.size}
             )
         if self._hash.hexdigest() != self.digest.hex:
-            raise UpstreamBadResponse(
-                "upstream content does not match its digest", detail={"digest": str(self.digest)}
-            )
+            raise Mismatch("does not match its digest", {"digest": str(self.digest)})
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:

@@ -1,1 +1,2 @@
-"""The cache on disk: content-addressed blobs, manifests and tag records."""
+"""The cache's storage: blob files, metadata and tiers (layout.py draws what is where on
+disk). `mirror.cache.open_cache` opens it all."""

@@ -15,19 +15,20 @@ put back by hand, bit rot below the filesystem) is what `mirror fsck` is for.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from mirror.oci.reference import Digest, parse_digest
+from mirror.oci.reference import Digest
 from mirror.store.layout import Layout
+from mirror.store.offload import offload
 
 log = logging.getLogger("mirror.store")
 
@@ -82,7 +83,8 @@ def _matches(fd: int, digest: Digest) -> bool:
 
 
 class BlobStore:
-    """The warm tier's files. Tiers and eviction (later) hook in at `open` and `commit`."""
+    """The warm tier's files: opened for sending, created and committed by fills, removed
+    by eviction."""
 
     def __init__(self, layout: Layout, executor: ThreadPoolExecutor) -> None:
         self.layout = layout
@@ -90,7 +92,7 @@ class BlobStore:
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run blocking file work in the store's executor."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await offload(self._executor, fn, *args)
 
     def open(self, digest: Digest) -> OpenBlob | None:
         """Open a cached blob (blocking): None when it is not here. Raises Corrupt for a file
@@ -140,6 +142,34 @@ class BlobStore:
         """Whether a committed blob file is there (blocking)."""
         return self.layout.blob(digest).exists()
 
+    def path(self, digest: Digest) -> Path:
+        """The committed file of a blob, to read it whole (export; demotion to cold)."""
+        return self.layout.blob(digest)
+
+    def read(self, digest: Digest) -> bytes:
+        """A committed blob's bytes (blocking; small ones: manifests imported from a bundle)."""
+        return self.layout.blob(digest).read_bytes()
+
+    def size(self, digest: Digest) -> int:
+        """A committed blob's size (blocking)."""
+        return self.layout.blob(digest).stat().st_size
+
+    def unwritable(self) -> str | None:
+        """Blocking: write, sync and remove a probe file where fills write theirs; why that
+        failed, or None when the store takes writes (readiness)."""
+        path = self.layout.probe()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.unlink(path)
+        except OSError as e:
+            return f"store not writable: {e.strerror}"
+        return None
+
     def create_partial(self, digest: Digest) -> tuple[Path, int, int]:
         """Create a fill's temp file (blocking): its path, a write fd and a read fd."""
         path = self.layout.partial(digest)
@@ -167,30 +197,39 @@ class BlobStore:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
 
-    def remove(self, digests: list[str]) -> int:
+    def remove(self, digests: list[Digest]) -> int:
         """Delete committed blob files (blocking; eviction, after their records went); how
         many were there. A sender that has one open keeps reading it: POSIX unlink leaves
         open files whole."""
         removed = 0
         for digest in digests:
             try:
-                os.unlink(self.layout.blob(parse_digest(digest)))
+                os.unlink(self.layout.blob(digest))
                 removed += 1
             except FileNotFoundError:
                 pass
         return removed
 
-    def scan(self) -> dict[str, tuple[int, float]]:
+    def scan(self) -> dict[Digest, tuple[int, float]]:
         """Every committed blob file: digest → (size, ctime, about when it was committed: the
-        mtime is the seal) (blocking; reconcile at start)."""
-        found: dict[str, tuple[int, float]] = {}
+        mtime is the seal) (blocking; reconcile at start). Files whose names are no digest
+        are left out (and so never adopted)."""
+        found: dict[Digest, tuple[int, float]] = {}
         for algo_dir in self.layout.blobs.iterdir():
             for fan in algo_dir.iterdir():
                 with os.scandir(fan) as it:
                     for e in it:
-                        st = e.stat()
-                        found[f"{algo_dir.name}:{e.name}"] = (st.st_size, st.st_ctime)
+                        digest = self.layout.digest_of(algo_dir.name, e.name)
+                        if digest is not None:
+                            st = e.stat()
+                            found[digest] = (st.st_size, st.st_ctime)
         return found
+
+    def partials(self, older_than: float) -> list[Path]:
+        """Partial files not written to for `older_than` seconds: a crash's leftovers, not
+        live fills (blocking; fsck)."""
+        now = time.time()
+        return [p for p in self.layout.tmp.iterdir() if now - p.stat().st_mtime > older_than]
 
     def sweep(self) -> int:
         """Remove temp files a crash left behind (blocking; at start, before serving)."""

@@ -1,15 +1,15 @@
 """The cold tier: blobs on object storage (S3 and S3-compatible servers, GCS, Azure) or a
 directory on a slower volume, through one async API: obstore (Rust's object_store crate).
 
-Why obstore: one interface for every backend the issue names (`file://`, `s3://`, `gs://`,
+Why obstore: one interface for every backend operators use (`file://`, `s3://`, `gs://`,
 `az://`), native async, streaming gets and multipart puts from a file without Python in the
 data path, credentials from the config or the environment; aioboto3 would cover S3 only.
 
-Keys: `blobs/<algorithm>/<hex[:2]>/<hex>` under the URL's prefix; only a grammar-checked
-`Digest` becomes a key. An object appears whole or not at all (an object store PUT is atomic;
-obstore's local store writes a staging file and renames it). Every obstore error is translated
-here: a missing object is None, anything else StoreUnavailable — nothing above store/ sees an
-obstore exception.
+Keys: `store.layout.object_key` (`blobs/<algorithm>/<hex[:2]>/<hex>` under the URL's
+prefix); only a grammar-checked `Digest` becomes a key. An object appears whole or not at
+all (an object store PUT is atomic; obstore's local store writes a staging file and renames
+it). Every obstore error is translated here: a missing object is None, anything else
+StoreUnavailable — nothing above store/ sees an obstore exception.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from obstore.store import from_url
 
 from mirror import errors
 from mirror.config import ColdConfig
-from mirror.oci.reference import Digest, parse_digest
+from mirror.oci.reference import Digest
+from mirror.store.layout import OBJECT_PREFIX, digest_of_key, object_key
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -98,14 +99,10 @@ class ColdStore:
             store = from_url(cold.url, **options)
         return cls(store, f"{parts.scheme}://{parts.netloc}{parts.path}")
 
-    @staticmethod
-    def key(digest: Digest) -> str:
-        return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
-
     async def put_file(self, digest: Digest, path: Path) -> None:
         """Upload a verified warm file, streaming (multipart for large ones)."""
         with _translate("upload", digest):
-            await obstore.put_async(self._store, self.key(digest), path)
+            await obstore.put_async(self._store, object_key(digest), path)
 
     async def open(self, digest: Digest) -> ColdObject | None:
         result = await self._call("read", digest, obstore.get_async)
@@ -123,7 +120,7 @@ class ColdStore:
         """`fn(store, key)`, None when the object is not there."""
         try:
             with _translate(what, digest):
-                return await fn(self._store, self.key(digest))
+                return await fn(self._store, object_key(digest))
         except errors.StoreUnavailable as e:
             if isinstance(e.__cause__, FileNotFoundError):
                 return None
@@ -132,13 +129,8 @@ class ColdStore:
     async def list(self) -> AsyncIterator[tuple[Digest, int]]:
         """Every blob held (for reconcile and fsck); objects that are not blobs are skipped."""
         with _translate("list"):
-            async for batch in obstore.list(self._store, "blobs/"):
+            async for batch in obstore.list(self._store, OBJECT_PREFIX):
                 for meta in batch:
-                    parts = str(meta["path"]).split("/")
-                    if len(parts) != 4 or parts[0] != "blobs":
-                        continue
-                    try:
-                        digest = parse_digest(f"{parts[1]}:{parts[3]}")
-                    except errors.MirrorError:
-                        continue
-                    yield digest, int(meta["size"])
+                    digest = digest_of_key(str(meta["path"]))
+                    if digest is not None:
+                        yield digest, int(meta["size"])

@@ -10,8 +10,9 @@ is a plain OrderedDict with the sizes accounted here.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
 from typing import Any
+
+from mirror.store.keys import HotKey
 
 #: What a key-value pair costs besides its payload (dict slot, tuple key, object headers).
 OVERHEAD = 200
@@ -23,12 +24,12 @@ class HotTier:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._data: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._data: OrderedDict[HotKey, tuple[Any, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
 
-    def get(self, key: Hashable) -> Any:
+    def get(self, key: HotKey) -> Any:
         """The value, marked most recently used; None when absent."""
         found = self._data.get(key)
         if found is None:
@@ -36,7 +37,7 @@ class HotTier:
         self._data.move_to_end(key)
         return found[0]
 
-    def put(self, key: Hashable, value: Any, nbytes: int = 0) -> None:
+    def put(self, key: HotKey, value: Any, nbytes: int = 0) -> None:
         """Keep `value` (payload `nbytes`), then evict from the cold end down to the budget.
         An entry larger than the whole budget is not kept at all."""
         self.drop(key)
@@ -49,7 +50,7 @@ class HotTier:
             _, (_, old) = self._data.popitem(last=False)
             self.used -= old
 
-    def drop(self, key: Hashable) -> None:
+    def drop(self, key: HotKey) -> None:
         found = self._data.pop(key, None)
         if found is not None:
             self.used -= found[1]

@@ -13,7 +13,6 @@ which `reconcile` adopts at the next start.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import sqlite3
@@ -22,7 +21,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from mirror.oci.reference import Digest, parse_digest
+from mirror.store.keys import TagKey
+from mirror.store.offload import offload
 
 T = TypeVar("T")
 
@@ -65,11 +68,20 @@ CREATE TABLE IF NOT EXISTS tags (
 class Entry:
     """One blob in one tier, as the eviction policies see it."""
 
-    digest: str
+    digest: Digest
     size: int
     stored: float
     last_access: float
     hits: int
+
+    @classmethod
+    def of_row(cls, row: tuple[Any, ...]) -> Entry:
+        """From (digest, size, stored, last_access, hits); the digest is parsed again, since
+        it becomes a file name."""
+        return cls(parse_digest(row[0]), *row[1:])
+
+
+_ENTRY = "SELECT digest, size, stored, last_access, hits FROM blobs"
 
 
 class BlobIndex:
@@ -84,7 +96,7 @@ class BlobIndex:
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run a blocking index method on the index thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await offload(self._executor, fn, *args)
 
     def close(self) -> None:
         """Blocking: finish queued work, then close the connection on its own thread."""
@@ -123,40 +135,40 @@ class BlobIndex:
 
     # -- blocking methods: call them through `call` (or directly from a command-line tool) --
 
-    def record(self, digest: str, tier: str, size: int, now: float) -> None:
+    def record(self, digest: Digest, tier: str, size: int, now: float) -> None:
         """A blob now held by `tier` (after its file or object was committed)."""
         self.db.execute(
             "INSERT INTO blobs (digest, tier, size, stored, last_access) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (digest, tier) DO UPDATE SET size = excluded.size, last_access = excluded.last_access",
-            (digest, tier, size, now, now),
+            (str(digest), tier, size, now, now),
         )
 
-    def record_many(self, rows: Iterable[tuple[str, str, int, float]]) -> None:
+    def record_many(self, rows: Iterable[tuple[Digest, str, int, float]]) -> None:
         with self.db:
             self.db.executemany(
                 "INSERT OR IGNORE INTO blobs (digest, tier, size, stored, last_access) VALUES (?, ?, ?, ?, ?)",
-                ((d, t, s, now, now) for d, t, s, now in rows),
+                ((str(d), t, s, now, now) for d, t, s, now in rows),
             )
 
-    def forget(self, digest: str, tier: str) -> None:
-        self.db.execute("DELETE FROM blobs WHERE digest = ? AND tier = ?", (digest, tier))
+    def forget(self, digest: Digest, tier: str) -> None:
+        self.db.execute("DELETE FROM blobs WHERE digest = ? AND tier = ?", (str(digest), tier))
 
-    def forget_many(self, tier: str, digests: Iterable[str]) -> None:
+    def forget_many(self, tier: str, digests: Iterable[Digest]) -> None:
         with self.db:
             self.db.execute(
                 "DELETE FROM blobs WHERE tier = ? AND digest IN (SELECT value FROM json_each(?))",
-                (tier, json.dumps(list(digests))),
+                (tier, _json(digests)),
             )
 
-    def touch(self, tier: str, accesses: Mapping[str, tuple[float, int]]) -> None:
+    def touch(self, tier: str, accesses: Mapping[Digest, tuple[float, int]]) -> None:
         """Apply a batch of (last access, hit count) from `Accesses`, in one transaction."""
         with self.db:
             self.db.executemany(
                 "UPDATE blobs SET last_access = max(last_access, ?), hits = hits + ? WHERE digest = ? AND tier = ?",
-                ((last, hits, digest, tier) for digest, (last, hits) in accesses.items()),
+                ((last, hits, str(d), tier) for d, (last, hits) in accesses.items()),
             )
 
-    def touch_tags(self, pulled: Mapping[tuple[str, str, str], float]) -> None:
+    def touch_tags(self, pulled: Mapping[TagKey, float]) -> None:
         with self.db:
             self.db.executemany(
                 "INSERT INTO tags VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE "
@@ -164,31 +176,25 @@ class BlobIndex:
                 ((*key, when) for key, when in pulled.items()),
             )
 
-    def tags_pulled(self) -> dict[tuple[str, str, str], float]:
+    def tags_pulled(self) -> dict[TagKey, float]:
         """When each tag was last pulled through the mirror."""
-        return {
-            (u, r, t): when
-            for u, r, t, when in self.db.execute(
-                "SELECT upstream, repo, tag, last_access FROM tags"
-            )
-        }
+        rows = self.db.execute("SELECT upstream, repo, tag, last_access FROM tags")
+        return {TagKey(u, r, t): when for u, r, t, when in rows}
 
-    def forget_tags(self, keys: Iterable[tuple[str, str, str]]) -> None:
+    def forget_tags(self, keys: Iterable[TagKey]) -> None:
         with self.db:
             self.db.executemany(
                 "DELETE FROM tags WHERE upstream = ? AND repo = ? AND tag = ?", keys
             )
 
-    def select(self, tier: str, digests: Iterable[str]) -> list[Entry]:
+    def select(self, tier: str, digests: Iterable[Digest]) -> list[Entry]:
         """The entries of these digests that `tier` holds."""
-        return [
-            Entry(*row)
-            for row in self.db.execute(
-                "SELECT digest, size, stored, last_access, hits FROM blobs "
-                "WHERE tier = ? AND digest IN (SELECT value FROM json_each(?)) ORDER BY last_access",
-                (tier, json.dumps(list(digests))),
-            )
-        ]
+        rows = self.db.execute(
+            f"{_ENTRY} WHERE tier = ? AND digest IN (SELECT value FROM json_each(?)) "
+            "ORDER BY last_access",
+            (tier, _json(digests)),
+        )
+        return [Entry.of_row(row) for row in rows]
 
     def usage(self) -> dict[str, tuple[int, int]]:
         """Bytes and blob count per tier: kept by triggers, so reading it costs nothing however
@@ -201,36 +207,27 @@ class BlobIndex:
     def ordered(self, tier: str, order_sql: str) -> Iterator[Entry]:
         """A tier's blobs in an eviction policy's order (`Policy.sql`, a constant of ours,
         never input), read lazily: a pass stops as soon as it has its victims."""
-        for row in self.db.execute(
-            f"SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? ORDER BY {order_sql}",
-            (tier,),
-        ):
-            yield Entry(*row)
+        for row in self.db.execute(f"{_ENTRY} WHERE tier = ? ORDER BY {order_sql}", (tier,)):
+            yield Entry.of_row(row)
 
     def idle(self, tier: str, before: float, limit: int) -> list[Entry]:
         """Blobs of a tier not used since `before`."""
-        return [
-            Entry(*row)
-            for row in self.db.execute(
-                "SELECT digest, size, stored, last_access, hits FROM blobs WHERE tier = ? AND last_access < ? "
-                "ORDER BY last_access LIMIT ?",
-                (tier, before, limit),
-            )
-        ]
+        rows = self.db.execute(
+            f"{_ENTRY} WHERE tier = ? AND last_access < ? ORDER BY last_access LIMIT ?",
+            (tier, before, limit),
+        )
+        return [Entry.of_row(row) for row in rows]
 
-    def tiers_of(self, digest: str) -> dict[str, Entry]:
-        return {
-            row[0]: Entry(digest, *row[1:])
-            for row in self.db.execute(
-                "SELECT tier, size, stored, last_access, hits FROM blobs WHERE digest = ?",
-                (digest,),
-            )
-        }
+    def tiers_of(self, digest: Digest) -> dict[str, Entry]:
+        rows = self.db.execute(
+            "SELECT tier, size, stored, last_access, hits FROM blobs WHERE digest = ?",
+            (str(digest),),
+        )
+        return {row[0]: Entry(digest, *row[1:]) for row in rows}
 
-    def digests(self, tier: str) -> set[str]:
-        return {
-            row[0] for row in self.db.execute("SELECT digest FROM blobs WHERE tier = ?", (tier,))
-        }
+    def digests(self, tier: str) -> set[Digest]:
+        rows = self.db.execute("SELECT digest FROM blobs WHERE tier = ?", (tier,))
+        return {parse_digest(row[0]) for row in rows}
 
     def pins(self) -> list[str]:
         return [row[0] for row in self.db.execute("SELECT pattern FROM pins ORDER BY pattern")]
@@ -250,14 +247,14 @@ class Accesses:
     def __init__(self, index: BlobIndex, clock: Callable[[], float] = time.time) -> None:
         self._index = index
         self._clock = clock
-        self._pending: dict[str, tuple[float, int]] = {}
-        self._tags: dict[tuple[str, str, str], float] = {}
+        self._pending: dict[Digest, tuple[float, int]] = {}
+        self._tags: dict[TagKey, float] = {}
 
-    def hit(self, digest: str) -> None:
-        _last, hits = self._pending.get(digest, (0.0, 0))
+    def hit(self, digest: Digest) -> None:
+        hits = self._pending.get(digest, (0.0, 0))[1]
         self._pending[digest] = (self._clock(), hits + 1)
 
-    def tag_pulled(self, key: tuple[str, str, str]) -> None:
+    def tag_pulled(self, key: TagKey) -> None:
         """A manifest fetched by tag (for retention's "most recently pulled" and "idle")."""
         self._tags[key] = self._clock()
 
@@ -270,3 +267,7 @@ class Accesses:
         if tags:
             await self._index.call(self._index.touch_tags, tags)
         return len(batch) + len(tags)
+
+
+def _json(digests: Iterable[Digest]) -> str:
+    return json.dumps([str(d) for d in digests])

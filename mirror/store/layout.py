@@ -16,6 +16,10 @@
       index.sqlite           blob metadata: tier, size, stored, last access, hits; run-time
                              pins (store/index.py)
 
+    <cold tier URL>/         object storage or a directory (store/cold.py)
+      blobs/sha256/ab/ab12…ef
+                             a blob demoted from warm, under the same key scheme
+
 Only a `Digest` (grammar-checked: known algorithm, fixed-length lowercase hex) becomes a path
 component, so no request can name a file outside these folders.
 """
@@ -25,7 +29,8 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from mirror.oci.reference import Digest
+from mirror.errors import DigestInvalid
+from mirror.oci.reference import Digest, parse_digest
 
 
 class Layout:
@@ -44,6 +49,36 @@ class Layout:
     def partial(self, digest: Digest) -> Path:
         return self.tmp / f"{digest.hex}.{secrets.token_hex(4)}.partial"
 
+    def probe(self) -> Path:
+        """Where a readiness check writes a file: tmp/, where fills write theirs."""
+        return self.tmp / f".ready-{secrets.token_hex(4)}"
+
     def create(self) -> None:
         for d in (self.blobs, self.tmp, self.meta):
             d.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def digest_of(algorithm_dir: str, name: str) -> Digest | None:
+        """The digest a file under blobs/<algorithm>/<fan>/ stands for; None for a file that
+        is no blob (a stray, a name outside the grammar)."""
+        try:
+            return parse_digest(f"{algorithm_dir}:{name}")
+        except DigestInvalid:
+            return None
+
+
+#: Where object keys start in the cold tier (under the URL's own prefix).
+OBJECT_PREFIX = "blobs/"
+
+
+def object_key(digest: Digest) -> str:
+    """A blob's key in the cold tier: the warm tier's relative path."""
+    return f"{OBJECT_PREFIX}{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def digest_of_key(key: str) -> Digest | None:
+    """The blob a cold-tier key names, or None for an object that is no blob of ours."""
+    parts = key.split("/")
+    if len(parts) != 4 or f"{parts[0]}/" != OBJECT_PREFIX or parts[2] != parts[3][:2]:
+        return None
+    return Layout.digest_of(parts[1], parts[3])

@@ -1,39 +1,34 @@
-"""Manifests by digest, tag → digest records and cached tag lists, on disk with a memory copy.
+"""Manifests by digest and cached list answers, on disk with a memory copy.
 
-The disk copy is a diskcache (SQLite) under meta/: each write is one transaction, so a record
-is either whole or absent after a crash. Manifests are written only after their bytes were
-hashed to their digest. The hot tier (store/hot.py) keeps a copy that answers the hot path
-without an executor hop; it is a copy, never the only one.
+The disk copy is a diskcache (SQLite) under meta/, shared with the tag records
+(store/tags.py): each write is one transaction, so an entry is either whole or absent after a
+crash. Manifests are written only after their bytes were hashed to their digest. The hot tier
+(store/hot.py) keeps a copy that answers the hot path without an executor hop; it is a copy,
+never the only one.
+
+On disk (kept as it always was, so a cache from an earlier version opens as it is):
+    ("m", "<digest>")                 → (media type, bytes)
+    ("l", upstream, repo, suffix, q)  → (body, content type, Link, stored)
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
 
 import diskcache
 
+from mirror.oci.reference import Digest
 from mirror.store.hot import HotTier
-from mirror.store.layout import Layout
+from mirror.store.keys import ListKey, ManifestKey
+from mirror.store.offload import offload
 
 
 @dataclass(frozen=True, slots=True)
 class StoredManifest:
-    digest: str
+    digest: Digest
     media_type: str
     data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class TagRecord:
-    """What `tag` pointed at when upstream last confirmed it, and when (wall-clock seconds)."""
-
-    digest: str
-    media_type: str
-    checked: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,87 +41,46 @@ class CachedList:
     stored: float
 
 
-TagKey = tuple[str, str, str]
-
-
 class ManifestStore:
-    """Manifests, tag records and list answers. Async methods may touch the disk (executor);
-    `*_cached` methods answer from memory only, for the hot path."""
+    """Manifests and list answers. Async methods may touch the disk (executor); `cached`
+    answers from memory only, for the hot path; `load` is blocking, for background work."""
 
-    def __init__(self, layout: Layout, executor: ThreadPoolExecutor, hot: HotTier) -> None:
-        self._disk = diskcache.Cache(str(layout.meta), eviction_policy="none", size_limit=2**62)
+    def __init__(self, disk: diskcache.Cache, executor: Executor, hot: HotTier) -> None:
+        self._disk = disk
         self._executor = executor
         self._hot = hot
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def close(self) -> None:
-        self._disk.close()
-
-    def manifest_cached(self, digest: str) -> StoredManifest | None:
-        found: StoredManifest | None = self._hot.get(("m", digest))
+    def cached(self, digest: Digest) -> StoredManifest | None:
+        found: StoredManifest | None = self._hot.get(ManifestKey(digest))
         return found
 
-    async def manifest(self, digest: str) -> StoredManifest | None:
-        found = self.manifest_cached(digest)
+    async def get(self, digest: Digest) -> StoredManifest | None:
+        found = self.cached(digest)
         if found is None:
-            raw = await self._run(self._disk.get, ("m", digest))
-            if raw is not None:
-                found = StoredManifest(digest, raw[0], raw[1])
-                self._hot.put(("m", digest), found, len(found.data))
+            found = await offload(self._executor, self.load, digest)
+            if found is not None:
+                self._hot.put(ManifestKey(digest), found, len(found.data))
         return found
 
-    async def put_manifest(self, manifest: StoredManifest) -> None:
+    async def put(self, manifest: StoredManifest) -> None:
         """Keep a manifest whose bytes the caller has verified against its digest."""
-        await self._run(
-            self._disk.set, ("m", manifest.digest), (manifest.media_type, manifest.data)
-        )
-        self._hot.put(("m", manifest.digest), manifest, len(manifest.data))
+        value = (manifest.media_type, manifest.data)
+        await offload(self._executor, self._disk.set, ("m", str(manifest.digest)), value)
+        self._hot.put(ManifestKey(manifest.digest), manifest, len(manifest.data))
 
-    def tag_cached(self, key: TagKey) -> TagRecord | None:
-        found: TagRecord | None = self._hot.get(("t", *key))
-        return found
+    def load(self, digest: Digest) -> StoredManifest | None:
+        """Blocking: the manifest from disk (pins, catalog, export run this in a thread)."""
+        raw = self._disk.get(("m", str(digest)))
+        return StoredManifest(digest, raw[0], raw[1]) if raw is not None else None
 
-    async def tag(self, key: TagKey) -> TagRecord | None:
-        found = self.tag_cached(key)
-        if found is None:
-            raw = await self._run(self._disk.get, ("t", *key))
-            if raw is not None:
-                found = TagRecord(*raw)
-                self._hot.put(("t", *key), found)
-        return found
-
-    async def put_tag(self, key: TagKey, record: TagRecord) -> None:
-        self._hot.put(("t", *key), record)
-        await self._run(
-            self._disk.set, ("t", *key), (record.digest, record.media_type, record.checked)
-        )
-
-    async def drop_tag(self, key: TagKey) -> None:
-        """Forget a tag upstream says is gone; its manifest and blobs stay."""
-        self._hot.drop(("t", *key))
-        await self._run(self._disk.delete, ("t", *key))
-
-    async def listing(self, key: tuple[str, ...]) -> CachedList | None:
-        raw = await self._run(self._disk.get, ("l", *key))
+    async def listing(self, key: ListKey) -> CachedList | None:
+        raw = await offload(self._executor, self._disk.get, _list_key(key))
         return CachedList(*raw) if raw is not None else None
 
-    async def put_listing(self, key: tuple[str, ...], value: CachedList) -> None:
-        await self._run(
-            self._disk.set, ("l", *key), (value.body, value.content_type, value.link, value.stored)
-        )
+    async def put_listing(self, key: ListKey, value: CachedList) -> None:
+        row = (value.body, value.content_type, value.link, value.stored)
+        await offload(self._executor, self._disk.set, _list_key(key), row)
 
-    # -- blocking reads for background work (pins, catalog, export): run them in an executor --
 
-    def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]:
-        """Every tag record on disk."""
-        for key in self._disk.iterkeys():
-            if isinstance(key, tuple) and len(key) == 4 and key[0] == "t":
-                raw = self._disk.get(key)
-                if raw is not None:
-                    yield (key[1], key[2], key[3]), TagRecord(*raw)
-
-    def load_manifest(self, digest: str) -> StoredManifest | None:
-        raw = self._disk.get(("m", digest))
-        return StoredManifest(digest, raw[0], raw[1]) if raw is not None else None
+def _list_key(key: ListKey) -> tuple[str, ...]:
+    return ("l", key.upstream, key.repo, key.suffix, key.query)

@@ -7,40 +7,41 @@ layers. Blocking (reads the manifest store): run it in a thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from fnmatch import fnmatchcase
 
 from mirror.oci.manifest import references
+from mirror.oci.reference import Digest
+from mirror.store.keys import TagKey
 from mirror.store.manifests import ManifestStore
+from mirror.store.tags import TagRecord
 
 
-def matches(upstream: str, repo: str, tag: str, patterns: Iterable[str]) -> bool:
-    ref = f"{upstream}/{repo}:{tag}"
+def matches(key: TagKey, patterns: Iterable[str]) -> bool:
+    ref = f"{key.upstream}/{key.repo}:{key.tag}"
     return any(fnmatchcase(ref, p) for p in patterns)
 
 
-def pinned_blobs(manifests: ManifestStore, patterns: Iterable[str]) -> set[str]:
-    """Every blob digest held by a pin."""
+def pinned_blobs(
+    manifests: ManifestStore, tags: Iterator[tuple[TagKey, TagRecord]], patterns: Iterable[str]
+) -> set[Digest]:
+    """Every blob digest held by a pin, among these tag records."""
     patterns = list(patterns)
-    roots = [
-        record.digest
-        for (up, repo, tag), record in manifests.iter_tags()
-        if matches(up, repo, tag, patterns)
-    ]
+    roots = [record.digest for key, record in tags if matches(key, patterns)]
     return reachable_blobs(manifests, roots)
 
 
-def reachable_blobs(manifests: ManifestStore, roots: Iterable[str]) -> set[str]:
+def reachable_blobs(manifests: ManifestStore, roots: Iterable[Digest]) -> set[Digest]:
     """Blobs named by these manifests and, through indexes, their children."""
-    blobs: set[str] = set()
-    seen: set[str] = set()
+    blobs: set[Digest] = set()
+    seen: set[Digest] = set()
     todo = list(roots)
     while todo:
         digest = todo.pop()
         if digest in seen:
             continue
         seen.add(digest)
-        manifest = manifests.load_manifest(digest)
+        manifest = manifests.load(digest)
         if manifest is None:
             continue
         refs = references(manifest.data)

@@ -2,8 +2,9 @@
 
 Flow (https://distribution.github.io/distribution/spec/auth/token/): a request answered 401
 with `WWW-Authenticate: Bearer realm=…,service=…,scope=…` is retried once with a token from
-the realm. Tokens are cached per (upstream, scope) until shortly before they expire, and
-concurrent fetches of the same token are coalesced. `Basic` challenges are answered with the
+the realm. Tokens are kept per (upstream, scope) until shortly before they expire, in the
+coordinator's token cache (memory for one process), and concurrent fetches of the same token
+are coalesced. `Basic` challenges are answered with the
 configured credentials.
 
 Credentials go only to the registry itself and to a realm that is the registry's own host or
@@ -15,14 +16,14 @@ from __future__ import annotations
 import base64
 import json
 import re
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mirror.coalesce import Flights
 from mirror.config import UpstreamConfig
+from mirror.coordination import TokenCache
+from mirror.coordination.flights import Flights
 from mirror.errors import Unauthorized
 
 #: A token is dropped this many seconds before its stated expiry, to absorb clock and transit.
@@ -92,8 +93,7 @@ def _from_docker_config(path: Path, up: UpstreamConfig) -> Credentials | None:
     return None
 
 
-#: Fetches a token: (realm URL, query params, Authorization header or None) -> parsed JSON.
-#: (upstream name, realm, query, Authorization or None) → the realm's JSON answer.
+#: Fetches a token: (upstream name, realm, query, Authorization or None) → the realm's JSON.
 TokenFetcher = Callable[[str, str, dict[str, str], str | None], Awaitable[dict[str, object]]]
 
 
@@ -101,24 +101,20 @@ class Authenticator:
     """Per-upstream credentials and the token cache; the HTTP client asks it what to send."""
 
     def __init__(
-        self,
-        upstreams: tuple[UpstreamConfig, ...],
-        fetch: TokenFetcher,
-        clock: Callable[[], float] = time.monotonic,
+        self, upstreams: tuple[UpstreamConfig, ...], fetch: TokenFetcher, tokens: TokenCache
     ) -> None:
         self._creds = {up.name: credentials_for(up) for up in upstreams}
         self._fetch = fetch
-        self._clock = clock
-        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        self._tokens = tokens
         self._basic: set[str] = set()
         self._flights: Flights[tuple[str, str], None, str] = Flights()
 
     def header(self, up: UpstreamConfig, scope: str) -> str | None:
         """The Authorization header to send first: a live cached token, or Basic if the
         registry asked for Basic before."""
-        entry = self._tokens.get((up.name, scope))
-        if entry is not None and entry[1] > self._clock():
-            return f"Bearer {entry[0]}"
+        token = self._tokens.get(up.name, scope)
+        if token is not None:
+            return f"Bearer {token}"
         creds = self._creds.get(up.name)
         if up.name in self._basic and creds is not None:
             return creds.basic()
@@ -137,7 +133,7 @@ class Authenticator:
             return creds.basic()
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
-        self._tokens.pop((up.name, scope), None)
+        self._tokens.drop(up.name, scope)  # it was refused, if we sent it
         token, _ = await self._flights.run(
             (up.name, scope), lambda: self._token(up, scope, challenge)
         )
@@ -170,7 +166,7 @@ class Authenticator:
             if isinstance(expires_in, (int, float)) and expires_in > 0
             else DEFAULT_EXPIRES_IN
         )
-        self._tokens[(up.name, scope)] = (token, self._clock() + max(ttl - EXPIRY_MARGIN, 1.0))
+        self._tokens.put(up.name, scope, token, max(ttl - EXPIRY_MARGIN, 1.0))
         return token
 
     @staticmethod

@@ -21,7 +21,9 @@ import aiohttp
 
 from mirror import errors
 from mirror.config import Config, UpstreamConfig
+from mirror.coordination import TokenCache
 from mirror.metrics import Metrics
+from mirror.oci.reference import Digest, parse_digest
 from mirror.upstream.auth import Authenticator
 from mirror.upstream.ratelimit import parse_ratelimit
 from mirror.upstream.resume import ResumingBlob, backoff, open_resuming
@@ -46,7 +48,8 @@ class UpstreamManifest:
 
     data: bytes
     media_type: str
-    digest: str | None
+    #: Upstream's Docker-Content-Digest, when it sent one.
+    digest: Digest | None
     size: int | None
 
 
@@ -63,7 +66,9 @@ class BlobStream:
     """One upstream answer's blob body; `size` is its Content-Length when upstream sent one.
     `skip` leading bytes are dropped: an upstream that ignored our Range sent them again."""
 
-    def __init__(self, response: aiohttp.ClientResponse, received: Any, skip: int = 0) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, received: Callable[[float], None], skip: int = 0
+    ) -> None:
         self._response = response
         self._received = received
         self._skip = skip
@@ -74,7 +79,7 @@ class BlobStream:
         skip = self._skip
         with _translate():
             async for chunk in self._response.content.iter_any():
-                self._received.inc(len(chunk))
+                self._received(len(chunk))
                 if skip:
                     dropped = min(skip, len(chunk))
                     chunk, skip = chunk[dropped:], skip - dropped
@@ -136,6 +141,19 @@ def _status_error(
     return errors.UpstreamBadResponse(f"upstream answered {status}", detail={"status": status})
 
 
+def _header_digest(value: str | None) -> Digest | None:
+    """Upstream's Docker-Content-Digest; one that is no digest is upstream's fault (502), not
+    the client's."""
+    if value is None:
+        return None
+    try:
+        return parse_digest(value)
+    except errors.DigestInvalid:
+        raise errors.UpstreamBadResponse(
+            "upstream sent a malformed Docker-Content-Digest", detail={"header": value[:200]}
+        ) from None
+
+
 def _kind(method: str, path: str) -> str:
     """The request's kind for metrics (a fixed set: never the path itself)."""
     if "/manifests/" in path:
@@ -153,15 +171,15 @@ def _same_origin(a: str, b: str) -> bool:
 class UpstreamClient:
     """Registry API calls against the configured upstreams."""
 
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics, tokens: TokenCache) -> None:
         self._config = config
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         #: Pulls left per upstream, from its last rate-limit headers.
         self._remaining: dict[str, int] = {}
         #: Until when (monotonic) an upstream that answered 429 gets no manifest request.
         self._backoff: dict[str, float] = {}
-        self.auth = Authenticator(config.upstreams, self._fetch_token)
+        self.auth = Authenticator(config.upstreams, self._fetch_token, tokens)
 
     async def start(self) -> None:
         t = self._config.timeouts
@@ -194,37 +212,37 @@ class UpstreamClient:
             )
             data = b"" if method == "HEAD" else await self._read_small(resp)
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
-            return UpstreamManifest(
-                data, media_type, resp.headers.get("Docker-Content-Digest"), resp.content_length
-            )
+            digest = _header_digest(resp.headers.get("Docker-Content-Digest"))
+            return UpstreamManifest(data, media_type, digest, resp.content_length)
 
     @contextlib.asynccontextmanager
-    async def blob(self, target: Target, digest: str) -> AsyncIterator[ResumingBlob]:
+    async def blob(self, target: Target, digest: Digest) -> AsyncIterator[ResumingBlob]:
         """Open a blob body for streaming (following the CDN redirect without credentials).
         A body that breaks off is picked up again with Range where it stopped (resume.py)."""
         up = target.upstream
-        resumed = self._metrics.upstream_retries.labels(up.name, "blob", "resume")
         t = self._config.timeouts
         async with open_resuming(
             lambda offset: self._blob_at(target, digest, offset),
             self._config.retries,
             t.min_rate,
             t.rate_window,
-            resumed.inc,
-            digest,
+            lambda: self._metrics.retried(up.name, "blob", "resume"),
+            str(digest),
         ) as body:
             yield body
 
     @contextlib.asynccontextmanager
-    async def _blob_at(self, target: Target, digest: str, offset: int) -> AsyncIterator[BlobStream]:
+    async def _blob_at(
+        self, target: Target, digest: Digest, offset: int
+    ) -> AsyncIterator[BlobStream]:
         """The blob's bytes from `offset` on. A 206 must start at `offset`; a 200 (Range
         ignored) has its first `offset` bytes dropped. Either way the digest check at the end
         of the fill covers the bytes of every connection."""
         path = f"/v2/{target.repo}/blobs/{digest}"
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         async with self._open(target, "GET", path, headers) as resp:
-            self._check(resp, errors.BlobUnknown(detail={"digest": digest}))
-            received = self._metrics.upstream_bytes.labels(target.upstream.name)
+            self._check(resp, errors.BlobUnknown(detail={"digest": str(digest)}))
+            received = self._metrics.receiving(target.upstream.name)
             if not offset:
                 yield BlobStream(resp, received)
                 return
@@ -241,11 +259,11 @@ class UpstreamClient:
             else:
                 yield BlobStream(resp, received, skip=offset)
 
-    async def blob_size(self, target: Target, digest: str) -> int | None:
+    async def blob_size(self, target: Target, digest: Digest) -> int | None:
         """HEAD a blob: its size, or None when upstream does not say."""
         path = f"/v2/{target.repo}/blobs/{digest}"
         async with self._open(target, "HEAD", path, {}) as resp:
-            self._check(resp, errors.BlobUnknown(detail={"digest": digest}))
+            self._check(resp, errors.BlobUnknown(detail={"digest": str(digest)}))
             return resp.content_length
 
     async def raw(
@@ -366,7 +384,7 @@ class UpstreamClient:
                     resp.status,
                     delay,
                 )
-            self._metrics.upstream_retries.labels(up.name, kind, reason).inc()
+            self._metrics.retried(up.name, kind, reason)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last try returns or raises")
 
@@ -394,8 +412,7 @@ class UpstreamClient:
         if limit is not None:
             self._remaining[up.name] = limit.remaining
             credential = up.username or "anonymous"
-            self._metrics.ratelimit_remaining.labels(up.name, credential).set(limit.remaining)
-            self._metrics.ratelimit_limit.labels(up.name, credential).set(limit.limit)
+            self._metrics.rate_limit(up.name, credential, limit.limit, limit.remaining)
 
     async def _follow(
         self,
@@ -434,9 +451,9 @@ class UpstreamClient:
         try:
             body = await self._token_request(realm, query, auth)
         except errors.MirrorError:
-            self._metrics.token_fetches.labels(upstream, "failed").inc()
+            self._metrics.token_fetched(upstream, ok=False)
             raise
-        self._metrics.token_fetches.labels(upstream, "ok").inc()
+        self._metrics.token_fetched(upstream, ok=True)
         return body
 
     async def _token_request(

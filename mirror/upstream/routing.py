@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mirror.bounded import Bounded
 from mirror.config import Config, UpstreamConfig
 from mirror.errors import NameUnknown
-from mirror.oci.reference import check_name
+from mirror.oci.reference import check_name, looks_like_host
 
 ROUTE_CACHE_MAX = 4096
 
@@ -38,16 +39,14 @@ class Router:
             for host in up.hosts:
                 self._by_host[host.lower()] = up
         self._default = config.upstream(config.default_upstream)
-        self._cache: dict[tuple[str, str | None], Target] = {}
+        self._cache: Bounded[tuple[str, str | None], Target] = Bounded(ROUTE_CACHE_MAX)
 
     def route(self, name: str, ns: str | None) -> Target:
         """The Target for a name and optional ns; valid answers are memoised (bounded)."""
         key = (name, ns)
         found = self._cache.get(key)
         if found is None:
-            if len(self._cache) >= ROUTE_CACHE_MAX:
-                self._cache.clear()
-            found = self._cache[key] = self._route(name, ns)
+            found = self._cache.remember(key, self._route(name, ns))
         return found
 
     def _route(self, name: str, ns: str | None) -> Target:
@@ -59,7 +58,7 @@ class Router:
                 )
             return self._target(up, self._strip_own_host(up, name), name, ns)
         first, _, rest = name.partition("/")
-        if rest and ("." in first or ":" in first or first == "localhost"):
+        if rest and looks_like_host(first):
             up = self._by_host.get(first.lower())
             if up is None:
                 raise NameUnknown(

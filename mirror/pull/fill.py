@@ -1,6 +1,6 @@
 """A blob fill: one upstream fetch into a partial file that every requester reads as it grows.
 
-The fill runs as a detached task (see `coalesce.Flights`): a client that goes away never
+The fill runs as a detached task (the coordinator's `fill`): a client that goes away never
 cancels it. Followers read the partial file through their own dup of its descriptor, so the
 final rename (or an unlink on failure) does not disturb them, and they never send the last
 byte of their answer before the digest is verified: a cut or lying upstream reaches every
@@ -16,14 +16,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Protocol
 
 from mirror import errors
+from mirror.body import BlobBody
 from mirror.oci.reference import Digest
-from mirror.oci.verify import Verifier
+from mirror.oci.verify import Mismatch, Verifier
 from mirror.store.blobs import BlobStore, Corrupt, rewrite_at, write_all
 
 log = logging.getLogger("mirror.fill")
@@ -41,15 +41,7 @@ SYNC_EVERY = 32 * 1024 * 1024
 FOLLOWER_WAKE = 0.2
 
 
-class BlobBody(Protocol):
-    """Where a fill reads from: an upstream answer, or a cold-tier object being promoted."""
-
-    @property
-    def size(self) -> int | None: ...
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-
+#: Where a fill reads from: an upstream answer, or a cold-tier object being promoted.
 BlobSource = Callable[[], AbstractAsyncContextManager[BlobBody]]
 #: Make room on the store's disk for this many more bytes (evicting); False if it cannot.
 Room = Callable[[int], Awaitable[bool]]
@@ -291,6 +283,9 @@ class Fill:
     def _fail(self, e: BaseException) -> None:
         if isinstance(e, errors.MirrorError):
             self.error = e
+        elif isinstance(e, Mismatch):
+            where = "cold copy" if self.source == "cold" else "upstream content"
+            self.error = errors.DigestMismatch(f"{where} {e.message}", detail=e.detail)
         elif isinstance(e, OSError):
             self.error = errors.StoreUnavailable(detail={"reason": e.strerror or str(e)})
         else:

@@ -14,46 +14,15 @@ import asyncio
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from mirror.oci import mediatypes
+from mirror.oci.reference import ImageRef, parse_image
 
 #: Blobs fetched at once per image.
 PARALLEL = 4
-INDEXES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    registry: str
-    repository: str
-    reference: str
-
-    def __str__(self) -> str:
-        sep = "@" if self.reference.startswith("sha256:") else ":"
-        return f"{self.registry}/{self.repository}{sep}{self.reference}"
-
-
-def parse_image(text: str) -> ImageRef:
-    """`[registry/]repository[:tag|@digest]`, as docker reads it (docker.io by default)."""
-    name, at, digest = text.strip().partition("@")
-    first, slash, rest = name.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        registry, name = first, rest
-    else:
-        registry = "docker.io"
-    if at:
-        return ImageRef(registry, name, digest)
-    repo, colon, tag = name.rpartition(":")
-    if colon and "/" not in tag:
-        return ImageRef(registry, repo, tag)
-    return ImageRef(registry, name, "latest")
 
 
 def add_command(sub: Any) -> None:
@@ -108,7 +77,7 @@ async def _prefetch(
     ns = {"ns": image.registry}
     doc, media_type = await _manifest(session, base, image.reference, ns)
     manifests = [doc]
-    if media_type in INDEXES:
+    if media_type in mediatypes.INDEX_TYPES:
         manifests = []
         for child in doc.get("manifests", []):
             if platforms is None or _platform(child.get("platform", {})) in platforms:

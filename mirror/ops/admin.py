@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
 from mirror import errors
-from mirror.eviction import PassReport
-from mirror.oci.reference import parse_digest
+from mirror.cache import Cache
+from mirror.config import PIN_FORM, is_pin
+from mirror.eviction.passes import PassReport
+from mirror.oci.reference import Digest
 from mirror.store.index import Entry
-from mirror.store.manifests import ManifestStore, TagKey
+from mirror.store.keys import TagKey
 from mirror.store.pins import reachable_blobs
-from mirror.store.tiers import Tiers
+from mirror.store.reconcile import reconcile
+from mirror.store.tags import TagRecord
 
 #: A partial file older than this is a crash's leftover, not a live fill (fsck --repair).
 STALE_PARTIAL = 3600.0
@@ -63,17 +65,19 @@ class FsckReport:
 
 
 class Admin:
-    def __init__(self, tiers: Tiers, manifests: ManifestStore) -> None:
-        self._tiers = tiers
-        self._manifests = manifests
-        self._index = tiers.index
+    def __init__(self, cache: Cache) -> None:
+        self._cache = cache
+        self._tiers = cache.tiers
+        self._manifests = cache.manifests
+        self._tags = cache.coordinator.tags
+        self._index = cache.index
 
-    async def _tags(self) -> dict[TagKey, Any]:
-        return dict(await asyncio.to_thread(lambda: list(self._manifests.iter_tags())))
+    async def _records(self) -> dict[TagKey, TagRecord]:
+        return dict(await asyncio.to_thread(lambda: list(self._tags.all())))
 
-    async def _entries(self) -> dict[str, dict[str, Entry]]:
+    async def _entries(self) -> dict[Digest, dict[str, Entry]]:
         """digest → tier → entry, for every blob the index holds."""
-        found: dict[str, dict[str, Entry]] = {}
+        found: dict[Digest, dict[str, Entry]] = {}
         for tier in ("warm", "cold"):
             for entry in await self._index.call(
                 lambda t=tier: list(self._index.ordered(t, "last_access"))
@@ -84,7 +88,7 @@ class Admin:
     async def catalog(self, limit: int | None = None) -> list[Image]:
         """Every cached tag (the first `limit`, by name) with the size of what it references
         and where that lives."""
-        tags = dict(sorted((await self._tags()).items())[:limit])
+        tags = dict(sorted((await self._records()).items())[:limit])
         pulled = await self._index.call(self._index.tags_pulled)
         entries = await self._entries()
         images = []
@@ -97,17 +101,17 @@ class Admin:
                 [pulled.get(key, record.checked)]
                 + [e.last_access for b in held for e in b.values()]
             )
-            images.append(Image(*key, record.digest, size, last, tiers))
+            images.append(Image(*key, str(record.digest), size, last, tiers))
         return images
 
     async def usage(self) -> dict[str, Any]:
         """Bytes and blobs per tier, and per upstream (a blob shared by two upstreams' images
         counts in both)."""
-        per_tier = await self._tiers.refresh_usage()
+        per_tier = await self._cache.usage.refresh()
         entries = await self._entries()
-        roots: dict[str, list[str]] = {}
-        for (upstream, _, _), record in (await self._tags()).items():
-            roots.setdefault(upstream, []).append(record.digest)
+        roots: dict[str, list[Digest]] = {}
+        for key, record in (await self._records()).items():
+            roots.setdefault(key.upstream, []).append(record.digest)
         per_upstream = {}
         for upstream, digests in sorted(roots.items()):
             blobs = await asyncio.to_thread(reachable_blobs, self._manifests, digests)
@@ -120,6 +124,17 @@ class Admin:
             "tiers": {t: {"bytes": b, "blobs": n} for t, (b, n) in per_tier.items()},
             "upstreams": per_upstream,
         }
+
+    async def tiers(self) -> dict[str, tuple[int, int]]:
+        """(bytes, objects) per tier, memory included: what the status page and /metrics show."""
+        per_tier = await self._cache.usage.refresh()
+        hot = self._tiers.hot
+        return {"hot": (hot.used, len(hot)), **per_tier}
+
+    async def unwritable(self) -> str | None:
+        """Why the store cannot take writes now, or None (readiness)."""
+        blobs = self._cache.blobs
+        return await blobs.run(blobs.unwritable)
 
     async def evict(
         self, dry_run: bool = False, older_than: float | None = None, repo: str | None = None
@@ -136,22 +151,21 @@ class Admin:
         if repo is not None:
             roots = [
                 r.digest
-                for (u, name, _), r in (await self._tags()).items()
-                if fnmatchcase(f"{u}/{name}", repo)
+                for key, r in (await self._records()).items()
+                if fnmatchcase(f"{key.upstream}/{key.repo}", repo)
             ]
             held = await asyncio.to_thread(reachable_blobs, self._manifests, roots)
             candidates = [e for e in candidates if e.digest in held]
-        protected = await self._tiers.protected()
+        evictions = self._cache.evictions
+        protected = await evictions.protected()
         victims = [e for e in candidates if e.digest not in protected]
         if not dry_run and victims:
-            await self._tiers.leave_warm(victims, PassReport(), "manual")
+            await evictions.leave_warm(victims, PassReport(), "manual")
         return victims
 
     async def pin(self, pattern: str) -> None:
-        if "/" not in pattern or ":" not in pattern.rpartition("/")[2]:
-            raise errors.InvalidRequest(
-                f"a pin is <upstream>/<repository>:<tag pattern>, got {pattern!r}"
-            )
+        if not is_pin(pattern):
+            raise errors.InvalidRequest(f"a pin is {PIN_FORM}, got {pattern!r}")
         await self._index.call(self._index.pin, pattern)
 
     async def unpin(self, pattern: str) -> bool:
@@ -165,52 +179,24 @@ class Admin:
         With `repair`: drop corrupt blobs (record first, then file), adopt files without
         records and drop records without files (as a restart does), remove stale partials."""
         report = FsckReport()
-        blobs = self._tiers.blobs
+        blobs = self._cache.blobs
         files = await blobs.run(blobs.scan)
         known = await self._index.call(self._index.digests, "warm")
-        report.records_without_files = sorted(known - files.keys())
-        report.files_without_records = sorted(files.keys() - known)
-        for digest in sorted(files):
+        report.records_without_files = sorted(map(str, known - files.keys()))
+        report.files_without_records = sorted(map(str, files.keys() - known))
+        corrupt = []
+        for digest in sorted(files, key=str):
             report.checked += 1
-            if not await blobs.run(blobs.verify, parse_digest(digest)):
-                report.corrupt.append(digest)
-        now = time.time()
-        report.stale_partials = sorted(
-            p.name for p in blobs.layout.tmp.iterdir() if now - p.stat().st_mtime > STALE_PARTIAL
-        )
+            if not await blobs.run(blobs.verify, digest):
+                corrupt.append(digest)
+        report.corrupt = [str(d) for d in corrupt]
+        stale = await blobs.run(blobs.partials, STALE_PARTIAL)
+        report.stale_partials = sorted(p.name for p in stale)
         if repair and not report.clean:
-            await self._index.call(self._index.forget_many, "warm", report.corrupt)
-            await blobs.run(blobs.remove, report.corrupt)
-            for name in report.stale_partials:
-                (blobs.layout.tmp / name).unlink(missing_ok=True)
-            await self._tiers.reconcile()
+            await self._index.call(self._index.forget_many, "warm", corrupt)
+            await blobs.run(blobs.remove, corrupt)
+            for path in stale:
+                await blobs.run(blobs.discard, path)
+            await reconcile(blobs, self._index, self._cache.usage)
             report.repaired = True
         return report
-
-
-def as_json(value: Any) -> Any:
-    """Dataclasses and entries as plain JSON values."""
-    if isinstance(value, list):
-        return [as_json(v) for v in value]
-    if hasattr(value, "__dataclass_fields__"):
-        out = asdict(value)
-        if isinstance(value, FsckReport):
-            out["clean"] = value.clean
-        return out
-    return value
-
-
-def human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if nbytes < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"
-
-
-def table(rows: Iterable[Iterable[object]], header: list[str]) -> str:
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in cells]
-    return "\n".join(lines)

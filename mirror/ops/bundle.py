@@ -26,19 +26,19 @@ import json
 import logging
 import os
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from mirror import errors
+from mirror.cache import Cache
 from mirror.config import Config
 from mirror.oci.manifest import references
-from mirror.oci.reference import Digest, parse_digest
-from mirror.oci.verify import Verifier, digest_of
-from mirror.prefetch import parse_image
+from mirror.oci.reference import Digest, parse_digest, parse_image
+from mirror.oci.verify import Mismatch, Verifier, digest_of
 from mirror.store.blobs import write_all
-from mirror.store.manifests import ManifestStore, StoredManifest, TagKey, TagRecord
-from mirror.store.tiers import Tiers, open_tiers
+from mirror.store.keys import TagKey
+from mirror.store.manifests import ManifestStore, StoredManifest
+from mirror.store.tags import TagRecord
 from mirror.upstream.routing import Router
 
 log = logging.getLogger("mirror.bundle")
@@ -55,33 +55,66 @@ class ImportReport:
     failed: list[str] = field(default_factory=list)
 
 
+def member(digest: Digest) -> str:
+    """A blob's path in an OCI image layout (image-spec image-layout.md)."""
+    return f"blobs/{digest.algorithm}/{digest.hex}"
+
+
+def _digest_of_member(name: str) -> Digest | None:
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] != "blobs":
+        return None
+    return _digest_or_none(f"{parts[1]}:{parts[2]}")
+
+
+def _digest_or_none(value: object) -> Digest | None:
+    """A digest the bundle names; None for one that is not (a tampered bundle imports it
+    as a failure, never as a path)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_digest(value)
+    except errors.DigestInvalid:
+        return None
+
+
 # -- export ---------------------------------------------------------------------------------------
 
 
+def export(
+    cache: Cache, config: Config, out: IO[bytes], images: list[str], everything: bool
+) -> list[str]:
+    """Blocking: write the bundle to `out`; returns the refs exported (incomplete images, whose
+    blobs are not all in warm, are left out with a warning)."""
+    return _export(cache, _wanted(cache, config, images, everything), out)
+
+
 def _wanted(
-    config: Config, manifests: ManifestStore, images: list[str], everything: bool
+    cache: Cache, config: Config, images: list[str], everything: bool
 ) -> dict[TagKey, TagRecord]:
-    tags = dict(manifests.iter_tags())
+    tags = dict(cache.coordinator.tags.all())
     if everything:
         return tags
     router, chosen = Router(config), {}
     for text in images:
         ref = parse_image(text)
         target = router.route(ref.repository, ref.registry)
-        key = (target.upstream.name, target.repo, ref.reference)
+        key = TagKey(target.upstream.name, target.repo, ref.reference)
         if key not in tags:
             raise errors.ManifestUnknown(f"{text} is not in the cache")
         chosen[key] = tags[key]
     return chosen
 
 
-def _closure(manifests: ManifestStore, root: str) -> tuple[list[StoredManifest], list[str]] | None:
+def _closure(
+    manifests: ManifestStore, root: Digest
+) -> tuple[list[StoredManifest], list[Digest]] | None:
     """Every manifest and blob one tag needs, or None when a manifest is missing."""
     found: list[StoredManifest] = []
-    blobs: list[str] = []
+    blobs: list[Digest] = []
     todo = [root]
     while todo:
-        m = manifests.load_manifest(todo.pop())
+        m = manifests.load(todo.pop())
         if m is None:
             return None
         found.append(m)
@@ -91,79 +124,52 @@ def _closure(manifests: ManifestStore, root: str) -> tuple[list[StoredManifest],
     return found, blobs
 
 
-def export(config: Config, out: IO[bytes], images: list[str], everything: bool) -> list[str]:
-    """Blocking: write the bundle to `out`; returns the refs exported (incomplete images, whose
-    blobs are not all in warm, are left out with a warning)."""
-    pool = ThreadPoolExecutor(2)
-    tiers, manifests = open_tiers(config, pool)
-    try:
-        return _export(tiers, manifests, _wanted(config, manifests, images, everything), out)
-    finally:
-        tiers.index.close()
-        manifests.close()
-        pool.shutdown()
-
-
-def _export(
-    tiers: Tiers, manifests: ManifestStore, tags: dict[TagKey, TagRecord], out: IO[bytes]
-) -> list[str]:
-    written: set[str] = set()
+def _export(cache: Cache, tags: dict[TagKey, TagRecord], out: IO[bytes]) -> list[str]:
+    written: set[Digest] = set()
     index, history, sums, exported = [], [], [], []
-    layout = tiers.blobs.layout
+    store = cache.blobs
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _add_bytes(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
-        for (upstream, repo, tag), record in sorted(tags.items()):
-            closure = _closure(manifests, record.digest)
-            ref = f"{upstream}/{repo}:{tag}"
-            if closure is None or not all(
-                layout.blob(parse_digest(d)).exists() for d in closure[1]
-            ):
+        for key, record in sorted(tags.items()):
+            closure = _closure(cache.manifests, record.digest)
+            ref = f"{key.upstream}/{key.repo}:{key.tag}"
+            if closure is None or not all(store.exists(d) for d in closure[1]):
                 log.warning("%s is not wholly in the warm tier: left out", ref)
                 continue
             for m in closure[0]:
                 if m.digest not in written:
-                    _add_bytes(tar, _member(m.digest), m.data)
+                    _add_bytes(tar, member(m.digest), m.data)
                     written.add(m.digest)
                     sums.append(m.digest)
             for d in closure[1]:
                 if d not in written:
-                    tar.add(str(layout.blob(parse_digest(d))), arcname=_member(d), recursive=False)
+                    tar.add(str(store.path(d)), arcname=member(d), recursive=False)
                     written.add(d)
                     sums.append(d)
             index.append(
                 {
                     "mediaType": record.media_type,
-                    "digest": record.digest,
+                    "digest": str(record.digest),
                     "size": len(closure[0][0].data),
                     "annotations": {REF_NAME: ref},
                 }
             )
             history.append(
                 {
-                    "upstream": upstream,
-                    "repository": repo,
-                    "tag": tag,
-                    "digest": record.digest,
+                    "upstream": key.upstream,
+                    "repository": key.repo,
+                    "tag": key.tag,
+                    "digest": str(record.digest),
                     "media_type": record.media_type,
                     "checked": record.checked,
                 }
             )
             exported.append(ref)
-        _add_bytes(
-            tar,
-            "index.json",
-            json.dumps({"schemaVersion": 2, "manifests": index}, indent=1).encode(),
-        )
+        doc = {"schemaVersion": 2, "manifests": index}
+        _add_bytes(tar, "index.json", json.dumps(doc, indent=1).encode())
         _add_bytes(tar, "mirror-tags.json", json.dumps(history, indent=1).encode())
-        _add_bytes(
-            tar, "SHA256SUMS", "".join(f"{d.split(':')[1]}  {_member(d)}\n" for d in sums).encode()
-        )
+        _add_bytes(tar, "SHA256SUMS", "".join(f"{d.hex}  {member(d)}\n" for d in sums).encode())
     return exported
-
-
-def _member(digest: str) -> str:
-    algorithm, _, hexd = digest.partition(":")
-    return f"blobs/{algorithm}/{hexd}"
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -176,60 +182,47 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 # -- import ---------------------------------------------------------------------------------------
 
 
-def import_bundle(config: Config, source: IO[bytes]) -> ImportReport:
-    """Blocking: verify and store what the bundle holds (see the module docstring)."""
-    pool = ThreadPoolExecutor(2)
-    tiers, manifests = open_tiers(config, pool)
-    try:
-        return asyncio.run(_import(tiers, manifests, source))
-    finally:
-        tiers.index.close()
-        manifests.close()
-        pool.shutdown()
-
-
-async def _import(tiers: Tiers, manifests: ManifestStore, source: IO[bytes]) -> ImportReport:
+async def import_bundle(cache: Cache, source: IO[bytes]) -> ImportReport:
+    """Verify and store what the bundle holds (see the module docstring). The tar is read
+    in a thread: it is a blocking stream."""
     report = ImportReport()
-    arrived: set[str] = set()
-    docs: dict[str, Any] = {}
-    with tarfile.open(fileobj=source, mode="r|*") as tar:
-        for member in tar:
-            name = member.name.lstrip("./")
-            if member.isfile() and name.startswith("blobs/"):
-                digest = _digest_of_member(name)
-                reader = tar.extractfile(member)
-                if (
-                    digest is None
-                    or reader is None
-                    or not _store_blob(tiers, digest, reader, member.size)
-                ):
-                    report.failed.append(name)
-                    continue
-                arrived.add(str(digest))
-                report.blobs += 1
-            elif member.isfile() and name in ("index.json", "mirror-tags.json"):
-                reader = tar.extractfile(member)
-                docs[name] = json.loads(reader.read()) if reader is not None else None
-    for text in arrived:
-        blob = parse_digest(text)
-        await tiers.committed(blob, tiers.blobs.layout.blob(blob).stat().st_size)
-    await _restore_tags(tiers, manifests, docs, arrived, report)
+    arrived, docs = await asyncio.to_thread(_read_tar, cache, source, report)
+    for digest in arrived:
+        await cache.tiers.committed(digest, await cache.blobs.run(cache.blobs.size, digest))
+    await _restore_tags(cache, docs, arrived, report)
     return report
 
 
-def _digest_of_member(name: str) -> Digest | None:
-    parts = name.split("/")
-    if len(parts) != 3:
-        return None
-    try:
-        return parse_digest(f"{parts[1]}:{parts[2]}")
-    except errors.MirrorError:
-        return None
+def _read_tar(
+    cache: Cache, source: IO[bytes], report: ImportReport
+) -> tuple[set[Digest], dict[str, Any]]:
+    """Blocking: every blob of the bundle into the store (verified), and its two documents."""
+    arrived: set[Digest] = set()
+    docs: dict[str, Any] = {}
+    with tarfile.open(fileobj=source, mode="r|*") as tar:
+        for item in tar:
+            name = item.name.lstrip("./")
+            if item.isfile() and name.startswith("blobs/"):
+                digest = _digest_of_member(name)
+                reader = tar.extractfile(item)
+                if (
+                    digest is None
+                    or reader is None
+                    or not _store_blob(cache, digest, reader, item.size)
+                ):
+                    report.failed.append(name)
+                    continue
+                arrived.add(digest)
+                report.blobs += 1
+            elif item.isfile() and name in ("index.json", "mirror-tags.json"):
+                reader = tar.extractfile(item)
+                docs[name] = json.loads(reader.read()) if reader is not None else None
+    return arrived, docs
 
 
-def _store_blob(tiers: Tiers, digest: Digest, reader: IO[bytes], size: int) -> bool:
+def _store_blob(cache: Cache, digest: Digest, reader: IO[bytes], size: int) -> bool:
     """Write one blob to tmp/ while hashing; rename into place only if it is what it says."""
-    blobs = tiers.blobs
+    blobs = cache.blobs
     if blobs.exists(digest):
         return True
     partial, wfd, rfd = blobs.create_partial(digest)
@@ -242,8 +235,8 @@ def _store_blob(tiers: Tiers, digest: Digest, reader: IO[bytes], size: int) -> b
         verifier.check()
         blobs.commit(partial, wfd, digest)
         return True
-    except errors.UpstreamBadResponse:
-        log.error("bundle blob %s does not match its digest: not imported", digest)
+    except Mismatch as e:
+        log.error("bundle blob %s %s: not imported", digest, e.message)
         blobs.discard(partial)
         return False
     finally:
@@ -251,11 +244,7 @@ def _store_blob(tiers: Tiers, digest: Digest, reader: IO[bytes], size: int) -> b
 
 
 async def _restore_tags(
-    tiers: Tiers,
-    manifests: ManifestStore,
-    docs: dict[str, Any],
-    arrived: set[str],
-    report: ImportReport,
+    cache: Cache, docs: dict[str, Any], arrived: set[Digest], report: ImportReport
 ) -> None:
     """Store manifests (verified) and tags whose every blob arrived."""
     history = docs.get("mirror-tags.json") or [
@@ -266,17 +255,15 @@ async def _restore_tags(
     for entry in history:
         if entry is None:
             continue
-        stored = await _store_closure(
-            tiers, manifests, entry["digest"], entry["media_type"], arrived
-        )
-        if not stored:
+        root = _digest_or_none(entry["digest"])
+        stored = await _store_closure(cache, root, entry["media_type"], arrived) if root else 0
+        if not stored or root is None:
             report.failed.append(f"{entry['upstream']}/{entry['repository']}:{entry['tag']}")
             continue
         report.manifests += stored
-        key = (entry["upstream"], entry["repository"], entry["tag"])
-        await manifests.put_tag(
-            key, TagRecord(entry["digest"], entry["media_type"], float(entry["checked"]))
-        )
+        key = TagKey(entry["upstream"], entry["repository"], entry["tag"])
+        record = TagRecord(root, entry["media_type"], float(entry["checked"]))
+        await cache.coordinator.tags.put(key, record)
         report.tags += 1
 
 
@@ -296,9 +283,7 @@ def _from_ref_name(descriptor: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-async def _store_closure(
-    tiers: Tiers, manifests: ManifestStore, root: str, media_type: str, arrived: set[str]
-) -> int:
+async def _store_closure(cache: Cache, root: Digest, media_type: str, arrived: set[Digest]) -> int:
     """Store the manifests under `root` if they and all their blobs arrived intact: how many.
     A manifest's media type is its descriptor's (the tag's, or its index's entry)."""
     todo, found = [(root, media_type)], []
@@ -306,16 +291,18 @@ async def _store_closure(
         digest, kind = todo.pop()
         if digest not in arrived:
             return 0
-        data = tiers.blobs.layout.blob(parse_digest(digest)).read_bytes()
-        if str(digest_of(data)) != digest:
+        data = await cache.blobs.run(cache.blobs.read, digest)
+        if digest_of(data, digest.algorithm) != digest:
             return 0
         refs = references(data)
         if not all(b in arrived for b in refs.blobs):
             return 0
         found.append(StoredManifest(digest, kind, data))
-        todo.extend(
-            (d["digest"], d.get("mediaType", "")) for d in json.loads(data).get("manifests", [])
-        )
+        for child in json.loads(data).get("manifests", []):
+            child_digest = _digest_or_none(child.get("digest"))
+            if child_digest is None:
+                return 0
+            todo.append((child_digest, child.get("mediaType", "")))
     for m in found:
-        await manifests.put_manifest(m)
+        await cache.manifests.put(m)
     return len(found)

@@ -4,7 +4,7 @@ Every `every` seconds each entry's tag globs are matched against the repository'
 (cached for `list_ttl`, like any tags/list answer), and each matching tag goes through the
 service as a client's pull would: revalidated with a HEAD once its `tag_ttl` has passed,
 fetched again only when the digest moved, and its blobs (every platform of an index) filled
-through the shared single-flight fills. What the entries match is pinned (`Tiers.protected`).
+through the shared single-flight fills. What the entries match is pinned (`Config.all_pins`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,12 @@ from mirror import errors
 from mirror.config import Config, SyncEntry
 from mirror.oci import mediatypes
 from mirror.oci.reference import Reference
-from mirror.service import MirrorService
+from mirror.pull.service import MirrorService
 from mirror.upstream.routing import Router, Target
 
 log = logging.getLogger("mirror.sync")
 
 ACCEPT = mediatypes.parse_accept([mediatypes.UPSTREAM_ACCEPT])
-
-
-def pin_patterns(config: Config) -> tuple[str, ...]:
-    """The sync list as pins: `<upstream>/<repository>:<tag glob>`."""
-    return tuple(f"{e.image}:{tag}" for e in config.sync for tag in e.tags)
 
 
 class Syncer:
@@ -65,8 +60,8 @@ class Syncer:
         done = []
         for tag in tags:
             try:
-                answer = await self._service.manifest(target, Reference(tag=tag), ACCEPT)
-                await self._service.fetch_all(target, answer.manifest)
+                answer = await self._service.manifests.get(target, Reference(tag=tag), ACCEPT)
+                await self._service.ahead.fetch_all(target, answer.manifest)
                 done.append(tag)
             except errors.MirrorError as e:
                 log.warning("sync of %s:%s failed: %s", entry.image, tag, e.message)
@@ -77,7 +72,7 @@ class Syncer:
         literal = [t for t in entry.tags if not any(c in t for c in "*?[")]
         if len(literal) == len(entry.tags):
             return literal
-        listing, _ = await self._service.listing(target, "tags/list", {})
+        listing, _ = await self._service.manifests.listing(target, "tags/list", {})
         available = json.loads(listing.body).get("tags") or []
         return sorted(
             {t for t in available if any(fnmatchcase(t, p) for p in entry.tags)} | set(literal)

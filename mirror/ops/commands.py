@@ -8,14 +8,14 @@ import asyncio
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
-from mirror import bundle
-from mirror.admin import Admin, as_json, human, table
+from mirror.cache import Cache, opened_cache
 from mirror.config import Config
 from mirror.errors import MirrorError
-from mirror.store.tiers import open_tiers
+from mirror.ops import bundle
+from mirror.ops.admin import Admin
+from mirror.ops.format import as_json, human, table
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -55,22 +55,23 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     try:
-        if args.command == "export":
-            return _export(args, config)
-        if args.command == "import":
-            return _import(args, config)
-        return asyncio.run(_run(args, config))
+        with opened_cache(config) as cache:
+            if args.command == "export":
+                return _export(args, config, cache)
+            if args.command == "import":
+                return _import(args, cache)
+            return asyncio.run(_dispatch(Admin(cache), args))
     except MirrorError as e:
         print(f"mirror: {e.message}", file=sys.stderr)
         return 2
 
 
-def _export(args: argparse.Namespace, config: Config) -> int:
+def _export(args: argparse.Namespace, config: Config, cache: Cache) -> int:
     if not (args.all or args.images):
         print("mirror export: name images or give --all", file=sys.stderr)
         return 2
     with _open(args.out, "wb", sys.stdout.buffer) as out:
-        refs = bundle.export(config, out, args.images, args.all)
+        refs = bundle.export(cache, config, out, args.images, args.all)
     print("\n".join(f"exported {r}" for r in refs) or "nothing exported", file=sys.stderr)
     return 0 if refs and (args.all or len(refs) == len(args.images)) else 1
 
@@ -80,9 +81,9 @@ def _open(path: str, mode: str, std: IO[bytes]) -> IO[bytes]:
     return std if path == "-" else open(path, mode)  # the caller's `with` closes it
 
 
-def _import(args: argparse.Namespace, config: Config) -> int:
+def _import(args: argparse.Namespace, cache: Cache) -> int:
     with _open(args.bundle, "rb", sys.stdin.buffer) as source:
-        report = bundle.import_bundle(config, source)
+        report = asyncio.run(bundle.import_bundle(cache, source))
     _out(
         args,
         report,
@@ -92,17 +93,6 @@ def _import(args: argparse.Namespace, config: Config) -> int:
         ),
     )
     return 1 if report.failed else 0
-
-
-async def _run(args: argparse.Namespace, config: Config) -> int:
-    pool = ThreadPoolExecutor(4, thread_name_prefix="admin")
-    tiers, manifests = open_tiers(config, pool)
-    try:
-        return await _dispatch(Admin(tiers, manifests), args)
-    finally:
-        await asyncio.to_thread(tiers.index.close)
-        manifests.close()
-        pool.shutdown()
 
 
 async def _dispatch(admin: Admin, args: argparse.Namespace) -> int:

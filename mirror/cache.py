@@ -1,0 +1,84 @@
+"""The whole cache of one data directory, opened: store, tiers, eviction passes and the
+coordinator that decides who does the shared work.
+
+`open_cache` opens it the same way for the server, the admin commands and bundle import and
+export. It is safe to open while a mirror serves the same data directory: SQLite in WAL mode
+and diskcache take writers from several processes, and blob files are only ever renamed into
+place or unlinked. This is also where the coordinator is chosen (one process today).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import diskcache
+
+from mirror.config import Config
+from mirror.coordination import Coordinator
+from mirror.coordination.local import LocalCoordinator
+from mirror.eviction.passes import Evictions
+from mirror.metrics import Metrics
+from mirror.policies import POLICIES
+from mirror.store.blobs import BlobStore
+from mirror.store.cold import ColdStore
+from mirror.store.hot import HotTier
+from mirror.store.index import BlobIndex
+from mirror.store.layout import Layout
+from mirror.store.manifests import ManifestStore
+from mirror.store.tags import TagStore
+from mirror.store.tiers import Tiers
+from mirror.store.usage import Usage
+
+
+@dataclass(frozen=True)
+class Cache:
+    """Every part of one data directory's cache, opened."""
+
+    layout: Layout
+    blobs: BlobStore
+    index: BlobIndex
+    manifests: ManifestStore
+    tiers: Tiers
+    usage: Usage
+    coordinator: Coordinator
+    evictions: Evictions
+    _meta: diskcache.Cache
+
+    def close(self) -> None:
+        """Blocking: finish the index's queued work and close it, then the metadata cache."""
+        self.index.close()
+        self._meta.close()
+
+
+def open_cache(config: Config, pool: ThreadPoolExecutor, metrics: Metrics) -> Cache:
+    """The cache of `config.data_dir` (blocking work runs in `pool`)."""
+    layout = Layout(config.data_dir)
+    layout.create()
+    hot = HotTier(config.hot.max_bytes)
+    meta = diskcache.Cache(str(layout.meta), eviction_policy="none", size_limit=2**62)
+    index = BlobIndex(
+        layout.index, [POLICIES[config.warm.policy].sql, POLICIES[config.cold.policy].sql]
+    )
+    blobs = BlobStore(layout, pool)
+    usage = Usage(config.warm, index, blobs)
+    tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, ColdStore.from_config(config.cold))
+    manifests = ManifestStore(meta, pool, hot)
+    coordinator = LocalCoordinator(TagStore(meta, pool, hot))
+    evictions = Evictions(config, tiers, manifests, coordinator, metrics)
+    return Cache(layout, blobs, index, manifests, tiers, usage, coordinator, evictions, meta)
+
+
+@contextlib.contextmanager
+def opened_cache(config: Config, threads: int = 4) -> Iterator[Cache]:
+    """`open_cache` for a command: its own thread pool and metrics, all closed on exit (use it
+    outside the event loop: closing blocks)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="store")
+    cache = open_cache(config, pool, Metrics())
+    try:
+        yield cache
+    finally:
+        cache.close()
+        pool.shutdown()

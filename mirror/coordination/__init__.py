@@ -1,0 +1,97 @@
+"""The coordination seam: who does each piece of shared work, and how the others follow.
+
+Everything that serves one cache shares four decisions:
+
+    fill          who fetches a digest that is not cached, and how the others follow that
+                  one fill from byte 0 (`fill`, `filling`, `fill_tasks`)
+    once          who asks upstream about a tag, a manifest or a list while the others wait
+                  for that answer (tag revalidation above all: one HEAD per TTL)
+    eviction_turn who runs an eviction pass (one at a time)
+    tags, tokens  where tag records and upstream tokens live
+
+`LocalCoordinator` (local.py) answers them for one process: single-flight tasks, an asyncio
+lock, the tag store of this data directory, tokens in memory. Worker processes on one host
+and replicas across hosts answer the same questions with the kernel (locks on files) and with
+Redis, behind this same interface, so that callers do not change. `mirror.cache.open_cache`
+is where the answer is chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Iterator
+from contextlib import AbstractAsyncContextManager
+from typing import Generic, NamedTuple, Protocol, TypeVar
+
+from mirror.oci.reference import Digest
+from mirror.store.keys import TagKey
+from mirror.store.tags import TagRecord
+
+S = TypeVar("S")
+V = TypeVar("V")
+
+
+class TagRecords(Protocol):
+    """Tag → digest records, and when upstream last confirmed each (store/tags.py)."""
+
+    def cached(self, key: TagKey) -> TagRecord | None:
+        """From memory only, without an await (the manifest hot path); None if not there."""
+        ...
+
+    async def get(self, key: TagKey) -> TagRecord | None: ...
+
+    async def put(self, key: TagKey, record: TagRecord) -> None: ...
+
+    async def drop(self, key: TagKey) -> None: ...
+
+    def all(self) -> Iterator[tuple[TagKey, TagRecord]]:
+        """Blocking: every record (pins, retention, the catalog, export)."""
+        ...
+
+
+class TokenCache(Protocol):
+    """Bearer tokens from upstream token realms, per upstream and scope, until they expire."""
+
+    def get(self, upstream: str, scope: str) -> str | None: ...
+
+    def put(self, upstream: str, scope: str, token: str, ttl: float) -> None: ...
+
+    def drop(self, upstream: str, scope: str) -> None: ...
+
+
+class Joined(NamedTuple, Generic[S]):
+    """A fill joined: its shared state, its task, and whether this call started it."""
+
+    state: S
+    task: asyncio.Task[None]
+    started: bool
+
+
+class Coordinator(Protocol):
+    @property
+    def tags(self) -> TagRecords: ...
+
+    @property
+    def tokens(self) -> TokenCache: ...
+
+    def fill(
+        self, digest: Digest, state: Callable[[], S], work: Callable[[S], Awaitable[None]]
+    ) -> Joined[S]:
+        """The fill of `digest` in progress, or a new one: `state()` made and `work(state)`
+        started, detached, by this call. A follower's going away never stops the work."""
+        ...
+
+    def filling(self) -> list[Digest]:
+        """Digests being filled now (never evicted)."""
+        ...
+
+    def fill_tasks(self) -> list[asyncio.Task[None]]: ...
+
+    async def once(self, key: Hashable, work: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
+        """The outcome of `work` for `key`, run by one caller while the others wait for it
+        (errors shared too); True for a caller that waited on another's."""
+        ...
+
+    def eviction_turn(self) -> AbstractAsyncContextManager[None]:
+        """Held while an eviction pass runs: passes never overlap."""
+        ...

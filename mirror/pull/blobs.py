@@ -1,0 +1,174 @@
+"""Blobs through the cache: a committed file is served as it is; otherwise ONE detached
+fill per digest (the coordinator's `fill` + `fill.Fill`) that every requester follows from
+byte 0, from cold (a promotion) or upstream. A blob the disk cannot take streams through to
+its client, verified and kept nowhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mirror import errors
+from mirror.body import BlobBody
+from mirror.bounded import Bounded
+from mirror.coordination import Coordinator, Joined
+from mirror.eviction.passes import Evictions
+from mirror.metrics import Metrics
+from mirror.oci.reference import Digest
+from mirror.oci.verify import Mismatch, Verifier, verified
+from mirror.outcome import Outcome
+from mirror.pull.answers import BlobAnswer
+from mirror.pull.fill import BlobSource, Fill
+from mirror.store.blobs import OpenBlob
+from mirror.store.tiers import Tiers
+from mirror.upstream.client import UpstreamClient
+from mirror.upstream.routing import Target
+
+log = logging.getLogger("mirror.pull")
+
+#: Blobs remembered as too big for the disk (then forgotten all at once).
+TOO_BIG_REMEMBERED = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A pass-through body: verified on the way, its last piece held until it checks out."""
+
+    size: int | None
+    _chunks: AsyncIterator[bytes]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._chunks:
+                yield chunk
+        except Mismatch as e:
+            raise errors.DigestMismatch(f"upstream content {e.message}", detail=e.detail) from e
+
+
+class Blobs:
+    """Answers blob reads from the tiers, filling from cold or upstream on a miss."""
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        tiers: Tiers,
+        evictions: Evictions,
+        coordinator: Coordinator,
+        metrics: Metrics,
+        max_fills: int = 0,
+    ) -> None:
+        self._upstream = upstream
+        self._tiers = tiers
+        self._evictions = evictions
+        self._coordinator = coordinator
+        self._metrics = metrics
+        self._max_fills = max_fills
+        self._too_big: Bounded[Digest, int] = Bounded(TOO_BIG_REMEMBERED)
+
+    async def get(self, target: Target, digest: Digest) -> BlobAnswer:
+        """An open cached blob (hot or warm), or the (possibly just started) fill that will
+        bring it from cold or upstream; or neither, when it is to stream through."""
+        found = await self._tiers.open(digest)
+        if found is not None:
+            return BlobAnswer(Outcome.HIT, stored=found.blob, tier=found.tier)
+        if await self._still_too_big(digest):
+            return BlobAnswer(Outcome.PASS_THROUGH)
+        filling = self._coordinator.filling()
+        if self._max_fills and len(filling) >= self._max_fills and digest not in filling:
+            raise errors.TooManyRequests(
+                "the mirror is at its limit of concurrent fills", retry_after="1"
+            )
+        fill, task, started = self.join(target, digest)
+        if fill.error is not None:  # failed, still winding down (removing its partial file):
+            await asyncio.wait([task])  # a new request gets a new try, not the old error
+            fill, _, started = self.join(target, digest)
+        return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
+
+    async def committed(self, digest: Digest) -> OpenBlob | None:
+        """A blob whose fill has just finished, opened the way every hit is (counted, held
+        against eviction); None if it is gone already."""
+        found = await self._tiers.open(digest)
+        return found.blob if found is not None else None
+
+    def join(self, target: Target, digest: Digest) -> Joined[Fill]:
+        """The fill of `digest` in flight, or a new one."""
+        return self._coordinator.fill(
+            digest, lambda: Fill(digest), lambda f: self._fill(f, target, digest)
+        )
+
+    async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
+        started = time.monotonic()
+        committed = await fill.run(
+            self._tiers.blobs,
+            self._source(fill, target, digest),
+            self._evictions.make_room,
+            target.upstream.max_blob_bytes,
+        )
+        seconds = time.monotonic() - started
+        self._metrics.fill_done(fill.source, fill.error is None, seconds, fill.followers)
+        if isinstance(fill.error, errors.DigestMismatch):
+            self._metrics.mismatch(fill.source)
+        if committed:
+            await self._tiers.committed(digest, fill.written)
+        elif fill.source == "cold" and isinstance(fill.error, errors.DigestMismatch):
+            await self._tiers.drop_cold(digest)
+        elif isinstance(fill.error, errors.DiskFull) and fill.size is not None:
+            self._too_big.remember(digest, fill.size)
+
+    async def _still_too_big(self, digest: Digest) -> bool:
+        """A blob that found no room lately goes straight through while there is still none
+        (a free-space check), instead of a fill that would open upstream only to give up."""
+        size = self._too_big.get(digest)
+        if size is None:
+            return False
+        if await self._tiers.usage.room() >= size:
+            self._too_big.forget(digest)
+            return False
+        return True
+
+    def _source(self, fill: Fill, target: Target, digest: Digest) -> BlobSource:
+        """Cold first (a promotion, verified like any fill; a cold copy that fails the check
+        is dropped, so the next request goes upstream), else upstream."""
+
+        @contextlib.asynccontextmanager
+        async def source() -> AsyncIterator[BlobBody]:
+            async with self._tiers.from_cold(digest) as cold:
+                if cold is not None:
+                    log.info("promoting %s from cold", digest)
+                    fill.source = "cold"
+                    yield cold
+                    return
+            async with self._upstream.blob(target, digest) as stream:
+                yield stream
+
+        return source
+
+    @contextlib.asynccontextmanager
+    async def pass_through(self, target: Target, digest: Digest) -> AsyncIterator[BlobBody]:
+        """The disk cannot take this blob: stream it from upstream to one client, verified
+        (the last bytes are held until the digest checks out) and kept nowhere."""
+        log.warning(
+            "the store cannot keep %s (disk full or read-only): streaming it through", digest
+        )
+        async with self._upstream.blob(target, digest) as stream:
+            yield _Verified(stream.size, verified(stream.chunks(), Verifier(digest, stream.size)))
+
+    async def size(self, target: Target, digest: Digest) -> tuple[int | None, Outcome]:
+        """A blob's size for HEAD, without fetching it."""
+        found = await self._tiers.open(digest)
+        if found is not None:
+            found.blob.close()
+            return found.blob.size, Outcome.HIT
+        return await self._upstream.blob_size(target, digest), Outcome.MISS
+
+    async def drain(self, seconds: float) -> None:
+        """At shutdown: let fills in flight finish (each is one upstream transfer already
+        paid for), for at most `seconds`."""
+        tasks = self._coordinator.fill_tasks()
+        if tasks:
+            log.info("waiting up to %.0fs for %d fills in flight", seconds, len(tasks))
+            await asyncio.wait(tasks, timeout=seconds)

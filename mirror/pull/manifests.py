@@ -1,0 +1,220 @@
+"""Manifests and lists through the cache.
+
+By digest: memory → disk → one coalesced upstream GET, kept only if its bytes hash to the
+digest. By tag: a record tag → digest is trusted for the upstream's `tag_ttl`; then one
+coalesced HEAD revalidates it (HEAD does not count toward Docker Hub's pull limit) and the
+manifest is fetched again only when the digest moved. If upstream is down, slow, 5xx or 429,
+the cached answer is served stale; a 404 on revalidation drops the tag record (never blobs)
+and is passed on. Lists (tags/list, referrers) are passed through with a short cache and
+served stale when upstream fails.
+
+"Coalesced" means one caller asks upstream while the others wait for its answer: the
+coordinator's `once`, so that worker processes and replicas share it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from mirror import errors
+from mirror.coordination import Coordinator
+from mirror.metrics import Metrics
+from mirror.oci import mediatypes
+from mirror.oci.mediatypes import AcceptSet
+from mirror.oci.reference import Digest, Reference
+from mirror.oci.verify import digest_of
+from mirror.outcome import Outcome
+from mirror.pull.answers import ManifestAnswer
+from mirror.store.index import Accesses
+from mirror.store.keys import ListKey, TagKey
+from mirror.store.manifests import CachedList, ManifestStore, StoredManifest
+from mirror.store.tags import TagRecord
+from mirror.upstream.client import UpstreamClient, UpstreamManifest
+from mirror.upstream.routing import Target
+
+log = logging.getLogger("mirror.pull")
+
+#: Upstream failures that a cached answer may stand in for.
+STALE_OK = (errors.UpstreamError, errors.TooManyRequests)
+
+
+class Manifests:
+    """Answers manifest and list reads from the cache, going upstream only when it must."""
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        manifests: ManifestStore,
+        coordinator: Coordinator,
+        accesses: Accesses,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._upstream = upstream
+        self._manifests = manifests
+        self._tags = coordinator.tags
+        self._coordinator = coordinator
+        self._accesses = accesses
+        self._metrics = metrics
+        self._clock = clock
+
+    async def get(self, target: Target, ref: Reference, accept: AcceptSet) -> ManifestAnswer:
+        """The manifest for a tag or digest, of a media type the client accepts."""
+        if ref.digest is not None:
+            answer = await self.by_digest(target, ref.digest)
+        else:
+            assert ref.tag is not None
+            answer = await self._by_tag(target, ref.tag)
+            if not accept.allows(answer.manifest.media_type):
+                answer = await self._by_tag_for(target, ref.tag, accept)
+        if not accept.allows(answer.manifest.media_type):
+            raise errors.ManifestUnknown(
+                f"manifest is a {answer.manifest.media_type}, which the Accept header excludes",
+                detail={"mediaType": answer.manifest.media_type},
+            )
+        return answer
+
+    def hot(self, target: Target, tag: str) -> StoredManifest | None:
+        """The fast path: a fresh tag record and its manifest, both in memory, no await."""
+        key = TagKey(target.upstream.name, target.repo, tag)
+        record = self._tags.cached(key)
+        if record is None or self._clock() - record.checked >= target.upstream.tag_ttl:
+            return None
+        found = self._manifests.cached(record.digest)
+        if found is not None:
+            self._accesses.tag_pulled(key)
+        return found
+
+    async def by_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
+        found = await self._manifests.get(digest)
+        if found is not None:
+            return ManifestAnswer(found, Outcome.HIT)
+        key = ("digest", target.upstream.name, digest)
+        answer, followed = await self._coordinator.once(
+            key, lambda: self._fetch_digest(target, digest)
+        )
+        return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
+
+    async def _fetch_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
+        got = await self._upstream.manifest(target, str(digest), mediatypes.UPSTREAM_ACCEPT)
+        return ManifestAnswer(await self._keep(got, digest), Outcome.MISS)
+
+    async def _by_tag(self, target: Target, tag: str) -> ManifestAnswer:
+        key = TagKey(target.upstream.name, target.repo, tag)
+        self._accesses.tag_pulled(key)
+        record = await self._tags.get(key)
+        if record is not None and self._clock() - record.checked < target.upstream.tag_ttl:
+            found = await self._manifests.get(record.digest)
+            if found is not None:
+                return ManifestAnswer(found, Outcome.HIT)
+        answer, followed = await self._coordinator.once(
+            key, lambda: self._refresh(target, key, record)
+        )
+        return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
+
+    async def _refresh(
+        self, target: Target, key: TagKey, record: TagRecord | None
+    ) -> ManifestAnswer:
+        """Revalidate a held tag with HEAD, or fetch an unknown one with GET."""
+        held = await self._manifests.get(record.digest) if record is not None else None
+        if record is None or held is None:
+            return await self._fetch_tag(target, key)
+        if self._upstream.conserving(target.upstream):
+            budget = "pull budget of %s low: serving %s/%s:%s as cached, unrevalidated"
+            log.info(budget, key.upstream, *key)
+            return ManifestAnswer(held, Outcome.STALE)
+        try:
+            head = await self._upstream.manifest(
+                target, key.tag, mediatypes.UPSTREAM_ACCEPT, method="HEAD", retry=False
+            )
+        except STALE_OK as e:
+            level = logging.DEBUG if isinstance(e, errors.Offline) else logging.WARNING
+            extra = {"upstream": key.upstream, "code": e.code}
+            log.log(level, "serving stale tag %s/%s:%s: %s", *key, e.message, extra=extra)
+            return ManifestAnswer(held, Outcome.STALE)
+        except errors.ManifestUnknown:
+            await self._tags.drop(key)
+            raise
+        if head.digest is None:
+            return await self._fetch_tag(target, key)
+        if head.digest == record.digest:
+            await self._tags.put(key, TagRecord(record.digest, record.media_type, self._clock()))
+            return ManifestAnswer(held, Outcome.REVALIDATED)
+        moved = await self.by_digest(target, head.digest)
+        await self._remember(key, moved.manifest)
+        return ManifestAnswer(moved.manifest, Outcome.MISS)
+
+    async def _fetch_tag(self, target: Target, key: TagKey) -> ManifestAnswer:
+        got = await self._upstream.manifest(target, key.tag, mediatypes.UPSTREAM_ACCEPT)
+        manifest = await self._keep(got, None)
+        await self._remember(key, manifest)
+        return ManifestAnswer(manifest, Outcome.MISS)
+
+    async def _by_tag_for(self, target: Target, tag: str, accept: AcceptSet) -> ManifestAnswer:
+        """A client whose Accept excludes the cached type: ask upstream with its own Accept
+        (an old client may get a single-platform manifest instead of an index)."""
+        key = ("accept", target.upstream.name, target.repo, tag, accept.header)
+
+        async def fetch() -> ManifestAnswer:
+            got = await self._upstream.manifest(target, tag, accept.header)
+            return ManifestAnswer(await self._keep(got, None), Outcome.MISS)
+
+        answer, _ = await self._coordinator.once(key, fetch)
+        return answer
+
+    async def _remember(self, key: TagKey, manifest: StoredManifest) -> None:
+        await self._tags.put(key, TagRecord(manifest.digest, manifest.media_type, self._clock()))
+
+    async def _keep(self, got: UpstreamManifest, expected: Digest | None) -> StoredManifest:
+        """Verify a manifest's bytes against the digest asked for (or upstream's header) and
+        store it; a mismatch is a lying upstream and nothing is kept."""
+        claimed = expected or got.digest
+        actual = digest_of(got.data, claimed.algorithm if claimed else "sha256")
+        if claimed is not None and actual != claimed:
+            self._metrics.mismatch("upstream")
+            raise errors.DigestMismatch(
+                "upstream manifest does not match its digest",
+                detail={"expected": str(claimed), "actual": str(actual)},
+            )
+        if not got.media_type:
+            raise errors.UpstreamBadResponse("upstream manifest has no Content-Type")
+        manifest = StoredManifest(actual, got.media_type, got.data)
+        await self._manifests.put(manifest)
+        return manifest
+
+    # -- lists -------------------------------------------------------------------------------
+
+    async def listing(
+        self, target: Target, suffix: str, query: Mapping[str, str]
+    ) -> tuple[CachedList, Outcome]:
+        """tags/list or referrers: fresh within list_ttl, else upstream, else stale."""
+        asked = "&".join(f"{k}={v}" for k, v in sorted(query.items()))
+        key = ListKey(target.upstream.name, target.repo, suffix, asked)
+        cached = await self._manifests.listing(key)
+        if cached is not None and self._clock() - cached.stored < target.upstream.list_ttl:
+            return cached, Outcome.HIT
+        try:
+            fresh, followed = await self._coordinator.once(
+                key, lambda: self._fetch_listing(target, suffix, query, key)
+            )
+        except STALE_OK as e:
+            if cached is None:
+                raise
+            log.warning("serving stale %s for %s: %s", suffix, target.repo, e.message)
+            return cached, Outcome.STALE
+        return fresh, Outcome.COALESCED if followed else Outcome.MISS
+
+    async def _fetch_listing(
+        self, target: Target, suffix: str, query: Mapping[str, str], key: ListKey
+    ) -> CachedList:
+        not_found: errors.MirrorError = (
+            errors.NameUnknown(detail={"name": target.name})
+            if suffix == "tags/list"
+            else errors.ManifestUnknown()
+        )
+        got = await self._upstream.raw(target, suffix, query, not_found)
+        value = CachedList(got.body, got.content_type, got.link, self._clock())
+        await self._manifests.put_listing(key, value)
+        return value

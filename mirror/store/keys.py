@@ -1,0 +1,47 @@
+"""The keys things are cached under, typed: one class per kind, so a blob and a manifest of
+the same digest never meet in the hot tier, and a key says what it finds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from mirror.oci.reference import Digest
+
+
+class TagKey(NamedTuple):
+    """A tag as the mirror holds it: upstream (its configured name), repository, tag. A
+    tuple, so it is also the row key of the index's `tags` table; in the hot tier it cannot
+    meet the other keys, which are not tuples."""
+
+    upstream: str
+    repo: str
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobKey:
+    """A small blob's bytes."""
+
+    digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestKey:
+    """A manifest by digest."""
+
+    digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class ListKey:
+    """A cached tags/list or referrers answer: whose, which endpoint, which query."""
+
+    upstream: str
+    repo: str
+    suffix: str
+    query: str
+
+
+#: Everything the hot tier holds is found by one of these.
+HotKey = BlobKey | ManifestKey | TagKey
