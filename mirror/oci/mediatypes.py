@@ -1,7 +1,12 @@
 """Manifest media types and Accept negotiation.
 
 A mirror must never hand a client a manifest type its Accept header excludes: an old client that
-only knows Docker schema2 must not receive an OCI index. `acceptable` is the one test for that.
+only knows Docker schema2 must not receive an OCI index. `AcceptSet.allows` is the one test for
+that.
+
+What a request's Accept can make the mirror keep is bounded: at most `MAX_TYPES` media types of
+at most `MAX_TYPE_LENGTH` characters are read from it (a client that names more is not a
+registry client; the rest is ignored), and only headers of ordinary size are remembered.
 """
 
 from __future__ import annotations
@@ -21,6 +26,16 @@ MANIFEST_TYPES: tuple[str, ...] = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_
 UPSTREAM_ACCEPT = ", ".join(MANIFEST_TYPES)
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+#: What the mirror keeps and serves as a manifest; anything else upstream calls one is refused.
+KNOWN_TYPES = frozenset({*MANIFEST_TYPES, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
+
+#: Media types read from one request's Accept headers, and the longest one (RFC 6838: 127
+#: characters for the type and for the subtype).
+MAX_TYPES = 32
+MAX_TYPE_LENGTH = 255
+#: Accept headers up to this many characters in all are parsed once and remembered; longer
+#: ones are parsed on every request and never kept.
+MAX_REMEMBERED = 1024
 
 
 class AcceptSet:
@@ -34,17 +49,20 @@ class AcceptSet:
     __slots__ = ("_any", "_types", "header")
 
     def __init__(self, headers: list[str]) -> None:
-        self.header = ", ".join(headers)
         self._types: set[str] = set()
         self._any = not headers
         for header in headers:
-            for item in header.split(","):
+            for item in header.split(",", MAX_TYPES):
+                if len(self._types) >= MAX_TYPES:
+                    break
                 self._add(item)
+        #: The accepted types again, as one header (sent upstream for this client alone).
+        self.header = ", ".join(sorted(self._types))
 
     def _add(self, item: str) -> None:
         parts = [p.strip() for p in item.split(";")]
         media = parts[0].lower()
-        if not media or any(
+        if not media or len(media) > MAX_TYPE_LENGTH or any(
             p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in parts[1:]
         ):
             return
@@ -63,9 +81,11 @@ _ACCEPT_CACHE: Bounded[tuple[str, ...], AcceptSet] = Bounded(512)
 
 
 def parse_accept(headers: list[str]) -> AcceptSet:
-    """An AcceptSet for these header values, parsed once per distinct value."""
+    """An AcceptSet for these header values, parsed once per distinct value of ordinary size."""
     key = tuple(headers)
     found = _ACCEPT_CACHE.get(key)
     if found is None:
-        found = _ACCEPT_CACHE.remember(key, AcceptSet(headers))
+        found = AcceptSet(headers)
+        if sum(map(len, headers)) <= MAX_REMEMBERED:
+            _ACCEPT_CACHE.remember(key, found)
     return found

@@ -1,0 +1,50 @@
+"""What a client or an upstream must not be able to do to the mirror: grow its memory with
+headers, keep state for requests that found nothing, learn what others cached, make it fetch
+internal addresses, or serve something that is no manifest. Each attack is driven against a
+real `python -m mirror serve` process (or, where the test must look inside, an in-process
+mirror on real sockets)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+from conftest import MirrorProcess
+
+#: Nothing listens on the discard port: an upstream that refuses connections.
+CLOSED_URL = "http://127.0.0.1:9"
+
+
+def _rss_kib(proc: MirrorProcess) -> int:
+    assert proc.proc is not None
+    status = Path(f"/proc/{proc.proc.pid}/status").read_text()
+    found = re.search(r"VmRSS:\s+(\d+) kB", status)
+    assert found is not None
+    return int(found[1])
+
+
+async def test_a_flood_of_distinct_accept_headers_leaves_memory_flat(
+    mirror_process: Callable[..., MirrorProcess],
+) -> None:
+    """Sixty requests, each with 100 distinct Accept fields of 8,000 bytes (about 800 KB a
+    request, under aiohttp's own limits, no credentials): the process keeps none of it. On a
+    mirror that remembered every Accept set it grew by hundreds of MiB."""
+    mirror = mirror_process(CLOSED_URL, env={"MIRROR_RETRIES__ATTEMPTS": "1"}).start()
+    async with aiohttp.ClientSession() as client:
+
+        async def flood(i: int) -> int:
+            fields = [("Accept", f"application/x-{i}-{j}-" + "a" * 8000) for j in range(100)]
+            async with client.get(
+                f"{mirror.url}/v2/library/x/manifests/latest", headers=fields
+            ) as resp:
+                await resp.read()
+                return resp.status
+
+        await flood(-1)  # warm up: the first request's own allocations are not the point
+        before = _rss_kib(mirror)
+        statuses = [await flood(i) for i in range(60)]
+    after = _rss_kib(mirror)
+    assert set(statuses) == {502}, statuses  # answered (the upstream is down), not refused
+    assert after - before < 24 * 1024, f"RSS grew {(after - before) // 1024} MiB"
