@@ -12,6 +12,10 @@ from pathlib import Path
 
 import aiohttp
 from conftest import MirrorProcess
+from images import make_image
+from upstream_sim import UpstreamSim
+
+from mirror.oci import mediatypes
 
 #: Nothing listens on the discard port: an upstream that refuses connections.
 CLOSED_URL = "http://127.0.0.1:9"
@@ -48,3 +52,34 @@ async def test_a_flood_of_distinct_accept_headers_leaves_memory_flat(
     after = _rss_kib(mirror)
     assert set(statuses) == {502}, statuses  # answered (the upstream is down), not refused
     assert after - before < 24 * 1024, f"RSS grew {(after - before) // 1024} MiB"
+
+
+async def test_only_manifests_are_kept_and_served_as_manifests(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """A tag answered with an HTML page and no Docker-Content-Digest is refused (502), kept
+    nowhere, and asked again next time; a document that says what it is is served as that,
+    whatever Content-Type upstream gave it, under every repository; every answer carries
+    `X-Content-Type-Options: nosniff`."""
+    sim.digest_header = False
+    page = b"<html><script>document.cookie</script></html>"
+    sim.add_manifest("test/page", "latest", page, "text/html")
+    image = make_image(5, [100])
+    sim.add_manifest("test/a", "1", image.data, mediatypes.OCI_MANIFEST)
+    sim.add_manifest("test/b", "1", image.data, mediatypes.OCI_INDEX)  # upstream mislabels it
+    mirror = mirror_process(sim.url).start()
+    accept = {"Accept": "*/*"}
+    async with aiohttp.ClientSession() as client:
+        for _ in range(2):
+            async with client.get(
+                f"{mirror.url}/v2/test/page/manifests/latest", headers=accept
+            ) as resp:
+                body = await resp.json()
+                assert resp.status == 502 and body["errors"][0]["code"] == "UPSTREAM_INVALID"
+                assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert sim.requests[("GET", "/v2/test/page/manifests/latest")] == 2, "nothing was kept"
+        for repo in ("test/a", "test/b", "test/a"):
+            async with client.get(f"{mirror.url}/v2/{repo}/manifests/1", headers=accept) as resp:
+                assert resp.status == 200 and await resp.read() == image.data
+                assert resp.headers["Content-Type"] == mediatypes.OCI_MANIFEST
+                assert resp.headers["X-Content-Type-Options"] == "nosniff"

@@ -151,6 +151,8 @@ class UpstreamSim:
         self.redirect_blobs = False
         self.ranges = True
         self.strict_accept = False
+        #: Send Docker-Content-Digest with manifests (a registry may not).
+        self.digest_header = True
         self.ratelimit: RateLimit | None = None
         self.faults: list[Fault] = []
         self.requests: Counter[tuple[str, str]] = Counter()
@@ -461,7 +463,9 @@ class UpstreamSim:
         data, media_type = stored
         if self.strict_accept and media_type not in _accepted(request):
             return _error(404, "MANIFEST_UNKNOWN", f"{media_type} not in Accept", headers)
-        headers |= {"Content-Type": media_type, "Docker-Content-Digest": sha256_digest(data)}
+        headers["Content-Type"] = media_type
+        if self.digest_header:
+            headers["Docker-Content-Digest"] = sha256_digest(data)
         return await self._send(request, data, headers, ("manifest",), keys)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:

@@ -21,7 +21,12 @@ from mirror.metrics import Metrics
 
 log = logging.getLogger("mirror.http")
 
-API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+#: On every registry answer: the API version clients check, and no content sniffing (a body is
+#: what its Content-Type says, never a page a browser would run from the mirror's origin).
+BASE_HEADERS = {
+    "Docker-Distribution-API-Version": "registry/2.0",
+    "X-Content-Type-Options": "nosniff",
+}
 
 STATUS_BY_CODE: dict[str, int] = {
     errors.NameInvalid.code: 400,
@@ -64,7 +69,7 @@ def error_body(code: str, message: str, detail: object = None) -> str:
 def error_response(err: errors.MirrorError) -> web.Response:
     """The spec's error JSON with the status from the table (500 if a code is missing)."""
     status = STATUS_BY_CODE.get(err.code, 500)
-    headers = dict(API_VERSION)
+    headers = dict(BASE_HEADERS)
     if isinstance(err, errors.RangeInvalid):
         headers["Content-Range"] = f"bytes */{err.size}"
     if isinstance(err, errors.Unauthorized) and err.challenge:

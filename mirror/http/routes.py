@@ -21,7 +21,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.http.access import Access
-from mirror.http.middleware import API_VERSION, OUTCOME, ROUTE, UPSTREAM
+from mirror.http.middleware import BASE_HEADERS, OUTCOME, ROUTE, UPSTREAM
 from mirror.http.sendfile import ClientGone, ClientStalled, SocketSender, abort
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import parse_accept
@@ -71,7 +71,7 @@ class Routes:
         request[ROUTE] = "base"
         if self._access.enabled:
             await self._access.check(request, None)
-        return web.json_response({}, headers=API_VERSION)
+        return web.json_response({}, headers=BASE_HEADERS)
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         """Find the endpoint by the path's last segments (a name may itself contain them)."""
@@ -112,7 +112,7 @@ class Routes:
     ) -> web.Response:
         request[OUTCOME] = outcome.value
         headers = {
-            **API_VERSION,
+            **BASE_HEADERS,
             "Content-Type": m.media_type,
             "Docker-Content-Digest": str(m.digest),
             "ETag": f'"{m.digest}"',
@@ -166,7 +166,7 @@ class Routes:
 
     def _blob_headers(self, target: Target, digest: Digest, outcome: Outcome) -> dict[str, str]:
         headers = {
-            **API_VERSION,
+            **BASE_HEADERS,
             "Content-Type": "application/octet-stream",
             "Docker-Content-Digest": str(digest),
             "ETag": f'"{digest}"',
@@ -325,7 +325,7 @@ class Routes:
         cached, outcome = await self._service.manifests.listing(target, suffix, query)
         request[OUTCOME] = outcome.value
         headers = {
-            **API_VERSION,
+            **BASE_HEADERS,
             "Content-Type": cached.content_type,
             "X-Mirror-Cache": outcome.value,
         }

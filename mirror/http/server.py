@@ -25,7 +25,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.config import Config
-from mirror.http.middleware import API_VERSION, AccessLogger, error_body
+from mirror.http.middleware import BASE_HEADERS, AccessLogger, error_body
 
 log = logging.getLogger("mirror.http")
 
@@ -96,7 +96,7 @@ class MirrorConnection(web.RequestHandler):
             status=status,
             text=error_body(err.code, err.message),
             content_type="application/json",
-            headers=API_VERSION,
+            headers=BASE_HEADERS,
         )
         resp.force_close()
         return resp

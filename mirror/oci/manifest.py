@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 
 from mirror.errors import DigestInvalid
+from mirror.oci.mediatypes import KNOWN_TYPES
 from mirror.oci.reference import Digest, parse_digest
 
 
@@ -48,3 +49,19 @@ def _digest(descriptor: object) -> Digest | None:
         except DigestInvalid:
             return None
     return None
+
+
+def manifest_type(data: bytes, declared: str) -> str | None:
+    """What a manifest is, or None when these bytes are no manifest the mirror serves: a JSON
+    object whose own `mediaType` (or, for documents without one, the `Content-Type` upstream
+    declared) is a known manifest type. The document's own field wins over the header, so
+    one digest is always served as one type."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("schemaVersion"), int):
+        return None
+    own = doc.get("mediaType")
+    kind = own if isinstance(own, str) else declared
+    return kind if kind in KNOWN_TYPES else None

@@ -24,6 +24,7 @@ from mirror.metrics import Metrics
 from mirror.oci import mediatypes
 from mirror.oci.mediatypes import AcceptSet
 from mirror.oci.reference import Digest, Reference
+from mirror.oci.manifest import manifest_type
 from mirror.oci.verify import digest_of
 from mirror.outcome import Outcome
 from mirror.pull.answers import ManifestAnswer
@@ -168,8 +169,9 @@ class Manifests:
         await self._tags.put(key, TagRecord(manifest.digest, manifest.media_type, self._clock()))
 
     async def _keep(self, got: UpstreamManifest, expected: Digest | None) -> StoredManifest:
-        """Verify a manifest's bytes against the digest asked for (or upstream's header) and
-        store it; a mismatch is a lying upstream and nothing is kept."""
+        """Verify a manifest's bytes against the digest asked for (or upstream's header), check
+        that they are a manifest (a tag answered without a digest header has nothing else to
+        vouch for it), and store it; a mismatch is a lying upstream and nothing is kept."""
         claimed = expected or got.digest
         actual = digest_of(got.data, claimed.algorithm if claimed else "sha256")
         if claimed is not None and actual != claimed:
@@ -178,11 +180,13 @@ class Manifests:
                 "upstream manifest does not match its digest",
                 detail={"expected": str(claimed), "actual": str(actual)},
             )
-        if not got.media_type:
-            raise errors.UpstreamBadResponse("upstream manifest has no Content-Type")
-        manifest = StoredManifest(actual, got.media_type, got.data)
-        await self._manifests.put(manifest)
-        return manifest
+        kind = manifest_type(got.data, got.media_type)
+        if kind is None:
+            raise errors.UpstreamBadResponse(
+                "upstream answered with something that is no manifest",
+                detail={"Content-Type": got.media_type[:100]},
+            )
+        return await self._manifests.put(StoredManifest(actual, kind, got.data))
 
     # -- lists -------------------------------------------------------------------------------
 

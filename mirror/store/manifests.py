@@ -62,11 +62,18 @@ class ManifestStore:
                 self._hot.put(ManifestKey(digest), found, len(found.data))
         return found
 
-    async def put(self, manifest: StoredManifest) -> None:
-        """Keep a manifest whose bytes the caller has verified against its digest."""
-        value = (manifest.media_type, manifest.data)
-        await offload(self._executor, self._disk.set, ("m", str(manifest.digest)), value)
-        self._hot.put(ManifestKey(manifest.digest), manifest, len(manifest.data))
+    async def put(self, manifest: StoredManifest) -> StoredManifest:
+        """Keep a manifest whose bytes the caller has verified against its digest; the one
+        kept first stays (a digest is one document, served as one type). Returns the kept one."""
+        kept = await offload(self._executor, self._add, manifest)
+        self._hot.put(ManifestKey(kept.digest), kept, len(kept.data))
+        return kept
+
+    def _add(self, manifest: StoredManifest) -> StoredManifest:
+        key = ("m", str(manifest.digest))
+        if self._disk.add(key, (manifest.media_type, manifest.data)):
+            return manifest
+        return self.load(manifest.digest) or manifest
 
     def load(self, digest: Digest) -> StoredManifest | None:
         """Blocking: the manifest from disk (pins, catalog, export run this in a thread)."""
