@@ -22,9 +22,9 @@ from mirror import errors
 from mirror.coordination import Coordinator
 from mirror.metrics import Metrics
 from mirror.oci import mediatypes
+from mirror.oci.manifest import manifest_type
 from mirror.oci.mediatypes import AcceptSet
 from mirror.oci.reference import Digest, Reference
-from mirror.oci.manifest import manifest_type
 from mirror.oci.verify import digest_of
 from mirror.outcome import Outcome
 from mirror.pull.answers import ManifestAnswer
