@@ -62,8 +62,10 @@ class AcceptSet:
     def _add(self, item: str) -> None:
         parts = [p.strip() for p in item.split(";")]
         media = parts[0].lower()
-        if not media or len(media) > MAX_TYPE_LENGTH or any(
-            p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in parts[1:]
+        if (
+            not media
+            or len(media) > MAX_TYPE_LENGTH
+            or any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in parts[1:])
         ):
             return
         if media in ("*/*", "application/*"):
