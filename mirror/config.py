@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import re
 import ssl
 import tomllib
@@ -99,6 +100,14 @@ class UpstreamConfig:
     #: When `url` is another mirror: the registry host sent to it as `?ns=` on every request,
     #: so one upstream mirror can serve several registries (site → regional → origin).
     ns: str = ""
+
+    @property
+    def credential(self) -> str:
+        """Which credential the upstream is pulled with, as a metrics label: `anonymous`, or
+        a short hash of the user name (names are not shown on the open /metrics)."""
+        if self.username:
+            return "account-" + hashlib.sha256(self.username.encode()).hexdigest()[:8]
+        return "docker-config" if self.docker_config else "anonymous"
 
     @property
     def hosts(self) -> tuple[str, ...]:

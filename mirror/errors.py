@@ -42,10 +42,16 @@ class MirrorError(Exception):
     code: str = "UNKNOWN"
     default_message: str = "unknown error"
 
-    def __init__(self, message: str | None = None, detail: Any = None) -> None:
+    def __init__(self, message: str | None = None, detail: Any = None, internal: str = "") -> None:
         self.message = message or self.default_message
         self.detail = detail
+        #: What the mirror's log says about it and a client is not told (addresses, TLS
+        #: details of the mirror's own network).
+        self.internal = internal
         super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.internal})" if self.internal else self.message
 
 
 class NameInvalid(MirrorError):

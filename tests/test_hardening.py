@@ -83,3 +83,37 @@ async def test_only_manifests_are_kept_and_served_as_manifests(
                 assert resp.status == 200 and await resp.read() == image.data
                 assert resp.headers["Content-Type"] == mediatypes.OCI_MANIFEST
                 assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_metrics_and_errors_keep_the_mirrors_own_details(
+    sim: UpstreamSim, tmp_path: Path, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """The upstream's user name is not a label on the open /metrics (a hash of it is), and a
+    client whose pull fails because an upstream is unreachable is not told that upstream's
+    internal address; the log is."""
+    config = tmp_path / "mirror.toml"
+    config.write_text(
+        '[upstreams."docker.io"]\nusername = "ci-robot-7"\npassword = "s3cret-pass"\n'
+        '[upstreams."internal.example"]\nurl = "http://127.0.0.1:9"\n'
+    )
+    sim.rate_limit(limit=100, remaining=50)
+    sim.add_image("test/app", "1", make_image(6, [100]))
+    mirror = mirror_process(
+        sim.url, env={"MIRROR_CONFIG": str(config), "MIRROR_RETRIES__ATTEMPTS": "1"}
+    ).start()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(
+            f"{mirror.url}/v2/test/app/manifests/1", headers={"Accept": "*/*"}
+        ) as resp:
+            assert resp.status == 200
+        async with client.get(f"{mirror.url}/metrics") as resp:
+            metrics = await resp.text()
+        async with client.get(f"{mirror.url}/v2/internal.example/team/app/manifests/1") as resp:
+            failed = await resp.text()
+            assert resp.status == 502
+    assert "ci-robot-7" not in metrics
+    assert 'credential="account-' in metrics
+    assert "127.0.0.1:9" not in failed and "Connect" not in failed, failed
+    mirror.stop()
+    said = [line for line in mirror.log.read_text().splitlines() if "failed" in line]
+    assert any("internal.example manifest" in line and "127.0.0.1:9" in line for line in said)

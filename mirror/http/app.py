@@ -60,7 +60,7 @@ def build_app(config: Config) -> web.Application:
     store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
     sender_pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="sendfile")
     metrics = Metrics()
-    metrics.prefill((u.name, u.username or "anonymous") for u in config.upstreams)
+    metrics.prefill((u.name, u.credential) for u in config.upstreams)
     cache = open_cache(config, store_pool, metrics)
     upstream = UpstreamClient(config, metrics, cache.coordinator.tokens)
     service = build_service(config, cache, upstream, metrics)

@@ -294,7 +294,7 @@ class Fill:
         log.warning(
             "fill of %s failed: %s",
             self.digest,
-            self.error.message,
+            self.error,
             extra={"digest": str(self.digest), "code": self.error.code},
         )
         if not self._ready.done():

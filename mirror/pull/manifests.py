@@ -133,7 +133,7 @@ class Manifests:
         except STALE_OK as e:
             level = logging.DEBUG if isinstance(e, errors.Offline) else logging.WARNING
             extra = {"upstream": key.upstream, "code": e.code}
-            log.log(level, "serving stale tag %s/%s:%s: %s", *key, e.message, extra=extra)
+            log.log(level, "serving stale tag %s/%s:%s: %s", *key, e, extra=extra)
             return ManifestAnswer(held, Outcome.STALE)
         except errors.ManifestUnknown:
             await self._tags.drop(key)
@@ -206,7 +206,7 @@ class Manifests:
         except STALE_OK as e:
             if cached is None:
                 raise
-            log.warning("serving stale %s for %s: %s", suffix, target.repo, e.message)
+            log.warning("serving stale %s for %s: %s", suffix, target.repo, e)
             return cached, Outcome.STALE
         return fresh, Outcome.COALESCED if followed else Outcome.MISS
 

@@ -64,7 +64,7 @@ class Syncer:
                 await self._service.ahead.fetch_all(target, answer.manifest)
                 done.append(tag)
             except errors.MirrorError as e:
-                log.warning("sync of %s:%s failed: %s", entry.image, tag, e.message)
+                log.warning("sync of %s:%s failed: %s", entry.image, tag, e)
         log.info("synced %s: %s", entry.image, ", ".join(done) or "nothing")
         return done
 

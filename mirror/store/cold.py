@@ -43,12 +43,12 @@ def _translate(what: str, digest: Digest | None = None) -> Iterator[None]:
     try:
         yield
     except (ObstoreError, OSError) as e:
-        detail: dict[str, str] = {
-            "reason": str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        }
-        if digest is not None:
-            detail["digest"] = str(digest)
-        raise errors.StoreUnavailable(f"cold tier: {what} failed", detail=detail) from e
+        # the reason names buckets and endpoints: for the log, not for clients
+        reason = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+        detail = {"digest": str(digest)} if digest is not None else None
+        raise errors.StoreUnavailable(
+            f"cold tier: {what} failed", detail=detail, internal=reason
+        ) from e
 
 
 class ColdObject:

@@ -124,7 +124,7 @@ class Tiers:
             held = await self.index.call(self.index.tiers_of, digest)
             found = await self.cold.open(digest) if "cold" in held else None
         except errors.StoreUnavailable as e:
-            log.warning("cold tier unreadable for %s, going upstream: %s", digest, e.message)
+            log.warning("cold tier unreadable for %s, going upstream: %s", digest, e)
             found = None
         yield found
 
@@ -161,7 +161,7 @@ class Tiers:
             try:
                 await self.cold.delete(digest)
             except errors.StoreUnavailable as e:
-                log.warning("could not delete the bad cold copy of %s: %s", digest, e.message)
+                log.warning("could not delete the bad cold copy of %s: %s", digest, e)
 
     # -- access counts ---------------------------------------------------------------------
 

@@ -96,15 +96,23 @@ def _translate() -> Any:
     except errors.MirrorError:
         raise
     except (TimeoutError, aiohttp.ServerTimeoutError) as e:
-        raise errors.UpstreamTimeout(detail={"reason": type(e).__name__}) from e
+        raise errors.UpstreamTimeout(internal=_reason(e)) from e
     except aiohttp.ClientSSLError as e:
         raise errors.UpstreamUnavailable(
-            "TLS failure talking to upstream", detail={"reason": str(e)[:200]}
+            "TLS failure talking to upstream", internal=_reason(e)
         ) from e
     except aiohttp.ClientPayloadError as e:
-        raise errors.UpstreamUnavailable("upstream connection cut mid-body") from e
+        raise errors.UpstreamUnavailable(
+            "upstream connection cut mid-body", internal=_reason(e)
+        ) from e
     except (aiohttp.ClientError, OSError, ValueError) as e:
-        raise errors.UpstreamUnavailable(detail={"reason": str(e)[:200] or type(e).__name__}) from e
+        raise errors.UpstreamUnavailable(internal=_reason(e)) from e
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, for the log only: it names addresses and TLS details of the mirror's
+    own network, which a client is not told."""
+    return (str(e).splitlines() or [""])[0][:200] or type(e).__name__
 
 
 def _transient(e: errors.MirrorError) -> bool:
@@ -360,11 +368,10 @@ class UpstreamClient:
             except errors.UpstreamError as e:
                 self._metrics.upstream(up.name, kind, "error")
                 if last or not _transient(e):
+                    log.warning("upstream %s %s failed: %s", up.name, kind, e)
                     raise
                 reason, delay = "connection", backoff(retry, attempt)
-                log.info(
-                    "upstream %s %s: %s; trying again in %.2fs", up.name, kind, e.message, delay
-                )
+                log.info("upstream %s %s: %s; trying again in %.2fs", up.name, kind, e, delay)
             else:
                 if last or resp.status not in RETRY_STATUSES:
                     return resp
@@ -411,8 +418,7 @@ class UpstreamClient:
         limit = parse_ratelimit(resp.headers)
         if limit is not None:
             self._remaining[up.name] = limit.remaining
-            credential = up.username or "anonymous"
-            self._metrics.rate_limit(up.name, credential, limit.limit, limit.remaining)
+            self._metrics.rate_limit(up.name, up.credential, limit.limit, limit.remaining)
 
     async def _follow(
         self,

@@ -158,7 +158,7 @@ class ResumingBlob:
                     "blob %s broke off after %d bytes (%s); resuming from there in %.2fs",
                     self._name,
                     got,
-                    e.message,
+                    e,
                     delay,
                 )
                 await self._disconnect()
