@@ -7,10 +7,12 @@ mirror on real sockets)."""
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import diskcache
 from conftest import MirrorProcess
 from images import make_image
 from upstream_sim import UpstreamSim
@@ -117,3 +119,35 @@ async def test_metrics_and_errors_keep_the_mirrors_own_details(
     mirror.stop()
     said = [line for line in mirror.log.read_text().splitlines() if "failed" in line]
     assert any("internal.example manifest" in line and "127.0.0.1:9" in line for line in said)
+
+
+async def test_requests_that_find_nothing_or_choose_their_own_answer_leave_nothing_on_disk(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """Two hundred made-up tags (upstream: 404) leave no pull record; fifty tag-list pages
+    and referrers of fifty made-up digests are answered but kept in memory only (bounded by
+    the hot budget); the one real tag pulled and the whole tag list are what is kept."""
+    sim.add_image("test/app", "1", make_image(7, [100]))
+    mirror = mirror_process(sim.url).start()
+    accept = {"Accept": "*/*"}
+    async with aiohttp.ClientSession() as client:
+        for i in range(200):
+            async with client.get(f"{mirror.url}/v2/test/app/manifests/made-up-{i}") as resp:
+                assert resp.status == 404
+        async with client.get(f"{mirror.url}/v2/test/app/manifests/1", headers=accept) as resp:
+            assert resp.status == 200
+        for n in range(1, 51):
+            async with client.get(f"{mirror.url}/v2/test/app/tags/list?n={n}") as resp:
+                assert resp.status == 200
+            made_up = "sha256:" + f"{n:064x}"
+            async with client.get(f"{mirror.url}/v2/test/app/referrers/{made_up}") as resp:
+                assert resp.status in (200, 404)
+        async with client.get(f"{mirror.url}/v2/test/app/tags/list") as resp:
+            assert resp.status == 200
+    mirror.stop()  # flushes what was counted
+    with sqlite3.connect(mirror.data_dir / "index.sqlite") as db:
+        rows = db.execute("SELECT upstream, repo, tag FROM tags").fetchall()
+    assert rows == [("docker.io", "test/app", "1")]
+    with diskcache.Cache(str(mirror.data_dir / "meta")) as meta:
+        lists = [k for k in meta.iterkeys() if isinstance(k, tuple) and k[0] == "l"]
+    assert lists == [("l", "docker.io", "test/app", "tags/list", "")]

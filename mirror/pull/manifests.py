@@ -104,15 +104,16 @@ class Manifests:
 
     async def _by_tag(self, target: Target, tag: str) -> ManifestAnswer:
         key = TagKey(target.upstream.name, target.repo, tag)
-        self._accesses.tag_pulled(key)
         record = await self._tags.get(key)
         if record is not None and self._clock() - record.checked < target.upstream.tag_ttl:
             found = await self._manifests.get(record.digest)
             if found is not None:
+                self._accesses.tag_pulled(key)
                 return ManifestAnswer(found, Outcome.HIT)
         answer, followed = await self._coordinator.once(
             key, lambda: self._refresh(target, key, record)
         )
+        self._accesses.tag_pulled(key)  # only a tag that exists: a miss raised above
         return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
 
     async def _refresh(
@@ -137,6 +138,7 @@ class Manifests:
             return ManifestAnswer(held, Outcome.STALE)
         except errors.ManifestUnknown:
             await self._tags.drop(key)
+            self._accesses.tag_gone(key)
             raise
         if head.digest is None:
             return await self._fetch_tag(target, key)

@@ -249,24 +249,35 @@ class Accesses:
         self._clock = clock
         self._pending: dict[Digest, tuple[float, int]] = {}
         self._tags: dict[TagKey, float] = {}
+        self._gone: set[TagKey] = set()
 
     def hit(self, digest: Digest) -> None:
         hits = self._pending.get(digest, (0.0, 0))[1]
         self._pending[digest] = (self._clock(), hits + 1)
 
     def tag_pulled(self, key: TagKey) -> None:
-        """A manifest fetched by tag (for retention's "most recently pulled" and "idle")."""
+        """A manifest fetched by tag (for retention's "most recently pulled" and "idle");
+        only for a tag that exists, so that requests for made-up tags leave no rows."""
         self._tags[key] = self._clock()
+        self._gone.discard(key)
+
+    def tag_gone(self, key: TagKey) -> None:
+        """Upstream says the tag is no more: its row goes at the next flush."""
+        self._tags.pop(key, None)
+        self._gone.add(key)
 
     async def flush(self) -> int:
         """Write what was counted since the last flush; returns how many blobs and tags."""
         batch, self._pending = self._pending, {}
         tags, self._tags = self._tags, {}
+        gone, self._gone = self._gone, set()
         if batch:
             await self._index.call(self._index.touch, "warm", batch)
         if tags:
             await self._index.call(self._index.touch_tags, tags)
-        return len(batch) + len(tags)
+        if gone:
+            await self._index.call(self._index.forget_tags, list(gone))
+        return len(batch) + len(tags) + len(gone)
 
 
 def _json(digests: Iterable[Digest]) -> str:

@@ -42,6 +42,13 @@ class ListKey:
     suffix: str
     query: str
 
+    @property
+    def durable(self) -> bool:
+        """Whether the answer is kept on disk: only a repository's whole tag list. What a
+        client's own arguments choose (a page of a list, the referrers of any digest it
+        names) is kept in memory only, where the hot tier's budget bounds it."""
+        return self.suffix == "tags/list" and not self.query
+
 
 #: Everything the hot tier holds is found by one of these.
-HotKey = BlobKey | ManifestKey | TagKey
+HotKey = BlobKey | ManifestKey | TagKey | ListKey

@@ -8,7 +8,8 @@ never the only one.
 
 On disk (kept as it always was, so a cache from an earlier version opens as it is):
     ("m", "<digest>")                 → (media type, bytes)
-    ("l", upstream, repo, suffix, q)  → (body, content type, Link, stored)
+    ("l", upstream, repo, "tags/list", "")  → (body, content type, Link, stored): a whole
+                                       tag list (pages and referrers stay in memory)
 """
 
 from __future__ import annotations
@@ -81,12 +82,18 @@ class ManifestStore:
         return StoredManifest(digest, raw[0], raw[1]) if raw is not None else None
 
     async def listing(self, key: ListKey) -> CachedList | None:
-        raw = await offload(self._executor, self._disk.get, _list_key(key))
-        return CachedList(*raw) if raw is not None else None
+        found: CachedList | None = self._hot.get(key)
+        if found is None and key.durable:
+            raw = await offload(self._executor, self._disk.get, _list_key(key))
+            found = CachedList(*raw) if raw is not None else None
+        return found
 
     async def put_listing(self, key: ListKey, value: CachedList) -> None:
-        row = (value.body, value.content_type, value.link, value.stored)
-        await offload(self._executor, self._disk.set, _list_key(key), row)
+        """Keep a list answer: in memory, and on disk when `key.durable`."""
+        self._hot.put(key, value, len(value.body))
+        if key.durable:
+            row = (value.body, value.content_type, value.link, value.stored)
+            await offload(self._executor, self._disk.set, _list_key(key), row)
 
 
 def _list_key(key: ListKey) -> tuple[str, ...]:
