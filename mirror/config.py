@@ -55,6 +55,10 @@ class Timeouts:
     #: A client connection with no request in progress is closed after this long: an idle
     #: keep-alive, or a request head trickling in (slowloris) that never completes.
     client_idle: float = 60.0
+    #: Bytes per second a client must read a blob at, averaged over each `rate_window` of
+    #: time the mirror waits on it (0 = no minimum): one that reads a byte at a time cannot
+    #: hold a sender thread and a file for long. Waiting for a fill to land bytes does not count.
+    client_min_rate: int = 1024
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class UpstreamConfig:
     #: On a manifest answer, fetch its config and layers in the background (pull-ahead).
     pull_ahead: bool = False
     #: Largest blob fetched from this upstream (0 = no limit): refused before a byte is kept.
-    max_blob_bytes: int = 0
+    max_blob_bytes: int = 64 * GiB
     #: When the upstream's `ratelimit-remaining` falls below this, held tags are served as
     #: cached without revalidation, keeping what is left for real misses.
     pull_budget_floor: int = 10
@@ -180,11 +184,18 @@ class EvictionConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     #: Blob fills running at once (0 = no limit); a miss beyond it gets 429 with Retry-After.
-    max_fills: int = 0
+    max_fills: int = 64
+    #: Fills one client address may have started that still run (0 = no limit); joining a
+    #: fill another started is always allowed.
+    max_fills_per_client: int = 16
+    #: A fill that no client follows any more (each went away) goes on only while at most this
+    #: many of its bytes are still to come (0 = always finish); pull-ahead and sync fills,
+    #: which nobody follows by design, always finish.
+    abandoned_fill_bytes: int = 1 * GiB
     #: Connections open at once from one client address (0 = no limit); a request on a
-    #: connection past it gets 429 with Retry-After and the connection is closed. Off by
-    #: default because a NAT gateway puts a whole fleet behind one address.
-    max_connections_per_client: int = 0
+    #: connection past it gets 429 with Retry-After and the connection is closed. Raise it for
+    #: a large fleet behind one NAT address.
+    max_connections_per_client: int = 256
 
 
 @dataclass(frozen=True)
@@ -497,8 +508,9 @@ def _check(config: Config) -> None:
             raise ConfigError(
                 f"timeouts.{key}: must be a positive number of seconds, got {value!r}"
             )
-    if config.timeouts.min_rate < 0:
-        raise ConfigError("timeouts.min_rate: must not be negative")
+    for key in ("min_rate", "client_min_rate"):
+        if getattr(config.timeouts, key) < 0:
+            raise ConfigError(f"timeouts.{key}: must not be negative")
     retries = config.retries
     if retries.attempts < 1 or retries.backoff < 0 or retries.max_backoff < retries.backoff:
         raise ConfigError("retries: need attempts >= 1 and 0 <= backoff <= max_backoff")
@@ -569,10 +581,16 @@ def _check_tiers(config: Config) -> None:
             )
         if rule.max_idle < 0 or rule.keep_tags < 0 or not (rule.max_idle or rule.keep_tags):
             raise ConfigError(f"retention[{i}]: set max_idle and/or keep_tags to a positive number")
-    if config.limits.max_connections_per_client < 0:
-        raise ConfigError("limits.max_connections_per_client: must not be negative")
-    if config.limits.max_fills < 0 or any(u.max_blob_bytes < 0 for u in config.upstreams):
-        raise ConfigError("limits.max_fills / upstreams.*.max_blob_bytes: must not be negative")
+    for key in (
+        "max_connections_per_client",
+        "max_fills",
+        "max_fills_per_client",
+        "abandoned_fill_bytes",
+    ):
+        if getattr(config.limits, key) < 0:
+            raise ConfigError(f"limits.{key}: must not be negative")
+    if any(u.max_blob_bytes < 0 for u in config.upstreams):
+        raise ConfigError("upstreams.*.max_blob_bytes: must not be negative")
     if bool(config.tls.cert) != bool(config.tls.key):
         raise ConfigError("tls.cert/tls.key: give both, or neither")
     if config.tls.cert:

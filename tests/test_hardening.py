@@ -6,21 +6,30 @@ mirror on real sockets)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import socket
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import diskcache
-from conftest import MirrorProcess
+from conftest import MakeMirror, Mirror, MirrorProcess, wait_until
 from images import make_image
 from upstream_sim import UpstreamSim
 
+from mirror.http.app import CACHE, METRICS
 from mirror.oci import mediatypes
 
 #: Nothing listens on the discard port: an upstream that refuses connections.
 CLOSED_URL = "http://127.0.0.1:9"
+REPO = "test/hardening"
+
+
+def _port(mirror: Mirror) -> int:
+    return int(mirror.url.rsplit(":", 1)[1])
 
 
 def _rss_kib(proc: MirrorProcess) -> int:
@@ -151,3 +160,96 @@ async def test_requests_that_find_nothing_or_choose_their_own_answer_leave_nothi
     with diskcache.Cache(str(mirror.data_dir / "meta")) as meta:
         lists = [k for k in meta.iterkeys() if isinstance(k, tuple) and k[0] == "l"]
     assert lists == [("l", "docker.io", "test/app", "tags/list", "")]
+
+
+# -- what one client can tie up -----------------------------------------------------------------
+
+
+async def test_a_client_reading_a_byte_at_a_time_is_dropped(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
+    """A client that keeps reading, but far below `timeouts.client_min_rate`, never falls
+    silent long enough for the idle timeout; the pace floor drops it (counted as stalled),
+    so it cannot hold a sender thread and a file for as long as it likes."""
+    data = os.urandom(32 * 1024 * 1024)
+    digest = sim.add_blob(data)
+    toml = '[timeouts]\nread = 60\nclient_min_rate = "1MiB"\nrate_window = 1\n'
+    mirror = await make_mirror(sim.url, toml=toml)
+    url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
+    async with client.get(url) as resp:
+        assert await resp.read() == data
+    await mirror.settled()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", _port(mirror)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+    await writer.drain()
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    metrics = mirror.app[METRICS]  # type: ignore[index]
+    received = 0
+    try:
+        for _ in range(3000):  # 1 KiB every 10 ms, about 100 KiB/s, for at most 30 s
+            if metrics.total("mirror_client_aborts_total", reason="stalled"):
+                break
+            chunk = await asyncio.wait_for(reader.read(1024), 30)
+            if not chunk:
+                break
+            received += len(chunk)
+            await asyncio.sleep(0.01)  # ok: pacing a slow reader, not waiting for anything
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 30):
+            received += len(chunk)
+    except ConnectionError:
+        pass  # the reset: what the kernel still held for this client was dropped
+    writer.close()
+    assert metrics.total("mirror_client_aborts_total", reason="stalled") == 1
+    assert received < len(data), "the transfer was cut, not finished"
+
+
+async def test_one_client_may_start_only_so_many_fills(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
+    """`limits.max_fills_per_client = 2`: with two of its fills running, a third miss from
+    the same address gets 429 with Retry-After; joining a fill already running is allowed."""
+    blobs = [sim.add_blob(os.urandom(100_000)) for _ in range(3)]
+    hang = sim.fault("blob", "hang")
+    mirror = await make_mirror(sim.url, toml="[limits]\nmax_fills_per_client = 2\n")
+    gets = [
+        asyncio.ensure_future(client.get(f"{mirror.url}/v2/{REPO}/blobs/{d}")) for d in blobs[:2]
+    ]
+    await wait_until(lambda: hang.hits == 2)
+    async with client.get(f"{mirror.url}/v2/{REPO}/blobs/{blobs[2]}") as resp:
+        assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+    joined = asyncio.ensure_future(client.get(f"{mirror.url}/v2/{REPO}/blobs/{blobs[0]}"))
+    hang.gate.set()
+    for resp in await asyncio.gather(*gets, joined):
+        assert resp.status == 200
+        resp.release()
+    await mirror.settled()
+    async with client.get(f"{mirror.url}/v2/{REPO}/blobs/{blobs[2]}") as resp:
+        assert resp.status == 200, "with its fills done, the client may start another"
+
+
+async def test_a_fill_nobody_follows_any_more_is_dropped_past_its_budget(
+    sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
+) -> None:
+    """A client starts the fill of a 16 MiB blob and goes away after the first bytes: with
+    more than `limits.abandoned_fill_bytes` still to come, the fill is dropped (nothing
+    kept, the upstream connection closed) instead of fetching a blob nobody reads; the next
+    request fills it anew, whole."""
+    data = os.urandom(16 * 1024 * 1024)
+    digest = sim.add_blob(data)
+    held = sim.fault(digest, "slow", part=1024 * 1024, times=1)
+    mirror = await make_mirror(sim.url, toml='[limits]\nabandoned_fill_bytes = "1MiB"\n')
+    url = f"{mirror.url}/v2/{REPO}/blobs/{digest}"
+    async with client.get(url) as resp:
+        await held.reached.wait()
+        await resp.content.readexactly(1024)
+        resp.close()  # the only client goes away
+    coordinator = mirror.app[CACHE].coordinator  # type: ignore[index]
+    await wait_until(lambda: not coordinator.filling())
+    assert not mirror.partial_files() and not mirror.blob_files()
+    async with client.get(url) as resp:
+        assert resp.status == 200 and await resp.read() == data
+    assert sim.requests[("GET", f"/v2/{REPO}/blobs/{digest}")] == 2

@@ -21,6 +21,7 @@ from mirror.http import status
 from mirror.http.access import Access
 from mirror.http.middleware import make_middleware
 from mirror.http.routes import Routes
+from mirror.http.sendfile import Pace
 from mirror.metrics import Metrics
 from mirror.ops.admin import Admin
 from mirror.pull.ahead import Ahead
@@ -51,7 +52,7 @@ def build_service(
     """The pull-through policy over this cache and upstream."""
     coordinator, tiers = cache.coordinator, cache.tiers
     manifests = Manifests(upstream, cache.manifests, coordinator, tiers.accesses, metrics)
-    blobs = Blobs(upstream, tiers, cache.evictions, coordinator, metrics, config.limits.max_fills)
+    blobs = Blobs(upstream, tiers, cache.evictions, coordinator, metrics, config.limits)
     return MirrorService(manifests, blobs, Ahead(manifests, blobs, cache.blobs))
 
 
@@ -73,9 +74,9 @@ def build_app(config: Config) -> web.Application:
     app[METRICS] = metrics
     app[CACHE] = cache
     app[SYNC] = syncer
-    routes = Routes(
-        service, Router(config), sender_pool, config.timeouts.read, metrics, Access(config.auth)
-    )
+    t = config.timeouts
+    pace = Pace(t.read, t.client_min_rate, t.rate_window)
+    routes = Routes(service, Router(config), sender_pool, pace, metrics, Access(config.auth))
     routes.install(app)
 
     async def metrics_handler(_: web.Request) -> web.Response:

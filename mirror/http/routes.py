@@ -22,7 +22,7 @@ from aiohttp import web
 from mirror import errors
 from mirror.http.access import Access
 from mirror.http.middleware import BASE_HEADERS, OUTCOME, ROUTE, UPSTREAM
-from mirror.http.sendfile import ClientGone, ClientStalled, SocketSender, abort
+from mirror.http.sendfile import ClientGone, ClientStalled, Pace, SocketSender, abort
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import parse_accept
 from mirror.oci.reference import Digest, parse_digest, parse_reference
@@ -51,7 +51,7 @@ class Routes:
         service: MirrorService,
         router: Router,
         sender_pool: ThreadPoolExecutor,
-        idle_timeout: float,
+        pace: Pace,
         metrics: Metrics,
         access: Access,
     ) -> None:
@@ -59,7 +59,7 @@ class Routes:
         self._service = service
         self._router = router
         self._pool = sender_pool
-        self._idle = idle_timeout
+        self._pace = pace
         self._metrics = metrics
 
     def install(self, app: web.Application) -> None:
@@ -134,7 +134,7 @@ class Routes:
         digest = parse_digest(ref)
         if request.method == "HEAD":
             return await self._blob_head(request, target, digest)
-        answer = await self._service.blobs.get(target, digest)
+        answer = await self._service.blobs.get(target, digest, request.remote or "")
         if answer.outcome is Outcome.PASS_THROUGH:
             self._metrics.lookup("pass-through")
             return await self._send_through(request, target, digest)
@@ -222,15 +222,16 @@ class Routes:
         try:
             start, end = byte_range(request, fill.size)
             status, headers = self._range_headers(target, digest, outcome, fill.size, start, end)
-            return await self._stream(
-                request,
-                status,
-                headers,
-                start,
-                end,
-                fill.source,
-                lambda sender: sender.send_growing(fd, start, end, fill.available),
-            )
+            with fill.watched():
+                return await self._stream(
+                    request,
+                    status,
+                    headers,
+                    start,
+                    end,
+                    fill.source,
+                    lambda sender: sender.send_growing(fd, start, end, fill.available),
+                )
         finally:
             os.close(fd)
 
@@ -284,7 +285,7 @@ class Routes:
         response.content_length = end - start
         await response.prepare(request)
         try:
-            async with SocketSender(request, response, self._pool, self._idle) as sender:
+            async with SocketSender(request, response, self._pool, self._pace) as sender:
                 await send(sender)
         except (ClientGone, errors.MirrorError) as e:
             reason = (
@@ -295,12 +296,7 @@ class Routes:
                 else "gone"
             )
             if reason == "stalled":
-                log.info(
-                    "dropped a client that read nothing for %.0fs: %s %s",
-                    self._idle,
-                    request.remote,
-                    request.path,
-                )
+                log.info("dropped a slow client (%s): %s %s", e, request.remote, request.path)
             self._metrics.aborted(reason)
             abort(request)
             return response

@@ -5,7 +5,8 @@ reading the file into memory chunk by chunk. Instead, once the response headers 
 a worker thread calls `os.sendfile` on a duplicate of the client socket's descriptor, waiting
 for writability with poll(). The duplicate keeps the socket alive if the transport closes it
 meanwhile, so the thread never writes to a reused descriptor. A client that stops reading for
-`idle_timeout` seconds, resets, or a stop request ends the transfer with an error.
+`Pace.idle` seconds or reads slower than `Pace.min_rate`, resets, or a stop request ends the
+transfer with an error.
 
 The same primitive serves committed blobs and blobs still being filled (a follower sends each
 newly landed range as it arrives).
@@ -21,12 +22,18 @@ import contextlib
 import functools
 import os
 import select
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
+
+from mirror.pace import RateFloor
 
 #: How often a waiting thread wakes to check for a stop request (ms).
 _POLL_MS = 200
@@ -36,7 +43,29 @@ _BAD_EVENTS = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 #: Blocking: (position, end, stop flag) -> how far the file may be sent now (see Fill.available).
-Available = Callable[[int, int, threading.Event], int]
+Available = Callable[[int, int, "Stop"], int]
+_HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
+
+
+class Stop(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class _StopOrHangup:
+    """Set when the server stops, or when the client's side of the socket has closed: a
+    follower waiting for a stalled fill notices a client that went away, instead of holding
+    its thread (and keeping the fill wanted) until bytes arrive."""
+
+    def __init__(self, sock: int, stop: threading.Event) -> None:
+        self._stop = stop
+        self._poller = select.poll()
+        self._poller.register(sock, _HANGUP)
+        self.hung_up = False
+
+    def is_set(self) -> bool:
+        if not self.hung_up:
+            self.hung_up = any(events & _HANGUP for _, events in self._poller.poll(0))
+        return self.hung_up or self._stop.is_set()
 
 
 class ClientGone(ConnectionError):
@@ -44,17 +73,31 @@ class ClientGone(ConnectionError):
 
 
 class ClientStalled(ClientGone):
-    """The client read nothing for the idle timeout: its connection is dropped, so a client
-    that never reads cannot hold a socket, a file and a sender thread forever."""
+    """The client read nothing for the idle timeout, or read slower than the minimum rate
+    over a window: its connection is dropped, so a client that never reads (or reads a byte
+    at a time) cannot hold a socket, a file and a sender thread for long."""
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How slow a client may read: silent for at most `idle` seconds, and at least
+    `min_rate` bytes/s averaged over each `window` of time spent waiting on it."""
+
+    idle: float
+    min_rate: int = 0
+    window: float = 30.0
 
 
 def _sendfile_blocking(
-    sock: int, fd: int, offset: int, end: int, idle: float, stop: threading.Event
+    sock: int, fd: int, offset: int, end: int, pace: Pace, stop: threading.Event
 ) -> None:
-    """Send bytes [offset, end) of `fd` to `sock` (non-blocking) with os.sendfile."""
+    """Send bytes [offset, end) of `fd` to `sock` (non-blocking) with os.sendfile. Only time
+    spent here counts against the client's pace: a follower waiting for a fill to land more
+    bytes is not slow."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     last = time.monotonic()
+    floor = RateFloor(pace.min_rate, pace.window)
     while offset < end:
         try:
             n = os.sendfile(sock, fd, offset, end - offset)
@@ -64,13 +107,15 @@ def _sendfile_blocking(
             raise ClientGone(str(e)) from e
         if n == 0:
             raise ClientGone("file shorter than announced")
+        if (slow := floor.below(max(n, 0))) is not None:
+            raise ClientStalled(f"client read at {slow} bytes/s, under {pace.min_rate}")
         if n > 0:
             offset += n
             last = time.monotonic()
             continue
         if stop.is_set():
             raise ClientGone("server stopping")
-        if time.monotonic() - last > idle:
+        if time.monotonic() - last > pace.idle:
             raise ClientStalled("client stopped reading")
         for _, events in poller.poll(_POLL_MS):
             if events & _BAD_EVENTS:
@@ -83,16 +128,19 @@ def _follow_blocking(
     start: int,
     end: int,
     available: Available,
-    idle: float,
+    pace: Pace,
     stop: threading.Event,
 ) -> None:
     """Send [start, end) of a growing file, each range as soon as `available` releases it."""
     pos = start
+    waiting = _StopOrHangup(sock, stop)
     while pos < end:
-        limit = available(pos, end, stop)
+        limit = available(pos, end, waiting)
+        if waiting.hung_up:
+            raise ClientGone("client went away while the fill was stalled")
         if stop.is_set():
             raise ClientGone("server stopping")
-        _sendfile_blocking(sock, fd, pos, limit, idle, stop)
+        _sendfile_blocking(sock, fd, pos, limit, pace, stop)
         pos = limit
 
 
@@ -104,12 +152,12 @@ class SocketSender:
         request: web.Request,
         response: web.StreamResponse,
         executor: ThreadPoolExecutor,
-        idle_timeout: float,
+        pace: Pace,
     ) -> None:
         self._request = request
         self._response = response
         self._executor = executor
-        self._idle = idle_timeout
+        self._pace = pace
         self._sock: int | None = None
         self._tls = False
 
@@ -159,6 +207,9 @@ class SocketSender:
         """TLS: pread pieces in the pool and write them through the transport."""
         loop = asyncio.get_running_loop()
         stop = threading.Event()
+        idle = self._pace.idle
+        waited = [0.0]  # seconds spent waiting on the client, the floor's clock
+        floor = RateFloor(self._pace.min_rate, self._pace.window, clock=lambda: waited[0])
         try:
             while pos < end:
                 limit = (
@@ -172,13 +223,17 @@ class SocketSender:
                     )
                     if not chunk:
                         raise ClientGone("file shorter than announced")
+                    started = loop.time()
                     try:
-                        await asyncio.wait_for(self._response.write(chunk), self._idle)
+                        await asyncio.wait_for(self._response.write(chunk), idle)
                     except TimeoutError as e:
                         raise ClientStalled("client stopped reading") from e
                     except ConnectionError as e:
                         raise ClientGone(str(e)) from e
                     pos += len(chunk)
+                    waited[0] += loop.time() - started
+                    if floor.below(len(chunk)) is not None:
+                        raise ClientStalled("client read slower than the minimum rate")
         finally:
             stop.set()
 
@@ -189,7 +244,7 @@ class SocketSender:
         stop = threading.Event()
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(
-            self._executor, functools.partial(fn, self._sock, *args, self._idle, stop)
+            self._executor, functools.partial(fn, self._sock, *args, self._pace, stop)
         )
         try:
             await asyncio.shield(fut)
@@ -201,6 +256,14 @@ class SocketSender:
 
 
 def abort(request: web.Request) -> None:
-    """Cut a response whose headers are out: the client must see a failed transfer."""
-    if request.transport is not None:
-        request.transport.abort()
+    """Cut a response whose headers are out: the client must see a failed transfer. The
+    connection is reset (SO_LINGER 0), so what the kernel still holds for a slow client is
+    dropped at once rather than trickled out."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

@@ -56,4 +56,4 @@ class Ahead:
             if await self._store.run(self._store.exists, digest):
                 continue
             async with self._gate:
-                await asyncio.wait([self._blobs.join(target, digest).task])
+                await asyncio.wait([self._blobs.want(target, digest).task])

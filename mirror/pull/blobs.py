@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from mirror import errors
 from mirror.body import BlobBody
 from mirror.bounded import Bounded
+from mirror.config import LimitsConfig
 from mirror.coordination import Coordinator, Joined
 from mirror.eviction.passes import Evictions
 from mirror.metrics import Metrics
@@ -59,34 +61,48 @@ class Blobs:
         evictions: Evictions,
         coordinator: Coordinator,
         metrics: Metrics,
-        max_fills: int = 0,
+        limits: LimitsConfig,
     ) -> None:
         self._upstream = upstream
         self._tiers = tiers
         self._evictions = evictions
         self._coordinator = coordinator
         self._metrics = metrics
-        self._max_fills = max_fills
+        self._limits = limits
         self._too_big: Bounded[Digest, int] = Bounded(TOO_BIG_REMEMBERED)
+        #: Fills still running, by the client address that started them.
+        self._started: Counter[str] = Counter()
 
-    async def get(self, target: Target, digest: Digest) -> BlobAnswer:
+    async def get(self, target: Target, digest: Digest, client: str = "") -> BlobAnswer:
         """An open cached blob (hot or warm), or the (possibly just started) fill that will
-        bring it from cold or upstream; or neither, when it is to stream through."""
+        bring it from cold or upstream; or neither, when it is to stream through. `client`
+        (an address) is who would start the fill, for the per-client limit."""
         found = await self._tiers.open(digest)
         if found is not None:
             return BlobAnswer(Outcome.HIT, stored=found.blob, tier=found.tier)
         if await self._still_too_big(digest):
             return BlobAnswer(Outcome.PASS_THROUGH)
+        self._admit(digest, client)
+        fill, task, started = self.join(target, digest, client)
+        if fill.error is not None:  # failed, still winding down (removing its partial file):
+            await asyncio.wait([task])  # a new request gets a new try, not the old error
+            fill, _, started = self.join(target, digest, client)
+        return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
+
+    def _admit(self, digest: Digest, client: str) -> None:
+        """429 for a miss that would start a fill past the limits (joining one never is)."""
         filling = self._coordinator.filling()
-        if self._max_fills and len(filling) >= self._max_fills and digest not in filling:
+        if digest in filling:
+            return
+        limits = self._limits
+        if limits.max_fills and len(filling) >= limits.max_fills:
             raise errors.TooManyRequests(
                 "the mirror is at its limit of concurrent fills", retry_after="1"
             )
-        fill, task, started = self.join(target, digest)
-        if fill.error is not None:  # failed, still winding down (removing its partial file):
-            await asyncio.wait([task])  # a new request gets a new try, not the old error
-            fill, _, started = self.join(target, digest)
-        return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
+        if limits.max_fills_per_client and self._started[client] >= limits.max_fills_per_client:
+            raise errors.TooManyRequests(
+                "this client has as many fills running as it may start", retry_after="1"
+            )
 
     async def committed(self, digest: Digest) -> OpenBlob | None:
         """A blob whose fill has just finished, opened the way every hit is (counted, held
@@ -94,11 +110,38 @@ class Blobs:
         found = await self._tiers.open(digest)
         return found.blob if found is not None else None
 
-    def join(self, target: Target, digest: Digest) -> Joined[Fill]:
-        """The fill of `digest` in flight, or a new one."""
-        return self._coordinator.fill(
+    def join(self, target: Target, digest: Digest, client: str = "") -> Joined[Fill]:
+        """The fill of `digest` in flight, or a new one (started for `client`, counted
+        against it while it runs)."""
+        joined = self._coordinator.fill(
             digest, lambda: Fill(digest), lambda f: self._fill(f, target, digest)
         )
+        if joined.started:
+            joined.state.on_abandoned = lambda fill: self._abandoned(fill, joined.task)
+            self._started[client] += 1
+            joined.task.add_done_callback(lambda _: self._ended(client))
+        return joined
+
+    def want(self, target: Target, digest: Digest) -> Joined[Fill]:
+        """A fill that is to finish whoever follows it (pull-ahead, the sync list)."""
+        joined = self.join(target, digest)
+        joined.state.wanted = True
+        return joined
+
+    def _ended(self, client: str) -> None:
+        self._started[client] -= 1
+        if self._started[client] <= 0:
+            del self._started[client]
+
+    def _abandoned(self, fill: Fill, task: asyncio.Task[None]) -> None:
+        """The last client following `fill` went away: drop it if more than the budget is
+        still to come (a client cannot make the mirror fetch large blobs nobody reads)."""
+        budget, left = self._limits.abandoned_fill_bytes, fill.remaining
+        if budget and (left is None or left > budget):
+            log.info(
+                "dropping the fill of %s: nobody follows it, %s bytes to go", fill.digest, left
+            )
+            task.cancel()
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
         started = time.monotonic()

@@ -16,9 +16,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Protocol
 
 from mirror import errors
 from mirror.body import BlobBody
@@ -41,6 +42,12 @@ SYNC_EVERY = 32 * 1024 * 1024
 FOLLOWER_WAKE = 0.2
 
 
+class Stop(Protocol):
+    """Tells a waiting follower thread to give up (a threading.Event, or more)."""
+
+    def is_set(self) -> bool: ...
+
+
 #: Where a fill reads from: an upstream answer, or a cold-tier object being promoted.
 BlobSource = Callable[[], AbstractAsyncContextManager[BlobBody]]
 #: Make room on the store's disk for this many more bytes (evicting); False if it cannot.
@@ -60,6 +67,12 @@ class Fill:
         self._syncing: asyncio.Future[None] | None = None
         self.error: errors.MirrorError | None = None
         self.followers = 0
+        #: Clients sending from this fill right now.
+        self.watchers = 0
+        #: Wanted whether or not a client follows it (pull-ahead, the sync list).
+        self.wanted = False
+        #: Called when the last client following it goes away before the end.
+        self.on_abandoned: Callable[[Fill], None] | None = None
         #: Where the bytes come from: "upstream", or "cold" for a promotion.
         self.source = "upstream"
         self._room: Room | None = None
@@ -67,6 +80,24 @@ class Fill:
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
         self._progress = threading.Condition()
+
+    @contextlib.contextmanager
+    def watched(self) -> Iterator[None]:
+        """Held by a client while it sends from this fill; the last one to leave before the
+        end tells `on_abandoned` (which may drop a fill nobody wants any more)."""
+        self.watchers += 1
+        try:
+            yield
+        finally:
+            self.watchers -= 1
+            left = self.watchers == 0 and not self.done and self.error is None
+            if left and not self.wanted and self.on_abandoned is not None:
+                self.on_abandoned(self)
+
+    @property
+    def remaining(self) -> int | None:
+        """Bytes still to come, when the size is known."""
+        return None if self.size is None else self.size - self.written
 
     async def ready(self) -> None:
         """Wait until the size is known and the partial file exists (or the fill failed)."""
@@ -89,10 +120,11 @@ class Fill:
                 raise self.error
             await self._changed.wait()
 
-    def available(self, pos: int, end: int, stop: threading.Event) -> int:
+    def available(self, pos: int, end: int, stop: Stop) -> int:
         """Blocking, for a follower's sender thread: wait until bytes past `pos` (of a response
         ending at `end`) may be sent and return how far; the last byte of a response only once
-        the digest is verified. Returns `pos` if `stop` is set; raises the fill's error.
+        the digest is verified. Returns `pos` if `stop` is set (it is looked at every
+        FOLLOWER_WAKE seconds); raises the fill's error.
         Followers wait here rather than on the event loop so that a fill with many followers
         costs the loop one notify per piece, not a thread hop per piece per follower."""
         with self._progress:
@@ -288,6 +320,8 @@ class Fill:
             self.error = errors.DigestMismatch(f"{where} {e.message}", detail=e.detail)
         elif isinstance(e, OSError):
             self.error = errors.StoreUnavailable(detail={"reason": e.strerror or str(e)})
+        elif isinstance(e, asyncio.CancelledError):
+            self.error = errors.UpstreamUnavailable("blob fill dropped: nobody follows it")
         else:
             self.error = errors.UpstreamUnavailable("blob fill aborted")
             log.error("fill of %s aborted by an unexpected error", self.digest, exc_info=e)

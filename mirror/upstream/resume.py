@@ -16,13 +16,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from mirror import errors
 from mirror.config import RetryConfig
+from mirror.pace import RateFloor
 
 log = logging.getLogger("mirror.upstream")
 
@@ -56,34 +56,6 @@ class TooSlow(errors.UpstreamTimeout):
     """An upstream body below `timeouts.min_rate`: a stall that never falls silent."""
 
     default_message = "upstream blob body slower than the minimum rate"
-
-
-class RateFloor:
-    """Fails a body that averages less than `min_rate` bytes/s over a `window` of seconds.
-    Checked as pieces arrive; total silence is the read timeout's business."""
-
-    def __init__(
-        self, min_rate: int, window: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._min_rate = min_rate
-        self._window = window
-        self._clock = clock
-        self._start = clock()
-        self._bytes = 0
-
-    def add(self, nbytes: int) -> None:
-        if not self._min_rate:
-            return
-        self._bytes += nbytes
-        now = self._clock()
-        elapsed = now - self._start
-        if elapsed < self._window:
-            return
-        if self._bytes < self._min_rate * elapsed:
-            raise TooSlow(
-                detail={"bytes_per_second": int(self._bytes / elapsed), "min_rate": self._min_rate}
-            )
-        self._start, self._bytes = now, 0
 
 
 class ResumingBlob:
@@ -145,7 +117,8 @@ class ResumingBlob:
                     body = await self._connect(got)
                 async for chunk in body.chunks():
                     got += len(chunk)
-                    floor.add(len(chunk))
+                    if (pace := floor.below(len(chunk))) is not None:
+                        raise TooSlow(detail={"bytes_per_second": pace, "min_rate": self._min_rate})
                     yield chunk
                 return
             except RESUMABLE as e:
