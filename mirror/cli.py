@@ -79,23 +79,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _tls_context(config: Config) -> ssl.SSLContext | None:
-    if not config.tls.cert:
-        return None
+def _load_certificate(cert: str, key: str) -> ssl.SSLContext:
+    """A server context holding the pair, or OSError / SSLError when it does not load."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls.cert, config.tls.key)
+    context.load_cert_chain(cert, key)
     return context
 
 
-def _reload_tls(context: ssl.SSLContext, config: Config) -> None:
-    """SIGHUP: load the certificate and key again into the live context; new handshakes use
-    them, connections open now keep theirs, the listener never closes."""
-    try:
-        context.load_cert_chain(config.tls.cert, config.tls.key)
-    except (OSError, ssl.SSLError) as e:
-        log.error("TLS reload failed, keeping the old certificate: %s", e)
-        return
-    log.info("TLS certificate reloaded from %s", config.tls.cert)
+class ServingCertificate:
+    """The listener's TLS context and the certificate new handshakes get.
+
+    A context is never loaded twice: `load_cert_chain` on a live context replaces the
+    certificate before it checks the key, so a valid certificate with a key of another pair
+    leaves the context with no usable key and every later handshake fails. A reload therefore
+    builds a new context from the files, off the event loop, and only once it has loaded does
+    the listener's SNI callback (which OpenSSL runs on every ClientHello, with or without a
+    server name) hand it to new handshakes. Connections open now keep the context they were
+    made with; the listener never closes.
+    """
+
+    def __init__(self, cert: str, key: str) -> None:
+        self._cert, self._key = cert, key
+        self.listener = _load_certificate(cert, key)
+        self._current = self.listener
+        self.listener.sni_callback = self._select
+        self._lock = asyncio.Lock()
+        self._reloading: set[asyncio.Task[None]] = set()
+
+    def _select(self, conn: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        if self._current is not self.listener:
+            conn.context = self._current
+
+    def on_sighup(self) -> None:
+        """The signal handler: start a reload (a task, so the file reads leave the loop)."""
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._reloading.add(task)
+        task.add_done_callback(self._reloading.discard)
+
+    async def reload(self) -> None:
+        """Load the pair again into a new context; keep the old one if it does not load."""
+        async with self._lock:  # reloads take effect in the order the signals came
+            try:
+                fresh = await asyncio.to_thread(_load_certificate, self._cert, self._key)
+            except (OSError, ssl.SSLError) as e:
+                log.error("TLS reload failed, keeping the old certificate: %s", e)
+                return
+            self._current = fresh
+        log.info("TLS certificate reloaded from %s", self._cert)
 
 
 async def serve(config: Config) -> None:
@@ -104,13 +134,13 @@ async def serve(config: Config) -> None:
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     host, port = config.host_port
-    tls = _tls_context(config)
+    tls = ServingCertificate(config.tls.cert, config.tls.key) if config.tls.cert else None
     site = MirrorSite(
         runner,
         config,
         host,
         port,
-        ssl_context=tls,
+        ssl_context=tls.listener if tls is not None else None,
         access_log=logging.getLogger("mirror.access") if config.access_log else None,
     )
     await site.start()
@@ -127,7 +157,7 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if tls is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload_tls, tls, config)
+        loop.add_signal_handler(signal.SIGHUP, tls.on_sighup)
     try:
         await stop.wait()
     finally:
