@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("environment variable %s is not a configuration key: ignored", var)
     try:
         uvloop.run(serve(config))
+    except ConfigError as e:  # found only when the app reads its files (the htpasswd file)
+        print(f"mirror: configuration error: {e}", file=sys.stderr)
+        return 2
     finally:
         listener.stop()
     return 0

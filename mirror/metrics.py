@@ -7,7 +7,8 @@ repository, tag or digest.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -125,6 +126,19 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.password_checks = Counter(
+            "mirror_client_password_checks",
+            "bcrypt checks of client passwords run: for known and unknown user names alike "
+            "(an unknown one is checked against a dummy hash); a remembered pair runs none.",
+            registry=self.registry,
+        )
+        self.password_checks_now = Gauge(
+            "mirror_client_password_checks_in_progress",
+            "Client password checks running now (at most the password threads) and waiting "
+            "for one of them.",
+            ["state"],
+            registry=self.registry,
+        )
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes",
             "Blob bytes received from upstreams.",
@@ -186,6 +200,8 @@ class Metrics:
         """Every label set known in advance, exported at 0 from the start: a panel over a
         fresh mirror shows 0, not "no data"."""
         self.client_refusals.labels("connections_per_client")
+        for state in ("running", "waiting"):
+            self.password_checks_now.labels(state)
         for reason in ("gone", "stalled", "fill_failed"):
             self.client_aborts.labels(reason)
         for source in ("upstream", "cold"):
@@ -259,6 +275,27 @@ class Metrics:
     def refused(self, reason: str) -> None:
         """A client request refused before any work (`connections_per_client`)."""
         self.client_refusals.labels(reason).inc()
+
+    @contextmanager
+    def password_check_waiting(self) -> Iterator[None]:
+        """Around a client password check waiting for a password thread."""
+        gauge = self.password_checks_now.labels("waiting")
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    @contextmanager
+    def password_check_running(self) -> Iterator[None]:
+        """Around one bcrypt check of a client password (counted as it starts)."""
+        self.password_checks.inc()
+        gauge = self.password_checks_now.labels("running")
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
 
     def aborted(self, reason: str) -> None:
         """A blob answer cut off mid-body: `gone`, `stalled` or `fill_failed`."""

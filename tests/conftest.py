@@ -209,7 +209,7 @@ class MirrorProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mirror exited: {self.log.read_text()[-2000:]}")
             try:
-                with LOCAL_OPENER.open(f"{self.url}/v2/", timeout=1) as resp:
+                with LOCAL_OPENER.open(f"{self.url}/healthz", timeout=1) as resp:
                     if resp.status == 200:
                         return self
             except OSError:

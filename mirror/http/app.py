@@ -18,7 +18,7 @@ from mirror.config import Config
 from mirror.eviction.evictor import Evictor
 from mirror.http import admin as admin_api
 from mirror.http import status
-from mirror.http.access import Access
+from mirror.http.access import PASSWORD_THREADS, Access
 from mirror.http.middleware import make_middleware
 from mirror.http.routes import Routes
 from mirror.http.sendfile import Pace
@@ -60,6 +60,7 @@ def build_app(config: Config) -> web.Application:
     """The whole mirror as an aiohttp Application (tests run it in-process)."""
     store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
     sender_pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="sendfile")
+    password_pool = ThreadPoolExecutor(PASSWORD_THREADS, thread_name_prefix="password")
     metrics = Metrics()
     metrics.prefill((u.name, u.credential) for u in config.upstreams)
     cache = open_cache(config, store_pool, metrics)
@@ -76,7 +77,8 @@ def build_app(config: Config) -> web.Application:
     app[SYNC] = syncer
     t = config.timeouts
     pace = Pace(t.read, t.client_min_rate, t.rate_window)
-    routes = Routes(service, Router(config), sender_pool, pace, metrics, Access(config.auth))
+    access = Access(config.auth, password_pool, metrics)
+    routes = Routes(service, Router(config), sender_pool, pace, metrics, access)
     routes.install(app)
 
     async def metrics_handler(_: web.Request) -> web.Response:
@@ -114,6 +116,7 @@ def build_app(config: Config) -> web.Application:
         await upstream.close()
         await asyncio.to_thread(cache.close)
         sender_pool.shutdown(wait=False, cancel_futures=True)
+        password_pool.shutdown(wait=False, cancel_futures=True)
         store_pool.shutdown(wait=True)
 
     app.on_startup.append(on_startup)
