@@ -210,10 +210,10 @@ class TLSConfig:
 @dataclass(frozen=True)
 class Grant:
     """Who may pull what: `who` is an htpasswd user name, or `token:<value>` for a static
-    bearer token; `repositories` are `<upstream>/<repository glob>` patterns."""
+    bearer token; `repositories` are `<upstream>/<repository glob>` patterns (`grant_regex`)."""
 
     who: str = ""
-    repositories: tuple[str, ...] = ("*",)
+    repositories: tuple[str, ...] = ("**",)
 
     def __repr__(self) -> str:  # tokens never reach logs
         shown = "token:***" if self.who.startswith("token:") else self.who
@@ -611,6 +611,11 @@ def _check_tiers(config: Config) -> None:
             raise ConfigError(
                 f"auth.grants[{i}].who: a user name, or token:<at least 16 characters>"
             )
+        for pattern in grant.repositories:
+            if grant_regex(pattern) is None:
+                raise ConfigError(
+                    f"auth.grants[{i}].repositories: expected {GRANT_FORM}, got {pattern!r}"
+                )
     for i, entry in enumerate(config.sync):
         upstream, _, repo = entry.image.partition("/")
         if upstream not in {u.name for u in config.upstreams} or not repo or ":" in repo:
@@ -622,6 +627,43 @@ def _check_tiers(config: Config) -> None:
     for pattern in config.pins:
         if not is_pin(pattern):
             raise ConfigError(f"pins: expected {PIN_FORM}, got {pattern!r}")
+
+
+#: What a grant pattern looks like, in words (for errors).
+GRANT_FORM = "<upstream glob>/<repository glob>, or ** for everything"
+#: One path segment of a grant pattern, without its `*` and `?`.
+_SEGMENT_CHAR = "[^/]"
+
+
+def grant_regex(pattern: str) -> re.Pattern[str] | None:
+    """The names `<upstream>/<repository>` a grant pattern admits, or None when it is not one.
+
+    Globs match path segments, never across a `/` unless asked to: `*` is any run of
+    characters within one segment, `?` one character within it, and `**`, which must be a
+    whole segment, is one or more whole segments. So `docker.io/org/*` admits
+    `docker.io/org/app` but neither `docker.io/org/team/app` nor `docker.io/org-evil/app`;
+    `docker.io/org/**` admits `docker.io/org/app` and `docker.io/org/team/app` but not
+    `docker.io/org` itself (name it too if it is meant); `**` alone admits everything. There
+    are no character classes: anything else stands for itself. A pattern needs an upstream
+    part and a repository part, so a bare `*` (which would admit nothing) is refused.
+    """
+    segments = pattern.split("/")
+    if pattern != "**" and (len(segments) < 2 or "" in segments):
+        return None
+    parts = []
+    for segment in segments:
+        if segment == "**":
+            parts.append(f"{_SEGMENT_CHAR}+(?:/{_SEGMENT_CHAR}+)*")
+        elif "**" in segment:
+            return None
+        else:
+            parts.append(
+                "".join(
+                    f"{_SEGMENT_CHAR}*" if c == "*" else _SEGMENT_CHAR if c == "?" else re.escape(c)
+                    for c in segment
+                )
+            )
+    return re.compile("/".join(parts))
 
 
 #: What a pin looks like, in words (for errors).

@@ -2,7 +2,8 @@
 repositories its grants name; a real skopeo logs in with credentials. Against a real process:
 a flood of wrong passwords runs no more bcrypt checks at once than the bound, an unknown user
 costs the same bcrypt check a known one does, and a password over bcrypt's 72 bytes is judged as
-htpasswd judges it, never a 500."""
+htpasswd judges it, never a 500; grant globs match within a path segment (`*`, `?`) or across
+segments only as `**`."""
 
 from __future__ import annotations
 
@@ -230,12 +231,9 @@ async def test_a_password_over_72_bytes_is_judged_by_its_first_72(
     assert "Traceback" not in proc.log.read_text()
 
 
-def test_a_malformed_bcrypt_entry_stops_the_start(tmp_path: Path) -> None:
-    """An htpasswd entry that looks like bcrypt but is not one would fail every check with an
-    error: the start refuses it, naming the user, with the configuration-error status."""
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_text("dev:$2y$05$too-short\n")
-    done = subprocess.run(
+def _start_refused(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`mirror serve` with `env` added, expected to stop before it serves."""
+    return subprocess.run(
         [
             *(sys.executable, "-m", "mirror", "serve", "--data-dir", str(tmp_path / "d")),
             *("--listen", f"127.0.0.1:{free_port()}"),
@@ -244,7 +242,73 @@ def test_a_malformed_bcrypt_entry_stops_the_start(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "MIRROR_AUTH__HTPASSWD": str(htpasswd)},
+        env={**os.environ, **env},
     )
+
+
+def test_a_malformed_bcrypt_entry_stops_the_start(tmp_path: Path) -> None:
+    """An htpasswd entry that looks like bcrypt but is not one would fail every check with an
+    error: the start refuses it, naming the user, with the configuration-error status."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("dev:$2y$05$too-short\n")
+    done = _start_refused(tmp_path, {"MIRROR_AUTH__HTPASSWD": str(htpasswd)})
     assert done.returncode == 2, done.stderr
     assert "auth.htpasswd: 'dev' has a malformed bcrypt entry" in done.stderr
+
+
+# -- grant globs, against a real process ------------------------------------------------------
+
+ONE_LEVEL = "one-level-token-0123456789"
+ANY_DEPTH = "any-depth-token-0123456789"
+
+
+async def test_grant_globs_match_within_a_segment_and_double_star_across(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """`docker.io/org/*` pulls `org/app` but neither `org/team/app` (`*` stops at `/`) nor
+    `org-evil/app`; `docker.io/org/**` pulls `org/app` and `org/team/app` and still not
+    `org-evil/app`. A refusal is 403 DENIED."""
+    for repo in ("org/app", "org/team/app", "org-evil/app"):
+        sim.add_image(repo, "1", IMAGE)
+    config = tmp_path / "mirror.toml"
+    config.write_text(
+        f'[[auth.grants]]\nwho = "token:{ONE_LEVEL}"\nrepositories = ["docker.io/org/*"]\n'
+        f'[[auth.grants]]\nwho = "token:{ANY_DEPTH}"\nrepositories = ["docker.io/org/**"]\n'
+    )
+    proc = mirror_process(sim.url, env={"MIRROR_CONFIG": str(config)})
+    await asyncio.to_thread(proc.start)
+    for token, repo, status in (
+        (ONE_LEVEL, "org/app", 200),
+        (ONE_LEVEL, "org/team/app", 403),
+        (ONE_LEVEL, "org-evil/app", 403),
+        (ANY_DEPTH, "org/app", 200),
+        (ANY_DEPTH, "org/team/app", 200),
+        (ANY_DEPTH, "org-evil/app", 403),
+    ):
+        async with client.get(
+            f"{proc.url}/v2/{repo}/manifests/1",
+            headers={"Authorization": f"Bearer {token}", "Accept": ACCEPT_ALL},
+        ) as resp:
+            assert resp.status == status, (token, repo, await resp.text())
+            if status == 403:
+                assert (await resp.json())["errors"][0]["code"] == "DENIED"
+            else:
+                assert await resp.read() == IMAGE.data
+
+
+def test_a_grant_that_is_not_upstream_slash_repository_stops_the_start(tmp_path: Path) -> None:
+    """A bare `*` (once "everything", now a glob that could admit no name) and a `**` inside a
+    segment are refused at start, naming the key, rather than silently admitting nothing or
+    something else."""
+    for pattern in ("*", "docker.io/org**"):
+        config = tmp_path / "mirror.toml"
+        config.write_text(
+            f'[[auth.grants]]\nwho = "token:{ONE_LEVEL}"\nrepositories = ["{pattern}"]\n'
+        )
+        done = _start_refused(tmp_path, {"MIRROR_CONFIG": str(config)})
+        assert done.returncode == 2, done.stderr
+        assert "auth.grants[0].repositories: expected" in done.stderr, done.stderr
+        assert repr(pattern) in done.stderr

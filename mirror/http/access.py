@@ -29,7 +29,6 @@ import hmac
 import re
 from collections.abc import Iterable
 from concurrent.futures import Executor
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import bcrypt
@@ -37,7 +36,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.bounded import Bounded
-from mirror.config import AuthConfig
+from mirror.config import AuthConfig, grant_regex
 from mirror.metrics import Metrics
 from mirror.store.offload import offload
 from mirror.upstream.routing import Target
@@ -55,6 +54,21 @@ DEFAULT_COST = 12
 PASSWORD_THREADS = 4
 
 
+#: What a grant admits, compiled (config.grant_regex says how globs match).
+Patterns = tuple[re.Pattern[str], ...]
+
+
+def _compiled(patterns: Iterable[str]) -> Patterns:
+    """The config checked every pattern already; one that is not is a bug, not a refusal."""
+    compiled = tuple(grant_regex(p) for p in patterns)
+    assert all(c is not None for c in compiled), patterns
+    return tuple(c for c in compiled if c is not None)
+
+
+#: An htpasswd user with no grant may pull everything.
+EVERYTHING: Patterns = _compiled(["**"])
+
+
 class Access:
     def __init__(self, config: AuthConfig, password_threads: Executor, metrics: Metrics) -> None:
         self.enabled = config.enabled
@@ -64,12 +78,14 @@ class Access:
         self._metrics = metrics
         self._slots = asyncio.Semaphore(PASSWORD_THREADS)
         self._tokens = {
-            g.who[len("token:") :].encode(): g.repositories
+            g.who[len("token:") :].encode(): _compiled(g.repositories)
             for g in config.grants
             if g.who.startswith("token:")
         }
         self._grants = {
-            g.who: g.repositories for g in config.grants if not g.who.startswith("token:")
+            g.who: _compiled(g.repositories)
+            for g in config.grants
+            if not g.who.startswith("token:")
         }
         self._verified: Bounded[tuple[str, bytes], bool] = Bounded(REMEMBERED)
 
@@ -81,11 +97,11 @@ class Access:
         if patterns is None:
             raise errors.Unauthorized("authentication required", challenge=CHALLENGE)
         if target is not None and not any(
-            fnmatchcase(f"{target.upstream.name}/{target.repo}", p) for p in patterns
+            p.fullmatch(f"{target.upstream.name}/{target.repo}") for p in patterns
         ):
             raise errors.Denied(detail={"name": target.name})
 
-    async def _who(self, header: str) -> tuple[str, ...] | None:
+    async def _who(self, header: str) -> Patterns | None:
         """The repository patterns the credentials grant, or None when they are not valid."""
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer":
@@ -108,7 +124,7 @@ class Access:
             if not await self._bcrypt(password.encode(), stored):
                 return None
             self._verified.remember(key, True)
-        return self._grants.get(user, ("*",))
+        return self._grants.get(user, EVERYTHING)
 
     async def _bcrypt(self, password: bytes, stored: bytes) -> bool:
         """One bcrypt check on a password thread, once one of the slots is free."""
