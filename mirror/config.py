@@ -92,7 +92,8 @@ class UpstreamConfig:
     password: str = ""
     #: A docker `config.json` to take this registry's credentials from.
     docker_config: str = ""
-    #: Token realm hosts, other than the registry's own, that may receive our credentials.
+    #: Token realm hosts, other than the registry's own origin, that may receive our
+    #: credentials: `host` (on the scheme's default port) or `host:port`.
     token_realms: tuple[str, ...] = ()
     #: On a manifest answer, fetch its config and layers in the background (pull-ahead).
     pull_ahead: bool = False
@@ -492,7 +493,15 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         raise ConfigError(
             f"{where}.ns: must be a registry host[:port] such as 'ghcr.io', got {up.ns!r}"
         )
-    return dataclasses.replace(up, ns=up.ns.lower())
+    for realm in up.token_realms:
+        if not _NS.fullmatch(realm):
+            raise ConfigError(
+                f"{where}.token_realms: a host, or host:port for a port other than the "
+                f"scheme's default, such as 'auth.docker.io', got {realm!r}"
+            )
+    return dataclasses.replace(
+        up, ns=up.ns.lower(), token_realms=tuple(r.lower() for r in up.token_realms)
+    )
 
 
 def _check(config: Config) -> None:

@@ -243,6 +243,35 @@ def mirror_process(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
         proc.stop()
 
 
+def make_cert(where: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by openssl: `<name>.crt`,
+    `<name>.key` in `where`."""
+    cert, key = where / f"{name}.crt", where / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 async def skopeo_copy(src: str, dest: Path, *extra: str) -> tuple[int, str]:
     """Run `skopeo copy` without blocking the loop (an in-process mirror must keep serving)."""
     proc = await asyncio.create_subprocess_exec(

@@ -234,6 +234,16 @@ def test_unknown_environment_variables_are_refused_by_name(
         ('[upstreams."docker.io"]\nurl = "registry.example"\n', {}, "upstreams.docker.io.url"),
         ('[upstreams."docker.io"]\naliases = [1, 2]\n', {}, "upstreams.docker.io.aliases"),
         (
+            '[upstreams."docker.io"]\ntoken_realms = ["https://auth.example"]\n',
+            {},
+            "upstreams.docker.io.token_realms",
+        ),
+        (
+            '[upstreams."docker.io"]\ntoken_realms = ["auth.example/token"]\n',
+            {},
+            "upstreams.docker.io.token_realms",
+        ),
+        (
             '[upstreams."docker.io"]\nlibrary_prefix = "perhaps"\n',
             {},
             "upstreams.docker.io.library_prefix",

@@ -9,15 +9,17 @@ token realms and from the blob CDN. Every upstream here is a real `UpstreamSim` 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import MakeMirror
+from conftest import MakeMirror, MirrorProcess, make_cert
 from images import ACCEPT_ALL, Image, build_images
 from upstream_sim import UpstreamSim
 
@@ -306,8 +308,9 @@ async def test_bearer_with_credentials_to_an_allowed_realm(
     realm_rule: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
 ) -> None:
     """A token realm that demands credentials gets the configured ones (as Basic) when it is
-    the registry's own host, or, for a realm on another host (registry dialled as
-    `localhost`, realm on 127.0.0.1), when that host is listed in `token_realms`."""
+    the registry's own origin, or, for a realm on another host (registry dialled as
+    `localhost`, realm on 127.0.0.1), when that host and its port are listed in
+    `token_realms`."""
     sim.require_bearer("u", "p")
     sim.add_image("team/app", "1", IMAGE)
     if realm_rule == "own-host":
@@ -317,7 +320,9 @@ async def test_bearer_with_credentials_to_an_allowed_realm(
     else:
         mirror = await make_mirror(
             f"http://localhost:{sim.registry.port}",
-            toml=creds_toml(username="u", password="p", token_realms=["127.0.0.1"]),
+            toml=creds_toml(
+                username="u", password="p", token_realms=[f"127.0.0.1:{sim.registry.port}"]
+            ),
         )
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
     assert status == 200, body
@@ -357,6 +362,113 @@ async def test_credentials_never_go_to_a_realm_that_is_not_allowed(
     assert all("Authorization" not in s.headers for s in sim.log if s.path == "/token")
     assert sent_authorization(sim) == []
     assert sim.tokens_issued == 0
+
+
+# -- which realm may have the credentials, against a real process ------------------------------
+
+
+def _serve_with_credentials(
+    mirror_process: Callable[..., MirrorProcess],
+    url: str,
+    tmp_path: Path,
+    token_realms: list[str],
+    env: dict[str, str] | None = None,
+) -> MirrorProcess:
+    """A `mirror serve` process whose docker.io upstream is `url`, with credentials u/p."""
+    config = tmp_path / "mirror.toml"
+    config.write_text(creds_toml(username="u", password="p", token_realms=token_realms))
+    return mirror_process(url, env={"MIRROR_CONFIG": str(config), **(env or {})})
+
+
+async def test_credentials_for_an_https_registry_never_go_to_an_http_realm(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The registry speaks https (a simulator behind an openssl certificate the process is
+    told to trust) and its challenge names `http://127.0.0.1:<port>/token`, a realm whose host
+    and port are even listed in `token_realms`: the credentials would travel in clear text, so
+    the pull is refused with 401 UNAUTHORIZED saying so, and the http realm receives no
+    request at all, let alone an Authorization header. The same registry naming its own
+    https realm gets the credentials there and the pull succeeds."""
+    cert, key = make_cert(tmp_path, "registry")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    registry = UpstreamSim(tls=tls)
+    await registry.start()
+    try:
+        registry.require_bearer("u", "p")
+        registry.add_image("team/app", "1", IMAGE)
+        registry.realm = f"{sim.url}/token"  # plain http, the realm's own port
+        sim.require_bearer("u", "p")
+        sim.tokens = registry.tokens  # what it issued would be honoured: only the rule stops it
+        proc = _serve_with_credentials(
+            mirror_process,
+            registry.url,
+            tmp_path,
+            [f"127.0.0.1:{sim.registry.port}"],
+            env={"SSL_CERT_FILE": str(cert)},
+        )
+        await asyncio.to_thread(proc.start)
+        status, _, body = await get_manifest(client, f"{proc.url}/v2/team/app/manifests/1")
+        assert status == 401, body
+        assert error_code(body) == "UNAUTHORIZED"
+        assert "not https" in json.loads(body)["errors"][0]["message"]
+        assert registry.requests[("GET", "/v2/team/app/manifests/1")] >= 1
+        assert sim.log == []
+        assert sent_authorization(registry) == []
+        registry.realm = None  # its own https realm
+        status, _, body = await get_manifest(client, f"{proc.url}/v2/team/app/manifests/1")
+        assert status == 200, body
+        assert body == IMAGE.data
+        assert [s.headers.get("Authorization") for s in registry.log if s.path == "/token"] == [
+            BASIC_UP
+        ]
+        assert sim.log == []
+    finally:
+        await registry.stop()
+
+
+@pytest.mark.parametrize("listed", ["nothing", "the host", "the host and port"])
+async def test_credentials_do_not_follow_a_realm_to_another_port(
+    listed: str,
+    sim: UpstreamSim,
+    other_sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The registry (http, on 127.0.0.1) names a token realm on another port of 127.0.0.1 (a
+    second simulator, honouring the same tokens). Unless `token_realms` lists that host with
+    that port, the pull is refused with 401 UNAUTHORIZED naming token_realms and the realm
+    receives no request; a bare host there admits only the scheme's default port. Listed
+    with its port, the realm receives the credentials and the pull succeeds."""
+    sim.require_bearer("u", "p")
+    sim.add_image("team/app", "1", IMAGE)
+    sim.realm = f"{other_sim.url}/token"
+    other_sim.require_bearer("u", "p")
+    other_sim.tokens = sim.tokens
+    realms = {
+        "nothing": [],
+        "the host": ["127.0.0.1"],
+        "the host and port": [f"127.0.0.1:{other_sim.registry.port}"],
+    }[listed]
+    proc = _serve_with_credentials(mirror_process, sim.url, tmp_path, realms)
+    await asyncio.to_thread(proc.start)
+    status, _, body = await get_manifest(client, f"{proc.url}/v2/team/app/manifests/1")
+    if listed != "the host and port":
+        assert status == 401, body
+        assert error_code(body) == "UNAUTHORIZED"
+        assert "token_realms" in json.loads(body)["errors"][0]["message"]
+        assert other_sim.log == []
+        assert sent_authorization(sim) == []
+        return
+    assert status == 200, body
+    assert body == IMAGE.data
+    assert [s.headers.get("Authorization") for s in other_sim.log] == [BASIC_UP]
+    # the registry itself only ever saw the token, never the password
+    assert all(value.startswith("Bearer ") for _, value in sent_authorization(sim))
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "basic"])

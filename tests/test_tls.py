@@ -17,36 +17,9 @@ import time
 from pathlib import Path
 
 import aiohttp
-from conftest import PROJECT
+from conftest import PROJECT, make_cert
 from registry import free_port
 from upstream_sim import UpstreamSim
-
-
-def _make_cert(where: Path, name: str) -> tuple[Path, Path]:
-    cert, key = where / f"{name}.crt", where / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def _served_cert(port: int, trust: Path) -> bytes:
@@ -111,7 +84,7 @@ async def _logged(tmp_path: Path, line: bytes) -> None:
 
 
 async def test_tls_serves_blobs_and_reloads_on_sighup(sim: UpstreamSim, tmp_path: Path) -> None:
-    first_cert, first_key = _make_cert(tmp_path, "first")
+    first_cert, first_key = make_cert(tmp_path, "first")
     cert, key = tmp_path / "live.crt", tmp_path / "live.key"
     cert.write_bytes(first_cert.read_bytes())
     key.write_bytes(first_key.read_bytes())
@@ -135,7 +108,7 @@ async def test_tls_serves_blobs_and_reloads_on_sighup(sim: UpstreamSim, tmp_path
                     assert resp.status == 200 and resp.headers["X-Mirror-Cache"] == outcome
                     assert await resp.read() == data
         # rotate: a new pair in place, SIGHUP, new handshakes get it
-        second_cert, second_key = _make_cert(tmp_path, "second")
+        second_cert, second_key = make_cert(tmp_path, "second")
         cert.write_bytes(second_cert.read_bytes())
         key.write_bytes(second_key.read_bytes())
         proc.send_signal(signal.SIGHUP)
@@ -189,9 +162,9 @@ async def test_a_key_of_another_pair_on_reload_keeps_the_served_certificate(
     pairs; the certificate of one, the key of the other): the reload is refused and logged, new
     handshakes still complete with the old certificate, a connection opened before answers on;
     a good pair on the next SIGHUP is what new handshakes get from then on."""
-    first_cert, first_key = _make_cert(tmp_path, "first")
-    one_cert, _ = _make_cert(tmp_path, "one")
-    _, other_key = _make_cert(tmp_path, "other")
+    first_cert, first_key = make_cert(tmp_path, "first")
+    one_cert, _ = make_cert(tmp_path, "one")
+    _, other_key = make_cert(tmp_path, "other")
     cert, key = tmp_path / "live.crt", tmp_path / "live.key"
     cert.write_bytes(first_cert.read_bytes())
     key.write_bytes(first_key.read_bytes())
@@ -211,7 +184,7 @@ async def test_a_key_of_another_pair_on_reload_keeps_the_served_certificate(
             assert await asyncio.to_thread(_served_cert, port, cert) == _der(first_cert)
         assert await asyncio.to_thread(before.status) == 200
         # a good pair
-        second_cert, second_key = _make_cert(tmp_path, "second")
+        second_cert, second_key = make_cert(tmp_path, "second")
         cert.write_bytes(second_cert.read_bytes())
         key.write_bytes(second_key.read_bytes())
         proc.send_signal(signal.SIGHUP)
@@ -231,7 +204,7 @@ async def test_a_key_of_another_pair_on_reload_keeps_the_served_certificate(
 
 
 def test_a_broken_certificate_is_refused_at_start(tmp_path: Path) -> None:
-    cert, key = _make_cert(tmp_path, "ok")
+    cert, key = make_cert(tmp_path, "ok")
     key.write_text("broken")
     done = subprocess.run(
         [sys.executable, "-m", "mirror", "serve", "--data-dir", str(tmp_path / "d")],

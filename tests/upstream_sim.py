@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import secrets
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -97,10 +98,11 @@ def _error(
 
 
 class _Server:
-    """One aiohttp listener that can be stopped and restarted on the same port."""
+    """One aiohttp listener that can be stopped and restarted on the same port (over TLS
+    with `tls`)."""
 
-    def __init__(self, app: web.Application, host: str) -> None:
-        self.app, self.host, self.port = app, host, 0
+    def __init__(self, app: web.Application, host: str, tls: ssl.SSLContext | None = None) -> None:
+        self.app, self.host, self.port, self.tls = app, host, 0, tls
         self._runner: web.AppRunner | None = None
         self.inflight: dict[asyncio.Task[Any], web.Request] = {}
 
@@ -114,7 +116,7 @@ class _Server:
             return
         runner = web.AppRunner(self.app, shutdown_timeout=1.0, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, self.host, self.port).start()
+        await web.TCPSite(runner, self.host, self.port, ssl_context=self.tls).start()
         self.port = int(runner.addresses[0][1])
         self._runner = runner
 
@@ -136,11 +138,17 @@ class UpstreamSim:
 
     Content: `add_blob`, `add_manifest`, `add_image`, `delete_manifest`. Switches:
     `require_bearer`, `require_basic`, `revoke_tokens`, `redirect_blobs`, `rate_limit`,
-    `ranges`, `strict_accept`, `fault`, `clear_faults`, `down`/`up`. Observations: `requests`,
-    `auth_seen`, `log`, `cdn_requests`, `cdn_authorizations`, `tokens_issued`.
+    `ranges`, `strict_accept`, `realm`, `fault`, `clear_faults`, `down`/`up`. Observations:
+    `requests`, `auth_seen`, `log`, `cdn_requests`, `cdn_authorizations`, `tokens_issued`.
+    With `tls` the registry listens on https (the CDN stays on http).
     """
 
-    def __init__(self, host: str = "127.0.0.1", cdn_host: str = "127.0.0.2") -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        cdn_host: str = "127.0.0.2",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[str, dict[str, tuple[bytes, str]]] = {}
         self.auth: Literal["none", "bearer", "basic"] = "none"
@@ -148,6 +156,9 @@ class UpstreamSim:
         self.tokens: dict[str, set[str]] = {}
         self.token_ttl = 300
         self.tokens_issued = 0
+        #: The realm Bearer challenges name (None: this registry's own /token). Another
+        #: simulator's /token issues tokens this one honours if the two share `tokens`.
+        self.realm: str | None = None
         self.redirect_blobs = False
         self.ranges = True
         self.strict_accept = False
@@ -169,7 +180,7 @@ class UpstreamSim:
         app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
         cdn = web.Application(middlewares=[self._observe("cdn")])
         cdn.router.add_get("/blobs/{digest}", self._cdn_blob)
-        self.registry = _Server(app, host)
+        self.registry = _Server(app, host, tls)
         self.cdn = _Server(cdn, cdn_host)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -180,7 +191,7 @@ class UpstreamSim:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.registry.tls else 'http'}://{self.host}"
 
     @property
     def cdn_url(self) -> str:
@@ -317,7 +328,7 @@ class UpstreamSim:
                 and (name is None or name in scopes)
             ):
                 return None
-            challenge = f'Bearer realm="{self.url}/token",service="sim"'
+            challenge = f'Bearer realm="{self.realm or self.url + "/token"}",service="sim"'
             if name is not None:
                 challenge += f',scope="repository:{name}:pull"'
         else:

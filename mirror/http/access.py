@@ -13,8 +13,8 @@ What a Basic attempt costs, and what its timing tells:
   event loop and the shared thread pools alone; the rest wait their turn
   (`mirror_client_password_checks_in_progress{state="waiting"}`).
 - A user name that is not in the file is checked against a dummy hash of the file's highest
-  cost, so the answer takes as long as a wrong password for a user that exists. No count or
-  log tells the two apart.
+  cost, so the answer takes as long as a wrong password for a user that exists (one whose
+  entry has that cost). No count or log tells the two apart.
 - bcrypt reads only the first 72 bytes of a password (`htpasswd -B` truncates); bcrypt 5 raises
   on longer ones instead, so they are cut to 72 bytes here as htpasswd does.
 """

@@ -7,8 +7,13 @@ coordinator's token cache (memory for one process), and concurrent fetches of th
 are coalesced. `Basic` challenges are answered with the
 configured credentials.
 
-Credentials go only to the registry itself and to a realm that is the registry's own host or
-listed in `token_realms`; without credentials any http(s) realm may be asked anonymously.
+Credentials go only to the registry itself and to a realm that (1) is https when the registry
+is (an http registry, a local one, may name an http realm: its credentials travel in clear
+text to it anyway), and (2) is the registry's own origin — scheme, host and port — or on a
+host listed in `token_realms`: a bare `host` admits that host on the scheme's default port
+(443 for https), `host:port` admits that port only. A realm that fails either is refused, as
+401 to the client, before a byte goes to it. Without credentials any http(s) realm may be
+asked anonymously: nothing secret goes there.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from mirror.config import UpstreamConfig
 from mirror.coordination import TokenCache
@@ -30,6 +35,9 @@ from mirror.errors import Unauthorized
 EXPIRY_MARGIN = 10.0
 #: The token spec's default lifetime when the realm does not say.
 DEFAULT_EXPIRES_IN = 60.0
+
+#: The port a URL without one means.
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _PARAM_RE = re.compile(r'\s*([a-zA-Z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
 
@@ -147,10 +155,11 @@ class Authenticator:
         creds = self._creds.get(up.name)
         auth = None
         if creds is not None:
-            if not self._realm_allowed(up, parts.netloc, parts.hostname):
+            refusal = realm_refusal(up, parts)
+            if refusal is not None:
                 raise Unauthorized(
-                    "upstream token realm is not allowed to receive credentials",
-                    detail={"realm_host": parts.hostname},
+                    f"credentials not sent to the upstream token realm: {refusal}",
+                    detail={"realm": f"{parts.scheme}://{parts.netloc}"},
                 )
             auth = creds.basic()
         query = {"scope": challenge.params.get("scope", scope)}
@@ -169,12 +178,32 @@ class Authenticator:
         self._tokens.put(up.name, scope, token, max(ttl - EXPIRY_MARGIN, 1.0))
         return token
 
-    @staticmethod
-    def _realm_allowed(up: UpstreamConfig, netloc: str, hostname: str) -> bool:
-        own = urlsplit(up.url)
-        return (
-            netloc == own.netloc
-            or hostname == own.hostname
-            or hostname in up.token_realms
-            or netloc in up.token_realms
-        )
+
+def _origin(parts: SplitResult) -> tuple[str, str, int] | None:
+    """(scheme, host, port) with the scheme's default port filled in; None if not http(s)."""
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname.lower(), port or DEFAULT_PORTS[parts.scheme]
+
+
+def realm_refusal(up: UpstreamConfig, realm: SplitResult) -> str | None:
+    """Why `up`'s credentials may not go to the token realm `realm`, or None when they may."""
+    own, there = _origin(urlsplit(up.url)), _origin(realm)
+    if own is None or there is None:
+        return "not an http(s) URL with a valid port"
+    scheme, host, port = there
+    if own[0] == "https" and scheme != "https":
+        return "it is not https and the registry is (they would travel in clear text)"
+    if there == own:
+        return None
+    listed = {entry.lower() for entry in up.token_realms}
+    if f"{host}:{port}" in listed or (host in listed and port == DEFAULT_PORTS[scheme]):
+        return None
+    return (
+        f"{scheme}://{host}:{port} is neither the registry's own origin nor in token_realms "
+        "(a bare host there admits only the default port; list host:port for another)"
+    )
