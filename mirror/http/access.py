@@ -47,7 +47,7 @@ REMEMBERED = 10_000
 #: The bytes of a password bcrypt reads; `htpasswd -B` drops the rest.
 BCRYPT_MAX_PASSWORD = 72
 #: An htpasswd bcrypt entry: variant, two-digit cost, 22 characters of salt, 31 of hash.
-_BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+_BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 #: The cost of the dummy hash when the file holds no entry (bcrypt's own default).
 DEFAULT_COST = 12
 #: bcrypt checks running at once, each on a thread of its own (http/app.py makes the pool).
