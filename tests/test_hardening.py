@@ -253,3 +253,40 @@ async def test_a_fill_nobody_follows_any_more_is_dropped_past_its_budget(
     async with client.get(url) as resp:
         assert resp.status == 200 and await resp.read() == data
     assert sim.requests[("GET", f"/v2/{REPO}/blobs/{digest}")] == 2
+
+
+PUBLIC_TOKEN = "public-reader-0123456789"
+ADMIN_TOKEN = "everything-0123456789abc"
+
+
+async def test_with_auth_on_the_status_page_needs_credentials_and_shows_only_their_grants(
+    sim: UpstreamSim, tmp_path: Path, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """`[auth]` on: the status page answers 401 without credentials; with a token granted
+    one repository it lists that repository's tags and not another's (private names stay
+    private); a token granted everything sees both."""
+    for repo in ("team/public", "team/private"):
+        sim.add_image(repo, "1", make_image(8 if "public" in repo else 9, [100]))
+    config = tmp_path / "mirror.toml"
+    config.write_text(
+        f'[[auth.grants]]\nwho = "token:{PUBLIC_TOKEN}"\nrepositories = ["docker.io/team/public"]\n'
+        f'[[auth.grants]]\nwho = "token:{ADMIN_TOKEN}"\nrepositories = ["**"]\n'
+    )
+    mirror = mirror_process(sim.url, env={"MIRROR_CONFIG": str(config)}).start()
+    everything = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Accept": "*/*"}
+    public = {"Authorization": f"Bearer {PUBLIC_TOKEN}"}
+    async with aiohttp.ClientSession() as client:
+        for repo in ("team/public", "team/private"):
+            async with client.get(
+                f"{mirror.url}/v2/{repo}/manifests/1", headers=everything
+            ) as resp:
+                assert resp.status == 200
+        async with client.get(f"{mirror.url}/_status") as resp:
+            assert resp.status == 401 and "WWW-Authenticate" in resp.headers
+        async with client.get(f"{mirror.url}/_status", headers=public) as resp:
+            assert resp.status == 200
+            page = await resp.text()
+        async with client.get(f"{mirror.url}/_status", headers=everything) as resp:
+            full = await resp.text()
+    assert "docker.io/team/public" in page and "team/private" not in page
+    assert "docker.io/team/public" in full and "docker.io/team/private" in full

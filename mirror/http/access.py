@@ -69,6 +69,12 @@ def _compiled(patterns: Iterable[str]) -> Patterns:
 EVERYTHING: Patterns = _compiled(["**"])
 
 
+def admits(patterns: Patterns, upstream: str, repo: str) -> bool:
+    """Whether grants of these patterns may see `<upstream>/<repo>`."""
+    name = f"{upstream}/{repo}"
+    return any(p.fullmatch(name) for p in patterns)
+
+
 class Access:
     def __init__(self, config: AuthConfig, password_threads: Executor, metrics: Metrics) -> None:
         self.enabled = config.enabled
@@ -93,13 +99,19 @@ class Access:
         """Raise Unauthorized or Denied unless the request may go on (to `target`, if any)."""
         if not self.enabled:
             return
+        patterns = await self.grants(request)
+        if target is not None and not admits(patterns, target.upstream.name, target.repo):
+            raise errors.Denied(detail={"name": target.name})
+
+    async def grants(self, request: web.Request) -> Patterns:
+        """What the request's credentials grant (everything while access control is off);
+        Unauthorized when they are missing or wrong."""
+        if not self.enabled:
+            return EVERYTHING
         patterns = await self._who(request.headers.get("Authorization", ""))
         if patterns is None:
             raise errors.Unauthorized("authentication required", challenge=CHALLENGE)
-        if target is not None and not any(
-            p.fullmatch(f"{target.upstream.name}/{target.repo}") for p in patterns
-        ):
-            raise errors.Denied(detail={"name": target.name})
+        return patterns
 
     async def _who(self, header: str) -> Patterns | None:
         """The repository patterns the credentials grant, or None when they are not valid."""

@@ -89,7 +89,7 @@ def build_app(config: Config) -> web.Application:
         return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
     app.router.add_get(config.metrics_path, metrics_handler)
-    status.install(app, config, admin, metrics)
+    status.install(app, config, admin, metrics, access)
     if config.admin.enabled:
         admin_api.install(app, admin, config.admin)
 

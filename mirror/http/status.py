@@ -5,11 +5,16 @@ GET /readyz         200 when the store takes writes; 503 otherwise. Upstreams ar
                     but do not make the mirror unready: a mirror with a cache serves it when
                     upstreams are down (cached-only mode)
 GET <status_path>   server-rendered HTML, no scripts, readable on a phone: hit ratio, bytes
-                    saved, upstream pulls avoided, tiers, upstreams, what is cached
+                    saved, upstream pulls avoided, tiers, upstreams, the images pulled most
+                    recently. With `[auth]` on it needs the same credentials as a pull and
+                    lists only the repositories they are granted; its table is read at most
+                    every RECENT_TTL seconds and costs a bounded number of rows, however
+                    large the cache or however often the page is asked for
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import math
 import time
@@ -18,15 +23,39 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from mirror.config import Config
+from mirror.http.access import Access, admits
 from mirror.metrics import Metrics
 from mirror.ops.admin import Admin, Image
 from mirror.ops.format import human
 
-#: Rows of the cached-images table (the page stays small for a large cache).
+#: Rows of the cached-images table: the images pulled most recently (the page stays small and
+#: cheap for a large cache).
 CATALOG_ROWS = 200
+#: Seconds the table is reused before it is read again.
+RECENT_TTL = 5.0
 
 
-def install(app: web.Application, config: Config, admin: Admin, metrics: Metrics) -> None:
+class _Recent:
+    """The recently pulled images, read at most once every RECENT_TTL seconds however often
+    the page is asked for."""
+
+    def __init__(self, admin: Admin) -> None:
+        self._admin = admin
+        self._images: list[Image] = []
+        self._read = -RECENT_TTL
+        self._lock = asyncio.Lock()
+
+    async def images(self) -> list[Image]:
+        async with self._lock:
+            if time.monotonic() - self._read >= RECENT_TTL:
+                self._images = await self._admin.recent(CATALOG_ROWS)
+                self._read = time.monotonic()
+            return self._images
+
+
+def install(
+    app: web.Application, config: Config, admin: Admin, metrics: Metrics, access: Access
+) -> None:
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
@@ -42,8 +71,11 @@ def install(app: web.Application, config: Config, admin: Admin, metrics: Metrics
         }
         return web.json_response(body, status=200 if problem is None else 503)
 
-    async def status(_: web.Request) -> web.Response:
-        images = await admin.catalog(CATALOG_ROWS)
+    recent = _Recent(admin)
+
+    async def status(request: web.Request) -> web.Response:
+        patterns = await access.grants(request)
+        images = [i for i in await recent.images() if admits(patterns, i.upstream, i.repository)]
         usage = await admin.tiers()
         page = _page(config, metrics, usage, images, time.time() - started)
         return web.Response(text=page, content_type="text/html")

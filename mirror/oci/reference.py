@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from mirror.errors import DigestInvalid, NameInvalid, TagInvalid
 
@@ -29,9 +30,10 @@ HEX_LENGTH = {"sha256": 64, "sha512": 128}
 _HEX_RE = re.compile(r"[a-f0-9]+")
 
 
-@dataclass(frozen=True, slots=True)
-class Digest:
-    """A verified-grammar content digest such as `sha256:<64 hex>`."""
+class Digest(NamedTuple):
+    """A verified-grammar content digest such as `sha256:<64 hex>` (made by `parse_digest`).
+    A tuple, so that hashing one, which every cache lookup does, is the interpreter's own
+    tuple hash rather than Python code."""
 
     algorithm: str
     hex: str

@@ -104,6 +104,25 @@ class Admin:
             images.append(Image(*key, str(record.digest), size, last, tiers))
         return images
 
+    async def recent(self, limit: int) -> list[Image]:
+        """The `limit` tags pulled most recently, with the size of what each references and
+        where that lives: the status page's table. Bounded work whatever the cache holds: it
+        reads `limit` pull rows and tag records and the index rows of their blobs only."""
+        images = []
+        await self._tiers.flush_accesses()  # pulls counted since the last flush count too
+        for key, pulled in await self._index.call(self._index.recent_tags, limit):
+            record = await self._tags.get(key)
+            if record is None:
+                continue
+            blobs = await asyncio.to_thread(reachable_blobs, self._manifests, [record.digest])
+            by_tier = {
+                t: await self._index.call(self._index.select, t, blobs) for t in ("warm", "cold")
+            }
+            sizes = {e.digest: e.size for entries in by_tier.values() for e in entries}
+            tiers = sorted(t for t, entries in by_tier.items() if entries)
+            images.append(Image(*key, str(record.digest), sum(sizes.values()), pulled, tiers))
+        return images
+
     async def usage(self) -> dict[str, Any]:
         """Bytes and blobs per tier, and per upstream (a blob shared by two upstreams' images
         counts in both)."""

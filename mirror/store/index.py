@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS tags (
     last_access REAL NOT NULL,
     PRIMARY KEY (upstream, repo, tag)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_by_access ON tags (last_access);
 """
 
 
@@ -180,6 +181,14 @@ class BlobIndex:
         """When each tag was last pulled through the mirror."""
         rows = self.db.execute("SELECT upstream, repo, tag, last_access FROM tags")
         return {TagKey(u, r, t): when for u, r, t, when in rows}
+
+    def recent_tags(self, limit: int) -> list[tuple[TagKey, float]]:
+        """The `limit` tags pulled most recently, and when (reads only those rows)."""
+        rows = self.db.execute(
+            "SELECT upstream, repo, tag, last_access FROM tags ORDER BY last_access DESC LIMIT ?",
+            (limit,),
+        )
+        return [(TagKey(u, r, t), when) for u, r, t, when in rows]
 
     def forget_tags(self, keys: Iterable[TagKey]) -> None:
         with self.db:

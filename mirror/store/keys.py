@@ -12,25 +12,26 @@ from mirror.oci.reference import Digest
 class TagKey(NamedTuple):
     """A tag as the mirror holds it: upstream (its configured name), repository, tag. A
     tuple, so it is also the row key of the index's `tags` table; in the hot tier it cannot
-    meet the other keys, which are not tuples."""
+    meet the other keys, which have two fields or are no tuples."""
 
     upstream: str
     repo: str
     tag: str
 
 
-@dataclass(frozen=True, slots=True)
-class BlobKey:
-    """A small blob's bytes."""
+class BlobKey(NamedTuple):
+    """A small blob's bytes. (`kind` keeps it apart from a ManifestKey of the same digest;
+    both are tuples so that the hot path hashes them in C.)"""
 
     digest: Digest
+    kind: str = "blob"
 
 
-@dataclass(frozen=True, slots=True)
-class ManifestKey:
+class ManifestKey(NamedTuple):
     """A manifest by digest."""
 
     digest: Digest
+    kind: str = "manifest"
 
 
 @dataclass(frozen=True, slots=True)
