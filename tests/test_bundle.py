@@ -1,7 +1,7 @@
 """Export and import for air-gapped sites: a cache filled through a mirror in front of the real
 registry is exported while that mirror runs, read by skopeo as an OCI archive, imported into an
 empty data directory and pulled with skopeo through an offline mirror; a tampered bundle
-imports nothing wrong."""
+imports nothing wrong: not a wrong blob, not a tag its tag file moved or dated ahead."""
 
 from __future__ import annotations
 
@@ -12,10 +12,19 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from conftest import PROJECT, MakeMirror, skopeo_copy
-from images import Upstream
+from images import ACCEPT_ALL, OCI_CONFIG, OCI_MANIFEST, Upstream
+
+from mirror.cache import opened_cache
+from mirror.config import load_config
+from mirror.oci.reference import parse_digest
+from mirror.store.tags import TagRecord
 
 REFS = ("test/single:1", "test/multi:1")
 
@@ -115,3 +124,174 @@ async def test_a_tampered_bundle_imports_nothing_wrong(
             hashlib.sha256((site / "blobs" / "sha256" / name[:2] / name).read_bytes()).hexdigest()
             == name
         )
+
+
+# -- the tag file ----------------------------------------------------------------------------
+
+
+async def _filled(upstream: Upstream, make_mirror: MakeMirror, *refs: str) -> Path:
+    """A cache that pulled `refs` through a mirror in front of the real registry."""
+    source = await make_mirror(upstream.url)
+    code, out = await _mirror("prefetch", "--mirror", source.url, *refs)
+    assert code == 0, out
+    await source.settled()
+    return source.data_dir
+
+
+async def _export(data_dir: Path, bundle: Path, *flags: str) -> None:
+    code, out = await _mirror(
+        "export", "--all", "--out", str(bundle), "--data-dir", str(data_dir), *flags
+    )
+    assert code == 0, out
+
+
+def _rewrite(
+    src: Path,
+    dst: Path,
+    change: Callable[[str, bytes], bytes | None],
+    add: dict[str, bytes] | None = None,
+) -> None:
+    """Copy a bundle member by member through `change` (None drops the member), then append
+    `add`: what someone with the file on its way to the site can do."""
+    with tarfile.open(src) as tar, tarfile.open(dst, "w") as out:
+        for item in tar:
+            reader = tar.extractfile(item)
+            data = change(item.name, reader.read() if reader is not None else b"")
+            if data is not None:
+                item.size = len(data)
+                out.addfile(item, io.BytesIO(data))
+        for name, data in (add or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+
+
+def _entries(data: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """A JSON document of the bundle with `change` applied to each of its tag entries (the
+    tag file's list, or index.json's descriptors)."""
+    doc = json.loads(data)
+    for entry in doc if isinstance(doc, list) else doc["manifests"]:
+        change(entry)
+    if isinstance(doc, dict):
+        doc["manifests"] = [d for d in doc["manifests"] if d]
+    return json.dumps(doc).encode()
+
+
+def _tag_records(data_dir: Path) -> dict[str, TagRecord]:
+    """The tag records of a data directory, read through the store."""
+    with opened_cache(load_config(env={}, flags={"data_dir": str(data_dir)})) as cache:
+        return {f"{k.upstream}/{k.repo}:{k.tag}": r for k, r in cache.coordinator.tags.all()}
+
+
+def _manifests_stored(data_dir: Path, digests: list[str]) -> list[str]:
+    """Which of `digests` the data directory holds as manifests."""
+    with opened_cache(load_config(env={}, flags={"data_dir": str(data_dir)})) as cache:
+        return [d for d in digests if cache.manifests.load(parse_digest(d)) is not None]
+
+
+async def _manifest(
+    client: aiohttp.ClientSession, base: str, repo: str, tag: str
+) -> tuple[int, str, str]:
+    """GET a tag through a mirror: status, X-Mirror-Cache, Docker-Content-Digest."""
+    async with client.get(
+        f"{base}/v2/{repo}/manifests/{tag}", headers={"Accept": ACCEPT_ALL}
+    ) as resp:
+        await resp.read()
+        return (
+            resp.status,
+            resp.headers.get("X-Mirror-Cache", ""),
+            resp.headers.get("Docker-Content-Digest", ""),
+        )
+
+
+async def test_a_tampered_tag_file_restores_neither_a_wrong_tag_nor_a_future_time(
+    upstream: Upstream, make_mirror: MakeMirror, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """mirror-tags.json (no signature) points single:1 at single:2's manifest, dates single:2
+    ten years ahead and gives single:latest a time that is no number. Import restores single:2
+    only, checked no later than the import, so a mirror with tag_ttl = 0 revalidates it upstream
+    instead of trusting it unasked; single:1 is not restored and is fetched fresh, right."""
+    refs = ("test/single:1", "test/single:2", "test/single:latest")
+    data = await _filled(upstream, make_mirror, *refs)
+    bundle, tampered = tmp_path / "bundle.tar", tmp_path / "tampered.tar"
+    await _export(data, bundle)
+    one, two = upstream.images["test/single:1"].digest, upstream.images["test/single:2"].digest
+
+    def lie(entry: dict[str, Any]) -> None:
+        if entry["tag"] == "1":
+            entry["digest"] = two
+        elif entry["tag"] == "2":
+            entry["checked"] = time.time() + 10 * 365 * 86400
+        else:
+            entry["checked"] = "soon"
+
+    _rewrite(bundle, tampered, lambda n, d: _entries(d, lie) if n == "mirror-tags.json" else d)
+    site = tmp_path / "site"
+    before = time.time()
+    code, out = await _mirror("import", str(tampered), "--data-dir", str(site))
+    after = time.time()
+    records = _tag_records(site)
+    assert set(records) == {"docker.io/test/single:2"}, out
+    record = records["docker.io/test/single:2"]
+    assert str(record.digest) == two and before <= record.checked <= after
+    assert code == 1 and "Traceback" not in out, out
+    assert "FAILED: docker.io/test/single:1: index.json does not name it" in out, out
+    assert "FAILED: docker.io/test/single:latest: its check time is not a number" in out, out
+
+    mirror = await make_mirror(
+        upstream.url, '[upstreams."docker.io"]\ntag_ttl = 0\n', data_dir=site
+    )
+    assert await _manifest(client, mirror.url, "test/single", "2") == (200, "revalidated", two)
+    assert await _manifest(client, mirror.url, "test/single", "1") == (200, "miss", one)
+
+
+async def test_a_tag_is_restored_only_as_a_manifest_that_index_json_names(
+    upstream: Upstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """Both documents (no signature) agree on lies: single:1 is pointed at its image's config
+    blob, claimed to be an image manifest; single:latest at a manifest slipped into the bundle
+    (single:1's without its mediaType field, all it references there) named as text/html;
+    single:2 is left out of index.json but kept in the tag file. None of the three is restored,
+    and neither blob is stored as a manifest."""
+    data = await _filled(
+        upstream, make_mirror, "test/single:1", "test/single:2", "test/single:latest"
+    )
+    bundle, tampered = tmp_path / "bundle.tar", tmp_path / "tampered.tar"
+    await _export(data, bundle)
+    config = next(
+        b.digest for b in upstream.images["test/single:1"].layers if b.media_type == OCI_CONFIG
+    )
+    untyped = json.loads(upstream.images["test/single:1"].data)
+    del untyped["mediaType"]
+    slipped = json.dumps(untyped).encode()
+    slipped_digest = "sha256:" + hashlib.sha256(slipped).hexdigest()
+
+    def lie(entry: dict[str, Any]) -> None:
+        ref = entry.get("annotations", {}).get("org.opencontainers.image.ref.name", "")
+        tag = entry.get("tag") or ref.rpartition(":")[2]
+        key = "mediaType" if "annotations" in entry else "media_type"
+        if tag == "1":
+            entry["digest"], entry[key] = config, OCI_MANIFEST
+        elif tag == "latest":
+            entry["digest"], entry[key] = slipped_digest, "text/html"
+        elif tag == "2" and "annotations" in entry:
+            entry.clear()
+
+    _rewrite(
+        bundle,
+        tampered,
+        lambda n, d: _entries(d, lie) if n in ("index.json", "mirror-tags.json") else d,
+        {f"blobs/sha256/{slipped_digest[7:]}": slipped},
+    )
+    site = tmp_path / "site"
+    code, out = await _mirror("import", str(tampered), "--data-dir", str(site))
+    assert _tag_records(site) == {}, out
+    assert _manifests_stored(site, [config, slipped_digest]) == [], out
+    assert code == 1 and "Traceback" not in out, out
+    assert (
+        f"FAILED: docker.io/test/single:1: {config} is no {OCI_MANIFEST}" in out
+        and f"FAILED: docker.io/test/single:latest: {slipped_digest} is named with 'text/html', "
+        "not a manifest media type"
+        in out
+        and "FAILED: docker.io/test/single:2: index.json does not name it" in out
+    ), out

@@ -11,9 +11,13 @@ memory):
     mirror-tags.json        the tag history: upstream, repository, tag, digest, type, checked
     SHA256SUMS              the digest of every blob, as `sha256sum -c` reads it
 
-Import reads the tar as a stream too. Every blob goes to the store's tmp/ while it is hashed and
-is renamed into place only if it matches its name; manifests are then stored (verified again)
-and tags restored only when everything they reference arrived. A tampered bundle imports
+Import reads the tar as a stream too. Every blob goes to the store's tmp/ while it is hashed
+and is renamed into place only if it matches its name: such a file is content-addressed bytes
+that match their digest, safe to keep whatever the rest of the bundle turns out to be. Only
+with the whole tar read is anything the bundle claims (a manifest's place, a tag) stored, and
+each tag is checked on its own: the tag file only says what index.json says too (same digest,
+same media type, a manifest media type), its check time is never later than the import, and a
+tag is restored only when every manifest and blob it needs arrived. A tampered bundle imports
 nothing wrong and says what failed. Writes are the store's own temp → verify → rename and
 SQLite/diskcache transactions, so importing into a running mirror's data is safe.
 """
@@ -24,8 +28,10 @@ import asyncio
 import io
 import json
 import logging
+import math
 import os
 import tarfile
+import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -33,7 +39,8 @@ from mirror import errors
 from mirror.cache import Cache
 from mirror.config import Config
 from mirror.oci.manifest import references
-from mirror.oci.reference import Digest, parse_digest, parse_image
+from mirror.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES
+from mirror.oci.reference import Digest, check_name, check_tag, parse_digest, parse_image
 from mirror.oci.verify import Mismatch, Verifier, digest_of
 from mirror.store.blobs import write_all
 from mirror.store.keys import TagKey
@@ -45,6 +52,10 @@ log = logging.getLogger("mirror.bundle")
 
 REF_NAME = "org.opencontainers.image.ref.name"
 READ_CHUNK = 1024 * 1024
+INDEX = "index.json"
+TAGS = "mirror-tags.json"
+#: Members import reads into memory (all small); everything else but blobs is passed over.
+DOCUMENTS = frozenset({INDEX, TAGS})
 
 
 @dataclass
@@ -182,27 +193,47 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 # -- import ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Received:
+    """What the tar held, once read: blobs now in the store, blob members that were not what
+    their names say, and the documents' bytes."""
+
+    blobs: set[Digest] = field(default_factory=set)
+    rejected: list[str] = field(default_factory=list)
+    documents: dict[str, bytes] = field(default_factory=dict)
+
+
 async def import_bundle(cache: Cache, source: IO[bytes]) -> ImportReport:
     """Verify and store what the bundle holds (see the module docstring). The tar is read
     in a thread: it is a blocking stream."""
     report = ImportReport()
-    arrived, docs = await asyncio.to_thread(_read_tar, cache, source, report)
-    for digest in arrived:
+    received = await asyncio.to_thread(_read_tar, cache, source)
+    report.blobs = len(received.blobs)
+    report.failed += received.rejected
+    for digest in received.blobs:
         await cache.tiers.committed(digest, await cache.blobs.run(cache.blobs.size, digest))
-    await _restore_tags(cache, docs, arrived, report)
+    for key, record in _tags(received.documents, time.time(), report):
+        closure = await _verified_closure(cache, record.digest, record.media_type, received.blobs)
+        if isinstance(closure, str):
+            report.failed.append(f"{key.upstream}/{key.repo}:{key.tag}: {closure}")
+            continue
+        for m in closure:
+            await cache.manifests.put(m)
+        report.manifests += len(closure)
+        await cache.coordinator.tags.put(key, record)
+        report.tags += 1
     return report
 
 
-def _read_tar(
-    cache: Cache, source: IO[bytes], report: ImportReport
-) -> tuple[set[Digest], dict[str, Any]]:
-    """Blocking: every blob of the bundle into the store (verified), and its two documents."""
-    arrived: set[Digest] = set()
-    docs: dict[str, Any] = {}
+def _read_tar(cache: Cache, source: IO[bytes]) -> _Received:
+    """Blocking: every blob of the bundle into the store (verified), and its documents."""
+    received = _Received()
     with tarfile.open(fileobj=source, mode="r|*") as tar:
         for item in tar:
             name = item.name.lstrip("./")
-            if item.isfile() and name.startswith("blobs/"):
+            if not item.isfile():
+                continue
+            if name.startswith("blobs/"):
                 digest = _digest_of_member(name)
                 reader = tar.extractfile(item)
                 if (
@@ -210,14 +241,14 @@ def _read_tar(
                     or reader is None
                     or not _store_blob(cache, digest, reader, item.size)
                 ):
-                    report.failed.append(name)
+                    received.rejected.append(name)
                     continue
-                arrived.add(digest)
-                report.blobs += 1
-            elif item.isfile() and name in ("index.json", "mirror-tags.json"):
+                received.blobs.add(digest)
+            elif name in DOCUMENTS:
                 reader = tar.extractfile(item)
-                docs[name] = json.loads(reader.read()) if reader is not None else None
-    return arrived, docs
+                if reader is not None:
+                    received.documents[name] = reader.read()
+    return received
 
 
 def _store_blob(cache: Cache, digest: Digest, reader: IO[bytes], size: int) -> bool:
@@ -243,66 +274,154 @@ def _store_blob(cache: Cache, digest: Digest, reader: IO[bytes], size: int) -> b
         os.close(wfd)
 
 
-async def _restore_tags(
-    cache: Cache, docs: dict[str, Any], arrived: set[Digest], report: ImportReport
-) -> None:
-    """Store manifests (verified) and tags whose every blob arrived."""
-    history = docs.get("mirror-tags.json") or [
-        _from_ref_name(d)
-        for d in (docs.get("index.json") or {}).get("manifests", [])
-        if REF_NAME in d.get("annotations", {})
-    ]
+# -- the tags --------------------------------------------------------------------------------------
+
+
+def _tags(
+    documents: dict[str, bytes], now: float, report: ImportReport
+) -> list[tuple[TagKey, TagRecord]]:
+    """The tags to restore: the tag file's entries that index.json confirms, their check
+    times no later than `now`; each entry that does not hold is reported and left out. Without
+    a readable tag file the tags are index.json's, checked at 0 (revalidated on first pull)."""
+    named = _named(_document(documents, INDEX, report))
+    history = _document(documents, TAGS, report) if TAGS in documents else None
+    if not isinstance(history, list):
+        if TAGS in documents:
+            report.failed.append(f"{TAGS}: not a list of tags; tags taken from {INDEX}")
+        history = [_entry_of(ref, *pair) for ref, pairs in named.items() for pair in pairs]
+    found = []
     for entry in history:
-        if entry is None:
-            continue
-        root = _digest_or_none(entry["digest"])
-        stored = await _store_closure(cache, root, entry["media_type"], arrived) if root else 0
-        if not stored or root is None:
-            report.failed.append(f"{entry['upstream']}/{entry['repository']}:{entry['tag']}")
-            continue
-        report.manifests += stored
-        key = TagKey(entry["upstream"], entry["repository"], entry["tag"])
-        record = TagRecord(root, entry["media_type"], float(entry["checked"]))
-        await cache.coordinator.tags.put(key, record)
-        report.tags += 1
+        tag = _tag(entry, named, now)
+        if isinstance(tag, str):
+            report.failed.append(tag)
+        else:
+            found.append(tag)
+    return found
 
 
-def _from_ref_name(descriptor: dict[str, Any]) -> dict[str, Any] | None:
-    ref = descriptor["annotations"][REF_NAME]
+def _document(documents: dict[str, bytes], name: str, report: ImportReport) -> Any:
+    """A JSON document of the bundle; None (reported) when it is missing or no JSON."""
+    data = documents.get(name)
+    try:
+        return json.loads(data) if data is not None else None
+    except ValueError:
+        report.failed.append(f"{name}: not JSON")
+        return None
+
+
+def _named(index: Any) -> dict[str, set[tuple[Digest, str]]]:
+    """index.json's tags: ref name → the (digest, media type) of every descriptor naming it."""
+    named: dict[str, set[tuple[Digest, str]]] = {}
+    descriptors = index.get("manifests") if isinstance(index, dict) else None
+    for d in descriptors if isinstance(descriptors, list) else []:
+        annotations = d.get("annotations") if isinstance(d, dict) else None
+        ref = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
+        digest, media_type = _digest_or_none(d.get("digest")), d.get("mediaType")
+        if isinstance(ref, str) and digest is not None and isinstance(media_type, str):
+            named.setdefault(ref, set()).add((digest, media_type))
+    return named
+
+
+def _entry_of(ref: str, digest: Digest, media_type: str) -> dict[str, Any]:
+    """A tag file entry for an index.json descriptor (a bundle with no tag file)."""
     name, _, tag = ref.rpartition(":")
     upstream, _, repo = name.partition("/")
-    if not (upstream and repo and tag):
-        return None
     return {
         "upstream": upstream,
         "repository": repo,
         "tag": tag,
-        "digest": descriptor["digest"],
-        "media_type": descriptor["mediaType"],
+        "digest": str(digest),
+        "media_type": media_type,
         "checked": 0.0,
     }
 
 
-async def _store_closure(cache: Cache, root: Digest, media_type: str, arrived: set[Digest]) -> int:
-    """Store the manifests under `root` if they and all their blobs arrived intact: how many.
-    A manifest's media type is its descriptor's (the tag's, or its index's entry)."""
+def _tag(
+    entry: Any, named: dict[str, set[tuple[Digest, str]]], now: float
+) -> tuple[TagKey, TagRecord] | str:
+    """One tag file entry as a tag to restore, or why it is not one. (That its digest is a
+    manifest, of a manifest media type, is the closure's to check.)"""
+    if not isinstance(entry, dict):
+        return f"{TAGS}: an entry that is no table"
+    upstream, repo, tag = entry.get("upstream"), entry.get("repository"), entry.get("tag")
+    if not (isinstance(upstream, str) and isinstance(repo, str) and isinstance(tag, str)):
+        return f"{TAGS}: an entry that names no upstream, repository and tag"
+    ref = f"{upstream}/{repo}:{tag}"[:300]
+    if not upstream or "/" in upstream or not _is_name(repo, tag):
+        return f"{ref}: not an upstream, repository and tag"
+    digest, media_type = _digest_or_none(entry.get("digest")), entry.get("media_type")
+    if (
+        digest is None
+        or not isinstance(media_type, str)
+        or named.get(ref) != {(digest, media_type)}
+    ):
+        return f"{ref}: {INDEX} does not name it with the digest and media type {TAGS} gives"
+    checked = entry.get("checked")
+    if isinstance(checked, bool) or not isinstance(checked, int | float) or math.isnan(checked):
+        return f"{ref}: its check time is not a number"
+    return TagKey(upstream, repo, tag), TagRecord(
+        digest, media_type, float(min(max(checked, 0.0), now))
+    )
+
+
+def _is_name(repo: str, tag: str) -> bool:
+    try:
+        check_name(repo)
+        check_tag(tag)
+    except errors.MirrorError:
+        return False
+    return True
+
+
+async def _verified_closure(
+    cache: Cache, root: Digest, media_type: str, arrived: set[Digest]
+) -> list[StoredManifest] | str:
+    """The manifests under `root`, if they and all their blobs arrived intact; else why not.
+    A manifest's media type is its descriptor's (the tag's, or its index's entry); it must be a
+    manifest's, and the bytes a manifest of that type."""
     todo, found = [(root, media_type)], []
     while todo:
         digest, kind = todo.pop()
         if digest not in arrived:
-            return 0
+            return f"{digest} is not in the bundle"
+        if kind not in MANIFEST_TYPES:
+            return f"{digest} is named with {kind[:100]!r}, not a manifest media type"
         data = await cache.blobs.run(cache.blobs.read, digest)
         if digest_of(data, digest.algorithm) != digest:
-            return 0
-        refs = references(data)
-        if not all(b in arrived for b in refs.blobs):
-            return 0
+            return f"{digest} does not match its digest"
+        children = _children(data, kind)
+        if children is None:
+            return f"{digest} is no {kind}"
+        missing = next((b for b in references(data).blobs if b not in arrived), None)
+        if missing is not None:
+            return f"{missing} is not in the bundle"
         found.append(StoredManifest(digest, kind, data))
-        for child in json.loads(data).get("manifests", []):
-            child_digest = _digest_or_none(child.get("digest"))
-            if child_digest is None:
-                return 0
-            todo.append((child_digest, child.get("mediaType", "")))
-    for m in found:
-        await cache.manifests.put(m)
-    return len(found)
+        todo += children
+    return found
+
+
+def _children(data: bytes, kind: str) -> list[tuple[Digest, str]] | None:
+    """The manifests an index names, as (digest, media type); none for an image manifest;
+    None when the bytes are no manifest of media type `kind` (a config or layer of the bundle
+    passed off as one) or an entry is unreadable."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
+        return None
+    if doc.get("mediaType", kind) != kind:
+        return None
+    if kind not in INDEX_TYPES:
+        image = isinstance(doc.get("config"), dict) and isinstance(doc.get("layers"), list)
+        return [] if image else None
+    entries = doc.get("manifests")
+    if not isinstance(entries, list):
+        return None
+    children = []
+    for child in entries:
+        digest = _digest_or_none(child.get("digest")) if isinstance(child, dict) else None
+        if digest is None:
+            return None
+        children.append((digest, str(child.get("mediaType", ""))))
+    return children
