@@ -21,10 +21,10 @@ run: install
 	$(BIN)/mirror serve --listen 0.0.0.0:5000 --data-dir ./data
 
 install-test-deps:
-	@command -v docker-registry >/dev/null && command -v skopeo >/dev/null && command -v containerd >/dev/null && command -v chromium >/dev/null && command -v mkfs.ext4 >/dev/null && command -v dockerd >/dev/null && { command -v debootstrap >/dev/null || test -x /usr/sbin/debootstrap; } || { \
+	@command -v docker-registry >/dev/null && command -v skopeo >/dev/null && command -v containerd >/dev/null && command -v chromium >/dev/null && command -v mkfs.ext4 >/dev/null && command -v dockerd >/dev/null && { command -v debootstrap >/dev/null || test -x /usr/sbin/debootstrap; } && command -v openssl >/dev/null && command -v ssh-keygen >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo containerd docker.io chromium e2fsprogs debootstrap debian-archive-keyring; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo containerd docker.io chromium e2fsprogs debootstrap debian-archive-keyring openssl openssh-client; }
 
 lint: install
 	$(BIN)/ruff check .

@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "listen": getattr(args, "listen", None),
                 "data_dir": args.data_dir,
                 "upstream": getattr(args, "upstream", None),
+                **commands.config_flags(args),
             },
         )
     except ConfigError as e:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mirror import signing
 from mirror.errors import ConfigError
 from mirror.policies import POLICIES
 
@@ -209,6 +210,22 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class BundleConfig:
+    """Signed bundles for `mirror export` and `mirror import`: the exporting site signs the
+    bundle's checksum list, the importing site checks it against the public keys it trusts,
+    so a bundle altered on its way into an air-gapped site is refused."""
+
+    #: Ed25519 private key file (PEM or OpenSSH): `mirror export` signs with it (`--sign`).
+    signing_key: str = ""
+    #: Ed25519 public key files (PEM or OpenSSH): a bundle's signature must verify with one
+    #: of them (`--trusted-key`).
+    trusted_keys: tuple[str, ...] = ()
+    #: Refuse, importing nothing, a bundle that is not signed by one of `trusted_keys`
+    #: (`--require-signature`).
+    require_signature: bool = False
+
+
+@dataclass(frozen=True)
 class Grant:
     """Who may pull what: `who` is an htpasswd user name, or `token:<value>` for a static
     bearer token; `repositories` are `<upstream>/<repository glob>` patterns (`grant_regex`)."""
@@ -304,6 +321,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    bundle: BundleConfig = field(default_factory=BundleConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
@@ -524,6 +542,7 @@ def _check(config: Config) -> None:
     if retries.attempts < 1 or retries.backoff < 0 or retries.max_backoff < retries.backoff:
         raise ConfigError("retries: need attempts >= 1 and 0 <= backoff <= max_backoff")
     _check_tiers(config)
+    _check_bundle(config.bundle)
     if config.admin.enabled and len(config.admin.token) < 16:
         raise ConfigError("admin.token: the admin API needs a token of at least 16 characters")
     if not config.admin.prefix.startswith("/_"):
@@ -673,6 +692,26 @@ def grant_regex(pattern: str) -> re.Pattern[str] | None:
                 )
             )
     return re.compile("/".join(parts))
+
+
+def _check_bundle(bundle: BundleConfig) -> None:
+    """Load the keys at start, so a missing or wrong key file stops the start rather than an
+    export or an import."""
+    try:
+        if bundle.signing_key:
+            signing.load_private_key(bundle.signing_key)
+    except signing.BadKey as e:
+        raise ConfigError(f"bundle.signing_key: {e.message}") from None
+    try:
+        for path in bundle.trusted_keys:
+            signing.load_public_key(path)
+    except signing.BadKey as e:
+        raise ConfigError(f"bundle.trusted_keys: {e.message}") from None
+    if bundle.require_signature and not bundle.trusted_keys:
+        raise ConfigError(
+            "bundle.require_signature: needs bundle.trusted_keys, the keys a signature is "
+            "checked against"
+        )
 
 
 #: What a pin looks like, in words (for errors).

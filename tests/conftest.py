@@ -291,6 +291,27 @@ async def skopeo_copy(src: str, dest: Path, *extra: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace")
 
 
+def ed25519_keys(where: Path, name: str, form: str = "pem") -> tuple[Path, Path]:
+    """A new Ed25519 key pair made by the tools an operator would use: `openssl` for PEM
+    files, `ssh-keygen` for OpenSSH ones. Returns (private key file, public key file)."""
+    private = where / f"{name}.key"
+    if form == "pem":
+        public = where / f"{name}.pub.pem"
+        subprocess.run(
+            ["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(private)], check=True
+        )
+        subprocess.run(
+            ["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True
+        )
+    else:
+        public = where / f"{name}.key.pub"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(private)],
+            check=True,
+        )
+    return private, public
+
+
 @pytest.fixture
 async def small_disk(tmp_path: Path) -> AsyncIterator[Callable[[int], Path]]:
     """`small_disk(nbytes)`: a fresh tmpfs of that size, unmounted at the end."""

@@ -1,7 +1,9 @@
 """Export and import for air-gapped sites: a cache filled through a mirror in front of the real
 registry is exported while that mirror runs, read by skopeo as an OCI archive, imported into an
 empty data directory and pulled with skopeo through an offline mirror; a tampered bundle
-imports nothing wrong: not a wrong blob, not a tag its tag file moved or dated ahead."""
+imports nothing wrong: not a wrong blob, not a tag its tag file moved or dated ahead, and,
+when signatures are required, nothing from a bundle not signed by a trusted key or altered
+after it was signed."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import PROJECT, MakeMirror, skopeo_copy
+from conftest import PROJECT, MakeMirror, ed25519_keys, skopeo_copy
 from images import ACCEPT_ALL, OCI_CONFIG, OCI_MANIFEST, Upstream
 
 from mirror.cache import opened_cache
@@ -126,7 +128,7 @@ async def test_a_tampered_bundle_imports_nothing_wrong(
         )
 
 
-# -- the tag file ----------------------------------------------------------------------------
+# -- the tag file, signatures ------------------------------------------------------------------
 
 
 async def _filled(upstream: Upstream, make_mirror: MakeMirror, *refs: str) -> Path:
@@ -187,6 +189,14 @@ def _manifests_stored(data_dir: Path, digests: list[str]) -> list[str]:
     """Which of `digests` the data directory holds as manifests."""
     with opened_cache(load_config(env={}, flags={"data_dir": str(data_dir)})) as cache:
         return [d for d in digests if cache.manifests.load(parse_digest(d)) is not None]
+
+
+def _blobs_match_their_names(data_dir: Path) -> bool:
+    return all(
+        hashlib.sha256(p.read_bytes()).hexdigest() == p.name
+        for p in (data_dir / "blobs").rglob("*")
+        if p.is_file()
+    )
 
 
 async def _manifest(
@@ -295,3 +305,204 @@ async def test_a_tag_is_restored_only_as_a_manifest_that_index_json_names(
         in out
         and "FAILED: docker.io/test/single:2: index.json does not name it" in out
     ), out
+
+
+def _signed_config(tmp_path: Path, name: str, trusted: list[Path], required: bool) -> Path:
+    path = tmp_path / f"{name}.toml"
+    keys = ", ".join(json.dumps(str(k)) for k in trusted)
+    path.write_text(
+        f"[bundle]\ntrusted_keys = [{keys}]\nrequire_signature = {str(required).lower()}\n"
+    )
+    return path
+
+
+async def test_a_signed_bundle_imports_when_signatures_are_required(
+    upstream: Upstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """`export --sign` with a PEM key (openssl made it) puts SHA256SUMS.sig in the tar, which
+    openssl verifies, and SHA256SUMS lists the documents too (sha256sum -c passes); a bundle
+    signed through `bundle.signing_key` with an OpenSSH key (ssh-keygen) verifies as well. Each
+    imports whole where a signature is required, naming the key it verified with."""
+    pem_key, pem_pub = ed25519_keys(tmp_path, "site", "pem")
+    ssh_key, ssh_pub = ed25519_keys(tmp_path, "ops", "openssh")
+    data = await _filled(upstream, make_mirror, *REFS)
+    bundle = tmp_path / "bundle.tar"
+    await _export(data, bundle, "--sign", str(pem_key))
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(bundle) as tar:
+        tar.extractall(unpacked, filter="data")
+    verify = subprocess.run(
+        [
+            "openssl",
+            "pkeyutl",
+            "-verify",
+            "-pubin",
+            "-inkey",
+            str(pem_pub),
+            "-rawin",
+            "-in",
+            "SHA256SUMS",
+            "-sigfile",
+            "SHA256SUMS.sig",
+        ],
+        cwd=unpacked,
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    sums = subprocess.run(
+        ["sha256sum", "-c", "SHA256SUMS"], cwd=unpacked, capture_output=True, text=True
+    )
+    assert (
+        sums.returncode == 0
+        and "index.json: OK" in sums.stdout
+        and "mirror-tags.json: OK" in sums.stdout
+    ), sums.stdout
+
+    config = _signed_config(tmp_path, "site", [ssh_pub, pem_pub], required=True)
+    site = tmp_path / "site"
+    code, out = await _mirror(
+        "import", str(bundle), "--data-dir", str(site), "--config", str(config)
+    )
+    assert code == 0 and "FAILED" not in out and f"2 tags (signed by {pem_pub})" in out, out
+    assert {r: str(t.digest) for r, t in _tag_records(site).items()} == {
+        f"docker.io/{r}": upstream.images[r].digest for r in REFS
+    }
+
+    by_config, ssh_bundle = tmp_path / "export.toml", tmp_path / "ssh.tar"
+    by_config.write_text(f"[bundle]\nsigning_key = {json.dumps(str(ssh_key))}\n")
+    await _export(data, ssh_bundle, "--config", str(by_config))
+    other_site = tmp_path / "other-site"
+    code, out = await _mirror(
+        "import",
+        str(ssh_bundle),
+        "--data-dir",
+        str(other_site),
+        "--require-signature",
+        "--trusted-key",
+        str(ssh_pub),
+    )
+    assert code == 0 and "FAILED" not in out and f"2 tags (signed by {ssh_pub})" in out, out
+    assert len(_tag_records(other_site)) == 2
+
+
+async def test_bundles_not_signed_by_a_trusted_key_or_altered_after_signing_import_nothing(
+    upstream: Upstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """Where signatures are required: an unsigned bundle, one whose signature was stripped, one
+    signed with a key the site does not trust, and a signed one altered afterwards (SHA256SUMS
+    edited, a layer changed, both tag documents moved consistently, a blob slipped in) each
+    exit 1 naming why, restore no tag and store no manifest; a bad signature is refused even
+    where signatures are not required. Blobs that arrived stay only as bytes matching their
+    names."""
+    trusted_key, trusted_pub = ed25519_keys(tmp_path, "site")
+    other_key, _ = ed25519_keys(tmp_path, "other")
+    data = await _filled(upstream, make_mirror, *REFS)
+    good, unsigned, other = (tmp_path / f"{n}.tar" for n in ("good", "unsigned", "other"))
+    await _export(data, good, "--sign", str(trusted_key))
+    await _export(data, unsigned)
+    await _export(data, other, "--sign", str(other_key))
+    required = _signed_config(tmp_path, "required", [trusted_pub], required=True)
+    optional = _signed_config(tmp_path, "optional", [trusted_pub], required=False)
+
+    layer = upstream.images["test/single:1"].layers[-1].digest
+    child = upstream.images["test/multi:1"].children[0]
+    extra = b"a blob no signature covers"
+
+    def variant(
+        name: str, change: Callable[[str, bytes], bytes | None], add: dict[str, bytes] | None = None
+    ) -> Path:
+        path = tmp_path / f"{name}.tar"
+        _rewrite(good, path, change, add)
+        return path
+
+    def moved(entry: dict[str, Any]) -> None:
+        ref = entry.get("annotations", {}).get("org.opencontainers.image.ref.name", "")
+        if (
+            entry.get("tag") == "1" and entry.get("repository") == "test/multi"
+        ) or ref == "docker.io/test/multi:1":
+            entry["digest"] = child.digest
+            entry["mediaType" if ref else "media_type"] = child.media_type
+
+    cases = {
+        "unsigned": (unsigned, required, "it is not signed (SHA256SUMS.sig missing)"),
+        "stripped": (
+            variant("stripped", lambda n, d: None if n == "SHA256SUMS.sig" else d),
+            required,
+            "it is not signed (SHA256SUMS.sig missing)",
+        ),
+        "other key": (other, required, "SHA256SUMS is not signed by any of bundle.trusted_keys"),
+        "other key, not required": (
+            other,
+            optional,
+            "SHA256SUMS is not signed by any of bundle.trusted_keys",
+        ),
+        "sums edited": (
+            variant(
+                "sums",
+                lambda n, d: d.replace(layer[7:].encode(), b"0" * 64) if n == "SHA256SUMS" else d,
+            ),
+            required,
+            "SHA256SUMS is not signed by any of bundle.trusted_keys",
+        ),
+        "layer changed": (
+            variant(
+                "layer",
+                lambda n, d: bytes([d[0] ^ 1]) + d[1:] if n == f"blobs/sha256/{layer[7:]}" else d,
+            ),
+            required,
+            f"it does not hold what its signed SHA256SUMS lists: blobs/sha256/{layer[7:]} does not match its digest",
+        ),
+        "tags moved": (
+            variant(
+                "moved",
+                lambda n, d: _entries(d, moved) if n in ("index.json", "mirror-tags.json") else d,
+            ),
+            required,
+            "it does not hold what its signed SHA256SUMS lists: index.json is not the one listed",
+        ),
+        "blob added": (
+            variant(
+                "added",
+                lambda n, d: d,
+                {f"blobs/sha256/{hashlib.sha256(extra).hexdigest()}": extra},
+            ),
+            required,
+            f"it does not hold what its signed SHA256SUMS lists: blobs/sha256/{hashlib.sha256(extra).hexdigest()} is not listed",
+        ),
+    }
+    manifests = [upstream.images[r].digest for r in REFS] + [child.digest]
+    for i, (case, (bundle, config, why)) in enumerate(cases.items()):
+        site = tmp_path / f"site{i}"
+        code, out = await _mirror(
+            "import", str(bundle), "--data-dir", str(site), "--config", str(config)
+        )
+        assert _tag_records(site) == {}, (case, out)
+        assert _manifests_stored(site, manifests) == [], (case, out)
+        assert code == 1 and "Traceback" not in out, (case, out)
+        assert f"bundle refused: {why}; no manifest or tag imported" in out, (case, out)
+        assert _blobs_match_their_names(site), case
+
+
+async def test_an_unsigned_bundle_still_imports_where_signatures_are_not_required(
+    upstream: Upstream, make_mirror: MakeMirror, tmp_path: Path
+) -> None:
+    """With trusted keys configured but `require_signature` off, an unsigned bundle imports as
+    it always did, and says it was unsigned; a signed one imported where no key is trusted
+    imports too, saying its signature was not checked."""
+    key, pub = ed25519_keys(tmp_path, "site")
+    data = await _filled(upstream, make_mirror, *REFS)
+    unsigned, signed = tmp_path / "unsigned.tar", tmp_path / "signed.tar"
+    await _export(data, unsigned)
+    await _export(data, signed, "--sign", str(key))
+    config = _signed_config(tmp_path, "optional", [pub], required=False)
+    site = tmp_path / "site"
+    code, out = await _mirror(
+        "import", str(unsigned), "--data-dir", str(site), "--config", str(config)
+    )
+    assert code == 0 and "FAILED" not in out and "2 tags (unsigned)" in out, out
+    assert len(_tag_records(site)) == 2
+    other_site = tmp_path / "other-site"
+    code, out = await _mirror("import", str(signed), "--data-dir", str(other_site))
+    assert code == 0 and "2 tags (signature not checked: no bundle.trusted_keys)" in out, out
+    assert len(_tag_records(other_site)) == 2

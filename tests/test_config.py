@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MirrorProcess
+from conftest import MirrorProcess, ed25519_keys
 
 from mirror.config import Config, Timeouts, UpstreamConfig, ignored_variables, load_config
 from mirror.errors import ConfigError
@@ -429,6 +429,65 @@ def test_example_config_documents_every_key() -> None:
     assert {f.name for f in dataclasses.fields(Timeouts)} - set(doc["timeouts"]) == set()
     upstream_keys = {f.name for f in dataclasses.fields(UpstreamConfig)} - {"name"}
     assert upstream_keys - set(doc["upstreams"]["docker.io"]) == set()
+
+
+def test_bundle_keys_are_loaded_at_start(tmp_path: Path) -> None:
+    """`[bundle]` keys: Ed25519 keys in PEM (openssl) and OpenSSH (ssh-keygen) files load; a
+    missing file, a public key given to sign with, an encrypted key, a key of another type,
+    and a signature required with no key to check it stop the start, naming the key."""
+    pem_key, pem_pub = ed25519_keys(tmp_path, "pem")
+    ssh_key, ssh_pub = ed25519_keys(tmp_path, "ssh", "openssh")
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        [
+            "openssl",
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-aes256",
+            "-pass",
+            "pass:x",
+            "-out",
+            str(encrypted),
+        ],
+        check=True,
+    )
+    ec = tmp_path / "ec.key"
+    subprocess.run(
+        [
+            "openssl",
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            str(ec),
+        ],
+        check=True,
+    )
+    for key in (pem_key, ssh_key):
+        good = toml_file(
+            tmp_path,
+            f'[bundle]\nsigning_key = "{key}"\ntrusted_keys = ["{pem_pub}", "{ssh_pub}"]\n'
+            "require_signature = true\n",
+        )
+        bundle = load_config(good, env={}).bundle
+        assert bundle.signing_key == str(key) and bundle.require_signature is True
+        assert bundle.trusted_keys == (str(pem_pub), str(ssh_pub))
+    flags = {"bundle": {"trusted_keys": [str(ssh_pub)], "require_signature": True}}
+    assert load_config(env={}, flags=flags).bundle.trusted_keys == (str(ssh_pub),)
+    for body, key, why in (
+        (f'signing_key = "{tmp_path / "absent"}"', "bundle.signing_key", "No such file"),
+        (f'signing_key = "{pem_pub}"', "bundle.signing_key", "not a PEM or OpenSSH private key"),
+        (f'signing_key = "{encrypted}"', "bundle.signing_key", "an encrypted private key"),
+        (f'signing_key = "{ec}"', "bundle.signing_key", "not an Ed25519 key"),
+        (f'trusted_keys = ["{pem_key}"]', "bundle.trusted_keys", "not a PEM or OpenSSH public"),
+        ("require_signature = true", "bundle.require_signature", "needs bundle.trusted_keys"),
+        ('require_signature = "maybe"', "bundle.require_signature", "true or false"),
+    ):
+        message = refused(tmp_path, f"[bundle]\n{body}\n")
+        assert message.startswith(key) and why in message, message
 
 
 def test_retention_rules_are_an_array_of_tables_and_checked(tmp_path: Path) -> None:

@@ -9,12 +9,16 @@ memory):
     index.json              one descriptor per tag, annotated
                             org.opencontainers.image.ref.name = <upstream>/<repository>:<tag>
     mirror-tags.json        the tag history: upstream, repository, tag, digest, type, checked
-    SHA256SUMS              the digest of every blob, as `sha256sum -c` reads it
+    SHA256SUMS              the digest of every blob and of the three documents above, as
+                            `sha256sum -c` reads it
+    SHA256SUMS.sig          when signed: the Ed25519 signature over SHA256SUMS (raw 64 bytes)
 
-Import reads the tar as a stream too. Every blob goes to the store's tmp/ while it is hashed
-and is renamed into place only if it matches its name: such a file is content-addressed bytes
-that match their digest, safe to keep whatever the rest of the bundle turns out to be. Only
-with the whole tar read is anything the bundle claims (a manifest's place, a tag) stored, and
+Import reads the tar as a stream too, so SHA256SUMS and its signature arrive after the blobs.
+Every blob goes to the store's tmp/ while it is hashed and is renamed into place only if it
+matches its name: such a file is content-addressed bytes that match their digest, safe to keep
+whatever the rest of the bundle turns out to be. Only then, with the whole tar read, is the
+signature checked; nothing the bundle claims (a manifest's place, a tag) is stored before that.
+A signed bundle must hold exactly what its signed SHA256SUMS lists or it is refused whole. Then
 each tag is checked on its own: the tag file only says what index.json says too (same digest,
 same media type, a manifest media type), its check time is never later than the import, and a
 tag is restored only when every manifest and blob it needs arrived. A tampered bundle imports
@@ -35,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from mirror import errors
+from mirror import errors, signing
 from mirror.cache import Cache
 from mirror.config import Config
 from mirror.oci.manifest import references
@@ -52,10 +56,15 @@ log = logging.getLogger("mirror.bundle")
 
 REF_NAME = "org.opencontainers.image.ref.name"
 READ_CHUNK = 1024 * 1024
+LAYOUT = "oci-layout"
 INDEX = "index.json"
 TAGS = "mirror-tags.json"
+SUMS = "SHA256SUMS"
+SIGNATURE = "SHA256SUMS.sig"
+#: Documents SHA256SUMS lists besides the blobs: a signature over it covers the tags too.
+LISTED_DOCUMENTS = (LAYOUT, INDEX, TAGS)
 #: Members import reads into memory (all small); everything else but blobs is passed over.
-DOCUMENTS = frozenset({INDEX, TAGS})
+DOCUMENTS = frozenset({*LISTED_DOCUMENTS, SUMS, SIGNATURE})
 
 
 @dataclass
@@ -64,6 +73,10 @@ class ImportReport:
     manifests: int = 0
     tags: int = 0
     failed: list[str] = field(default_factory=list)
+    #: "unsigned", "signed by <key file>", or why the signature was not checked.
+    signature: str = "unsigned"
+    #: Why the bundle was refused whole (no manifest or tag imported); None when it was not.
+    refused: str | None = None
 
 
 def member(digest: Digest) -> str:
@@ -93,11 +106,17 @@ def _digest_or_none(value: object) -> Digest | None:
 
 
 def export(
-    cache: Cache, config: Config, out: IO[bytes], images: list[str], everything: bool
+    cache: Cache,
+    config: Config,
+    out: IO[bytes],
+    images: list[str],
+    everything: bool,
+    signer: signing.SigningKey | None = None,
 ) -> list[str]:
-    """Blocking: write the bundle to `out`; returns the refs exported (incomplete images, whose
-    blobs are not all in warm, are left out with a warning)."""
-    return _export(cache, _wanted(cache, config, images, everything), out)
+    """Blocking: write the bundle to `out`, signed with `signer` when given; returns the refs
+    exported (incomplete images, whose blobs are not all in warm, are left out with a
+    warning)."""
+    return _export(cache, _wanted(cache, config, images, everything), out, signer)
 
 
 def _wanted(
@@ -135,12 +154,18 @@ def _closure(
     return found, blobs
 
 
-def _export(cache: Cache, tags: dict[TagKey, TagRecord], out: IO[bytes]) -> list[str]:
+def _export(
+    cache: Cache,
+    tags: dict[TagKey, TagRecord],
+    out: IO[bytes],
+    signer: signing.SigningKey | None,
+) -> list[str]:
     written: set[Digest] = set()
     index, history, sums, exported = [], [], [], []
     store = cache.blobs
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        _add_bytes(tar, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        documents = {LAYOUT: json.dumps({"imageLayoutVersion": "1.0.0"}).encode()}
+        _add_bytes(tar, LAYOUT, documents[LAYOUT])
         for key, record in sorted(tags.items()):
             closure = _closure(cache.manifests, record.digest)
             ref = f"{key.upstream}/{key.repo}:{key.tag}"
@@ -177,9 +202,16 @@ def _export(cache: Cache, tags: dict[TagKey, TagRecord], out: IO[bytes]) -> list
             )
             exported.append(ref)
         doc = {"schemaVersion": 2, "manifests": index}
-        _add_bytes(tar, "index.json", json.dumps(doc, indent=1).encode())
-        _add_bytes(tar, "mirror-tags.json", json.dumps(history, indent=1).encode())
-        _add_bytes(tar, "SHA256SUMS", "".join(f"{d.hex}  {member(d)}\n" for d in sums).encode())
+        documents[INDEX] = json.dumps(doc, indent=1).encode()
+        documents[TAGS] = json.dumps(history, indent=1).encode()
+        _add_bytes(tar, INDEX, documents[INDEX])
+        _add_bytes(tar, TAGS, documents[TAGS])
+        lines = [f"{d.hex}  {member(d)}\n" for d in sums]
+        lines += [f"{digest_of(data).hex}  {name}\n" for name, data in documents.items()]
+        checksums = "".join(lines).encode()
+        _add_bytes(tar, SUMS, checksums)
+        if signer is not None:
+            _add_bytes(tar, SIGNATURE, signing.sign(signer, checksums))
     return exported
 
 
@@ -193,6 +225,15 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 # -- import ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Trust:
+    """What an import checks a bundle's signature with (from the `[bundle]` keys)."""
+
+    keys: tuple[signing.TrustedKey, ...] = ()
+    #: Refuse a bundle that is not signed by one of `keys`.
+    required: bool = False
+
+
 @dataclass
 class _Received:
     """What the tar held, once read: blobs now in the store, blob members that were not what
@@ -203,7 +244,15 @@ class _Received:
     documents: dict[str, bytes] = field(default_factory=dict)
 
 
-async def import_bundle(cache: Cache, source: IO[bytes]) -> ImportReport:
+@dataclass(frozen=True)
+class _Verdict:
+    """What the signature says about the bundle as a whole."""
+
+    signature: str
+    refused: str | None = None
+
+
+async def import_bundle(cache: Cache, source: IO[bytes], trust: Trust) -> ImportReport:
     """Verify and store what the bundle holds (see the module docstring). The tar is read
     in a thread: it is a blocking stream."""
     report = ImportReport()
@@ -212,6 +261,10 @@ async def import_bundle(cache: Cache, source: IO[bytes]) -> ImportReport:
     report.failed += received.rejected
     for digest in received.blobs:
         await cache.tiers.committed(digest, await cache.blobs.run(cache.blobs.size, digest))
+    verdict = await asyncio.to_thread(_judge, received, trust)
+    report.signature, report.refused = verdict.signature, verdict.refused
+    if verdict.refused is not None:
+        return report
     for key, record in _tags(received.documents, time.time(), report):
         closure = await _verified_closure(cache, record.digest, record.media_type, received.blobs)
         if isinstance(closure, str):
@@ -272,6 +325,74 @@ def _store_blob(cache: Cache, digest: Digest, reader: IO[bytes], size: int) -> b
         return False
     finally:
         os.close(wfd)
+
+
+# -- the signature ---------------------------------------------------------------------------------
+
+
+def _judge(received: _Received, trust: Trust) -> _Verdict:
+    """Blocking (it hashes the documents): whether the bundle may be imported at all.
+
+    A signature is checked when there are trusted keys; one that verifies with none of them is
+    refused even when signatures are not required (it is no honest signature). A bundle with a
+    good signature must hold exactly what the signed SHA256SUMS lists. Without a signature the
+    bundle is refused only when one is required."""
+    sums, signature = received.documents.get(SUMS), received.documents.get(SIGNATURE)
+    if signature is None:
+        if trust.required:
+            return _Verdict("unsigned", f"it is not signed ({SIGNATURE} missing)")
+        return _Verdict("unsigned")
+    if not trust.keys:
+        return _Verdict("signature not checked: no bundle.trusted_keys")
+    if sums is None:
+        return _Verdict("badly signed", f"it has {SIGNATURE} but no {SUMS}")
+    signer = signing.signer(signature, sums, trust.keys)
+    if signer is None:
+        return _Verdict("badly signed", f"{SUMS} is not signed by any of bundle.trusted_keys")
+    differs = _off_the_list(received, sums)
+    if differs is not None:
+        return _Verdict(
+            f"signed by {signer.path}", f"it does not hold what its signed {SUMS} lists: {differs}"
+        )
+    return _Verdict(f"signed by {signer.path}")
+
+
+def _off_the_list(received: _Received, sums: bytes) -> str | None:
+    """What in the bundle differs from the checksum list: a blob that failed its digest, is
+    not listed or is listed and missing, a document that is not the one listed; None when the
+    bundle is exactly what the list names."""
+    listed = _checksums(sums)
+    if listed is None:
+        return f"{SUMS} is no list of checksums"
+    if received.rejected:
+        return f"{received.rejected[0]} does not match its digest"
+    for digest in sorted(received.blobs, key=str):
+        if listed.get(member(digest)) != digest.hex:
+            return f"{member(digest)} is not listed"
+    for name in listed:
+        if name.startswith("blobs/") and _digest_of_member(name) not in received.blobs:
+            return f"{name} is missing"
+    for name in LISTED_DOCUMENTS:
+        data = received.documents.get(name)
+        if listed.get(name) != (digest_of(data).hex if data is not None else None):
+            return f"{name} is not the one listed"
+    return None
+
+
+def _checksums(data: bytes) -> dict[str, str] | None:
+    """`sha256sum` output (`<hex>  <path>`, or `<hex> *<path>`): path → hex; None when it
+    is not that."""
+    listed: dict[str, str] = {}
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    for line in text.splitlines():
+        hexdigest, _, rest = line.partition(" ")
+        if not hexdigest or rest[:1] not in (" ", "*") or not rest[1:]:
+            return None
+        listed[rest[1:]] = hexdigest
+    return listed
 
 
 # -- the tags --------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""`mirror cache ls|du|evict|pin|unpin` and `mirror fsck`: the admin operations on a data
-directory, as tables for people or JSON (`--json`) for scripts."""
+"""`mirror cache ls|du|evict|pin|unpin`, `mirror fsck`, `mirror export` and `mirror import`: the
+admin operations on a data directory, as tables for people or JSON (`--json`) for scripts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import time
 from typing import IO, Any
 
+from mirror import signing
 from mirror.cache import Cache, opened_cache
 from mirror.config import Config
 from mirror.errors import MirrorError
@@ -49,8 +50,35 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     exp.add_argument("--out", required=True, help="the tar to write (- for standard output)")
     exp.add_argument("--all", action="store_true", help="every cached tag")
     exp.add_argument("images", nargs="*", help="images to export, e.g. python:3.12")
+    exp.add_argument(
+        "--sign", metavar="KEY", help="sign with this Ed25519 private key (bundle.signing_key)"
+    )
     imp = sub.add_parser("import", parents=[common], help="verify and load a bundle made by export")
     imp.add_argument("bundle", help="the tar (- for standard input)")
+    imp.add_argument(
+        "--trusted-key",
+        metavar="KEY",
+        action="append",
+        help="an Ed25519 public key a signature may verify with; repeatable (bundle.trusted_keys)",
+    )
+    imp.add_argument(
+        "--require-signature",
+        action="store_true",
+        default=None,
+        help="import nothing unless signed by a trusted key (bundle.require_signature)",
+    )
+
+
+def config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration keys the export and import flags set (the flags are another way to
+    give those keys, never settings of their own)."""
+    given = {
+        "signing_key": getattr(args, "sign", None),
+        "trusted_keys": getattr(args, "trusted_key", None),
+        "require_signature": getattr(args, "require_signature", None),
+    }
+    bundle = {k: v for k, v in given.items() if v is not None}
+    return {"bundle": bundle} if bundle else {}
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -59,9 +87,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
             if args.command == "export":
                 return _export(args, config, cache)
             if args.command == "import":
-                return _import(args, cache)
+                return _import(args, config, cache)
             return asyncio.run(_dispatch(Admin(cache), args))
-    except MirrorError as e:
+    except (MirrorError, signing.BadKey) as e:
         print(f"mirror: {e.message}", file=sys.stderr)
         return 2
 
@@ -70,8 +98,10 @@ def _export(args: argparse.Namespace, config: Config, cache: Cache) -> int:
     if not (args.all or args.images):
         print("mirror export: name images or give --all", file=sys.stderr)
         return 2
+    key = config.bundle.signing_key
+    signer = signing.load_private_key(key) if key else None
     with _open(args.out, "wb", sys.stdout.buffer) as out:
-        refs = bundle.export(cache, config, out, args.images, args.all)
+        refs = bundle.export(cache, config, out, args.images, args.all, signer)
     print("\n".join(f"exported {r}" for r in refs) or "nothing exported", file=sys.stderr)
     return 0 if refs and (args.all or len(refs) == len(args.images)) else 1
 
@@ -81,18 +111,30 @@ def _open(path: str, mode: str, std: IO[bytes]) -> IO[bytes]:
     return std if path == "-" else open(path, mode)  # the caller's `with` closes it
 
 
-def _import(args: argparse.Namespace, cache: Cache) -> int:
-    with _open(args.bundle, "rb", sys.stdin.buffer) as source:
-        report = asyncio.run(bundle.import_bundle(cache, source))
-    _out(
-        args,
-        report,
-        lambda: "\n".join(
-            [f"imported {report.blobs} blobs, {report.manifests} manifests, {report.tags} tags"]
-            + [f"  FAILED: {f}" for f in report.failed]
-        ),
+def _import(args: argparse.Namespace, config: Config, cache: Cache) -> int:
+    trust = bundle.Trust(
+        tuple(signing.load_public_key(p) for p in config.bundle.trusted_keys),
+        config.bundle.require_signature,
     )
-    return 1 if report.failed else 0
+    with _open(args.bundle, "rb", sys.stdin.buffer) as source:
+        report = asyncio.run(bundle.import_bundle(cache, source, trust))
+    _out(args, report, lambda: _imported(report))
+    return 1 if report.failed or report.refused else 0
+
+
+def _imported(report: bundle.ImportReport) -> str:
+    if report.refused:
+        head = (
+            f"bundle refused: {report.refused}; no manifest or tag imported "
+            f"({report.blobs} blobs that match their digests stay in the store; no tag or "
+            "manifest of this import refers to them)"
+        )
+    else:
+        head = (
+            f"imported {report.blobs} blobs, {report.manifests} manifests, {report.tags} tags "
+            f"({report.signature})"
+        )
+    return "\n".join([head] + [f"  FAILED: {f}" for f in report.failed])
 
 
 async def _dispatch(admin: Admin, args: argparse.Namespace) -> int:
