@@ -164,6 +164,8 @@ class UpstreamSim:
         self.strict_accept = False
         #: Send Docker-Content-Digest with manifests (a registry may not).
         self.digest_header = True
+        #: Blobs only some repositories have (any other is 404); every other blob is in all.
+        self.blob_repos: dict[str, set[str]] = {}
         self.ratelimit: RateLimit | None = None
         self.faults: list[Fault] = []
         self.requests: Counter[tuple[str, str]] = Counter()
@@ -240,6 +242,11 @@ class UpstreamSim:
         for data in image.blobs.values():
             self.add_blob(data)
         return self.add_manifest(repo, tag, image.data, image.media_type)
+
+    def only_in(self, repo: str, image: Image) -> None:
+        """Make `image`'s blobs exist in `repo` alone, as a private repository's are."""
+        for digest in image.blobs:
+            self.blob_repos[digest] = {repo}
 
     def delete_manifest(self, repo: str, ref: str) -> None:
         """Forget a tag or digest, e.g. to test upstream 404s for cached content."""
@@ -484,7 +491,10 @@ class UpstreamSim:
         digest = request.match_info["digest"]
         if (early := await self._before(request, ("blob",), {digest})) is not None:
             return early
-        if digest not in self.blobs:
+        only = self.blob_repos.get(digest)
+        if digest not in self.blobs or (
+            only is not None and request.match_info["name"] not in only
+        ):
             return _error(404, "BLOB_UNKNOWN", digest)
         if self.redirect_blobs and request.method == "GET":
             signature = hashlib.sha256(digest.encode()).hexdigest()[:16]

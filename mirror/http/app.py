@@ -26,6 +26,7 @@ from mirror.metrics import Metrics
 from mirror.ops.admin import Admin
 from mirror.pull.ahead import Ahead
 from mirror.pull.blobs import Blobs
+from mirror.pull.holdings import Holdings
 from mirror.pull.manifests import Manifests
 from mirror.pull.service import MirrorService
 from mirror.pull.sync import Syncer
@@ -51,8 +52,9 @@ def build_service(
 ) -> MirrorService:
     """The pull-through policy over this cache and upstream."""
     coordinator, tiers = cache.coordinator, cache.tiers
-    manifests = Manifests(upstream, cache.manifests, coordinator, tiers.accesses, metrics)
-    blobs = Blobs(upstream, tiers, cache.evictions, coordinator, metrics, config.limits)
+    holdings = Holdings(config.auth.enabled, cache.index, upstream)
+    manifests = Manifests(upstream, cache.manifests, coordinator, tiers.accesses, metrics, holdings)
+    blobs = Blobs(upstream, tiers, cache.evictions, coordinator, metrics, config.limits, holdings)
     return MirrorService(manifests, blobs, Ahead(manifests, blobs, cache.blobs))
 
 

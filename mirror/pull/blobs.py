@@ -25,6 +25,7 @@ from mirror.oci.verify import Mismatch, Verifier, verified
 from mirror.outcome import Outcome
 from mirror.pull.answers import BlobAnswer
 from mirror.pull.fill import BlobSource, Fill
+from mirror.pull.holdings import Holdings
 from mirror.store.blobs import OpenBlob
 from mirror.store.tiers import Tiers
 from mirror.upstream.client import UpstreamClient
@@ -62,7 +63,9 @@ class Blobs:
         coordinator: Coordinator,
         metrics: Metrics,
         limits: LimitsConfig,
+        holdings: Holdings,
     ) -> None:
+        self._holdings = holdings
         self._upstream = upstream
         self._tiers = tiers
         self._evictions = evictions
@@ -79,6 +82,12 @@ class Blobs:
         (an address) is who would start the fill, for the per-client limit."""
         found = await self._tiers.open(digest)
         if found is not None:
+            if self._holdings.enabled:
+                try:
+                    await self._holdings.check(target, digest, "blob")
+                except BaseException:
+                    found.blob.close()
+                    raise
             return BlobAnswer(Outcome.HIT, stored=found.blob, tier=found.tier)
         if await self._still_too_big(digest):
             return BlobAnswer(Outcome.PASS_THROUGH)
@@ -87,6 +96,8 @@ class Blobs:
         if fill.error is not None:  # failed, still winding down (removing its partial file):
             await asyncio.wait([task])  # a new request gets a new try, not the old error
             fill, _, started = self.join(target, digest, client)
+        if not started:  # another's fill: it may be another repository's
+            await self._holdings.check(target, digest, "blob")
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
 
     def _admit(self, digest: Digest, client: str) -> None:
@@ -181,11 +192,13 @@ class Blobs:
         async def source() -> AsyncIterator[BlobBody]:
             async with self._tiers.from_cold(digest) as cold:
                 if cold is not None:
+                    await self._holdings.check(target, digest, "blob")  # a hit in disguise
                     log.info("promoting %s from cold", digest)
                     fill.source = "cold"
                     yield cold
                     return
             async with self._upstream.blob(target, digest) as stream:
+                await self._holdings.record(target, [digest])
                 yield stream
 
         return source
@@ -205,8 +218,11 @@ class Blobs:
         found = await self._tiers.open(digest)
         if found is not None:
             found.blob.close()
+            await self._holdings.check(target, digest, "blob")
             return found.blob.size, Outcome.HIT
-        return await self._upstream.blob_size(target, digest), Outcome.MISS
+        size = await self._upstream.blob_size(target, digest)
+        await self._holdings.record(target, [digest])
+        return size, Outcome.MISS
 
     async def drain(self, seconds: float) -> None:
         """At shutdown: let fills in flight finish (each is one upstream transfer already

@@ -28,6 +28,7 @@ from mirror.oci.reference import Digest, Reference
 from mirror.oci.verify import digest_of
 from mirror.outcome import Outcome
 from mirror.pull.answers import ManifestAnswer
+from mirror.pull.holdings import Holdings
 from mirror.store.index import Accesses
 from mirror.store.keys import ListKey, TagKey
 from mirror.store.manifests import CachedList, ManifestStore, StoredManifest
@@ -51,8 +52,10 @@ class Manifests:
         coordinator: Coordinator,
         accesses: Accesses,
         metrics: Metrics,
+        holdings: Holdings,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._holdings = holdings
         self._upstream = upstream
         self._manifests = manifests
         self._tags = coordinator.tags
@@ -91,8 +94,10 @@ class Manifests:
     async def by_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
         found = await self._manifests.get(digest)
         if found is not None:
+            if self._holdings.enabled:
+                await self._holdings.manifest(target, found, fetched=False)
             return ManifestAnswer(found, Outcome.HIT)
-        key = ("digest", target.upstream.name, digest)
+        key = ("digest", target.upstream.name, target.repo, digest)
         answer, followed = await self._coordinator.once(
             key, lambda: self._fetch_digest(target, digest)
         )
@@ -100,7 +105,7 @@ class Manifests:
 
     async def _fetch_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
         got = await self._upstream.manifest(target, str(digest), mediatypes.UPSTREAM_ACCEPT)
-        return ManifestAnswer(await self._keep(got, digest), Outcome.MISS)
+        return ManifestAnswer(await self._keep(target, got, digest), Outcome.MISS)
 
     async def _by_tag(self, target: Target, tag: str) -> ManifestAnswer:
         key = TagKey(target.upstream.name, target.repo, tag)
@@ -145,13 +150,14 @@ class Manifests:
         if head.digest == record.digest:
             await self._tags.put(key, TagRecord(record.digest, record.media_type, self._clock()))
             return ManifestAnswer(held, Outcome.REVALIDATED)
+        await self._holdings.record(target, [head.digest])  # upstream just said so
         moved = await self.by_digest(target, head.digest)
         await self._remember(key, moved.manifest)
         return ManifestAnswer(moved.manifest, Outcome.MISS)
 
     async def _fetch_tag(self, target: Target, key: TagKey) -> ManifestAnswer:
         got = await self._upstream.manifest(target, key.tag, mediatypes.UPSTREAM_ACCEPT)
-        manifest = await self._keep(got, None)
+        manifest = await self._keep(target, got, None)
         await self._remember(key, manifest)
         return ManifestAnswer(manifest, Outcome.MISS)
 
@@ -162,7 +168,7 @@ class Manifests:
 
         async def fetch() -> ManifestAnswer:
             got = await self._upstream.manifest(target, tag, accept.header)
-            return ManifestAnswer(await self._keep(got, None), Outcome.MISS)
+            return ManifestAnswer(await self._keep(target, got, None), Outcome.MISS)
 
         answer, _ = await self._coordinator.once(key, fetch)
         return answer
@@ -170,7 +176,9 @@ class Manifests:
     async def _remember(self, key: TagKey, manifest: StoredManifest) -> None:
         await self._tags.put(key, TagRecord(manifest.digest, manifest.media_type, self._clock()))
 
-    async def _keep(self, got: UpstreamManifest, expected: Digest | None) -> StoredManifest:
+    async def _keep(
+        self, target: Target, got: UpstreamManifest, expected: Digest | None
+    ) -> StoredManifest:
         """Verify a manifest's bytes against the digest asked for (or upstream's header), check
         that they are a manifest (a tag answered without a digest header has nothing else to
         vouch for it), and store it; a mismatch is a lying upstream and nothing is kept."""
@@ -188,7 +196,9 @@ class Manifests:
                 "upstream answered with something that is no manifest",
                 detail={"Content-Type": got.media_type[:100]},
             )
-        return await self._manifests.put(StoredManifest(actual, kind, got.data))
+        kept = await self._manifests.put(StoredManifest(actual, kind, got.data))
+        await self._holdings.manifest(target, kept, fetched=True)
+        return kept
 
     # -- lists -------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Blob metadata: which tier holds a blob, its size, when it was stored and last used, how often
-it was hit; and the pins added at run time. SQLite (WAL), so the admin commands can read and
-write it safely while a mirror runs.
+it was hit; the pins added at run time; when each tag was last pulled; and, with `[auth]` on,
+which repository is known to hold which digest (pull/holdings.py). SQLite (WAL), so the admin
+commands can read and write it safely while a mirror runs.
 
 Every method of `BlobIndex` is blocking and must run on the index's own single thread
 (`BlobIndex.call`): one connection, one writer, no lock juggling. The request path never waits
@@ -62,6 +63,12 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (upstream, repo, tag)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_access ON tags (last_access);
+CREATE TABLE IF NOT EXISTS holds (
+    upstream    TEXT NOT NULL,
+    repo        TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    PRIMARY KEY (upstream, repo, digest)
+) WITHOUT ROWID;
 """
 
 
@@ -181,6 +188,21 @@ class BlobIndex:
         """When each tag was last pulled through the mirror."""
         rows = self.db.execute("SELECT upstream, repo, tag, last_access FROM tags")
         return {TagKey(u, r, t): when for u, r, t, when in rows}
+
+    def hold(self, upstream: str, repo: str, digests: Iterable[Digest]) -> None:
+        """`<upstream>/<repo>` holds these digests (pull/holdings.py)."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR IGNORE INTO holds VALUES (?, ?, ?)",
+                ((upstream, repo, str(d)) for d in digests),
+            )
+
+    def holds(self, upstream: str, repo: str, digest: Digest) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM holds WHERE upstream = ? AND repo = ? AND digest = ?",
+            (upstream, repo, str(digest)),
+        ).fetchone()
+        return row is not None
 
     def recent_tags(self, limit: int) -> list[tuple[TagKey, float]]:
         """The `limit` tags pulled most recently, and when (reads only those rows)."""

@@ -12,9 +12,10 @@
                              rename is atomic); whatever is here at start is a crash's
                              leftover and is swept
       meta/                  diskcache (SQLite): manifests by digest, tag → digest records,
-                             cached tag lists and referrers
+                             whole tag lists
       index.sqlite           blob metadata: tier, size, stored, last access, hits; run-time
-                             pins (store/index.py)
+                             pins; when each tag was last pulled; which repository holds
+                             which digest, with [auth] on (store/index.py)
 
     <cold tier URL>/         object storage or a directory (store/cold.py)
       blobs/sha256/ab/ab12…ef
