@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import difflib
 import hashlib
+import ipaddress
 import re
 import ssl
 import tomllib
@@ -96,6 +97,9 @@ class UpstreamConfig:
     #: Token realm hosts, other than the registry's own origin, that may receive our
     #: credentials: `host` (on the scheme's default port) or `host:port`.
     token_realms: tuple[str, ...] = ()
+    #: Networks (CIDR, or single addresses) besides public ones that this upstream's
+    #: redirects and token realms may lead to; its own addresses are always allowed.
+    private_targets: tuple[str, ...] = ()
     #: On a manifest answer, fetch its config and layers in the background (pull-ahead).
     pull_ahead: bool = False
     #: Largest blob fetched from this upstream (0 = no limit): refused before a byte is kept.
@@ -511,6 +515,13 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         raise ConfigError(
             f"{where}.ns: must be a registry host[:port] such as 'ghcr.io', got {up.ns!r}"
         )
+    for net in up.private_targets:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{where}.private_targets: {net!r} is not a network (CIDR) or an address"
+            ) from None
     for realm in up.token_realms:
         if not _NS.fullmatch(realm):
             raise ConfigError(
@@ -602,6 +613,11 @@ def _check_tiers(config: Config) -> None:
             raise ConfigError(f"{where}: must not be negative")
     if not (config.eviction.interval > 0 and config.eviction.access_flush > 0):
         raise ConfigError("eviction.interval/access_flush: must be positive seconds")
+    _check_rules(config)
+
+
+def _check_rules(config: Config) -> None:
+    """Retention, limits, TLS, access control, the sync list and pins."""
     for i, rule in enumerate(config.retention):
         if "/" not in rule.pattern:
             raise ConfigError(
@@ -628,9 +644,24 @@ def _check_tiers(config: Config) -> None:
             )
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"tls.cert/tls.key: cannot load them: {e}") from None
-    if config.auth.htpasswd and not Path(config.auth.htpasswd).is_file():
-        raise ConfigError(f"auth.htpasswd: no such file {config.auth.htpasswd!r}")
-    for i, grant in enumerate(config.auth.grants):
+    _check_auth(config.auth)
+    for i, entry in enumerate(config.sync):
+        upstream, _, repo = entry.image.partition("/")
+        if upstream not in {u.name for u in config.upstreams} or not repo or ":" in repo:
+            raise ConfigError(
+                f"sync[{i}].image: <configured upstream>/<repository> without a tag, got {entry.image!r}"
+            )
+        if not entry.tags or entry.every <= 0:
+            raise ConfigError(f"sync[{i}]: needs tags and a positive `every`")
+    for pattern in config.pins:
+        if not is_pin(pattern):
+            raise ConfigError(f"pins: expected {PIN_FORM}, got {pattern!r}")
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    if auth.htpasswd and not Path(auth.htpasswd).is_file():
+        raise ConfigError(f"auth.htpasswd: no such file {auth.htpasswd!r}")
+    for i, grant in enumerate(auth.grants):
         if (
             not grant.who
             or grant.who == "token:"
@@ -644,17 +675,6 @@ def _check_tiers(config: Config) -> None:
                 raise ConfigError(
                     f"auth.grants[{i}].repositories: expected {GRANT_FORM}, got {pattern!r}"
                 )
-    for i, entry in enumerate(config.sync):
-        upstream, _, repo = entry.image.partition("/")
-        if upstream not in {u.name for u in config.upstreams} or not repo or ":" in repo:
-            raise ConfigError(
-                f"sync[{i}].image: <configured upstream>/<repository> without a tag, got {entry.image!r}"
-            )
-        if not entry.tags or entry.every <= 0:
-            raise ConfigError(f"sync[{i}]: needs tags and a positive `every`")
-    for pattern in config.pins:
-        if not is_pin(pattern):
-            raise ConfigError(f"pins: expected {PIN_FORM}, got {pattern!r}")
 
 
 #: What a grant pattern looks like, in words (for errors).

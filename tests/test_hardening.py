@@ -11,12 +11,14 @@ import os
 import re
 import socket
 import sqlite3
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import diskcache
-from conftest import MakeMirror, Mirror, MirrorProcess, wait_until
+from aiohttp import web
+from conftest import MakeMirror, Mirror, MirrorProcess, make_cert, wait_until
 from images import make_image
 from upstream_sim import UpstreamSim
 
@@ -291,3 +293,179 @@ async def test_with_auth_on_the_status_page_needs_credentials_and_shows_only_the
             full = await resp.text()
     assert "docker.io/team/public" in page and "team/private" not in page
     assert "docker.io/team/public" in full and "docker.io/team/private" in full
+
+
+# -- grants hold by digest too --------------------------------------------------------------
+
+
+async def test_a_grant_for_one_repository_reads_no_other_repositorys_content_by_digest(
+    sim: UpstreamSim, tmp_path: Path, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """A token granted only `team/public` asks for blobs and a manifest that a token granted
+    everything pulled from `team/private`, by their digests, under `team/public`: each is 404
+    exactly as for a digest nobody cached (same body, no X-Mirror-Cache), and a HEAD tells no
+    more; a blob `team/public` really has (shared with the private image) is served once
+    upstream confirms it with a HEAD, and that is remembered."""
+    shared = make_image(10, [50_000])
+    private = make_image(11, [60_000, 70_000])
+    public = make_image(12, [80_000])
+    sim.add_image("team/private", "1", private)
+    sim.add_image("team/public", "1", public)
+    sim.only_in("team/private", private)
+    sim.add_image("team/shared-source", "1", shared)
+    config = tmp_path / "mirror.toml"
+    config.write_text(
+        f'[[auth.grants]]\nwho = "token:{PUBLIC_TOKEN}"\nrepositories = ["docker.io/team/public"]\n'
+        f'[[auth.grants]]\nwho = "token:{ADMIN_TOKEN}"\nrepositories = ["**"]\n'
+    )
+    mirror = mirror_process(sim.url, env={"MIRROR_CONFIG": str(config)}).start()
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Accept": "*/*"}
+    reader = {"Authorization": f"Bearer {PUBLIC_TOKEN}", "Accept": "*/*"}
+    base = f"{mirror.url}/v2/team/public"
+    layer = list(private.blobs)[-1]
+    never = "sha256:" + "0" * 64
+    async with aiohttp.ClientSession() as client:
+
+        async def get(
+            url: str, headers: dict[str, str], method: str = "GET"
+        ) -> tuple[int, dict[str, str], bytes]:
+            async with client.request(method, url, headers=headers) as resp:
+                return resp.status, dict(resp.headers), await resp.read()
+
+        for repo, image in (("team/private", private), ("team/shared-source", shared)):
+            assert (await get(f"{mirror.url}/v2/{repo}/manifests/1", admin))[0] == 200
+            for digest in image.blobs:
+                assert (await get(f"{mirror.url}/v2/{repo}/blobs/{digest}", admin))[0] == 200
+        for method in ("GET", "HEAD"):
+            status, headers, body = await get(f"{base}/blobs/{layer}", reader, method)
+            n_status, n_headers, n_body = await get(f"{base}/blobs/{never}", reader, method)
+            assert status == n_status == 404, (status, n_status)
+            assert "X-Mirror-Cache" not in headers and "X-Mirror-Cache" not in n_headers
+            assert body.replace(layer.encode(), b"D") == n_body.replace(never.encode(), b"D")
+        status, headers, _ = await get(f"{base}/manifests/{private.digest}", reader)
+        assert status == 404 and "X-Mirror-Cache" not in headers
+        # a layer the public repository has too: confirmed by upstream once, then remembered
+        digest = list(shared.blobs)[-1]
+        heads = sim.requests[("HEAD", f"/v2/team/public/blobs/{digest}")]
+        for _ in range(2):
+            status, headers, body = await get(f"{base}/blobs/{digest}", reader)
+            assert status == 200 and headers["X-Mirror-Cache"] == "hit"
+        assert sim.requests[("HEAD", f"/v2/team/public/blobs/{digest}")] == heads + 1
+        # and what the public repository's own manifest names needs no confirmation at all
+        assert (await get(f"{base}/manifests/1", reader))[0] == 200
+        for digest in public.blobs:
+            assert (await get(f"{base}/blobs/{digest}", reader))[0] == 200
+            assert sim.requests[("HEAD", f"/v2/team/public/blobs/{digest}")] == 0
+
+
+# -- an upstream that points the mirror at its own network ----------------------------------
+
+
+async def _metadata_service(host: str) -> tuple[web.AppRunner, str, list[str]]:
+    """A stand-in for a cloud metadata service on another loopback address: what only the
+    mirror's own network reaches. Returns its runner, its URL and the paths it was asked."""
+    asked: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.json_response(
+            {
+                "schemaVersion": 2,
+                "mediaType": mediatypes.OCI_MANIFEST,
+                "secret": "instance-role-credentials",
+            }
+        )
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://{host}:{port}", asked
+
+
+async def test_an_upstream_cannot_send_the_mirror_to_its_own_network(
+    tmp_path: Path, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """An upstream (on 127.0.0.5) answers a tag with a redirect to a "metadata service" on
+    127.0.0.1, by address and by a name that resolves to it, and a token realm there: the
+    mirror dials none of them, serves and keeps nothing from them; an https upstream is
+    never followed to http. With the address in `private_targets` the redirect is followed."""
+    runner, internal, asked = await _metadata_service("127.0.0.1")
+    name_url = internal.replace("127.0.0.1", "localhost")  # a name, resolving to it
+    redirects = {
+        "/v2/app/by-address/manifests/1": f"{internal}/latest/meta-data/",
+        "/v2/app/by-name/manifests/1": f"{name_url}/latest/meta-data/",
+    }
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        if request.path == "/v2/app/realm/manifests/1":
+            challenge = f'Bearer realm="{internal}/token",service="x"'
+            return web.json_response({}, status=401, headers={"WWW-Authenticate": challenge})
+        if request.path in redirects:
+            raise web.HTTPFound(redirects[request.path])
+        return web.json_response({"errors": []}, status=404)
+
+    up = web.Application()
+    up.router.add_route("*", "/{tail:.*}", upstream)
+    up_runner = web.AppRunner(up)
+    await up_runner.setup()
+    await web.TCPSite(up_runner, "127.0.0.5", 0).start()  # the upstream is elsewhere
+    up_url = f"http://127.0.0.5:{up_runner.addresses[0][1]}"
+    try:
+        mirror = mirror_process(up_url, env={"MIRROR_RETRIES__ATTEMPTS": "1"}).start()
+        async with aiohttp.ClientSession() as client:
+            for repo in ("by-address", "by-name", "realm"):
+                async with client.get(
+                    f"{mirror.url}/v2/app/{repo}/manifests/1", headers={"Accept": "*/*"}
+                ) as resp:
+                    body = await resp.text()
+                    assert resp.status in (401, 502), (repo, resp.status, body)
+                    assert "instance-role-credentials" not in body
+        assert asked == [], f"the internal service was asked for {asked}"
+        mirror.stop()
+        config = tmp_path / "allow.toml"
+        config.write_text('[upstreams."docker.io"]\nprivate_targets = ["127.0.0.1/32"]\n')
+        allowed = mirror_process(
+            up_url, data_dir=tmp_path / "allowed", env={"MIRROR_CONFIG": str(config)}
+        ).start()
+        async with aiohttp.ClientSession() as client:
+            async with client.get(
+                f"{allowed.url}/v2/app/by-address/manifests/1", headers={"Accept": "*/*"}
+            ) as resp:
+                await resp.read()
+        assert asked, "with the address allowed, the redirect is followed"
+    finally:
+        await up_runner.cleanup()
+        await runner.cleanup()
+
+
+async def test_an_https_upstream_is_never_followed_to_http(
+    tmp_path: Path, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """A registry on https redirects its blobs to a CDN on plain http (an address even
+    allowed in `private_targets`): the mirror does not follow, the CDN is never asked, and
+    the client gets an upstream error rather than bytes that crossed the network in clear."""
+    cert, key = make_cert(tmp_path, "registry")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    registry = UpstreamSim(tls=tls)
+    await registry.start()
+    try:
+        registry.redirect_blobs = True
+        digest = registry.add_blob(os.urandom(10_000))
+        config = tmp_path / "mirror.toml"
+        config.write_text('[upstreams."docker.io"]\nprivate_targets = ["127.0.0.2"]\n')
+        env = {"SSL_CERT_FILE": str(cert), "MIRROR_CONFIG": str(config)}
+        mirror = mirror_process(registry.url, env=env)
+        await asyncio.to_thread(mirror.start)
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"{mirror.url}/v2/{REPO}/blobs/{digest}") as resp:
+                assert resp.status == 502
+                assert "https to http" in (await resp.json())["errors"][0]["message"]
+        assert registry.requests[("GET", f"/v2/{REPO}/blobs/{digest}")] >= 1
+        assert registry.cdn_requests == {}
+    finally:
+        await registry.stop()

@@ -25,6 +25,7 @@ from mirror.coordination import TokenCache
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, parse_digest
 from mirror.upstream.auth import Authenticator
+from mirror.upstream.egress import Egress, GuardedResolver
 from mirror.upstream.ratelimit import parse_ratelimit
 from mirror.upstream.resume import ResumingBlob, backoff, open_resuming
 from mirror.upstream.routing import Target
@@ -188,12 +189,18 @@ class UpstreamClient:
         #: Until when (monotonic) an upstream that answered 429 gets no manifest request.
         self._backoff: dict[str, float] = {}
         self.auth = Authenticator(config.upstreams, self._fetch_token, tokens)
+        self._egress = Egress(config.upstreams)
 
     async def start(self) -> None:
         t = self._config.timeouts
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=t.connect, sock_read=t.read),
-            connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(
+                limit=256,
+                limit_per_host=64,
+                ttl_dns_cache=300,
+                resolver=GuardedResolver(self._egress),
+            ),
             read_bufsize=BLOB_CHUNK,
             auto_decompress=False,
             trust_env=False,
@@ -442,10 +449,11 @@ class UpstreamClient:
                 return resp
             location = resp.headers["Location"]
             resp.release()
-            url = urljoin(str(resp.url), location)
+            came_from, url = url, urljoin(str(resp.url), location)
             query = None
             if urlsplit(url).scheme not in ("http", "https"):
                 raise errors.UpstreamBadResponse("upstream redirected to a non-http(s) URL")
+            self._egress.check(url, came_from)
             if resp.status == 303:
                 method = "GET" if method != "HEAD" else method
         raise errors.UpstreamBadResponse("too many upstream redirects")
@@ -466,6 +474,7 @@ class UpstreamClient:
         self, realm: str, query: dict[str, str], auth: str | None
     ) -> dict[str, Any]:
         headers = {"Authorization": auth} if auth else {}
+        self._egress.check(realm)
         with _translate():
             async with self.session.get(
                 realm, params=query, headers=headers, allow_redirects=False
