@@ -90,6 +90,8 @@ class UpstreamConfig:
     tag_ttl: float = 300.0
     #: Seconds tag lists and referrers answers are cached (served stale past it on failure).
     list_ttl: float = 30.0
+    #: Seconds a "no such manifest" (404) from upstream is answered again without asking.
+    negative_ttl: float = 30.0
     username: str = ""
     password: str = ""
     #: A docker `config.json` to take this registry's credentials from.
@@ -507,8 +509,8 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         raise ConfigError(f"{where}.url: must be an http:// or https:// URL, got {up.url!r}")
     if parts.username or parts.password:
         raise ConfigError(f"{where}.url: put credentials in username/password, not in the URL")
-    if up.tag_ttl < 0 or up.list_ttl < 0:
-        raise ConfigError(f"{where}.tag_ttl/list_ttl: must not be negative")
+    if up.tag_ttl < 0 or up.list_ttl < 0 or up.negative_ttl < 0:
+        raise ConfigError(f"{where}.tag_ttl/list_ttl/negative_ttl: must not be negative")
     if up.docker_config and not Path(up.docker_config).is_file():
         raise ConfigError(f"{where}.docker_config: no such file {up.docker_config!r}")
     if up.ns and not _NS.fullmatch(up.ns):

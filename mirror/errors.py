@@ -6,6 +6,7 @@ The HTTP status of every code lives in ONE table, `http.middleware.STATUS_BY_COD
     MirrorError (code, message, detail)
     ├── NameInvalid             NAME_INVALID          malformed repository name (400)
     ├── NameUnknown             NAME_UNKNOWN          registry host (ns / prefix) not served (404)
+    │   └── UpstreamDenied                            upstream will not let the mirror read it
     ├── ManifestUnknown         MANIFEST_UNKNOWN      (404)
     ├── BlobUnknown             BLOB_UNKNOWN          (404)
     ├── DigestInvalid           DIGEST_INVALID        malformed digest (400)
@@ -62,6 +63,15 @@ class NameInvalid(MirrorError):
 class NameUnknown(MirrorError):
     code = "NAME_UNKNOWN"
     default_message = "repository name not known to registry"
+
+
+class UpstreamDenied(NameUnknown):
+    """Upstream refused the mirror this repository (401: Docker Hub says so for private and
+    missing repositories alike), or the mirror would not send its credentials where upstream
+    asked. Not the client's credentials: a 401 to the client would ask it for ones it cannot
+    give, so this is 404 NAME_UNKNOWN, and containerd moves on to its next host."""
+
+    default_message = "upstream denied access to this repository"
 
 
 class ManifestUnknown(MirrorError):

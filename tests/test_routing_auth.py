@@ -343,7 +343,7 @@ async def test_credentials_never_go_to_a_realm_that_is_not_allowed(
     sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
 ) -> None:
     """With credentials configured, a challenge naming a realm on a host that is neither the
-    registry's nor in `token_realms` is refused (401 UNAUTHORIZED) and the credentials are
+    registry's nor in `token_realms` is refused (404 NAME_UNKNOWN: upstream denied access) and the credentials are
     sent nowhere: no request the simulator received carries an Authorization header."""
     sim.require_bearer("u", "p")
     sim.add_image("team/app", "1", IMAGE)
@@ -352,12 +352,12 @@ async def test_credentials_never_go_to_a_realm_that_is_not_allowed(
         toml=creds_toml(username="u", password="p", token_realms=["auth.example"]),
     )
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
-    assert status == 401, body
-    assert error_code(body) == "UNAUTHORIZED"
+    assert status == 404, body
+    assert error_code(body) == "NAME_UNKNOWN"
     layer = next(iter(IMAGE.blobs))
     status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}")
-    assert status == 401, body
-    assert error_code(body) == "UNAUTHORIZED"
+    assert status == 404, body
+    assert error_code(body) == "NAME_UNKNOWN"
     assert sim.requests[("GET", "/v2/team/app/manifests/1")] >= 1  # it did ask, and got challenged
     assert all("Authorization" not in s.headers for s in sim.log if s.path == "/token")
     assert sent_authorization(sim) == []
@@ -389,7 +389,7 @@ async def test_credentials_for_an_https_registry_never_go_to_an_http_realm(
     """The registry speaks https (a simulator behind an openssl certificate the process is
     told to trust) and its challenge names `http://127.0.0.1:<port>/token`, a realm whose host
     and port are even listed in `token_realms`: the credentials would travel in clear text, so
-    the pull is refused with 401 UNAUTHORIZED saying so, and the http realm receives no
+    the pull is refused with 404 NAME_UNKNOWN saying so, and the http realm receives no
     request at all, let alone an Authorization header. The same registry naming its own
     https realm gets the credentials there and the pull succeeds."""
     cert, key = make_cert(tmp_path, "registry")
@@ -412,8 +412,8 @@ async def test_credentials_for_an_https_registry_never_go_to_an_http_realm(
         )
         await asyncio.to_thread(proc.start)
         status, _, body = await get_manifest(client, f"{proc.url}/v2/team/app/manifests/1")
-        assert status == 401, body
-        assert error_code(body) == "UNAUTHORIZED"
+        assert status == 404, body
+        assert error_code(body) == "NAME_UNKNOWN"
         assert "not https" in json.loads(body)["errors"][0]["message"]
         assert registry.requests[("GET", "/v2/team/app/manifests/1")] >= 1
         assert sim.log == []
@@ -441,7 +441,7 @@ async def test_credentials_do_not_follow_a_realm_to_another_port(
 ) -> None:
     """The registry (http, on 127.0.0.1) names a token realm on another port of 127.0.0.1 (a
     second simulator, honouring the same tokens). Unless `token_realms` lists that host with
-    that port, the pull is refused with 401 UNAUTHORIZED naming token_realms and the realm
+    that port, the pull is refused with 404 NAME_UNKNOWN naming token_realms and the realm
     receives no request; a bare host there admits only the scheme's default port. Listed
     with its port, the realm receives the credentials and the pull succeeds."""
     sim.require_bearer("u", "p")
@@ -458,8 +458,8 @@ async def test_credentials_do_not_follow_a_realm_to_another_port(
     await asyncio.to_thread(proc.start)
     status, _, body = await get_manifest(client, f"{proc.url}/v2/team/app/manifests/1")
     if listed != "the host and port":
-        assert status == 401, body
-        assert error_code(body) == "UNAUTHORIZED"
+        assert status == 404, body
+        assert error_code(body) == "NAME_UNKNOWN"
         assert "token_realms" in json.loads(body)["errors"][0]["message"]
         assert other_sim.log == []
         assert sent_authorization(sim) == []
@@ -518,11 +518,12 @@ async def test_basic_challenge_answered_with_configured_credentials(
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "basic"])
-async def test_wrong_credentials_are_401_unauthorized(
+async def test_wrong_credentials_are_404_name_unknown(
     scheme: str, sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
 ) -> None:
-    """Credentials the upstream refuses (at the token realm or on Basic) end as 401 with
-    UNAUTHORIZED error JSON, for manifests and blobs alike."""
+    """Credentials the upstream refuses (at the token realm or on Basic) end as 404
+    NAME_UNKNOWN (upstream denied access), for manifests and blobs alike: a 401 would ask the
+    client for credentials it cannot give, and containerd moves on to its next host."""
     if scheme == "bearer":
         sim.require_bearer("u", "p")
     else:
@@ -530,26 +531,27 @@ async def test_wrong_credentials_are_401_unauthorized(
     sim.add_image("team/app", "1", IMAGE)
     mirror = await make_mirror(sim.url, toml=creds_toml(username="u", password="wrong"))
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
-    assert status == 401, body
-    assert error_code(body) == "UNAUTHORIZED"
+    assert status == 404, body
+    assert error_code(body) == "NAME_UNKNOWN"
     layer = next(iter(IMAGE.blobs))
     status, _, body = await get_blob(client, f"{mirror.url}/v2/team/app/blobs/{layer}")
-    assert status == 401, body
-    assert error_code(body) == "UNAUTHORIZED"
+    assert status == 404, body
+    assert error_code(body) == "NAME_UNKNOWN"
     assert sim.tokens_issued == 0
     assert mirror.blob_files() == []
 
 
-async def test_basic_registry_without_credentials_is_401(
+async def test_basic_registry_without_credentials_is_404_name_unknown(
     sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
 ) -> None:
-    """A Basic challenge with no credentials configured is passed on as 401 UNAUTHORIZED."""
+    """A Basic challenge with no credentials configured ends as 404 NAME_UNKNOWN (upstream
+    denied access), never as a 401 without a challenge of the mirror's own."""
     sim.require_basic("u", "p")
     sim.add_image("team/app", "1", IMAGE)
     mirror = await make_mirror(sim.url)
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
-    assert status == 401, body
-    assert error_code(body) == "UNAUTHORIZED"
+    assert status == 404, body
+    assert error_code(body) == "NAME_UNKNOWN"
     assert sent_authorization(sim) == []
 
 
@@ -570,8 +572,8 @@ async def test_credentials_stay_with_their_upstream(
     )
     assert status == 200, body
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
-    assert status == 401, body
-    assert error_code(body) == "UNAUTHORIZED"
+    assert status == 404, body
+    assert error_code(body) == "NAME_UNKNOWN"
     assert sent_authorization(other_sim) == []
     assert sent_authorization(sim) != []
 
@@ -640,13 +642,13 @@ async def test_docker_config_entry_for_another_host_is_not_used(
     sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """Credentials in config.json for a different registry are not sent to this one: the
-    realm sees no Authorization and the answer is 401 UNAUTHORIZED."""
+    realm sees no Authorization and the answer is 404 NAME_UNKNOWN."""
     sim.require_bearer("u", "p")
     sim.add_image("team/app", "1", IMAGE)
     config_json = tmp_path / "config.json"
     config_json.write_text(json.dumps({"auths": {"ghcr.io": _docker_entry("auth")}}))
     mirror = await make_mirror(sim.url, toml=creds_toml(docker_config=str(config_json)))
     status, _, body = await get_manifest(client, f"{mirror.url}/v2/team/app/manifests/1")
-    assert status == 401, body
-    assert error_code(body) == "UNAUTHORIZED"
+    assert status == 404, body
+    assert error_code(body) == "NAME_UNKNOWN"
     assert sent_authorization(sim) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import secrets
 import ssl
@@ -164,6 +165,12 @@ class UpstreamSim:
         self.strict_accept = False
         #: Send Docker-Content-Digest with manifests (a registry may not).
         self.digest_header = True
+        #: Compress bodies for clients that accept gzip, as a proxy or CDN on the way may.
+        self.gzip_when_asked = False
+        #: Pagination links as absolute URLs (some registries send them so).
+        self.absolute_links = False
+        #: Serve the referrers API (off: a registry without it, which answers 404).
+        self.referrers_api = False
         #: Blobs only some repositories have (any other is 404); every other blob is in all.
         self.blob_repos: dict[str, set[str]] = {}
         self.ratelimit: RateLimit | None = None
@@ -180,6 +187,7 @@ class UpstreamSim:
         app.router.add_get("/v2/{name:.+}/manifests/{ref}", self._manifest)
         app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob)
         app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
+        app.router.add_get("/v2/{name:.+}/referrers/{digest}", self._referrers)
         cdn = web.Application(middlewares=[self._observe("cdn")])
         cdn.router.add_get("/blobs/{digest}", self._cdn_blob)
         self.registry = _Server(app, host, tls)
@@ -386,6 +394,9 @@ class UpstreamSim:
             start, end = window
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
             data, status = data[start:end], 206
+        if self.gzip_when_asked and "gzip" in request.headers.get("Accept-Encoding", ""):
+            data = gzip.compress(data)  # a compressing proxy or CDN on the way
+            headers["Content-Encoding"] = "gzip"
         headers["Content-Length"] = str(len(data))
         if request.method == "HEAD":
             return web.Response(status=status, headers=headers)
@@ -527,8 +538,22 @@ class UpstreamSim:
         headers: dict[str, str] = {}
         if (n := request.query.get("n")) is not None and len(tags) > int(n):
             tags = tags[: int(n)]
-            headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[-1]}>; rel="next"'
+            base = self.url if self.absolute_links else ""
+            headers["Link"] = f'<{base}/v2/{name}/tags/list?n={n}&last={tags[-1]}>; rel="next"'
         return web.json_response({"name": name, "tags": tags}, headers=headers)
+
+    async def _referrers(self, request: web.Request) -> web.StreamResponse:
+        """`GET /v2/<name>/referrers/<digest>`: an empty image index; with `artifactType`,
+        the filter is said applied (OCI-Filters-Applied), as the spec has registries do."""
+        if (early := await self._before(request, ("referrers",), set())) is not None:
+            return early
+        if not self.referrers_api:  # like distribution 2.8: clients fall back to tags
+            return _error(404, "NOT_FOUND", "no referrers API")
+        headers = {"Content-Type": "application/vnd.oci.image.index.v1+json"}
+        if "artifactType" in request.query:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        body = {"schemaVersion": 2, "mediaType": headers["Content-Type"], "manifests": []}
+        return web.json_response(body, headers=headers, content_type=None)
 
 
 def _code(status: int, kinds: tuple[str, ...]) -> str:

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from aiohttp import web
 
@@ -31,9 +32,14 @@ from mirror.pull.fill import Fill
 from mirror.pull.service import MirrorService
 from mirror.store.blobs import OpenBlob
 from mirror.store.manifests import StoredManifest
+from mirror.upstream.client import FILTERS_APPLIED
 from mirror.upstream.routing import Router, Target
 
 log = logging.getLogger("mirror.http")
+
+#: On an answer served stale because upstream failed (RFC 9111 leaves Warning to 299, its
+#: miscellaneous persistent warning).
+STALE_WARNING = '299 - "response is stale: upstream could not be reached"'
 
 _ENDPOINTS = (
     ("manifest", re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
@@ -111,14 +117,18 @@ class Routes:
         self, request: web.Request, target: Target, m: StoredManifest, outcome: Outcome
     ) -> web.Response:
         request[OUTCOME] = outcome.value
+        etag = f'"{m.digest}"'
         headers = {
             **BASE_HEADERS,
             "Content-Type": m.media_type,
             "Docker-Content-Digest": str(m.digest),
-            "ETag": f'"{m.digest}"',
+            "ETag": etag,
             "X-Mirror-Cache": outcome.value,
         }
         self._annotate(headers, target, outcome)
+        match = request.headers.get("If-None-Match", "")
+        if etag in match or match.strip() == "*":  # RFC 9110 §13.1.2: not modified
+            return web.Response(status=304, headers=headers)
         return web.Response(body=m.data, headers=headers)
 
     @staticmethod
@@ -126,7 +136,7 @@ class Routes:
         if target.namespace is not None:
             headers["OCI-Namespace"] = target.namespace
         if outcome is Outcome.STALE:
-            headers["Warning"] = '110 - "Response is Stale"'
+            headers["Warning"] = STALE_WARNING
 
     # -- blobs -------------------------------------------------------------------------------
 
@@ -327,8 +337,27 @@ class Routes:
         }
         self._annotate(headers, target, outcome)
         if cached.link:
-            headers["Link"] = cached.link.replace(f"/v2/{target.repo}/", f"/v2/{target.name}/", 1)
+            headers["Link"] = next_link(cached.link, target)
+        if cached.filters is not None:
+            headers[FILTERS_APPLIED] = cached.filters
         return web.Response(body=cached.body, headers=headers)
+
+
+def next_link(link: str, target: Target) -> str:
+    """Upstream's pagination `Link` (`<url>; rel="next"`), as the client must follow it: to
+    the mirror (a relative URL, even when upstream gave its own absolute one), under the name
+    the client used, with its `ns` kept."""
+    url, sep, params = link.partition(">")
+    parts = urlsplit(url.strip().lstrip("<"))
+    path = parts.path
+    own = f"/v2/{target.repo}/"
+    if path.startswith(own):
+        path = f"/v2/{target.name}/" + path[len(own) :]
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "ns"]
+    if target.namespace is not None:
+        query.append(("ns", target.namespace))
+    rewritten = path + ("?" + urlencode(query) if query else "")
+    return f"<{rewritten}{sep}{params}" if sep else f"<{rewritten}>"
 
 
 def byte_range(request: web.Request, size: int) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from mirror import errors
+from mirror.bounded import Bounded
 from mirror.coordination import Coordinator
 from mirror.metrics import Metrics
 from mirror.oci import mediatypes
@@ -38,6 +39,9 @@ from mirror.upstream.routing import Target
 
 log = logging.getLogger("mirror.pull")
 
+#: Answers "no such manifest" remembered at once (then forgotten all at once): keys are the
+#: client's to choose.
+MISSING_REMEMBERED = 10_000
 #: Upstream failures that a cached answer may stand in for.
 STALE_OK = (errors.UpstreamError, errors.TooManyRequests)
 
@@ -63,22 +67,39 @@ class Manifests:
         self._accesses = accesses
         self._metrics = metrics
         self._clock = clock
+        #: Manifests upstream said it does not have, until when that answer stands.
+        self._missing: Bounded[tuple[str, str, str], float] = Bounded(MISSING_REMEMBERED)
 
     async def get(self, target: Target, ref: Reference, accept: AcceptSet) -> ManifestAnswer:
         """The manifest for a tag or digest, of a media type the client accepts."""
-        if ref.digest is not None:
-            answer = await self.by_digest(target, ref.digest)
-        else:
-            assert ref.tag is not None
-            answer = await self._by_tag(target, ref.tag)
-            if not accept.allows(answer.manifest.media_type):
-                answer = await self._by_tag_for(target, ref.tag, accept)
+        answer = await self._known(target, ref)
+        if ref.tag is not None and not accept.allows(answer.manifest.media_type):
+            answer = await self._by_tag_for(target, ref.tag, accept)
         if not accept.allows(answer.manifest.media_type):
             raise errors.ManifestUnknown(
                 f"manifest is a {answer.manifest.media_type}, which the Accept header excludes",
                 detail={"mediaType": answer.manifest.media_type},
             )
         return answer
+
+    async def _known(self, target: Target, ref: Reference) -> ManifestAnswer:
+        """By digest or by tag; a 404 from upstream is remembered for the upstream's
+        `negative_ttl` and answered again without asking (signature checkers ask for
+        `sha256-<hex>.sig` tags and referrers fallback tags on every pull, most of which do
+        not exist)."""
+        key = (target.upstream.name, target.repo, str(ref))
+        until = self._missing.get(key)
+        if until is not None and until > self._clock():
+            raise errors.ManifestUnknown(detail={"name": target.name, "reference": str(ref)})
+        try:
+            if ref.digest is not None:
+                return await self.by_digest(target, ref.digest)
+            assert ref.tag is not None
+            return await self._by_tag(target, ref.tag)
+        except errors.ManifestUnknown:
+            if target.upstream.negative_ttl:
+                self._missing.remember(key, self._clock() + target.upstream.negative_ttl)
+            raise
 
     def hot(self, target: Target, tag: str) -> StoredManifest | None:
         """The fast path: a fresh tag record and its manifest, both in memory, no await."""
@@ -231,6 +252,6 @@ class Manifests:
             else errors.ManifestUnknown()
         )
         got = await self._upstream.raw(target, suffix, query, not_found)
-        value = CachedList(got.body, got.content_type, got.link, self._clock())
+        value = CachedList(got.body, got.content_type, got.link, self._clock(), got.filters)
         await self._manifests.put_listing(key, value)
         return value

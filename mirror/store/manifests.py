@@ -40,6 +40,8 @@ class CachedList:
     content_type: str
     link: str | None
     stored: float
+    #: Referrers only: the filters upstream applied (OCI-Filters-Applied).
+    filters: str | None = None
 
 
 class ManifestStore:

@@ -29,7 +29,7 @@ from urllib.parse import SplitResult, urlsplit
 from mirror.config import UpstreamConfig
 from mirror.coordination import TokenCache
 from mirror.coordination.flights import Flights
-from mirror.errors import Unauthorized
+from mirror.errors import UpstreamDenied
 
 #: A token is dropped this many seconds before its stated expiry, to absorb clock and transit.
 EXPIRY_MARGIN = 10.0
@@ -151,13 +151,13 @@ class Authenticator:
         realm = challenge.params["realm"]
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise Unauthorized("upstream token realm is not an http(s) URL")
+            raise UpstreamDenied("upstream token realm is not an http(s) URL")
         creds = self._creds.get(up.name)
         auth = None
         if creds is not None:
             refusal = realm_refusal(up, parts)
             if refusal is not None:
-                raise Unauthorized(
+                raise UpstreamDenied(
                     f"credentials not sent to the upstream token realm: {refusal}",
                     detail={"realm": f"{parts.scheme}://{parts.netloc}"},
                 )
@@ -168,7 +168,7 @@ class Authenticator:
         body = await self._fetch(up.name, realm, query, auth)
         token = body.get("token") or body.get("access_token")
         if not isinstance(token, str) or not token:
-            raise Unauthorized("upstream token realm returned no token")
+            raise UpstreamDenied("upstream token realm returned no token")
         expires_in = body.get("expires_in")
         ttl = (
             float(expires_in)

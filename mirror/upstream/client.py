@@ -39,6 +39,8 @@ BLOB_CHUNK = 1024 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
 #: Seconds to back off after a 429 without a usable Retry-After.
 DEFAULT_BACKOFF = 60.0
+#: The referrers response header naming the filters upstream applied (OCI distribution spec).
+FILTERS_APPLIED = "OCI-Filters-Applied"
 #: Statuses another try may mend (429 is not one: it has its own back-off).
 RETRY_STATUSES = frozenset({408, 500, 502, 503, 504})
 
@@ -61,6 +63,8 @@ class RawAnswer:
     body: bytes
     content_type: str
     link: str | None
+    #: The referrers API's `OCI-Filters-Applied` (the filters upstream did apply).
+    filters: str | None = None
 
 
 class BlobStream:
@@ -140,7 +144,7 @@ def _status_error(
     if status == 404:
         return not_found
     if status == 401:
-        return errors.Unauthorized()
+        return errors.UpstreamDenied()
     if status == 403:
         return errors.Denied()
     if status == 429:
@@ -291,7 +295,8 @@ class UpstreamClient:
             self._check(resp, not_found)
             body = await self._read_small(resp)
             content_type = resp.headers.get("Content-Type", "application/json")
-            return RawAnswer(body, content_type, resp.headers.get("Link"))
+            headers = resp.headers
+            return RawAnswer(body, content_type, headers.get("Link"), headers.get(FILTERS_APPLIED))
 
     @staticmethod
     def _check(resp: aiohttp.ClientResponse, not_found: errors.MirrorError) -> None:
@@ -438,7 +443,9 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """One request, following redirects; credentials only ever go to the registry's origin."""
         for _ in range(MAX_REDIRECTS + 1):
-            send = dict(headers)
+            # identity: digests are over the bytes as stored, so nothing on the way may
+            # compress them (aiohttp would ask for gzip and, not decoding, keep it so)
+            send = {"Accept-Encoding": "identity", **headers}
             if auth is not None and _same_origin(url, up.url):
                 send["Authorization"] = auth
             with _translate():
@@ -473,19 +480,19 @@ class UpstreamClient:
     async def _token_request(
         self, realm: str, query: dict[str, str], auth: str | None
     ) -> dict[str, Any]:
-        headers = {"Authorization": auth} if auth else {}
+        headers = {"Accept-Encoding": "identity", **({"Authorization": auth} if auth else {})}
         self._egress.check(realm)
         with _translate():
             async with self.session.get(
                 realm, params=query, headers=headers, allow_redirects=False
             ) as resp:
                 if resp.status in (401, 403):
-                    raise errors.Unauthorized("upstream token realm refused the credentials")
+                    raise errors.UpstreamDenied("upstream token realm refused the credentials")
                 if resp.status != 200:
                     raise _status_error(
-                        resp.status, resp.headers, errors.Unauthorized("token realm not found")
+                        resp.status, resp.headers, errors.UpstreamDenied("token realm not found")
                     )
                 body = await resp.json(content_type=None)
         if not isinstance(body, dict):
-            raise errors.Unauthorized("upstream token realm answered no JSON object")
+            raise errors.UpstreamDenied("upstream token realm answered no JSON object")
         return body

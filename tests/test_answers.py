@@ -1,0 +1,90 @@
+"""Answers a client can act on: what a proxy on the way or upstream's own quirks must not
+break, what is asked again and again and need not be, and the spec's corners — each against a
+real `python -m mirror serve` process and the upstream simulator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import aiohttp
+from conftest import MirrorProcess
+from images import make_image
+from upstream_sim import UpstreamSim
+
+ACCEPT = {"Accept": "*/*"}
+
+
+async def test_a_compressing_proxy_on_the_way_breaks_no_digest(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """Something between the mirror and upstream gzips what a client says it accepts: the
+    mirror asks for `Accept-Encoding: identity`, so manifests, blobs and tag lists arrive as
+    they are stored and their digests hold."""
+    sim.gzip_when_asked = True
+    image = make_image(31, [5000])
+    sim.add_image("test/app", "1", image)
+    mirror = mirror_process(sim.url).start()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{mirror.url}/v2/test/app/manifests/1", headers=ACCEPT) as resp:
+            assert resp.status == 200 and await resp.read() == image.data
+        for digest, data in image.blobs.items():
+            async with client.get(f"{mirror.url}/v2/test/app/blobs/{digest}") as resp:
+                assert resp.status == 200 and await resp.read() == data
+        async with client.get(f"{mirror.url}/v2/test/app/tags/list") as resp:
+            assert (await resp.json())["tags"] == ["1"]
+    assert all(s.headers.get("Accept-Encoding") == "identity" for s in sim.log)
+
+
+async def test_manifests_upstream_does_not_have_are_not_asked_for_again_within_negative_ttl(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """A signature checker asks for `sha256-<hex>.sig` on every pull; upstream has none: the
+    mirror asks upstream once and answers the next asks within `negative_ttl` itself, 404
+    MANIFEST_UNKNOWN both times; a tag that exists is unaffected."""
+    image = make_image(32, [100])
+    sim.add_image("test/app", "1", image)
+    sig = "sha256-" + image.digest.split(":")[1] + ".sig"
+    mirror = mirror_process(sim.url).start()
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.get(
+                f"{mirror.url}/v2/test/app/manifests/{sig}", headers=ACCEPT
+            ) as resp:
+                assert resp.status == 404
+                assert (await resp.json())["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        async with client.get(f"{mirror.url}/v2/test/app/manifests/1", headers=ACCEPT) as resp:
+            assert resp.status == 200
+    assert sim.requests[("GET", f"/v2/test/app/manifests/{sig}")] == 1
+
+
+async def test_if_none_match_gets_304_and_pagination_links_point_back_at_the_mirror(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """A client that has the manifest (If-None-Match with its ETag) gets 304 without a body;
+    upstream's absolute pagination Link becomes a link to the mirror under the client's name,
+    with containerd's `ns` kept; referrers pass OCI-Filters-Applied on."""
+    sim.absolute_links = True
+    sim.referrers_api = True
+    image = make_image(33, [100])
+    for tag in ("a", "b", "c"):
+        sim.add_image("library/app", tag, image)
+    mirror = mirror_process(sim.url).start()
+    async with aiohttp.ClientSession() as client:
+        url = f"{mirror.url}/v2/app/manifests/a"
+        async with client.get(url, headers=ACCEPT) as resp:
+            etag = resp.headers["ETag"]
+            assert etag == f'"{image.digest}"'
+        async with client.get(url, headers={**ACCEPT, "If-None-Match": etag}) as resp:
+            assert resp.status == 304 and await resp.read() == b""
+            assert resp.headers["Docker-Content-Digest"] == image.digest
+        async with client.get(url, headers={**ACCEPT, "If-None-Match": '"sha256:other"'}) as resp:
+            assert resp.status == 200
+        async with client.get(f"{mirror.url}/v2/app/tags/list?n=2&ns=docker.io") as resp:
+            assert (await resp.json())["tags"] == ["a", "b"]
+            link = resp.headers["Link"]
+        assert link == '</v2/app/tags/list?n=2&last=b&ns=docker.io>; rel="next"', link
+        async with client.get(
+            f"{mirror.url}/v2/app/referrers/{image.digest}?artifactType=application/x-sig"
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["OCI-Filters-Applied"] == "artifactType"
