@@ -8,6 +8,7 @@ The HTTP status of every code lives in ONE table, `http.middleware.STATUS_BY_COD
     ├── NameUnknown             NAME_UNKNOWN          registry host (ns / prefix) not served (404)
     │   └── UpstreamDenied                            upstream will not let the mirror read it
     ├── ManifestUnknown         MANIFEST_UNKNOWN      (404)
+    ├── ManifestInvalid         MANIFEST_INVALID      Docker schema 1: not verifiable (400)
     ├── BlobUnknown             BLOB_UNKNOWN          (404)
     ├── DigestInvalid           DIGEST_INVALID        malformed digest (400)
     ├── TagInvalid              TAG_INVALID           malformed reference (400)
@@ -77,6 +78,14 @@ class UpstreamDenied(NameUnknown):
 class ManifestUnknown(MirrorError):
     code = "MANIFEST_UNKNOWN"
     default_message = "manifest unknown"
+
+
+class ManifestInvalid(MirrorError):
+    """A manifest the mirror will not serve: Docker schema 1 (its digest cannot be checked
+    over its bytes)."""
+
+    code = "MANIFEST_INVALID"
+    default_message = "manifest invalid"
 
 
 class BlobUnknown(MirrorError):

@@ -11,6 +11,8 @@ from conftest import MirrorProcess
 from images import make_image
 from upstream_sim import UpstreamSim
 
+from mirror.oci import mediatypes
+
 ACCEPT = {"Accept": "*/*"}
 
 
@@ -88,3 +90,24 @@ async def test_if_none_match_gets_304_and_pagination_links_point_back_at_the_mir
         ) as resp:
             assert resp.status == 200
             assert resp.headers["OCI-Filters-Applied"] == "artifactType"
+
+
+async def test_a_docker_schema1_manifest_is_refused_clearly(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """Docker schema 1 (signed): its digest is over a canonical payload, not its bytes, so the
+    mirror cannot verify it; the client gets 400 MANIFEST_INVALID saying so, not a digest
+    mismatch or a silent pass-through, and nothing is kept."""
+    schema1 = (
+        b'{"schemaVersion": 1, "name": "test/old", "tag": "1", "architecture": "amd64",'
+        b' "fsLayers": [], "history": [], "signatures": [{"header": {}, "signature": "x"}]}'
+    )
+    sim.add_manifest("test/old", "1", schema1, mediatypes.DOCKER_SCHEMA1_SIGNED)
+    mirror = mirror_process(sim.url).start()
+    async with aiohttp.ClientSession() as client:
+        for _ in range(2):
+            async with client.get(f"{mirror.url}/v2/test/old/manifests/1", headers=ACCEPT) as resp:
+                error = (await resp.json())["errors"][0]
+                assert resp.status == 400 and error["code"] == "MANIFEST_INVALID"
+                assert "schema 1" in error["message"]
+    assert sim.requests[("GET", "/v2/test/old/manifests/1")] == 2, "nothing was kept"

@@ -34,6 +34,7 @@ STATUS_BY_CODE: dict[str, int] = {
     errors.DigestInvalid.code: 400,
     errors.NameUnknown.code: 404,
     errors.ManifestUnknown.code: 404,
+    errors.ManifestInvalid.code: 400,
     errors.BlobUnknown.code: 404,
     errors.EndpointUnknown.code: 404,
     errors.Unsupported.code: 405,

@@ -27,7 +27,11 @@ UPSTREAM_ACCEPT = ", ".join(MANIFEST_TYPES)
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 #: What the mirror keeps and serves as a manifest; anything else upstream calls one is refused.
-KNOWN_TYPES = frozenset({*MANIFEST_TYPES, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
+KNOWN_TYPES = frozenset(MANIFEST_TYPES)
+#: Docker's schema 1, deprecated since 2017: its digest is over a canonical form of a signed
+#: payload, not over its bytes, so it cannot be verified the way the mirror verifies content;
+#: it is refused with MANIFEST_INVALID rather than served unverified.
+SCHEMA1_TYPES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
 
 #: Media types read from one request's Accept headers, and the longest one (RFC 6838: 127
 #: characters for the type and for the subtype).

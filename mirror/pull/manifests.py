@@ -211,6 +211,12 @@ class Manifests:
                 "upstream manifest does not match its digest",
                 detail={"expected": str(claimed), "actual": str(actual)},
             )
+        if got.media_type in mediatypes.SCHEMA1_TYPES:
+            raise errors.ManifestInvalid(
+                "Docker schema 1 manifests are not served: their digest cannot be verified "
+                "over their bytes; use a registry or tag that has a schema 2 or OCI manifest",
+                detail={"mediaType": got.media_type},
+            )
         kind = manifest_type(got.data, got.media_type)
         if kind is None:
             raise errors.UpstreamBadResponse(
