@@ -5,10 +5,11 @@ real `python -m mirror serve` process and the upstream simulator."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 from conftest import MirrorProcess
-from images import make_image
+from images import make_image, make_index
 from upstream_sim import UpstreamSim
 
 from mirror.oci import mediatypes
@@ -111,3 +112,47 @@ async def test_a_docker_schema1_manifest_is_refused_clearly(
                 assert resp.status == 400 and error["code"] == "MANIFEST_INVALID"
                 assert "schema 1" in error["message"]
     assert sim.requests[("GET", "/v2/test/old/manifests/1")] == 2, "nothing was kept"
+
+
+async def test_a_client_with_a_narrower_accept_gets_a_tag_record_of_its_own(
+    sim: UpstreamSim, tmp_path: Path, mirror_process: Callable[..., MirrorProcess]
+) -> None:
+    """Tag `1` is an OCI index; a client that knows only Docker schema 2 is given a schema 2
+    manifest upstream. That client's view gets a record of its own: asked again within the
+    TTL it is a hit (no upstream GET, which would cost a Docker Hub pull each time); past the
+    TTL it is revalidated with a HEAD, and served stale when upstream is down."""
+    index = make_index({a: make_image(36 + i, [100], a) for i, a in enumerate(("amd64", "arm64"))})
+    single = make_image(35, [100])
+    sim.add_image("test/app", "1", index)
+    sim.add_image("test/app", single.digest, single)
+    sim.variants[("test/app", "1")] = [(single.data, single.media_type)]
+    mirror = mirror_process(sim.url).start()
+    old = {"Accept": single.media_type}
+    url = f"{mirror.url}/v2/test/app/manifests/1"
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url, headers=ACCEPT) as resp:
+            assert resp.headers["Content-Type"] == mediatypes.OCI_INDEX
+        outcomes = []
+        for _ in range(3):
+            async with client.get(url, headers=old) as resp:
+                assert resp.status == 200 and await resp.read() == single.data
+                outcomes.append(resp.headers["X-Mirror-Cache"])
+    assert outcomes == ["miss", "hit", "hit"]
+    gets = sim.requests[("GET", "/v2/test/app/manifests/1")]
+    assert gets == 2, "one for the index, one for the older client's view"
+    mirror.stop()
+    config = tmp_path / "ttl.toml"
+    config.write_text('[upstreams."docker.io"]\ntag_ttl = 0\n')
+    again = mirror_process(sim.url, data_dir=mirror.data_dir, env={"MIRROR_CONFIG": str(config)})
+    again.start()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{again.url}/v2/test/app/manifests/1", headers=old) as resp:
+            assert resp.status == 200 and await resp.read() == single.data
+        heads = sim.requests[("HEAD", "/v2/test/app/manifests/1")]
+        async with client.get(f"{again.url}/v2/test/app/manifests/1", headers=old) as resp:
+            assert resp.headers["X-Mirror-Cache"] == "revalidated"
+        assert sim.requests[("HEAD", "/v2/test/app/manifests/1")] == heads + 1
+        await sim.down()
+        async with client.get(f"{again.url}/v2/test/app/manifests/1", headers=old) as resp:
+            assert resp.status == 200 and resp.headers["X-Mirror-Cache"] == "stale"
+            assert await resp.read() == single.data

@@ -171,6 +171,9 @@ class UpstreamSim:
         self.absolute_links = False
         #: Serve the referrers API (off: a registry without it, which answers 404).
         self.referrers_api = False
+        #: Other representations of a tag, (bytes, media type), for clients whose Accept
+        #: excludes the stored one (Docker Hub gives a schema 2 client a single manifest).
+        self.variants: dict[tuple[str, str], list[tuple[bytes, str]]] = {}
         #: Blobs only some repositories have (any other is 404); every other blob is in all.
         self.blob_repos: dict[str, set[str]] = {}
         self.ratelimit: RateLimit | None = None
@@ -490,6 +493,9 @@ class UpstreamSim:
         if stored is None:
             return _error(404, "MANIFEST_UNKNOWN", f"{name}:{ref}", headers)
         data, media_type = stored
+        for variant in self.variants.get((name, ref), ()):  # what an older client is given
+            if media_type not in _accepted(request) and variant[1] in _accepted(request):
+                data, media_type = variant
         if self.strict_accept and media_type not in _accepted(request):
             return _error(404, "MANIFEST_UNKNOWN", f"{media_type} not in Accept", headers)
         headers["Content-Type"] = media_type

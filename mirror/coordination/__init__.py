@@ -24,7 +24,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from mirror.oci.reference import Digest
-from mirror.store.keys import TagKey
+from mirror.store.keys import AnyTagKey, TagKey
 from mirror.store.tags import TagRecord
 
 S = TypeVar("S")
@@ -34,15 +34,15 @@ V = TypeVar("V")
 class TagRecords(Protocol):
     """Tag → digest records, and when upstream last confirmed each (store/tags.py)."""
 
-    def cached(self, key: TagKey) -> TagRecord | None:
+    def cached(self, key: AnyTagKey) -> TagRecord | None:
         """From memory only, without an await (the manifest hot path); None if not there."""
         ...
 
-    async def get(self, key: TagKey) -> TagRecord | None: ...
+    async def get(self, key: AnyTagKey) -> TagRecord | None: ...
 
-    async def put(self, key: TagKey, record: TagRecord) -> None: ...
+    async def put(self, key: AnyTagKey, record: TagRecord) -> None: ...
 
-    async def drop(self, key: TagKey) -> None: ...
+    async def drop(self, key: AnyTagKey) -> None: ...
 
     def all(self) -> Iterator[tuple[TagKey, TagRecord]]:
         """Blocking: every record (pins, retention, the catalog, export)."""

@@ -31,13 +31,19 @@ from mirror.outcome import Outcome
 from mirror.pull.answers import ManifestAnswer
 from mirror.pull.holdings import Holdings
 from mirror.store.index import Accesses
-from mirror.store.keys import ListKey, TagKey
+from mirror.store.keys import AnyTagKey, ListKey, TagKey, VariantKey
 from mirror.store.manifests import CachedList, ManifestStore, StoredManifest
 from mirror.store.tags import TagRecord
 from mirror.upstream.client import UpstreamClient, UpstreamManifest
 from mirror.upstream.routing import Target
 
 log = logging.getLogger("mirror.pull")
+
+
+def _accept(key: AnyTagKey) -> str:
+    """What upstream is asked with for this record: every type, or the client's own."""
+    return key.accept if isinstance(key, VariantKey) else mediatypes.UPSTREAM_ACCEPT
+
 
 #: Answers "no such manifest" remembered at once (then forgotten all at once): keys are the
 #: client's to choose.
@@ -72,15 +78,24 @@ class Manifests:
 
     async def get(self, target: Target, ref: Reference, accept: AcceptSet) -> ManifestAnswer:
         """The manifest for a tag or digest, of a media type the client accepts."""
-        answer = await self._known(target, ref)
-        if ref.tag is not None and not accept.allows(answer.manifest.media_type):
+        if ref.tag is not None and await self._excluded(target, ref.tag, accept):
             answer = await self._by_tag_for(target, ref.tag, accept)
+        else:
+            answer = await self._known(target, ref)
+            if ref.tag is not None and not accept.allows(answer.manifest.media_type):
+                answer = await self._by_tag_for(target, ref.tag, accept)
         if not accept.allows(answer.manifest.media_type):
             raise errors.ManifestUnknown(
                 f"manifest is a {answer.manifest.media_type}, which the Accept header excludes",
                 detail={"mediaType": answer.manifest.media_type},
             )
         return answer
+
+    async def _excluded(self, target: Target, tag: str, accept: AcceptSet) -> bool:
+        """Whether the tag's own record is of a type this client's Accept excludes: then its
+        own view is all it needs (the tag's record is not revalidated for it)."""
+        record = await self._tags.get(TagKey(target.upstream.name, target.repo, tag))
+        return record is not None and not accept.allows(record.media_type)
 
     async def _known(self, target: Target, ref: Reference) -> ManifestAnswer:
         """By digest or by tag; a 404 from upstream is remembered for the upstream's
@@ -128,43 +143,52 @@ class Manifests:
         got = await self._upstream.manifest(target, str(digest), mediatypes.UPSTREAM_ACCEPT)
         return ManifestAnswer(await self._keep(target, got, digest), Outcome.MISS)
 
-    async def _by_tag(self, target: Target, tag: str) -> ManifestAnswer:
-        key = TagKey(target.upstream.name, target.repo, tag)
+    async def _by_tag(self, target: Target, tag: str, accept: str = "") -> ManifestAnswer:
+        """A tag's manifest, from its record while fresh; `accept` (a client's own, narrower
+        than what the mirror asks for) keeps a record of that client's view of the tag."""
+        up, repo = target.upstream.name, target.repo
+        key = VariantKey(up, repo, tag, accept) if accept else TagKey(up, repo, tag)
         record = await self._tags.get(key)
         if record is not None and self._clock() - record.checked < target.upstream.tag_ttl:
             found = await self._manifests.get(record.digest)
             if found is not None:
-                self._accesses.tag_pulled(key)
+                self._pulled(key)
                 return ManifestAnswer(found, Outcome.HIT)
         answer, followed = await self._coordinator.once(
             key, lambda: self._refresh(target, key, record)
         )
-        self._accesses.tag_pulled(key)  # only a tag that exists: a miss raised above
+        self._pulled(key)  # only a tag that exists: a miss raised above
         return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
 
+    def _pulled(self, key: AnyTagKey) -> None:
+        if isinstance(key, TagKey):
+            self._accesses.tag_pulled(key)
+
     async def _refresh(
-        self, target: Target, key: TagKey, record: TagRecord | None
+        self, target: Target, key: AnyTagKey, record: TagRecord | None
     ) -> ManifestAnswer:
         """Revalidate a held tag with HEAD, or fetch an unknown one with GET."""
         held = await self._manifests.get(record.digest) if record is not None else None
         if record is None or held is None:
             return await self._fetch_tag(target, key)
+        name = (key.upstream, key.repo, key.tag)
         if self._upstream.conserving(target.upstream):
             budget = "pull budget of %s low: serving %s/%s:%s as cached, unrevalidated"
-            log.info(budget, key.upstream, *key)
+            log.info(budget, key.upstream, *name)
             return ManifestAnswer(held, Outcome.STALE)
         try:
             head = await self._upstream.manifest(
-                target, key.tag, mediatypes.UPSTREAM_ACCEPT, method="HEAD", retry=False
+                target, key.tag, _accept(key), method="HEAD", retry=False
             )
         except STALE_OK as e:
             level = logging.DEBUG if isinstance(e, errors.Offline) else logging.WARNING
             extra = {"upstream": key.upstream, "code": e.code}
-            log.log(level, "serving stale tag %s/%s:%s: %s", *key, e, extra=extra)
+            log.log(level, "serving stale tag %s/%s:%s: %s", *name, e, extra=extra)
             return ManifestAnswer(held, Outcome.STALE)
         except errors.ManifestUnknown:
             await self._tags.drop(key)
-            self._accesses.tag_gone(key)
+            if isinstance(key, TagKey):
+                self._accesses.tag_gone(key)
             raise
         if head.digest is None:
             return await self._fetch_tag(target, key)
@@ -176,25 +200,20 @@ class Manifests:
         await self._remember(key, moved.manifest)
         return ManifestAnswer(moved.manifest, Outcome.MISS)
 
-    async def _fetch_tag(self, target: Target, key: TagKey) -> ManifestAnswer:
-        got = await self._upstream.manifest(target, key.tag, mediatypes.UPSTREAM_ACCEPT)
+    async def _fetch_tag(self, target: Target, key: AnyTagKey) -> ManifestAnswer:
+        got = await self._upstream.manifest(target, key.tag, _accept(key))
         manifest = await self._keep(target, got, None)
         await self._remember(key, manifest)
         return ManifestAnswer(manifest, Outcome.MISS)
 
     async def _by_tag_for(self, target: Target, tag: str, accept: AcceptSet) -> ManifestAnswer:
-        """A client whose Accept excludes the cached type: ask upstream with its own Accept
-        (an old client may get a single-platform manifest instead of an index)."""
-        key = ("accept", target.upstream.name, target.repo, tag, accept.header)
+        """A client whose Accept excludes the cached type: upstream is asked with its own
+        Accept (an old client may get a single-platform manifest instead of an index), and
+        that answer gets a record of its own, revalidated and served stale like any tag's
+        (not a Docker Hub pull for every such request)."""
+        return await self._by_tag(target, tag, accept.header)
 
-        async def fetch() -> ManifestAnswer:
-            got = await self._upstream.manifest(target, tag, accept.header)
-            return ManifestAnswer(await self._keep(target, got, None), Outcome.MISS)
-
-        answer, _ = await self._coordinator.once(key, fetch)
-        return answer
-
-    async def _remember(self, key: TagKey, manifest: StoredManifest) -> None:
+    async def _remember(self, key: AnyTagKey, manifest: StoredManifest) -> None:
         await self._tags.put(key, TagRecord(manifest.digest, manifest.media_type, self._clock()))
 
     async def _keep(

@@ -19,6 +19,21 @@ class TagKey(NamedTuple):
     tag: str
 
 
+class VariantKey(NamedTuple):
+    """A tag as a client with a narrower Accept sees it (say, one that knows no OCI index):
+    its own record, so it is cached and served stale like everyone else's. Four fields, so it
+    never meets a TagKey."""
+
+    upstream: str
+    repo: str
+    tag: str
+    accept: str
+
+
+#: Where a tag record lives: the tag itself, or one client Accept's view of it.
+AnyTagKey = TagKey | VariantKey
+
+
 class BlobKey(NamedTuple):
     """A small blob's bytes. (`kind` keeps it apart from a ManifestKey of the same digest;
     both are tuples so that the hot path hashes them in C.)"""
@@ -52,4 +67,4 @@ class ListKey:
 
 
 #: Everything the hot tier holds is found by one of these.
-HotKey = BlobKey | ManifestKey | TagKey | ListKey
+HotKey = BlobKey | ManifestKey | TagKey | VariantKey | ListKey

@@ -17,7 +17,7 @@ import diskcache
 
 from mirror.oci.reference import Digest, parse_digest
 from mirror.store.hot import HotTier
-from mirror.store.keys import TagKey
+from mirror.store.keys import AnyTagKey, TagKey, VariantKey
 from mirror.store.offload import offload
 
 
@@ -39,29 +39,33 @@ class TagStore:
         self._executor = executor
         self._hot = hot
 
-    def cached(self, key: TagKey) -> TagRecord | None:
+    def cached(self, key: AnyTagKey) -> TagRecord | None:
         found: TagRecord | None = self._hot.get(key)
         return found
 
-    async def get(self, key: TagKey) -> TagRecord | None:
+    async def get(self, key: AnyTagKey) -> TagRecord | None:
         found = self.cached(key)
-        if found is None:
+        if found is None and isinstance(key, TagKey):
             raw = await offload(self._executor, self._disk.get, ("t", *key))
             if raw is not None:
                 found = _record(raw)
                 self._hot.put(key, found)
         return found
 
-    async def put(self, key: TagKey, record: TagRecord) -> None:
-        self._hot.put(key, record)
-        row = (str(record.digest), record.media_type, record.checked)
-        await offload(self._executor, self._disk.set, ("t", *key), row)
+    async def put(self, key: AnyTagKey, record: TagRecord) -> None:
+        """Keep a record: a tag's in memory and on disk; a client Accept's view of a tag
+        (VariantKey, whose keys clients choose) in memory only, under the hot budget."""
+        self._hot.put(key, record, len(key.accept) if isinstance(key, VariantKey) else 0)
+        if isinstance(key, TagKey):
+            row = (str(record.digest), record.media_type, record.checked)
+            await offload(self._executor, self._disk.set, ("t", *key), row)
 
-    async def drop(self, key: TagKey) -> None:
+    async def drop(self, key: AnyTagKey) -> None:
         """Forget a tag (upstream says it is gone, or retention let it go); its manifest and
         blobs stay."""
         self._hot.drop(key)
-        await offload(self._executor, self._disk.delete, ("t", *key))
+        if isinstance(key, TagKey):
+            await offload(self._executor, self._disk.delete, ("t", *key))
 
     def all(self) -> Iterator[tuple[TagKey, TagRecord]]:
         """Blocking: every tag record on disk."""
