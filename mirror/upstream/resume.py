@@ -18,9 +18,9 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
 
 from mirror import errors
+from mirror.body import BlobBody
 from mirror.config import RetryConfig
 from mirror.pace import RateFloor
 
@@ -32,17 +32,8 @@ PROGRESS = 1024 * 1024
 RESUMABLE = (errors.UpstreamUnavailable, errors.UpstreamTimeout, errors.UpstreamOverloaded)
 
 
-class Body(Protocol):
-    """One upstream answer's body from some offset on."""
-
-    @property
-    def size(self) -> int | None: ...
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-
 #: Open the blob's body from byte `offset` on (offset 0: the whole blob).
-OpenAt = Callable[[int], AbstractAsyncContextManager[Body]]
+OpenAt = Callable[[int], AbstractAsyncContextManager[BlobBody]]
 
 
 def backoff(retry: RetryConfig, failures: int) -> float:
@@ -79,10 +70,10 @@ class ResumingBlob:
         self._on_resume = on_resume
         self._name = name
         self._current: contextlib.AsyncExitStack | None = None
-        self._body: Body | None = None
+        self._body: BlobBody | None = None
         self.size: int | None = None
 
-    async def _connect(self, offset: int) -> Body:
+    async def _connect(self, offset: int) -> BlobBody:
         await self._disconnect()
         stack = contextlib.AsyncExitStack()
         try:
