@@ -1,9 +1,10 @@
 """One frozen, typed configuration, built once at start from TOML, environment and flags.
 
-Precedence, lowest first: the embedded defaults (a Docker Hub mirror, no file needed), the TOML
-file, `MIRROR_…` environment variables, command-line flags. Unknown keys and bad values are
-refused with a `ConfigError` that names the key, so a typo never silently falls back to a
-default. `config.example.toml` documents every key; keep it in step with the dataclasses here.
+Precedence, lowest first: the embedded defaults (a Docker Hub mirror that serves the big public
+registries too, no file needed), the TOML file, `MIRROR_…` environment variables, command-line
+flags. Unknown keys and bad values are refused with a `ConfigError` that names the key, so a
+typo never silently falls back to a default. `config.example.toml` documents every key; keep
+it in step with the dataclasses here.
 
 Environment variables: `MIRROR_<KEY>` for top-level keys (`MIRROR_LISTEN`, `MIRROR_DATA_DIR`),
 `MIRROR_<SECTION>__<KEY>` for section keys (`MIRROR_TIMEOUTS__CONNECT`),
@@ -19,6 +20,7 @@ import difflib
 import hashlib
 import ipaddress
 import re
+import shlex
 import ssl
 import tomllib
 import types
@@ -92,10 +94,22 @@ class UpstreamConfig:
     list_ttl: float = 30.0
     #: Seconds a "no such manifest" (404) from upstream is answered again without asking.
     negative_ttl: float = 30.0
+    #: `false` drops the upstream (a built-in one included): its hosts are then refused.
+    enabled: bool = True
     username: str = ""
     password: str = ""
-    #: A docker `config.json` to take this registry's credentials from.
+    #: A docker `config.json` to take this registry's credentials from: its `credHelpers` or
+    #: `credsStore` helper, else its `auths` entry (credentials.py). Read again when it changes.
     docker_config: str = ""
+    #: A program (split like a shell would, run without one) whose standard output is the
+    #: password for `username`, e.g. `aws ecr get-login-password --region eu-west-1`.
+    credential_command: str = ""
+    #: Seconds credentials from `credential_command` or a credential helper are kept before
+    #: the program is asked again (ECR's passwords hold for 12 hours).
+    credential_lifetime: float = 300.0
+    #: Seconds a credential helper or `credential_command` has to answer; one that does not is
+    #: killed and the pull refused with 401.
+    credential_timeout: float = 10.0
     #: Token realm hosts, other than the registry's own origin, that may receive our
     #: credentials: `host` (on the scheme's default port) or `host:port`.
     token_realms: tuple[str, ...] = ()
@@ -344,8 +358,11 @@ class Config:
         return (*self.pins, *(f"{e.image}:{tag}" for e in self.sync for tag in e.tags))
 
 
-#: The embedded default: a Docker Hub mirror. A config file's `[upstreams."docker.io"]` merges
-#: over this entry key by key.
+#: The embedded default: a Docker Hub mirror (the default upstream) that also serves the big
+#: public registries by `?ns=` and path prefix, anonymously. A config file's
+#: `[upstreams."<host>"]` merges over an entry key by key; `enabled = false` drops one. Token
+#: realms on the registry's own origin need no listing: only Docker Hub's and GitLab's live on
+#: another host.
 DEFAULT_UPSTREAMS: dict[str, dict[str, Any]] = {
     DOCKER_HUB: {
         "url": "https://registry-1.docker.io",
@@ -353,6 +370,13 @@ DEFAULT_UPSTREAMS: dict[str, dict[str, Any]] = {
         "library_prefix": True,
         "token_realms": ["auth.docker.io"],
     },
+    "ghcr.io": {"url": "https://ghcr.io"},
+    "quay.io": {"url": "https://quay.io"},
+    "registry.k8s.io": {"url": "https://registry.k8s.io"},
+    "gcr.io": {"url": "https://gcr.io"},
+    "mcr.microsoft.com": {"url": "https://mcr.microsoft.com"},
+    "public.ecr.aws": {"url": "https://public.ecr.aws"},
+    "registry.gitlab.com": {"url": "https://registry.gitlab.com", "token_realms": ["gitlab.com"]},
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -492,7 +516,7 @@ def _validate(raw: dict[str, Any]) -> Config:
     upstreams = raw.pop("upstreams", {})
     if not isinstance(upstreams, Mapping):
         raise ConfigError("upstreams: must be a table of upstream registries")
-    built = tuple(_upstream(str(name), v) for name, v in upstreams.items())
+    built = tuple(u for name, v in upstreams.items() if (u := _upstream(str(name), v)).enabled)
     config: Config = _build(Config, {**raw, "upstreams": built}, "")
     _check(config)
     return config
@@ -513,6 +537,7 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
         raise ConfigError(f"{where}.tag_ttl/list_ttl/negative_ttl: must not be negative")
     if up.docker_config and not Path(up.docker_config).is_file():
         raise ConfigError(f"{where}.docker_config: no such file {up.docker_config!r}")
+    _check_credential_keys(up, where)
     if up.ns and not _NS.fullmatch(up.ns):
         raise ConfigError(
             f"{where}.ns: must be a registry host[:port] such as 'ghcr.io', got {up.ns!r}"
@@ -533,6 +558,31 @@ def _upstream(name: str, raw: Any) -> UpstreamConfig:
     return dataclasses.replace(
         up, ns=up.ns.lower(), token_realms=tuple(r.lower() for r in up.token_realms)
     )
+
+
+def _check_credential_keys(up: UpstreamConfig, where: str) -> None:
+    """`credential_command` is one source of credentials among the others, not a second."""
+    if not (up.credential_lifetime > 0 and up.credential_timeout > 0):
+        raise ConfigError(
+            f"{where}.credential_lifetime/credential_timeout: must be positive seconds"
+        )
+    if not up.credential_command:
+        return
+    try:
+        argv = shlex.split(up.credential_command)
+    except ValueError as e:
+        raise ConfigError(f"{where}.credential_command: cannot be split into words: {e}") from None
+    if not argv:
+        raise ConfigError(f"{where}.credential_command: names no program")
+    if not up.username:
+        raise ConfigError(
+            f"{where}.credential_command: needs username, the user its output is the password "
+            "of (AWS for `aws ecr get-login-password`)"
+        )
+    if up.password or up.docker_config:
+        raise ConfigError(
+            f"{where}.credential_command: give it, password or docker_config, not two of them"
+        )
 
 
 def _check(config: Config) -> None:
@@ -565,7 +615,9 @@ def _check(config: Config) -> None:
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: one of {', '.join(_LOG_LEVELS)}, got {config.log_level!r}")
     if config.default_upstream not in {u.name for u in config.upstreams}:
-        raise ConfigError(f"default_upstream: {config.default_upstream!r} is not in [upstreams]")
+        raise ConfigError(
+            f"default_upstream: {config.default_upstream!r} is not among the enabled [upstreams]"
+        )
     if not config.status_path.startswith("/") or config.status_path.startswith("/v2"):
         raise ConfigError(
             f"status_path: must start with / and not with /v2, got {config.status_path!r}"

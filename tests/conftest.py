@@ -54,6 +54,18 @@ async def sim() -> AsyncIterator[UpstreamSim]:
         await simulator.stop()
 
 
+@pytest.fixture
+async def other_sim() -> AsyncIterator[UpstreamSim]:
+    """A second, independent simulator, to prove which of two upstreams a request reached."""
+    simulator = UpstreamSim()
+    await simulator.start()
+    try:
+        yield simulator
+    finally:
+        simulator.clear_faults()
+        await simulator.stop()
+
+
 # -- the mirror under test ----------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from conftest import MirrorProcess, ed25519_keys
 
 from mirror.config import Config, Timeouts, UpstreamConfig, ignored_variables, load_config
 from mirror.errors import ConfigError
-from mirror.upstream.auth import credentials_for
+from mirror.upstream.credentials import credentials_for
 
 PROJECT = Path(__file__).resolve().parent.parent
 EXAMPLE = PROJECT / "config.example.toml"
@@ -46,12 +46,25 @@ def refused(tmp_path: Path, text: str = "", env: dict[str, str] | None = None) -
 # -- defaults and precedence -----------------------------------------------------------------
 
 
+#: The registries served with no configuration, and what each is dialled at.
+DEFAULT_URLS = {
+    "docker.io": "https://registry-1.docker.io",
+    "ghcr.io": "https://ghcr.io",
+    "quay.io": "https://quay.io",
+    "registry.k8s.io": "https://registry.k8s.io",
+    "gcr.io": "https://gcr.io",
+    "mcr.microsoft.com": "https://mcr.microsoft.com",
+    "public.ecr.aws": "https://public.ecr.aws",
+    "registry.gitlab.com": "https://registry.gitlab.com",
+}
+
+
 def test_defaults_are_a_docker_hub_mirror() -> None:
-    """With no file, env or flags: one upstream, docker.io, dialled at registry-1.docker.io,
-    with the library/ rule, the Docker Hub aliases and auth.docker.io as token realm; the
-    server listens on 0.0.0.0:5000 with its data in ./data."""
+    """With no file, env or flags: docker.io is the default upstream, dialled at
+    registry-1.docker.io, with the library/ rule, the Docker Hub aliases and auth.docker.io as
+    token realm; the server listens on 0.0.0.0:5000 with its data in ./data."""
     config = load_config(env={})
-    assert [u.name for u in config.upstreams] == ["docker.io"]
+    assert config.upstreams[0].name == "docker.io"
     hub = config.upstream("docker.io")
     assert hub.url == "https://registry-1.docker.io"
     assert hub.library_prefix is True
@@ -65,6 +78,88 @@ def test_defaults_are_a_docker_hub_mirror() -> None:
     assert config.timeouts == Timeouts()
     assert config.log_level == "info"
     assert config.access_log is True
+
+
+def test_the_big_public_registries_are_built_in_anonymous_upstreams() -> None:
+    """With no configuration, ghcr.io, quay.io, registry.k8s.io, gcr.io, mcr.microsoft.com,
+    public.ecr.aws and registry.gitlab.com are upstreams too, each dialled at its own host,
+    without credentials, library/ rule or aliases; only GitLab's token realm (gitlab.com) lies
+    on another host and is listed."""
+    config = load_config(env={})
+    assert {u.name: u.url for u in config.upstreams} == DEFAULT_URLS
+    for up in config.upstreams[1:]:
+        assert (up.username, up.password, up.docker_config, up.credential_command) == ("",) * 4
+        assert up.library_prefix is False and up.aliases == ()
+        assert up.hosts == (up.name,)
+        expected = ("gitlab.com",) if up.name == "registry.gitlab.com" else ()
+        assert up.token_realms == expected, up.name
+
+
+def test_an_upstream_is_dropped_with_enabled_false(tmp_path: Path) -> None:
+    """`enabled = false` (TOML, or MIRROR_UPSTREAMS__<HOST>__ENABLED) removes a built-in
+    upstream, and another may then take its host as an alias; a disabled default upstream
+    stops the start, naming default_upstream."""
+    path = toml_file(
+        tmp_path,
+        '[upstreams."quay.io"]\nenabled = false\n'
+        '[upstreams."quay.example"]\nurl = "https://quay.example"\naliases = ["quay.io"]\n',
+    )
+    config = load_config(path, env={"MIRROR_UPSTREAMS__REGISTRY_K8S_IO__ENABLED": "false"})
+    names = [u.name for u in config.upstreams]
+    assert "registry.k8s.io" not in names and "quay.io" not in names
+    assert config.upstream("quay.example").hosts == ("quay.example", "quay.io")
+    assert set(names) == (set(DEFAULT_URLS) - {"quay.io", "registry.k8s.io"}) | {"quay.example"}
+    message = refused(tmp_path, '[upstreams."docker.io"]\nenabled = false\n')
+    assert message.startswith("default_upstream") and "enabled" in message
+
+
+def test_environment_variables_name_the_built_in_upstreams() -> None:
+    """MIRROR_UPSTREAMS__GHCR_IO__URL and friends set keys of the built-in upstream of that
+    host (dots and dashes as underscores), not an upstream named after the variable."""
+    config = load_config(
+        env={
+            "MIRROR_UPSTREAMS__GHCR_IO__URL": "http://127.0.0.1:5001",
+            "MIRROR_UPSTREAMS__PUBLIC_ECR_AWS__TAG_TTL": "7",
+            "MIRROR_UPSTREAMS__REGISTRY_GITLAB_COM__USERNAME": "robot",
+        }
+    )
+    assert {u.name for u in config.upstreams} == set(DEFAULT_URLS)
+    assert config.upstream("ghcr.io").url == "http://127.0.0.1:5001"
+    assert config.upstream("public.ecr.aws").tag_ttl == 7.0
+    assert config.upstream("registry.gitlab.com").username == "robot"
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        ('credential_command = "aws ecr get-login-password"', "needs username"),
+        ('username = "AWS"\ncredential_command = "\\"unclosed"', "cannot be split"),
+        ('username = "AWS"\ncredential_command = "   "', "names no program"),
+        ('username = "AWS"\npassword = "x"\ncredential_command = "aws"', "not two of them"),
+        ("credential_lifetime = 0", "credential_lifetime/credential_timeout"),
+        ("credential_timeout = -1", "credential_lifetime/credential_timeout"),
+        ('credential_timeout = "soon"', "credential_timeout"),
+    ],
+)
+def test_credential_keys_are_checked(tmp_path: Path, keys: str, named: str) -> None:
+    """credential_command needs a username and is the only source of credentials given; it
+    must split into words; lifetimes and timeouts are positive seconds."""
+    message = refused(tmp_path, f'[upstreams."public.ecr.aws"]\n{keys}\n')
+    assert message.startswith("upstreams.public.ecr.aws."), message
+    assert named in message, message
+
+
+def test_credential_command_with_username_loads(tmp_path: Path) -> None:
+    path = toml_file(
+        tmp_path,
+        '[upstreams."123456789012.dkr.ecr.eu-west-1.amazonaws.com"]\n'
+        'url = "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com"\nusername = "AWS"\n'
+        'credential_command = "aws ecr get-login-password --region eu-west-1"\n'
+        "credential_lifetime = 43200\ncredential_timeout = 30\n",
+    )
+    up = load_config(path, env={}).upstream("123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+    assert up.credential_command == "aws ecr get-login-password --region eu-west-1"
+    assert (up.credential_lifetime, up.credential_timeout) == (43200.0, 30.0)
 
 
 def test_toml_overrides_and_merges_over_the_builtin_upstream(tmp_path: Path) -> None:
@@ -258,7 +353,7 @@ def test_unknown_environment_variables_are_refused_by_name(
         ("listen = 5000\n", {}, "listen"),
         ('log_level = "loud"\n', {}, "log_level"),
         ('access_log = "maybe"\n', {}, "access_log"),
-        ('default_upstream = "ghcr.io"\n', {}, "default_upstream"),
+        ('default_upstream = "registry.example.com"\n', {}, "default_upstream"),
         ('metrics_path = "metrics"\n', {}, "metrics_path"),
         ('metrics_path = "/v2/metrics"\n', {}, "metrics_path"),
         ("timeouts = 5\n", {}, "timeouts"),

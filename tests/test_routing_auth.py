@@ -14,7 +14,7 @@ import base64
 import hashlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -29,18 +29,6 @@ BASIC_UP = "Basic " + base64.b64encode(b"u:p").decode()
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def other_sim() -> AsyncIterator[UpstreamSim]:
-    """A second, independent simulator, to prove which of two upstreams a request reached."""
-    simulator = UpstreamSim()
-    await simulator.start()
-    try:
-        yield simulator
-    finally:
-        simulator.clear_faults()
-        await simulator.stop()
 
 
 def upstream_toml(name: str, url: str, **keys: object) -> str:
@@ -253,6 +241,70 @@ async def test_library_prefix_for_one_word_names(
     assert status == 200, body
     assert body == OTHER.data
     assert other_sim.requests[("GET", "/v2/alpine/manifests/1")] == 1
+
+
+#: The registries the mirror serves with no configuration.
+BUILT_IN = {
+    "docker.io",
+    "ghcr.io",
+    "quay.io",
+    "registry.k8s.io",
+    "gcr.io",
+    "mcr.microsoft.com",
+    "public.ecr.aws",
+    "registry.gitlab.com",
+}
+
+
+async def test_the_built_in_upstreams_route_without_configuration(
+    sim: UpstreamSim,
+    other_sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+) -> None:
+    """A `mirror serve` process with no config file: `?ns=ghcr.io` reaches the built-in
+    ghcr.io upstream and a `quay.io/` path prefix the built-in quay.io, each pointed at a
+    simulator by its MIRROR_UPSTREAMS__<HOST>__URL variable alone (the prefix taken off, no
+    library/ added); gcr.io dropped with MIRROR_UPSTREAMS__GCR_IO__ENABLED=false is 404
+    NAME_UNKNOWN by ns and by prefix; /readyz lists every other built-in upstream."""
+    sim.add_image("team/app", "1", IMAGE)
+    other_sim.add_image("solo", "1", OTHER)
+    proc = mirror_process(
+        "http://127.0.0.1:9",
+        env={
+            "MIRROR_UPSTREAMS__GHCR_IO__URL": sim.url,
+            "MIRROR_UPSTREAMS__QUAY_IO__URL": other_sim.url,
+            "MIRROR_UPSTREAMS__GCR_IO__ENABLED": "false",
+        },
+    )
+    await asyncio.to_thread(proc.start)
+    status, headers, body = await get_manifest(
+        client, f"{proc.url}/v2/team/app/manifests/1?ns=ghcr.io"
+    )
+    assert status == 200, body
+    assert body == IMAGE.data
+    assert headers["OCI-Namespace"] == "ghcr.io"
+    layer = next(iter(IMAGE.blobs))
+    status, _, body = await get_blob(client, f"{proc.url}/v2/team/app/blobs/{layer}?ns=ghcr.io")
+    assert status == 200
+    assert sha256(body) == layer
+    status, _, body = await get_manifest(client, f"{proc.url}/v2/quay.io/solo/manifests/1")
+    assert status == 200, body
+    assert body == OTHER.data
+    assert sim.requests[("GET", "/v2/team/app/manifests/1")] == 1
+    assert sim.requests[("GET", f"/v2/team/app/blobs/{layer}")] == 1
+    assert other_sim.requests[("GET", "/v2/solo/manifests/1")] == 1
+    assert not any("ghcr.io" in path for _, path in sim.requests)
+    assert not any("quay.io" in path or "library" in path for _, path in other_sim.requests)
+    for url in (
+        f"{proc.url}/v2/team/app/manifests/1?ns=gcr.io",
+        f"{proc.url}/v2/gcr.io/x/manifests/1",
+    ):
+        status, _, body = await get_manifest(client, url)
+        assert status == 404, (url, body)
+        assert error_code(body) == "NAME_UNKNOWN"
+    async with client.get(f"{proc.url}/readyz") as resp:
+        assert set((await resp.json())["upstreams"]) == BUILT_IN - {"gcr.io"}
 
 
 # -- bearer tokens ---------------------------------------------------------------------------
@@ -494,6 +546,55 @@ async def test_cdn_redirect_gets_no_credentials(
         assert sim.auth_seen[f"/v2/team/app/blobs/{layer}"] >= 1  # the registry did get auth
     assert sim.cdn_authorizations == []
     assert all("Authorization" not in s.headers for s in sim.log if s.server == "cdn")
+
+
+@pytest.mark.parametrize("realm", ["not listed", "listed in token_realms"])
+async def test_a_redirect_target_with_its_own_challenge_gets_a_token_of_its_own(
+    realm: str,
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The registry (Bearer, credentials u/p) redirects blob GETs to a second host that
+    answers 401 with a challenge of its own (its own realm, its own tokens). The blobs arrive
+    intact: that host's realm is asked for a token, anonymously unless it is listed in
+    `token_realms` (then with the credentials), once for both blobs; that host is sent only
+    tokens its realm issued, never the registry's token or the Basic credentials."""
+    sim.require_bearer("u", "p")
+    sim.redirect_blobs = True
+    sim.cdn_bearer = True
+    sim.add_image("team/app", "1", IMAGE)
+    listed = [f"127.0.0.2:{sim.cdn.port}"] if realm != "not listed" else []
+    config = tmp_path / "mirror.toml"
+    config.write_text(
+        creds_toml(username="u", password="p", private_targets=["127.0.0.2"], token_realms=listed)
+    )
+    proc = mirror_process(sim.url, env={"MIRROR_CONFIG": str(config)})
+    await asyncio.to_thread(proc.start)
+    layers = list(IMAGE.blobs)[:2]
+    for layer in layers:
+        status, _, body = await get_blob(client, f"{proc.url}/v2/team/app/blobs/{layer}")
+        assert status == 200, body
+        assert sha256(body) == layer
+    cdn = [s for s in sim.log if s.server == "cdn"]
+    (token_ask,) = [s for s in cdn if s.path == "/token"]
+    assert token_ask.query == {"scope": f"blob:{layers[0]}", "service": "cdn"}
+    assert token_ask.headers.get("Authorization") == (BASIC_UP if listed else None)
+    for layer in layers:
+        sent = [s.headers.get("Authorization") for s in cdn if s.path == f"/blobs/{layer}"]
+        assert sent[-1] is not None and sent[-1].removeprefix("Bearer ") in sim.cdn_tokens
+        assert all(
+            value is None or value.removeprefix("Bearer ") in sim.cdn_tokens for value in sent
+        )
+    registry_tokens = {f"Bearer {t}" for t in sim.tokens}
+    assert registry_tokens, "the registry itself was pulled with a token"
+    blob_requests = [s for s in cdn if s.path.startswith("/blobs/")]
+    assert all(
+        s.headers.get("Authorization") not in (*registry_tokens, BASIC_UP) for s in blob_requests
+    )
+    registry_token_asks = [s for s in sim.log if s.server == "registry" and s.path == "/token"]
+    assert [s.headers.get("Authorization") for s in registry_token_asks] == [BASIC_UP]
 
 
 # -- basic, wrong credentials, denied --------------------------------------------------------

@@ -138,9 +138,10 @@ class UpstreamSim:
     """The simulated registry plus its "CDN" on another loopback address.
 
     Content: `add_blob`, `add_manifest`, `add_image`, `delete_manifest`. Switches:
-    `require_bearer`, `require_basic`, `revoke_tokens`, `redirect_blobs`, `rate_limit`,
-    `ranges`, `strict_accept`, `realm`, `fault`, `clear_faults`, `down`/`up`. Observations:
-    `requests`, `auth_seen`, `log`, `cdn_requests`, `cdn_authorizations`, `tokens_issued`.
+    `require_bearer`, `require_basic`, `revoke_tokens`, `redirect_blobs`, `cdn_bearer`,
+    `refresh_tokens`, `rate_limit`, `ranges`, `strict_accept`, `realm`, `fault`,
+    `clear_faults`, `down`/`up`. Observations: `requests`, `auth_seen`, `log`, `cdn_requests`,
+    `cdn_authorizations`, `cdn_tokens`, `tokens_issued`, `token_forms`.
     With `tls` the registry listens on https (the CDN stays on http).
     """
 
@@ -161,6 +162,14 @@ class UpstreamSim:
         #: simulator's /token issues tokens this one honours if the two share `tokens`.
         self.realm: str | None = None
         self.redirect_blobs = False
+        #: The CDN demands Bearer tokens of its own: it challenges with a realm of its own
+        #: (`<cdn_url>/token`), which issues them into `cdn_tokens`.
+        self.cdn_bearer = False
+        self.cdn_tokens: set[str] = set()
+        #: Refresh tokens (docker's identity tokens) that `POST /token` takes for an OAuth2
+        #: refresh-token grant; every form POSTed there is kept in `token_forms`.
+        self.refresh_tokens: set[str] = set()
+        self.token_forms: list[dict[str, str]] = []
         self.ranges = True
         self.strict_accept = False
         #: Send Docker-Content-Digest with manifests (a registry may not).
@@ -187,12 +196,14 @@ class UpstreamSim:
         app = web.Application(middlewares=[self._observe("registry")])
         app.router.add_get("/v2/", self._ping)
         app.router.add_get("/token", self._token)
+        app.router.add_post("/token", self._token_grant)
         app.router.add_get("/v2/{name:.+}/manifests/{ref}", self._manifest)
         app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob)
         app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
         app.router.add_get("/v2/{name:.+}/referrers/{digest}", self._referrers)
         cdn = web.Application(middlewares=[self._observe("cdn")])
         cdn.router.add_get("/blobs/{digest}", self._cdn_blob)
+        cdn.router.add_get("/token", self._cdn_token)
         self.registry = _Server(app, host, tls)
         self.cdn = _Server(cdn, cdn_host)
 
@@ -475,6 +486,28 @@ class UpstreamSim:
         }
         return web.json_response(body)
 
+    async def _token_grant(self, request: web.Request) -> web.StreamResponse:
+        """The OAuth2 side of the token service: a refresh-token grant with a known refresh
+        token gets an access token for the `scope` of the form."""
+        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        self.token_forms.append(form)
+        if form.get("grant_type") != "refresh_token" or form.get("refresh_token") not in (
+            self.refresh_tokens
+        ):
+            return web.json_response({"error": "invalid_grant"}, status=401)
+        scope = form.get("scope", "")
+        token = secrets.token_urlsafe(16)
+        self.tokens[token] = {s.split(":")[1] for s in scope.split() if s.count(":") >= 2}
+        self.tokens_issued += 1
+        body = {"access_token": token, "expires_in": self.token_ttl, "scope": scope}
+        return web.json_response(body)
+
+    async def _cdn_token(self, request: web.Request) -> web.StreamResponse:
+        """The CDN's own token realm: anyone gets a token, good at the CDN only."""
+        token = secrets.token_urlsafe(16)
+        self.cdn_tokens.add(token)
+        return web.json_response({"token": token, "expires_in": self.token_ttl})
+
     async def _manifest(self, request: web.Request) -> web.StreamResponse:
         """`GET|HEAD /v2/<name>/manifests/<ref>` with rate-limit accounting."""
         name, ref = request.match_info["name"], request.match_info["ref"]
@@ -521,10 +554,18 @@ class UpstreamSim:
         return await self._send(request, self.blobs[digest], headers, ("blob",), {digest})
 
     async def _cdn_blob(self, request: web.Request) -> web.StreamResponse:
-        """The CDN: serves blob bytes without auth (it must never be sent any)."""
+        """The CDN: serves blob bytes without auth (it must never be sent any), or, with
+        `cdn_bearer`, only for a token from its own realm."""
         digest = request.match_info["digest"]
         if (early := await self._before(request, ("cdn",), {digest}, auth=False)) is not None:
             return early
+        if self.cdn_bearer and (
+            request.headers.get("Authorization", "").removeprefix("Bearer ") not in self.cdn_tokens
+        ):
+            challenge = f'Bearer realm="{self.cdn_url}/token",service="cdn",scope="blob:{digest}"'
+            return _error(
+                401, "UNAUTHORIZED", "cdn token required", {"WWW-Authenticate": challenge}
+            )
         if digest not in self.blobs:
             return web.Response(status=404, text="no such object")
         headers = {"Content-Type": "application/octet-stream"}

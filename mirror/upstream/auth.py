@@ -1,11 +1,17 @@
-"""Upstream authentication: challenge parsing, credentials, the Bearer token dance, a token cache.
+"""Upstream authentication: challenge parsing, the Bearer token dance, a token cache.
 
 Flow (https://distribution.github.io/distribution/spec/auth/token/): a request answered 401
 with `WWW-Authenticate: Bearer realm=…,service=…,scope=…` is retried once with a token from
-the realm. Tokens are kept per (upstream, scope) until shortly before they expire, in the
-coordinator's token cache (memory for one process), and concurrent fetches of the same token
-are coalesced. `Basic` challenges are answered with the
-configured credentials.
+the realm: asked anonymously, with Basic credentials, or, for an identity token, by an OAuth2
+refresh-token grant POSTed to the realm. Tokens are kept per (upstream, scope) until shortly
+before they expire, in the coordinator's token cache (memory for one process), and concurrent
+fetches of the same token are coalesced. `Basic` challenges are answered with the upstream's
+credentials (credentials.py says where they come from).
+
+A host the upstream redirects to that challenges on its own (a registry keeping blobs, or its
+whole API, behind a second host) gets a token from the realm it names, kept apart from the
+upstream's tokens: asked anonymously unless the upstream's credentials may go to that realm
+by the rules below. The upstream's own Authorization never goes to it.
 
 Credentials go only to the registry itself and to a realm that (1) is https when the registry
 is (an http registry, a local one, may name an http realm: its credentials travel in clear
@@ -18,18 +24,19 @@ asked anonymously: nothing secret goes there.
 
 from __future__ import annotations
 
-import base64
-import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
 
 from mirror.config import UpstreamConfig
 from mirror.coordination import TokenCache
 from mirror.coordination.flights import Flights
 from mirror.errors import UpstreamDenied
+from mirror.upstream.credentials import Credentials, credentials_for
+
+log = logging.getLogger("mirror.upstream.auth")
 
 #: A token is dropped this many seconds before its stated expiry, to absorb clock and transit.
 EXPIRY_MARGIN = 10.0
@@ -63,46 +70,29 @@ def parse_challenge(header: str) -> Challenge | None:
     return Challenge(scheme.lower(), params)
 
 
+#: The `client_id` of an OAuth2 grant: the spec asks for one that tells who asked.
+CLIENT_ID = "mirror"
+
+
 @dataclass(frozen=True, slots=True)
-class Credentials:
-    username: str
-    password: str
+class TokenRequest:
+    """What to ask a token realm: GET with `query` (and `authorization`, Basic, when the
+    credentials may go there), or, with `form`, POST the form (an OAuth2 refresh-token grant)."""
 
-    def basic(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
-
-    def __repr__(self) -> str:
-        return f"Credentials({self.username!r}, ***)"
+    realm: str
+    query: dict[str, str]
+    authorization: str | None = None
+    form: dict[str, str] | None = None
 
 
-def credentials_for(up: UpstreamConfig) -> Credentials | None:
-    """Credentials from the upstream's config, else from its docker config.json entry."""
-    if up.username:
-        return Credentials(up.username, up.password)
-    if up.docker_config:
-        return _from_docker_config(Path(up.docker_config), up)
-    return None
+#: Fetches a token: (upstream name, request) → the realm's JSON.
+TokenFetcher = Callable[[str, TokenRequest], Awaitable[dict[str, object]]]
 
 
-def _from_docker_config(path: Path, up: UpstreamConfig) -> Credentials | None:
-    auths = json.loads(path.read_text()).get("auths", {})
-    keys = {urlsplit(k if "//" in k else f"//{k}").netloc: v for k, v in auths.items()}
-    hosts = [*list(up.hosts), urlsplit(up.url).netloc]
-    if up.name == "docker.io":
-        hosts.append("index.docker.io")
-    for host in hosts:
-        entry = keys.get(host)
-        if entry and entry.get("auth"):
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            return Credentials(user, password)
-        if entry and entry.get("username"):
-            return Credentials(entry["username"], entry.get("password", ""))
-    return None
-
-
-#: Fetches a token: (upstream name, realm, query, Authorization or None) → the realm's JSON.
-TokenFetcher = Callable[[str, str, dict[str, str], str | None], Awaitable[dict[str, object]]]
+def _elsewhere(up: UpstreamConfig, origin: str) -> str:
+    """The token cache's name for tokens of a host `up` redirected to: never the upstream's
+    own entry, so neither host is ever sent the other's token."""
+    return f"{up.name} via {origin}"
 
 
 class Authenticator:
@@ -111,21 +101,28 @@ class Authenticator:
     def __init__(
         self, upstreams: tuple[UpstreamConfig, ...], fetch: TokenFetcher, tokens: TokenCache
     ) -> None:
-        self._creds = {up.name: credentials_for(up) for up in upstreams}
+        self._sources = {up.name: s for up in upstreams if (s := credentials_for(up)) is not None}
         self._fetch = fetch
         self._tokens = tokens
         self._basic: set[str] = set()
         self._flights: Flights[tuple[str, str], None, str] = Flights()
 
-    def header(self, up: UpstreamConfig, scope: str) -> str | None:
+    async def credentials(self, up: UpstreamConfig) -> Credentials | None:
+        """The upstream's credentials as they are now (credentials.py reads them again when
+        they expire or their file changes)."""
+        source = self._sources.get(up.name)
+        return None if source is None else await source.get()
+
+    async def header(self, up: UpstreamConfig, scope: str) -> str | None:
         """The Authorization header to send first: a live cached token, or Basic if the
         registry asked for Basic before."""
         token = self._tokens.get(up.name, scope)
         if token is not None:
             return f"Bearer {token}"
-        creds = self._creds.get(up.name)
-        if up.name in self._basic and creds is not None:
-            return creds.basic()
+        if up.name in self._basic:
+            creds = await self.credentials(up)
+            if creds is not None and not creds.identity_token:
+                return creds.basic()
         return None
 
     async def answer(self, up: UpstreamConfig, scope: str, www_authenticate: str) -> str | None:
@@ -134,38 +131,72 @@ class Authenticator:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            creds = self._creds.get(up.name)
+            creds = await self.credentials(up)
             if creds is None:
                 return None
+            if creds.identity_token:
+                raise UpstreamDenied(
+                    "the upstream asks for Basic credentials, and the mirror holds an identity "
+                    "token for it, which only a token realm takes"
+                )
             self._basic.add(up.name)
             return creds.basic()
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
         self._tokens.drop(up.name, scope)  # it was refused, if we sent it
         token, _ = await self._flights.run(
-            (up.name, scope), lambda: self._token(up, scope, challenge)
+            (up.name, scope), lambda: self._token(up, up.name, scope, challenge, elsewhere=False)
         )
         return f"Bearer {token}"
 
-    async def _token(self, up: UpstreamConfig, scope: str, challenge: Challenge) -> str:
+    def redirect_header(self, up: UpstreamConfig, origin: str, scope: str) -> str | None:
+        """A live token for `origin`, a host `up` redirected to, got from that host's own
+        challenge; None when there is none."""
+        token = self._tokens.get(_elsewhere(up, origin), scope)
+        return None if token is None else f"Bearer {token}"
+
+    async def answer_redirect(
+        self, up: UpstreamConfig, origin: str, scope: str, www_authenticate: str
+    ) -> str:
+        """The header that answers the challenge of `origin`, a host `up` redirected to (a
+        registry that keeps blobs, or its whole API, behind a second host): a token from the
+        realm that host names. The upstream's credentials go to that realm only when they may
+        go to it anyway (`realm_refusal`); otherwise the token is asked for anonymously. The
+        upstream's own Authorization never goes to that host."""
+        challenge = parse_challenge(www_authenticate)
+        if challenge is None or challenge.scheme != "bearer" or "realm" not in challenge.params:
+            raise UpstreamDenied(
+                "a host the upstream redirected to asks for credentials, and the upstream's "
+                "are never sent to another host"
+            )
+        key = _elsewhere(up, origin)
+        self._tokens.drop(key, scope)  # it was refused, if we sent it
+        token, _ = await self._flights.run(
+            (key, scope), lambda: self._token(up, key, scope, challenge, elsewhere=True)
+        )
+        return f"Bearer {token}"
+
+    async def _token(
+        self, up: UpstreamConfig, key: str, scope: str, challenge: Challenge, elsewhere: bool
+    ) -> str:
+        """A token from the challenge's realm, kept under `key`. With credentials, a realm
+        they may not go to is refused (401), unless the challenge came from a host the
+        upstream redirected to (`elsewhere`): that realm is asked anonymously."""
         realm = challenge.params["realm"]
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UpstreamDenied("upstream token realm is not an http(s) URL")
-        creds = self._creds.get(up.name)
-        auth = None
-        if creds is not None:
-            refusal = realm_refusal(up, parts)
-            if refusal is not None:
-                raise UpstreamDenied(
-                    f"credentials not sent to the upstream token realm: {refusal}",
-                    detail={"realm": f"{parts.scheme}://{parts.netloc}"},
-                )
-            auth = creds.basic()
         query = {"scope": challenge.params.get("scope", scope)}
         if "service" in challenge.params:
             query["service"] = challenge.params["service"]
-        body = await self._fetch(up.name, realm, query, auth)
+        refusal = realm_refusal(up, parts)
+        creds = None if elsewhere and refusal is not None else await self.credentials(up)
+        if creds is not None and refusal is not None:
+            raise UpstreamDenied(
+                f"credentials not sent to the upstream token realm: {refusal}",
+                detail={"realm": f"{parts.scheme}://{parts.netloc}"},
+            )
+        body = await self._fetch(up.name, _request(realm, query, creds))
         token = body.get("token") or body.get("access_token")
         if not isinstance(token, str) or not token:
             raise UpstreamDenied("upstream token realm returned no token")
@@ -175,8 +206,24 @@ class Authenticator:
             if isinstance(expires_in, (int, float)) and expires_in > 0
             else DEFAULT_EXPIRES_IN
         )
-        self._tokens.put(up.name, scope, token, max(ttl - EXPIRY_MARGIN, 1.0))
+        self._tokens.put(key, scope, token, max(ttl - EXPIRY_MARGIN, 1.0))
         return token
+
+
+def _request(realm: str, query: dict[str, str], creds: Credentials | None) -> TokenRequest:
+    """How to ask the realm: anonymously, with Basic credentials, or with the identity token
+    as an OAuth2 refresh-token grant (https://distribution.github.io/distribution/spec/auth/oauth/)."""
+    if creds is None:
+        return TokenRequest(realm, query)
+    if creds.identity_token:
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": creds.identity_token,
+            "client_id": CLIENT_ID,
+            **query,
+        }
+        return TokenRequest(realm, {}, form=form)
+    return TokenRequest(realm, query, creds.basic())
 
 
 def _origin(parts: SplitResult) -> tuple[str, str, int] | None:

@@ -3,7 +3,8 @@
 This module is the only one that sees aiohttp's client errors: `_translate` turns each into a
 domain error (errors.py) at the point it happens, including errors raised while a blob body
 is being read. Redirects are followed here, by hand, so that the `Authorization` header is
-sent only to the registry's own origin and never to a CDN or any other host.
+sent only to the registry's own origin and never to a CDN or any other host; a host redirected
+to that challenges on its own is sent only a token from its own challenge (auth.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from mirror.config import Config, UpstreamConfig
 from mirror.coordination import TokenCache
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, parse_digest
-from mirror.upstream.auth import Authenticator
+from mirror.upstream.auth import Authenticator, TokenRequest
 from mirror.upstream.egress import Egress, GuardedResolver
 from mirror.upstream.ratelimit import parse_ratelimit
 from mirror.upstream.resume import ResumingBlob, backoff, open_resuming
@@ -179,6 +180,12 @@ def _kind(method: str, path: str) -> str:
 def _same_origin(a: str, b: str) -> bool:
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+
+
+def _origin_of(url: str) -> str:
+    """`scheme://host[:port]` of a URL: what a token of a host redirected to is kept under."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2].lower()}"
 
 
 class UpstreamClient:
@@ -338,11 +345,12 @@ class UpstreamClient:
         url = up.url.rstrip("/") + path
         if up.ns:  # the upstream is a mirror: tell it which registry we mean
             query = {**(query or {}), "ns": up.ns}
-        auth = self.auth.header(up, scope)
+        with _translate():
+            auth = await self.auth.header(up, scope)
         kind = _kind(method, path)
         attempts = self._config.retries.attempts if retry else 1
         resp = await self._tries(
-            up, kind, attempts, lambda: self._follow(up, method, url, headers, auth, query)
+            up, kind, attempts, lambda: self._follow(up, scope, method, url, headers, auth, query)
         )
         try:
             if resp.status == 401 and "WWW-Authenticate" in resp.headers:
@@ -355,7 +363,7 @@ class UpstreamClient:
                         up,
                         kind,
                         attempts,
-                        lambda: self._follow(up, method, url, headers, answer, query),
+                        lambda: self._follow(up, scope, method, url, headers, answer, query),
                     )
             self._observe(up, kind, resp)
             yield resp
@@ -435,25 +443,54 @@ class UpstreamClient:
     async def _follow(
         self,
         up: UpstreamConfig,
+        scope: str,
         method: str,
         url: str,
         headers: dict[str, str],
         auth: str | None,
         query: Mapping[str, str] | None,
     ) -> aiohttp.ClientResponse:
-        """One request, following redirects; credentials only ever go to the registry's origin."""
-        for _ in range(MAX_REDIRECTS + 1):
+        """One request, following redirects. `auth` goes only to the registry's origin; a
+        host redirected to gets only a token from its own challenge, answered here once (a
+        401 from the registry's origin is for `_open` to answer)."""
+        answered: set[str] = set()
+        hops = 0
+        while True:
             # identity: digests are over the bytes as stored, so nothing on the way may
             # compress them (aiohttp would ask for gzip and, not decoding, keep it so)
             send = {"Accept-Encoding": "identity", **headers}
-            if auth is not None and _same_origin(url, up.url):
-                send["Authorization"] = auth
+            here = _origin_of(url)
+            if _same_origin(url, up.url):
+                if auth is not None:
+                    send["Authorization"] = auth
+            elif (token := self.auth.redirect_header(up, here, scope)) is not None:
+                send["Authorization"] = token
             with _translate():
                 resp = await self.session.request(
                     method, url, headers=send, params=query, allow_redirects=False
                 )
+            challenge = resp.headers.get("WWW-Authenticate")
+            if resp.status == 401 and challenge and not _same_origin(url, up.url):
+                resp.release()
+                if here in answered:
+                    log.warning(
+                        "upstream %s: %s, redirected to, refused the token its challenge got",
+                        up.name,
+                        here,
+                    )
+                    raise errors.UpstreamDenied(
+                        "a host the upstream redirected to refused the token it asked for"
+                    )
+                answered.add(here)
+                with _translate():
+                    await self.auth.answer_redirect(up, here, scope, challenge)
+                continue
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:
                 return resp
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                resp.release()
+                raise errors.UpstreamBadResponse("too many upstream redirects")
             location = resp.headers["Location"]
             resp.release()
             came_from, url = url, urljoin(str(resp.url), location)
@@ -463,28 +500,32 @@ class UpstreamClient:
             self._egress.check(url, came_from)
             if resp.status == 303:
                 method = "GET" if method != "HEAD" else method
-        raise errors.UpstreamBadResponse("too many upstream redirects")
 
-    async def _fetch_token(
-        self, upstream: str, realm: str, query: dict[str, str], auth: str | None
-    ) -> dict[str, Any]:
-        """GET a token from a realm (the Authenticator decided whether `auth` may go there)."""
+    async def _fetch_token(self, upstream: str, request: TokenRequest) -> dict[str, Any]:
+        """Ask a realm for a token (the Authenticator decided what may go there)."""
         try:
-            body = await self._token_request(realm, query, auth)
+            body = await self._token_request(request)
         except errors.MirrorError:
             self._metrics.token_fetched(upstream, ok=False)
             raise
         self._metrics.token_fetched(upstream, ok=True)
         return body
 
-    async def _token_request(
-        self, realm: str, query: dict[str, str], auth: str | None
-    ) -> dict[str, Any]:
-        headers = {"Accept-Encoding": "identity", **({"Authorization": auth} if auth else {})}
-        self._egress.check(realm)
+    async def _token_request(self, request: TokenRequest) -> dict[str, Any]:
+        """GET the realm with the query, or POST it the form of an OAuth2 grant."""
+        headers = {"Accept-Encoding": "identity"}
+        if request.authorization:
+            headers["Authorization"] = request.authorization
+        self._egress.check(request.realm)
+        method = "GET" if request.form is None else "POST"
         with _translate():
-            async with self.session.get(
-                realm, params=query, headers=headers, allow_redirects=False
+            async with self.session.request(
+                method,
+                request.realm,
+                params=request.query,
+                data=request.form,
+                headers=headers,
+                allow_redirects=False,
             ) as resp:
                 if resp.status in (401, 403):
                     raise errors.UpstreamDenied("upstream token realm refused the credentials")
