@@ -5,7 +5,8 @@ executables this test writes into a directory put on the mirror's PATH) with the
 credential-helper protocol; `identitytoken` (or a helper's `<token>` answer) is exchanged by an
 OAuth2 refresh-token grant POSTed to the realm; `credential_command` runs a program for the
 password, again once its lifetime has passed; a rewritten config.json is read again. A helper
-that fails or hangs is a 401 saying so, within `credential_timeout`. Every upstream is a real
+that fails or hangs is a 404 NAME_UNKNOWN saying so (upstream denied the mirror; a 401 is
+only ever the mirror's own `[auth]`), within `credential_timeout`. Every upstream is a real
 `UpstreamSim` on loopback, reached through the built-in upstreams' environment variables.
 """
 
@@ -88,7 +89,7 @@ async def pull(
 
 def message(body: bytes) -> str:
     (error,) = json.loads(body)["errors"]
-    assert error["code"] == "UNAUTHORIZED", error
+    assert error["code"] == "NAME_UNKNOWN", error  # upstream denied the mirror: 404
     text = error["message"]
     assert isinstance(text, str)
     return text
@@ -207,7 +208,7 @@ async def test_a_helper_without_an_entry_means_an_anonymous_pull(
 
 
 @pytest.mark.parametrize("failure", ["exits 3", "is not on PATH"])
-async def test_a_helper_that_fails_is_401_with_a_clear_message(
+async def test_a_helper_that_fails_is_404_with_a_clear_message(
     failure: str,
     sim: UpstreamSim,
     mirror_process: Callable[..., MirrorProcess],
@@ -215,7 +216,7 @@ async def test_a_helper_that_fails_is_401_with_a_clear_message(
     tmp_path: Path,
 ) -> None:
     """A helper that exits non-zero (with an error of its own on stderr), or one that is not
-    on PATH: the pull is 401 UNAUTHORIZED naming the helper and what went wrong, nothing goes
+    on PATH: the pull is 404 NAME_UNKNOWN naming the helper and what went wrong, nothing goes
     to the token realm, the log has the helper's own words and no traceback, and the mirror
     keeps serving. A failure is not kept: the next pull asks the helper again."""
     sim.require_bearer("u", "p")
@@ -237,7 +238,7 @@ async def test_a_helper_that_fails_is_401_with_a_clear_message(
     await asyncio.to_thread(proc.start)
     for _ in range(2):
         status, body = await pull(client, proc, "team/app")
-        assert status == 401, body
+        assert status == 404, body
         text = message(body)
         assert "docker-credential-broken" in text and "ghcr.io" in text, text
         why = "failed (exit status 3)" if failure == "exits 3" else "could not be started"
@@ -271,7 +272,7 @@ async def test_a_helper_that_hangs_is_answered_within_the_timeout(
     tmp_path: Path,
 ) -> None:
     """A helper that never answers (it waits on a child of its own) is given
-    credential_timeout (1 s here): the pull is 401 saying it gave no answer in time, and the
+    credential_timeout (1 s here): the pull is 404 saying it gave no answer in time, and the
     helper and its child are killed, its whole process group."""
     sim.require_bearer("u", "p")
     sim.add_image("team/app", "1", IMAGE)
@@ -291,7 +292,7 @@ async def test_a_helper_that_hangs_is_answered_within_the_timeout(
     proc = serve(mirror_process, env, bin_dir)
     await asyncio.to_thread(proc.start)
     status, body = await pull(client, proc, "team/app")
-    assert status == 401, body
+    assert status == 404, body
     text = message(body)
     assert "docker-credential-stuck gave no answer within 1s" in text, text
     pids = [int((tmp_path / f"{name}.pid").read_text()) for name in ("helper", "child")]
@@ -391,7 +392,7 @@ async def test_credential_command_runs_again_after_its_lifetime(
         status, body = await pull(client, proc, f"team/app{attempt}", "public.ecr.aws")
         if status == 200:
             break
-        assert status == 401, body
+        assert status == 404, body
         assert time.monotonic() < deadline, "the new password was never used"
         await asyncio.sleep(0.1)  # ok: polling a condition with a deadline
     assert len(runs.read_text().splitlines()) >= 2
