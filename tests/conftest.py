@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from images import Upstream, big_layer, push_all
 from registry import LOCAL_OPENER, Registry, free_port
 from upstream_sim import UpstreamSim
 
-from mirror.config import load_config
+from mirror.config import DEFAULT_UPSTREAMS, DOCKER_HUB, load_config
 from mirror.http.app import CACHE, build_app
 from mirror.http.server import MirrorSite
 
@@ -143,6 +144,24 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> No
         await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
 
 
+#: Nothing listens on the discard port.
+CLOSED_URL = "http://127.0.0.1:9"
+
+
+def offline_builtins(said: str) -> dict[str, str]:
+    """Environment that points every built-in upstream but the default (which tests point
+    at their own registry) at a closed loopback port, unless `said` (the test's own config
+    or variables) names it: no test can dial a public registry, whatever name a fuzzed
+    request carries."""
+    return {
+        f"MIRROR_UPSTREAMS__{re.sub('[^A-Z0-9]', '_', name.upper())}__URL": CLOSED_URL
+        for name in DEFAULT_UPSTREAMS
+        if name != DOCKER_HUB
+        and name not in said
+        and re.sub("[^A-Z0-9]", "_", name.upper()) not in said
+    }
+
+
 @pytest.fixture
 async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
     """Start in-process mirrors on real loopback sockets: `await make_mirror(upstream_url,
@@ -156,7 +175,7 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MakeMirror]:
         config_file.write_text(toml)
         config = load_config(
             config_file,
-            env={},
+            env=offline_builtins(toml),
             flags={"upstream": upstream_url, "data_dir": str(data), "listen": "127.0.0.1:0"},
         )
         app = build_app(config)
@@ -194,7 +213,9 @@ class MirrorProcess:
     ) -> None:
         self.data_dir = data_dir
         self.upstream_url = upstream_url
-        self.env = {**os.environ, **(extra_env or {})}
+        extra = extra_env or {}
+        config = Path(extra["MIRROR_CONFIG"]).read_text() if "MIRROR_CONFIG" in extra else ""
+        self.env = {**os.environ, **offline_builtins(config + " ".join(extra)), **extra}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
