@@ -144,8 +144,9 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> No
         await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
 
 
-#: Nothing listens on the discard port.
-CLOSED_URL = "http://127.0.0.1:9"
+#: Nothing listens here: the discard port of a loopback address no test serves on (its own
+#: address, because the mirror trusts the hosts of its upstreams as redirect targets).
+CLOSED_URL = "http://127.255.255.254:9"
 
 
 def offline_builtins(said: str) -> dict[str, str]:
