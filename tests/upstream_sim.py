@@ -23,8 +23,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from images import Image, sha256_digest
 
-FaultKind = Literal["status", "slow", "cut", "wrong", "hang", "trickle"]
-BODY_FAULTS = ("slow", "cut", "wrong", "trickle")
+FaultKind = Literal["status", "slow", "cut", "wrong", "hang", "trickle", "rate"]
+BODY_FAULTS = ("slow", "cut", "wrong", "trickle", "rate")
+#: Bytes per write of a `rate` body.
+RATE_PIECE = 64 * 1024
 
 
 @dataclass(eq=False)
@@ -38,7 +40,9 @@ class Fault:
     with `hold`, wait for `gate` before closing.
     `wrong`: send the full length with one byte flipped. `trickle`: send `part` bytes, then
     `step` bytes every `interval` seconds (never silent long enough for a read timeout)
-    until the body is done or `gate` is set. `reached` is set each time a
+    until the body is done or `gate` is set. `rate`: send the body at `rate` bytes/s (each
+    answer on its own, as a remote upstream's bandwidth per connection would). `reached` is
+    set each time a
     request gets to the fault point (after the first part, for body faults), so tests
     can await it instead of sleeping. `times` limits how often it fires (None: always).
     """
@@ -56,6 +60,7 @@ class Fault:
     step: int = 100
     hold: bool = False
     interval: float = 0.05
+    rate: int = 20_000_000
 
     def applies(self, kinds: tuple[str, ...], keys: set[str], method: str, body: bool) -> bool:
         """Whether this fault should fire for a request of `kinds` about `keys`."""
@@ -425,9 +430,13 @@ class UpstreamSim:
                 body=data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :],
                 headers=headers,
             )
-        part = len(data) // 2 if fault.part is None else fault.part
         resp = web.StreamResponse(status=status, headers=headers)
         await resp.prepare(request)
+        if fault.kind == "rate":
+            fault.reached.set()
+            await self._paced(resp, data, fault.rate)
+            return resp
+        part = len(data) // 2 if fault.part is None else fault.part
         await resp.write(data[:part])
         fault.reached.set()
         if fault.kind == "cut":  # close, not abort: the `part` bytes buffered still go out
@@ -449,6 +458,20 @@ class UpstreamSim:
         await resp.write(data[part:])
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    async def _paced(resp: web.StreamResponse, data: bytes, rate: int) -> None:
+        """Write `data` at `rate` bytes/s, a piece at a time (slices of a view: no copies of a
+        large blob)."""
+        loop = asyncio.get_running_loop()
+        began, view = loop.time(), memoryview(data)
+        for pos in range(0, len(data), RATE_PIECE):
+            piece = view[pos : pos + RATE_PIECE]
+            await resp.write(piece)
+            ahead = began + (pos + len(piece)) / rate - loop.time()
+            if ahead > 0:
+                await asyncio.sleep(ahead)  # ok: the fault is the pace itself
+        await resp.write_eof()
 
     # -- handlers --------------------------------------------------------------------
 
