@@ -18,8 +18,9 @@ from mirror.outcome import Outcome
 
 ROUTES = ("base", "manifest", "blob", "tags", "referrers", "other")
 TIERS = ("hot", "warm", "cold")
-#: Where a blob request was answered from, in lookup order.
-SOURCES = ("hot", "warm", "cold", "upstream", "pass-through")
+#: Where a blob request was answered from, in lookup order; `range`: a Range the fill had not
+#: reached, asked of upstream on its own (those bytes are passed through, not kept).
+SOURCES = ("hot", "warm", "cold", "upstream", "range", "pass-through")
 #: Why a blob left a tier: over budget, a retention rule, cold's max idle, disk full, a copy that
 #: failed its digest, or an operator's `mirror cache evict`.
 EVICTION_REASONS = ("budget", "retention", "idle", "disk_full", "corrupt", "manual")

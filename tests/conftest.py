@@ -25,6 +25,8 @@ from upstream_sim import UpstreamSim
 from mirror.config import DEFAULT_UPSTREAMS, DOCKER_HUB, load_config
 from mirror.http.app import CACHE, build_app
 from mirror.http.server import MirrorSite
+from mirror.oci.reference import parse_digest
+from mirror.pull.fill import Fill
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +91,17 @@ class Mirror:
 
     def partial_files(self) -> list[Path]:
         return list((self.data_dir / "tmp").iterdir())
+
+    def fill(self, digest: str) -> Fill:
+        """The fill of `digest` in flight, to look at its progress (`written`, `size`)."""
+        assert self.app is not None
+        coordinator = self.app[CACHE].coordinator
+        key = parse_digest(digest)
+        assert key in coordinator.filling(), "no fill of it in flight"
+        joined = coordinator.fill(key, lambda: None, lambda _: asyncio.sleep(0))
+        assert not joined.started
+        fill: Fill = joined.state
+        return fill
 
     async def settled(self, timeout: float = 10.0) -> None:
         """Wait until no fill is in flight and every committed blob is recorded: a client

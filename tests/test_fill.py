@@ -8,7 +8,7 @@ import hashlib
 import os
 
 import aiohttp
-from conftest import MakeMirror
+from conftest import MakeMirror, wait_until
 from upstream_sim import UpstreamSim
 
 SIZE = 8 * 1024 * 1024 + 12345
@@ -146,8 +146,10 @@ async def test_client_that_leaves_does_not_cancel_the_fill(
 async def test_range_on_a_blob_being_filled(
     sim: UpstreamSim, make_mirror: MakeMirror, client: aiohttp.ClientSession
 ) -> None:
-    """A Range request that arrives during the fill is answered 206 from the partial file
-    (all but its last byte, which waits for the digest check), sharing the one upstream GET."""
+    """A Range request for bytes the fill has already written is answered 206 from the
+    partial file, whole (a range's last byte does not wait for the digest check of the
+    blob), while upstream is still held, sharing the one upstream GET: no ranged request
+    goes upstream."""
     data = _blob(5)
     digest = sim.add_blob(data)
     hold = sim.fault(digest, "slow", part=SIZE // 2)
@@ -155,15 +157,17 @@ async def test_range_on_a_blob_being_filled(
     url = mirror.url + _path(digest)
     leader = asyncio.create_task(_fetch(client, url))
     await hold.reached.wait()
+    await wait_until(lambda: mirror.fill(digest).written >= 200)
     async with client.get(url, headers={"Range": "bytes=100-199"}) as resp:
         assert resp.status == 206
         assert resp.headers["Content-Range"] == f"bytes 100-199/{SIZE}"
-        head = await resp.content.readexactly(99)
-        assert not hold.gate.is_set(), "answered from the partial file while upstream is held"
-        hold.gate.set()
-        assert head + await resp.read() == data[100:200]
+        assert resp.headers["X-Mirror-Cache"] == "coalesced"
+        assert await asyncio.wait_for(resp.read(), 30) == data[100:200]
+    assert not hold.gate.is_set(), "answered from the partial file while upstream is held"
+    hold.gate.set()
     assert await leader == data
     assert sim.requests[("GET", _path(digest))] == 1
+    assert [s.headers.get("Range") for s in sim.log if s.path == _path(digest)] == [None]
 
 
 async def test_upstream_errors_become_error_json(

@@ -295,8 +295,9 @@ async def test_range_requests_on_a_cached_blob(
 ) -> None:
     """On a committed blob: `bytes=0-9` is 206 with Content-Range and the first 10 bytes;
     `bytes=-5` the last 5; an end past the size is clamped; `bytes=<size>-` is 416 with
-    `Content-Range: bytes */size` and RANGE_INVALID JSON; a malformed or multi-range header
-    is ignored (200, whole blob). None of it goes upstream again."""
+    `Content-Range: bytes */size` and RANGE_INVALID JSON; close parts of a multi-range
+    header are answered as the one range they span; a malformed header is ignored (200,
+    whole blob). None of it goes upstream again."""
     url, digest, data = cached_blob
     size = len(data)
     before = sum(sim.requests.values())
@@ -307,6 +308,8 @@ async def test_range_requests_on_a_cached_blob(
         ("bytes=100-199", 206, 100, 200),
         (f"bytes=10-{size + 1000}", 206, 10, size),
         (f"bytes={size - 1}-", 206, size - 1, size),
+        ("bytes=0-1,5-6", 206, 0, 7),
+        ("bytes=5-6, 0-1,", 206, 0, 7),
     ]
     for spec, status, start, end in cases:
         async with client.get(blob_url, headers={"Range": spec}) as resp:
@@ -326,7 +329,7 @@ async def test_range_requests_on_a_cached_blob(
     async with client.get(blob_url, headers={"Range": f"bytes=-{size + 10}"}) as resp:
         assert resp.status in (200, 206)  # a suffix longer than the blob means all of it
         assert await resp.read() == data
-    for spec in ("bytes=abc", "bytes=5-2", "items=0-9", "bytes=0-1,5-6", "bytes", ""):
+    for spec in ("bytes=abc", "bytes=5-2", "items=0-9", "bytes=0-1,5-2", "bytes", "", "bytes=-"):
         async with client.get(blob_url, headers={"Range": spec}) as resp:
             body = await resp.read()
             assert resp.status == 200, spec

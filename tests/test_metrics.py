@@ -63,7 +63,7 @@ async def test_a_fresh_mirror_exports_every_metric_the_dashboard_queries(
         text = await resp.text()
     exported = set(re.findall(r"^(mirror_[a-z_]+)", text, re.M))
     assert _dashboard_metrics() <= exported, _dashboard_metrics() - exported
-    for source in ("hot", "warm", "cold", "upstream", "pass-through"):
+    for source in ("hot", "warm", "cold", "upstream", "range", "pass-through"):
         assert f'mirror_blob_bytes_served_total{{source="{source}"}} 0.0' in text
     for source in ("upstream", "cold"):
         for result in ("ok", "failed"):

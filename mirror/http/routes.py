@@ -3,7 +3,7 @@
 Endpoints (OCI distribution spec, pull side):
     GET       /v2/                               API version check
     GET|HEAD  /v2/<name>/manifests/<reference>   tag or digest
-    GET|HEAD  /v2/<name>/blobs/<digest>          with Range (RFC 9110 §14)
+    GET|HEAD  /v2/<name>/blobs/<digest>          with Range, multi-range too (RFC 9110 §14)
     GET       /v2/<name>/tags/list               n / last passed through
     GET       /v2/<name>/referrers/<digest>      passed through
 Anything that writes (POST, PUT, PATCH, DELETE) is UNSUPPORTED: this is a read-only mirror.
@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -30,6 +32,9 @@ from mirror.oci.reference import Digest, parse_digest, parse_reference
 from mirror.outcome import Outcome
 from mirror.pull.fill import Fill
 from mirror.pull.service import MirrorService
+from mirror.ranges import Multipart, Span, Spec
+from mirror.ranges import parse as parse_ranges
+from mirror.ranges import plan as plan_ranges
 from mirror.store.blobs import OpenBlob
 from mirror.store.manifests import StoredManifest
 from mirror.upstream.client import FILTERS_APPLIED
@@ -40,6 +45,11 @@ log = logging.getLogger("mirror.http")
 #: On an answer served stale because upstream failed (RFC 9111 leaves Warning to 299, its
 #: miscellaneous persistent warning).
 STALE_WARNING = '299 - "response is stale: upstream could not be reached"'
+
+#: Blob bytes sent in one answer, by where they came from (the metrics' `source`).
+Served = Counter[str]
+#: Sends bytes [start, end) of the blob and counts them in `served`.
+Part = Callable[[SocketSender, int, int, Served], Awaitable[None]]
 
 _ENDPOINTS = (
     ("manifest", re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
@@ -144,7 +154,10 @@ class Routes:
         digest = parse_digest(ref)
         if request.method == "HEAD":
             return await self._blob_head(request, target, digest)
-        answer = await self._service.blobs.get(target, digest, request.remote or "")
+        specs = requested_ranges(request)
+        answer = await self._service.blobs.get(
+            target, digest, request.remote or "", ranged=specs is not None
+        )
         if answer.outcome is Outcome.PASS_THROUGH:
             self._metrics.lookup("pass-through")
             return await self._send_through(request, target, digest)
@@ -152,7 +165,7 @@ class Routes:
         if answer.stored is not None:
             self._metrics.lookup(answer.tier)
             return await self._send_stored(
-                request, target, digest, answer.stored, answer.outcome, answer.tier
+                request, target, digest, answer.stored, answer.outcome, specs, answer.tier
             )
         assert answer.fill is not None
         try:
@@ -160,8 +173,7 @@ class Routes:
         except errors.DiskFull:
             self._metrics.lookup("pass-through")
             return await self._send_through(request, target, digest)
-        self._metrics.lookup(answer.fill.source)
-        return await self._send_filling(request, target, digest, answer.fill, answer.outcome)
+        return await self._send_filling(request, target, digest, answer.fill, answer.outcome, specs)
 
     async def _blob_head(
         self, request: web.Request, target: Target, digest: Digest
@@ -194,56 +206,117 @@ class Routes:
         digest: Digest,
         blob: OpenBlob,
         outcome: Outcome,
+        specs: list[Spec] | None,
         tier: str = "warm",
     ) -> web.StreamResponse:
         try:
-            start, end = byte_range(request, blob.size)
-            status, headers = self._range_headers(target, digest, outcome, blob.size, start, end)
-            if blob.data is not None:  # small: one response write, no sendfile thread hop
+            spans = _spans(specs, blob.size)
+            headers = self._blob_headers(target, digest, outcome)
+            data = blob.data
+            if data is not None and len(spans) == 1:  # small: one write, no sendfile thread hop
+                start, end = spans[0]
+                status = _one_span(headers, blob.size, start, end)
                 self._metrics.served(tier, end - start)
-                return web.Response(status=status, body=blob.data[start:end], headers=headers)
+                return web.Response(status=status, body=data[start:end], headers=headers)
             fd = blob.fd
-            return await self._stream(
-                request,
-                status,
-                headers,
-                start,
-                end,
-                tier,
-                lambda sender: sender.send(fd, start, end - start),
-            )
+
+            async def part(sender: SocketSender, start: int, end: int, served: Served) -> None:
+                if data is not None:
+                    await sender.write(data[start:end])
+                else:
+                    await sender.send(fd, start, end - start)
+                served[tier] += end - start
+
+            return await self._send_spans(request, headers, blob.size, spans, part)
         finally:
             blob.close()
 
     async def _send_filling(
-        self, request: web.Request, target: Target, digest: Digest, fill: Fill, outcome: Outcome
+        self,
+        request: web.Request,
+        target: Target,
+        digest: Digest,
+        fill: Fill,
+        outcome: Outcome,
+        specs: list[Spec] | None,
     ) -> web.StreamResponse:
-        """Follow a fill from the partial file as it grows (or the committed file once done)."""
+        """Follow a fill from the partial file as it grows (or the committed file once done).
+        A range the fill has not reached yet is asked of upstream at once instead (lazy
+        pulling: a 64 KiB read of a layer's tail does not wait for the whole layer)."""
         await fill.ready()
         fd = fill.attach()
         if fd is None or fill.size is None:
             if fd is not None:
                 os.close(fd)
+            self._metrics.lookup(fill.source)
             await fill.finished()
             stored = await self._service.blobs.committed(digest)
             if stored is None:
                 raise errors.BlobUnknown(detail={"digest": str(digest)})
-            return await self._send_stored(request, target, digest, stored, outcome)
+            return await self._send_stored(request, target, digest, stored, outcome, specs)
         try:
-            start, end = byte_range(request, fill.size)
-            status, headers = self._range_headers(target, digest, outcome, fill.size, start, end)
+            size = fill.size
+            spans = _spans(specs, size)
+            if spans == [(0, size)]:  # the whole blob: its last byte once the digest checks
+                self._metrics.lookup(fill.source)
+
+                async def whole(sender: SocketSender, start: int, end: int, served: Served) -> None:
+                    await sender.send_growing(fd, start, end, fill.available)
+                    served[fill.source] += end - start
+
+                headers = self._blob_headers(target, digest, outcome)
+                with fill.watched():
+                    return await self._send_spans(request, headers, size, spans, whole)
+            lazy = any(fill.behind(end) for _, end in spans)
+            if lazy:
+                outcome = Outcome.PASS_THROUGH
+                request[OUTCOME] = outcome.value
+            self._metrics.lookup("range" if lazy else fill.source)
+
+            async def part(sender: SocketSender, start: int, end: int, served: Served) -> None:
+                pos = start
+                if fill.behind(end):
+                    pos = await self._range_through(sender, target, digest, start, end, served)
+                if pos < end:
+                    await sender.send_growing(fd, pos, end, fill.landed)
+                    served[fill.source] += end - pos
+
+            headers = self._blob_headers(target, digest, outcome)
             with fill.watched():
-                return await self._stream(
-                    request,
-                    status,
-                    headers,
-                    start,
-                    end,
-                    fill.source,
-                    lambda sender: sender.send_growing(fd, start, end, fill.available),
-                )
+                return await self._send_spans(request, headers, size, spans, part)
         finally:
             os.close(fd)
+
+    async def _range_through(
+        self,
+        sender: SocketSender,
+        target: Target,
+        digest: Digest,
+        start: int,
+        end: int,
+        served: Served,
+    ) -> int:
+        """Send what upstream gives of [start, end) of a blob being filled and return how far
+        it got: the rest comes from the fill, when upstream ignored the Range or failed on
+        the way (the bytes are the same blob's either way)."""
+        pos = start
+        try:
+            async with self._service.blobs.upstream_range(target, digest, start, end) as body:
+                if body is not None:
+                    async for chunk in body.chunks():
+                        await sender.write(chunk)
+                        pos += len(chunk)
+        except errors.MirrorError as e:
+            log.info(
+                "range %d-%d of %s: upstream failed at %d (%s); the fill brings the rest",
+                start,
+                end - 1,
+                digest,
+                pos,
+                e,
+            )
+        served["range"] += pos - start
+        return pos
 
     async def _send_through(
         self, request: web.Request, target: Target, digest: Digest
@@ -269,34 +342,54 @@ class Routes:
         await response.write_eof()
         return response
 
-    def _range_headers(
-        self, target: Target, digest: Digest, outcome: Outcome, size: int, start: int, end: int
-    ) -> tuple[int, dict[str, str]]:
-        """Status and headers of a whole (200) or partial (206, RFC 9110 §15.3.7) blob answer."""
-        headers = self._blob_headers(target, digest, outcome)
-        if (start, end) == (0, size):
-            return 200, headers
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        return 206, headers
+    async def _send_spans(
+        self,
+        request: web.Request,
+        headers: dict[str, str],
+        size: int,
+        spans: list[Span],
+        part: Part,
+    ) -> web.StreamResponse:
+        """The answer holding `spans` of a blob of `size` bytes: the whole (200), one range
+        (206, RFC 9110 §15.3.7) or several as `multipart/byteranges` (§14.6), each part's
+        bytes sent by `part`."""
+        if len(spans) == 1:
+            start, end = spans[0]
+            status = _one_span(headers, size, start, end)
+
+            async def one(sender: SocketSender, served: Served) -> None:
+                await part(sender, start, end, served)
+
+            return await self._stream(request, status, headers, end - start, one)
+        framing = Multipart(spans, size, headers["Content-Type"], secrets.token_hex(16))
+        headers["Content-Type"] = framing.content_type
+
+        async def parts(sender: SocketSender, served: Served) -> None:
+            for i, (start, end) in enumerate(spans):
+                await sender.write(framing.head(i))
+                await part(sender, start, end, served)
+            await sender.write(framing.tail)
+
+        return await self._stream(request, 206, headers, framing.length, parts)
 
     async def _stream(
         self,
         request: web.Request,
         status: int,
         headers: dict[str, str],
-        start: int,
-        end: int,
-        source: str,
-        send: Callable[[SocketSender], Awaitable[None]],
+        length: int,
+        send: Callable[[SocketSender, Served], Awaitable[None]],
     ) -> web.StreamResponse:
-        """Send the headers, then the body through a SocketSender; a failure after the headers
-        cuts the connection, so the client sees a failed transfer, never a short success."""
+        """Send the headers, then the body through a SocketSender (`send` counts the bytes it
+        sent by source); a failure after the headers cuts the connection, so the client sees
+        a failed transfer, never a short success."""
         response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = end - start
+        response.content_length = length
         await response.prepare(request)
+        served: Served = Counter()
         try:
             async with SocketSender(request, response, self._pool, self._pace) as sender:
-                await send(sender)
+                await send(sender, served)
         except (ClientGone, errors.MirrorError) as e:
             reason = (
                 "fill_failed"
@@ -310,7 +403,8 @@ class Routes:
             self._metrics.aborted(reason)
             abort(request)
             return response
-        self._metrics.served(source, end - start)
+        for source, nbytes in served.items():
+            self._metrics.served(source, nbytes)
         await response.write_eof()
         return response
 
@@ -360,21 +454,27 @@ def next_link(link: str, target: Target) -> str:
     return f"<{rewritten}{sep}{params}" if sep else f"<{rewritten}>"
 
 
-def byte_range(request: web.Request, size: int) -> tuple[int, int]:
-    """[start, end) of a single-range request; the whole blob when there is no usable Range
-    (a malformed or multi-range header is ignored, as RFC 9110 §14.2 allows); RANGE_INVALID
-    when the range lies past the end."""
-    if "Range" not in request.headers:
-        return 0, size
-    try:
-        rng = request.http_range
-    except ValueError:
-        return 0, size
-    start, stop = rng.start, rng.stop
-    if start is None:
-        return 0, size
-    if start < 0:
-        return max(size + start, 0), size
-    if start >= size:
+def requested_ranges(request: web.Request) -> list[Spec] | None:
+    """The range-specs of the request's Range header; None without a usable one."""
+    value = request.headers.get("Range")
+    return None if value is None else parse_ranges(value)
+
+
+def _spans(specs: list[Spec] | None, size: int) -> list[Span]:
+    """What a blob answer holds: the whole blob without a usable Range, else the parts the
+    Range comes to (ranges.plan); RANGE_INVALID when none of it lies in the blob."""
+    if specs is None:
+        return [(0, size)]
+    spans = plan_ranges(specs, size)
+    if not spans:
         raise errors.RangeInvalid(size)
-    return start, size if stop is None else min(stop, size)
+    return spans
+
+
+def _one_span(headers: dict[str, str], size: int, start: int, end: int) -> int:
+    """The status of an answer of one span: 200 for the whole blob, else 206 with its
+    Content-Range (added to `headers`)."""
+    if (start, end) == (0, size):
+        return 200
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    return 206

@@ -9,7 +9,9 @@ meanwhile, so the thread never writes to a reused descriptor. A client that stop
 transfer with an error.
 
 The same primitive serves committed blobs and blobs still being filled (a follower sends each
-newly landed range as it arrives).
+newly landed range as it arrives). Bytes that are not in a file (the head of each part of a
+multipart answer, a range passed through from upstream) go through the transport, held to
+the same pace; the transport is flushed before the next sendfile, so the two never interleave.
 
 Over TLS the bytes must go through the TLS transport, so there the sender reads pieces of the
 file in the thread pool and writes them to the response instead (one copy through Python).
@@ -160,6 +162,9 @@ class SocketSender:
         self._pace = pace
         self._sock: int | None = None
         self._tls = False
+        #: Seconds spent waiting on the client in transport writes: the floor's clock.
+        self._waited = 0.0
+        self._floor = RateFloor(pace.min_rate, pace.window, clock=lambda: self._waited)
 
     async def __aenter__(self) -> SocketSender:
         transport = self._request.transport
@@ -203,13 +208,25 @@ class SocketSender:
             return await self._copy(fd, start, end, available)
         await self._in_thread(_follow_blocking, fd, start, end, available)
 
+    async def write(self, data: bytes) -> None:
+        """Send bytes that are in no file, through the transport, at the client's pace: it
+        is stalled past `Pace.idle` and under `Pace.min_rate` as with sendfile."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await asyncio.wait_for(self._response.write(data), self._pace.idle)
+        except TimeoutError as e:
+            raise ClientStalled("client stopped reading") from e
+        except ConnectionError as e:
+            raise ClientGone(str(e)) from e
+        self._waited += loop.time() - started
+        if self._floor.below(len(data)) is not None:
+            raise ClientStalled("client read slower than the minimum rate")
+
     async def _copy(self, fd: int, pos: int, end: int, available: Available | None) -> None:
         """TLS: pread pieces in the pool and write them through the transport."""
         loop = asyncio.get_running_loop()
         stop = threading.Event()
-        idle = self._pace.idle
-        waited = [0.0]  # seconds spent waiting on the client, the floor's clock
-        floor = RateFloor(self._pace.min_rate, self._pace.window, clock=lambda: waited[0])
         try:
             while pos < end:
                 limit = (
@@ -223,24 +240,20 @@ class SocketSender:
                     )
                     if not chunk:
                         raise ClientGone("file shorter than announced")
-                    started = loop.time()
-                    try:
-                        await asyncio.wait_for(self._response.write(chunk), idle)
-                    except TimeoutError as e:
-                        raise ClientStalled("client stopped reading") from e
-                    except ConnectionError as e:
-                        raise ClientGone(str(e)) from e
+                    await self.write(chunk)
                     pos += len(chunk)
-                    waited[0] += loop.time() - started
-                    if floor.below(len(chunk)) is not None:
-                        raise ClientStalled("client read slower than the minimum rate")
         finally:
             stop.set()
 
     async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
         """Run a blocking sender in the pool; if we are cancelled, stop it and wait for it, so
-        the socket duplicate is never closed under a running thread."""
+        the socket duplicate is never closed under a running thread. What the transport still
+        holds goes out first."""
         assert self._sock is not None
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone("connection lost")
+        await self._flush(transport)
         stop = threading.Event()
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(

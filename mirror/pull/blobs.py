@@ -1,7 +1,9 @@
 """Blobs through the cache: a committed file is served as it is; otherwise ONE detached
 fill per digest (the coordinator's `fill` + `fill.Fill`) that every requester follows from
-byte 0, from cold (a promotion) or upstream. A blob the disk cannot take streams through to
-its client, verified and kept nowhere."""
+byte 0, from cold (a promotion) or upstream. A Range the fill has not reached yet is asked of
+upstream on its own while the fill goes on (lazy pulling): those bytes reach that one client,
+unverified, and are kept nowhere. A blob the disk cannot take streams through to its client,
+verified and kept nowhere."""
 
 from __future__ import annotations
 
@@ -76,10 +78,18 @@ class Blobs:
         #: Fills still running, by the client address that started them.
         self._started: Counter[str] = Counter()
 
-    async def get(self, target: Target, digest: Digest, client: str = "") -> BlobAnswer:
+    async def get(
+        self, target: Target, digest: Digest, client: str = "", ranged: bool = False
+    ) -> BlobAnswer:
         """An open cached blob (hot or warm), or the (possibly just started) fill that will
         bring it from cold or upstream; or neither, when it is to stream through. `client`
-        (an address) is who would start the fill, for the per-client limit."""
+        (an address) is who would start the fill, for the per-client limit.
+
+        A `ranged` request (a Range header) makes the fill wanted: it finishes whoever
+        follows it, like pull-ahead's. A lazy-pulling client reads a layer a chunk at a time
+        and is gone between reads, so `limits.abandoned_fill_bytes` would drop every large
+        layer it reads; such a fill still counts against `limits.max_fills_per_client` of
+        the client that started it while it runs."""
         found = await self._tiers.open(digest)
         if found is not None:
             if self._holdings.enabled:
@@ -98,6 +108,8 @@ class Blobs:
             fill, _, started = self.join(target, digest, client)
         if not started:  # another's fill: it may be another repository's
             await self._holdings.check(target, digest, "blob")
+        if ranged:
+            fill.wanted = True
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
 
     def _admit(self, digest: Digest, client: str) -> None:
@@ -202,6 +214,18 @@ class Blobs:
                 yield stream
 
         return source
+
+    @contextlib.asynccontextmanager
+    async def upstream_range(
+        self, target: Target, digest: Digest, start: int, end: int
+    ) -> AsyncIterator[BlobBody | None]:
+        """Bytes [start, end) of a blob being filled, straight from upstream for one Range
+        answer, while the fill brings the whole: upstream's bytes, unverified (only a whole
+        blob can be checked against its digest) and kept nowhere. None when upstream ignored
+        the Range: the caller follows the fill instead (reading the whole blob a second time
+        to skip to the range would cost as much as the fill, and slow it down)."""
+        async with self._upstream.blob_range(target, digest, start, end) as body:
+            yield body
 
     @contextlib.asynccontextmanager
     async def pass_through(self, target: Target, digest: Digest) -> AsyncIterator[BlobBody]:

@@ -3,8 +3,9 @@
 The fill runs as a detached task (the coordinator's `fill`): a client that goes away never
 cancels it. Followers read the partial file through their own dup of its descriptor, so the
 final rename (or an unlink on failure) does not disturb them, and they never send the last
-byte of their answer before the digest is verified: a cut or lying upstream reaches every
-client as a failed transfer, never as a complete wrong blob.
+byte of a whole-blob answer before the digest is verified: a cut or lying upstream reaches
+every client of the whole blob as a failed transfer, never as a complete wrong blob. A range
+answer's bytes go as they land (`landed`), as they would straight from upstream.
 """
 
 from __future__ import annotations
@@ -127,14 +128,35 @@ class Fill:
         FOLLOWER_WAKE seconds); raises the fill's error.
         Followers wait here rather than on the event loop so that a fill with many followers
         costs the loop one notify per piece, not a thread hop per piece per follower."""
+        return self._wait(pos, end, stop, hold_last=True)
+
+    def landed(self, pos: int, end: int, stop: Stop) -> int:
+        """`available` for a range answer: its bytes go as they land, the last one too. They
+        are upstream's bytes, unverified, as a range passed through from upstream is: only a
+        whole blob can be checked against its digest (lazy-pull clients check each chunk
+        against their table of contents), and what the mirror keeps is still the whole,
+        verified."""
+        return self._wait(pos, end, stop, hold_last=False)
+
+    def _wait(self, pos: int, end: int, stop: Stop, hold_last: bool) -> int:
         with self._progress:
             while True:
                 if self.error is not None:
                     raise self.error
-                limit = end if self.done or self.verified else min(self.written, end - 1)
+                limit = (
+                    end
+                    if self.done or self.verified
+                    else min(self.written, end - 1 if hold_last else end)
+                )
                 if limit > pos or stop.is_set():
                     return limit if limit > pos else pos
                 self._progress.wait(FOLLOWER_WAKE)
+
+    def behind(self, end: int) -> bool:
+        """Whether a range ending at `end` lies past what this fill has written, the fill
+        reading upstream: such a range is asked of upstream on its own rather than waited for.
+        A promotion from cold is waited for: upstream is not asked for what the mirror holds."""
+        return self.source == "upstream" and not self.done and self.written < end
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()

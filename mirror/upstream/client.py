@@ -70,19 +70,26 @@ class RawAnswer:
 
 class BlobStream:
     """One upstream answer's blob body; `size` is its Content-Length when upstream sent one.
-    `skip` leading bytes are dropped: an upstream that ignored our Range sent them again."""
+    `skip` leading bytes are dropped: an upstream that ignored our Range sent them again.
+    With `length` (a range answer) the body must be exactly that long: more is refused,
+    less is a cut, whether or not upstream sent a Content-Length."""
 
     def __init__(
-        self, response: aiohttp.ClientResponse, received: Callable[[float], None], skip: int = 0
+        self,
+        response: aiohttp.ClientResponse,
+        received: Callable[[float], None],
+        skip: int = 0,
+        length: int | None = None,
     ) -> None:
         self._response = response
         self._received = received
         self._skip = skip
-        self.size = response.content_length
+        self._length = length
+        self.size = response.content_length if length is None else length
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body in pieces; a cut or stalled connection raises a domain error."""
-        skip = self._skip
+        skip, left = self._skip, self._length
         with _translate():
             async for chunk in self._response.content.iter_any():
                 self._received(len(chunk))
@@ -91,7 +98,13 @@ class BlobStream:
                     chunk, skip = chunk[dropped:], skip - dropped
                     if not chunk:
                         continue
+                if left is not None:
+                    if len(chunk) > left:
+                        raise errors.UpstreamBadResponse("upstream sent more than the range")
+                    left -= len(chunk)
                 yield chunk
+        if left:
+            raise errors.UpstreamUnavailable("upstream connection cut mid-range")
 
 
 @contextlib.contextmanager
@@ -131,11 +144,15 @@ def _transient(e: errors.MirrorError) -> bool:
     )
 
 
-def _range_start(content_range: str) -> int | None:
-    """The first byte of `bytes <first>-<last>/<total>`; None if malformed."""
-    unit, _, span = content_range.partition(" ")
-    first = span.partition("-")[0]
-    return int(first) if unit == "bytes" and first.isdigit() else None
+def _content_range(value: str) -> tuple[int, int] | None:
+    """First and last byte of `bytes <first>-<last>/<total or *>` (last -1 when it is no
+    number); None if malformed."""
+    unit, _, span = value.partition(" ")
+    first, _, rest = span.partition("-")
+    last = rest.partition("/")[0]
+    if unit != "bytes" or not (first.isascii() and first.isdigit()):
+        return None
+    return int(first), int(last) if last.isascii() and last.isdigit() else -1
 
 
 def _status_error(
@@ -273,7 +290,8 @@ class UpstreamClient:
                 yield BlobStream(resp, received)
                 return
             if resp.status == 206:
-                if _range_start(resp.headers.get("Content-Range", "")) != offset:
+                answered = _content_range(resp.headers.get("Content-Range", ""))
+                if answered is None or answered[0] != offset:
                     raise errors.UpstreamBadResponse(
                         "upstream answered a resumed blob from the wrong offset",
                         detail={
@@ -284,6 +302,34 @@ class UpstreamClient:
                 yield BlobStream(resp, received)
             else:
                 yield BlobStream(resp, received, skip=offset)
+
+    @contextlib.asynccontextmanager
+    async def blob_range(
+        self, target: Target, digest: Digest, start: int, end: int
+    ) -> AsyncIterator[BlobStream | None]:
+        """Bytes [start, end) of a blob, one try (`Range: bytes=<start>-<end - 1>`): a 206
+        must hold exactly those. None when upstream ignored the Range (a 200, the whole blob):
+        that answer's body is not read, its connection is closed."""
+        path = f"/v2/{target.repo}/blobs/{digest}"
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        async with self._open(target, "GET", path, headers, retry=False) as resp:
+            self._check(resp, errors.BlobUnknown(detail={"digest": str(digest)}))
+            if resp.status != 206:
+                yield None
+                return
+            length = resp.content_length
+            if _content_range(resp.headers.get("Content-Range", "")) != (start, end - 1) or (
+                length is not None and length != end - start
+            ):
+                raise errors.UpstreamBadResponse(
+                    "upstream answered another range than the one asked for",
+                    detail={
+                        "asked": headers["Range"],
+                        "Content-Range": resp.headers.get("Content-Range"),
+                    },
+                )
+            received = self._metrics.receiving(target.upstream.name)
+            yield BlobStream(resp, received, length=end - start)
 
     async def blob_size(self, target: Target, digest: Digest) -> int | None:
         """HEAD a blob: its size, or None when upstream does not say."""
