@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import fnmatch
 import hashlib
 import ipaddress
 import re
@@ -297,6 +298,71 @@ class AdminConfig:
         return f"AdminConfig(enabled={self.enabled}, prefix={self.prefix!r})"
 
 
+#: What happens that the mirror tells of (`[events]`): a webhook's `events` globs are matched
+#: against these, and each is the CloudEvents type `io.mirror.<kind>`.
+EVENT_KINDS = (
+    "pull",
+    "blob.cached",
+    "blob.evicted",
+    "digest.mismatch",
+    "tag.moved",
+    "upstream.down",
+    "upstream.up",
+    "ratelimit.low",
+    "import.done",
+    "export.done",
+    "admin",
+)
+#: The kinds the audit log keeps: who pulled what, and every administrative action.
+AUDIT_KINDS = ("pull", "admin", "import.done", "export.done")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """One receiver of events: batches of CloudEvents POSTed to `url`, each event kept on disk
+    until the receiver answered 2xx."""
+
+    url: str = ""
+    #: Its name in metrics and the key of its queue on disk (default: the URL's host[:port]).
+    name: str = ""
+    #: Globs over EVENT_KINDS: which events it gets.
+    events: tuple[str, ...] = ("*",)
+    #: HMAC-SHA256 key: each delivery is signed in a `Mirror-Signature` header (empty: unsigned).
+    secret: str = ""
+    #: Seconds one delivery may take, connecting included.
+    timeout: float = 10.0
+    #: More headers sent with every delivery (a receiver's own authentication, say).
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __repr__(self) -> str:  # secrets, header values and query strings never reach logs
+        shown = self.url.split("?", 1)[0]
+        return (
+            f"Webhook(name={self.name!r}, url={shown!r}, events={self.events!r}, "
+            f"secret={'***' if self.secret else ''!r}, headers={[k for k, _ in self.headers]!r})"
+        )
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """Webhooks that are told what happens, and the audit trail. Off while there is neither."""
+
+    webhooks: tuple[Webhook, ...] = ()
+    #: The CloudEvents `source` of every event (empty: `urn:mirror:<host name>`).
+    source: str = ""
+    #: Events kept on disk per webhook while it cannot take them; past it the oldest go.
+    max_queue: int = 10000
+    #: A file that gets every pull and every administrative action as one JSON line.
+    audit_log: str = ""
+    #: The audit log is rotated when it would grow past this (0: never; for logrotate + SIGHUP).
+    audit_max_bytes: int = 100 * MiB
+    #: Rotated audit files kept (`<audit_log>.1` the newest).
+    audit_keep: int = 5
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.webhooks or self.audit_log)
+
+
 @dataclass(frozen=True)
 class RetentionRule:
     """Lifecycle for cached images of matching repositories, in the spirit of ECR's: the
@@ -342,6 +408,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
@@ -606,6 +673,7 @@ def _check(config: Config) -> None:
         raise ConfigError("retries: need attempts >= 1 and 0 <= backoff <= max_backoff")
     _check_tiers(config)
     _check_bundle(config.bundle)
+    _check_events(config.events)
     if config.admin.enabled and len(config.admin.token) < 16:
         raise ConfigError("admin.token: the admin API needs a token of at least 16 characters")
     if not config.admin.prefix.startswith("/_"):
@@ -788,6 +856,71 @@ def _check_bundle(bundle: BundleConfig) -> None:
         )
 
 
+#: A webhook's name: a metrics label and the key of its queue.
+_WEBHOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+#: Headers a delivery sets itself.
+_OWN_HEADERS = frozenset({"content-type", "content-length", "mirror-signature", "host"})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def webhook_name(hook: Webhook) -> str:
+    """The name a webhook goes by: its own, or its URL's host[:port]."""
+    if hook.name:
+        return hook.name
+    parts = urlsplit(hook.url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
+
+
+def _check_events(events: EventsConfig) -> None:
+    if events.max_queue < 1:
+        raise ConfigError(f"events.max_queue: at least 1, got {events.max_queue!r}")
+    if events.audit_max_bytes < 0:
+        raise ConfigError("events.audit_max_bytes: must not be negative")
+    if events.audit_max_bytes and events.audit_keep < 1:
+        raise ConfigError(
+            "events.audit_keep: at least 1 while audit_max_bytes rotates the log "
+            "(audit_max_bytes = 0 leaves rotation to logrotate)"
+        )
+    if events.audit_log and not Path(events.audit_log).parent.is_dir():
+        raise ConfigError(f"events.audit_log: no such directory for {events.audit_log!r}")
+    if any(c.isspace() for c in events.source):
+        raise ConfigError(f"events.source: a URI reference, got {events.source!r}")
+    seen: dict[str, int] = {}
+    for i, hook in enumerate(events.webhooks):
+        where = f"events.webhooks[{i}]"
+        parts = urlsplit(hook.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.url: must be an http:// or https:// URL, got {hook.url!r}")
+        if parts.username or parts.password:
+            raise ConfigError(f"{where}.url: put credentials in headers, not in the URL")
+        name = webhook_name(hook)
+        if not _WEBHOOK_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}.name: letters, digits and . _ : - (at most 64), got {name!r}"
+            )
+        if name in seen:
+            raise ConfigError(
+                f"{where}.name: {name!r} is also webhooks[{seen[name]}]'s; give each its own name"
+            )
+        seen[name] = i
+        if not hook.events:
+            raise ConfigError(f'{where}.events: name at least one kind (or "*")')
+        for pattern in hook.events:
+            if not fnmatch.filter(EVENT_KINDS, pattern):
+                raise ConfigError(
+                    f"{where}.events: {pattern!r} matches none of {', '.join(EVENT_KINDS)}"
+                )
+        if hook.secret and len(hook.secret) < 16:
+            raise ConfigError(f"{where}.secret: at least 16 characters")
+        if not hook.timeout > 0:
+            raise ConfigError(f"{where}.timeout: must be a positive number of seconds")
+        for header, value in hook.headers:
+            if not _HEADER_NAME.fullmatch(header) or header.lower() in _OWN_HEADERS:
+                raise ConfigError(f"{where}.headers: {header!r} is not a header it may set")
+            if any(c in value for c in "\r\n\0"):
+                raise ConfigError(f"{where}.headers: the value of {header!r} has a line break")
+
+
 #: What a pin looks like, in words (for errors).
 PIN_FORM = "<upstream>/<repository>:<tag pattern>"
 
@@ -817,6 +950,14 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
         return _build(kind, value, f"{key}.")
     origin = typing.get_origin(kind)
     item = typing.get_args(kind)[0] if origin is tuple else None
+    if typing.get_origin(item) is tuple:  # a table of strings, kept as sorted pairs
+        if isinstance(value, tuple):
+            return value
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{key}: must be a table of strings")
+        return tuple(sorted(value.items()))
     if isinstance(item, type) and dataclasses.is_dataclass(item) and not isinstance(value, tuple):
         if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
             raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
@@ -836,7 +977,8 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
 
 def _shown(key: str, value: Any) -> str:
     """A value for an error message; secrets are never echoed."""
-    return "(hidden)" if key.endswith(("password", "secret_access_key", "token")) else repr(value)
+    hidden = key.endswith(("password", "secret_access_key", "token", "secret")) or ".headers" in key
+    return "(hidden)" if hidden else repr(value)
 
 
 def _scalar(kind: Any, value: Any, key: str) -> Any:
