@@ -1,5 +1,6 @@
-"""The whole cache of one data directory, opened: store, tiers, eviction passes and the
-coordinator that decides who does the shared work.
+"""The whole cache of one data directory, opened: store, tiers, eviction passes, the
+coordinator that decides who does the shared work, and the events emitter (its queues live
+in the data directory too).
 
 `open_cache` opens it the same way for the server, the admin commands and bundle import and
 export. It is safe to open while a mirror serves the same data directory: SQLite in WAL mode
@@ -19,6 +20,7 @@ import diskcache
 from mirror.config import Config
 from mirror.coordination import Coordinator
 from mirror.coordination.local import LocalCoordinator
+from mirror.events import Events
 from mirror.eviction.passes import Evictions
 from mirror.metrics import Metrics
 from mirror.policies import POLICIES
@@ -45,18 +47,25 @@ class Cache:
     usage: Usage
     coordinator: Coordinator
     evictions: Evictions
+    events: Events
     _meta: diskcache.Cache
 
     def close(self) -> None:
-        """Blocking: finish the index's queued work and close it, then the metadata cache."""
+        """Blocking: finish the index's queued work and close it, then the metadata cache;
+        commit the events still pending."""
         self.index.close()
         self._meta.close()
+        self.events.close()
 
 
-def open_cache(config: Config, pool: ThreadPoolExecutor, metrics: Metrics) -> Cache:
-    """The cache of `config.data_dir` (blocking work runs in `pool`)."""
+def open_cache(
+    config: Config, pool: ThreadPoolExecutor, metrics: Metrics, serving: bool = False
+) -> Cache:
+    """The cache of `config.data_dir` (blocking work runs in `pool`); `serving` for the
+    server's own (its event queue checkpoints apart from its commits)."""
     layout = Layout(config.data_dir)
     layout.create()
+    events = Events(config.events, metrics, layout.events, server=serving)
     hot = HotTier(config.hot.max_bytes)
     meta = diskcache.Cache(str(layout.meta), eviction_policy="none", size_limit=2**62)
     index = BlobIndex(
@@ -64,11 +73,14 @@ def open_cache(config: Config, pool: ThreadPoolExecutor, metrics: Metrics) -> Ca
     )
     blobs = BlobStore(layout, pool)
     usage = Usage(config.warm, index, blobs)
-    tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, ColdStore.from_config(config.cold))
+    cold = ColdStore.from_config(config.cold)
+    tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, events, cold)
     manifests = ManifestStore(meta, pool, hot)
     coordinator = LocalCoordinator(TagStore(meta, pool, hot))
-    evictions = Evictions(config, tiers, manifests, coordinator, metrics)
-    return Cache(layout, blobs, index, manifests, tiers, usage, coordinator, evictions, meta)
+    evictions = Evictions(config, tiers, manifests, coordinator, metrics, events)
+    return Cache(
+        layout, blobs, index, manifests, tiers, usage, coordinator, evictions, events, meta
+    )
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from aiohttp import web
 from mirror import __version__, logs
 from mirror.config import Config, ignored_variables, load_config
 from mirror.errors import ConfigError
-from mirror.http.app import build_app
+from mirror.http.app import CACHE, build_app
 from mirror.http.server import MirrorSite
 from mirror.ops import commands, prefetch
 
@@ -160,8 +160,14 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: what was opened from files is opened again (for logrotate, renewed certificates)
+    reopen = []
     if tls is not None:
-        loop.add_signal_handler(signal.SIGHUP, tls.on_sighup)
+        reopen.append(tls.on_sighup)
+    if config.events.audit_log:
+        reopen.append(app[CACHE].events.reopen)
+    if reopen:
+        loop.add_signal_handler(signal.SIGHUP, lambda: [action() for action in reopen])
     try:
         await stop.wait()
     finally:

@@ -45,6 +45,13 @@ _LATENCY_BUCKETS = (
     30,
     60,
 )
+#: Why events left a webhook's queue undelivered: the queue was full (the oldest go), the
+#: receiver refused a batch with a 4xx that another try would not mend, or the queue could not
+#: be written.
+EVENT_DROP_REASONS = ("queue_full", "rejected", "unwritable")
+#: Seconds from an event to its delivery: milliseconds while the receiver is up, the length of
+#: an outage while it is not.
+_DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 _FILL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
 
@@ -189,12 +196,51 @@ class Metrics:
             ["upstream"],
             registry=self.registry,
         )
+        self.events_emitted = Counter(
+            "mirror_events_emitted",
+            "Events emitted (committed to every queue and audit log that wants them), by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.events_delivered = Counter(
+            "mirror_events_delivered",
+            "Events a webhook acknowledged with 2xx.",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.events_failed = Counter(
+            "mirror_events_failed",
+            "Deliveries to a webhook that failed and will be tried again (no answer, 408, "
+            "429, 3xx, 5xx).",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.events_dropped = Counter(
+            "mirror_events_dropped",
+            "Events that left a webhook's queue undelivered, by reason.",
+            ["endpoint", "reason"],
+            registry=self.registry,
+        )
+        self.events_queued = Gauge(
+            "mirror_events_queue_depth",
+            "Events waiting on disk for a webhook.",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.events_latency = Histogram(
+            "mirror_events_delivery_seconds",
+            "Seconds from an event to the 2xx that acknowledged it.",
+            ["endpoint"],
+            buckets=_DELIVERY_BUCKETS,
+            registry=self.registry,
+        )
         self.open_fds = Gauge(
             "mirror_open_fds", "File descriptors the process holds.", registry=self.registry
         )
         self.tasks = Gauge("mirror_asyncio_tasks", "asyncio tasks alive.", registry=self.registry)
         self._latency_children: dict[str, Any] = {}
         self._request_children: dict[tuple[str, str, int, str], Counter] = {}
+        self._emitted_children: dict[str, Any] = {}
         self._prefill()
 
     def _prefill(self) -> None:
@@ -254,7 +300,45 @@ class Metrics:
                 for reason in ("status", "connection"):
                     self.upstream_retries.labels(name, kind, reason)
 
+    def prefill_events(self, kinds: Iterable[str], endpoints: Iterable[str]) -> None:
+        """The event kinds and the configured webhooks' names, exported at 0 from the start."""
+        for kind in kinds:
+            self._emitted_children[kind] = self.events_emitted.labels(kind)
+        for name in endpoints:
+            self.events_delivered.labels(name)
+            self.events_failed.labels(name)
+            self.events_queued.labels(name)
+            self.events_latency.labels(name)
+            for reason in EVENT_DROP_REASONS:
+                self.events_dropped.labels(name, reason)
+
     # -- named helpers: every update goes through one of these ---------------------------------
+
+    def event_emitted(self, kind: str, count: int = 1) -> None:
+        """Events committed to their queues and audit log (from the events thread)."""
+        child = self._emitted_children.get(kind)
+        if child is None:
+            child = self._emitted_children[kind] = self.events_emitted.labels(kind)
+        child.inc(count)
+
+    def events_acknowledged(self, endpoint: str, ages: Iterable[float]) -> None:
+        """Events a webhook answered 2xx for, each `age` seconds after it was emitted."""
+        latency, count = self.events_latency.labels(endpoint), 0
+        for age in ages:
+            latency.observe(age)
+            count += 1
+        self.events_delivered.labels(endpoint).inc(count)
+
+    def event_delivery_failed(self, endpoint: str) -> None:
+        self.events_failed.labels(endpoint).inc()
+
+    def events_lost(self, endpoint: str, reason: str, count: int) -> None:
+        """Events that left `endpoint`'s queue undelivered: `queue_full`, `rejected`,
+        `unwritable`."""
+        self.events_dropped.labels(endpoint, reason).inc(count)
+
+    def events_waiting(self, endpoint: str, depth: int) -> None:
+        self.events_queued.labels(endpoint).set(depth)
 
     def retried(self, upstream: str, kind: str, reason: str) -> None:
         """An upstream request tried again: after a `connection` failure or a retryable

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from mirror import errors
 from mirror.config import Config
 from mirror.coordination import Coordinator
+from mirror.events import Events
 from mirror.eviction.policy import plan, target_bytes
 from mirror.eviction.retention import Retention
 from mirror.metrics import Metrics
@@ -59,9 +60,11 @@ class Evictions:
         manifests: ManifestStore,
         coordinator: Coordinator,
         metrics: Metrics,
+        events: Events,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._events = events
         self._tiers = tiers
         self._index = tiers.index
         self._manifests = manifests
@@ -155,9 +158,17 @@ class Evictions:
             moved = victims
             report.deleted += len(victims)
         await self._drop("warm", moved)
-        report.freed += sum(e.size for e in moved)
+        freed = sum(e.size for e in moved)
+        report.freed += freed
         if moved:
-            self._metrics.evicted("warm", reason, len(moved), sum(e.size for e in moved))
+            self._metrics.evicted("warm", reason, len(moved), freed)
+            self._events.blob_evicted(
+                tier="warm",
+                reason=reason,
+                digests=[e.digest for e in moved],
+                nbytes=freed,
+                to="cold" if self._tiers.cold is not None else None,
+            )
 
     async def _demote(self, entry: Entry) -> bool:
         """Copy a warm blob to cold and record it there; False (blob stays warm) on failure."""
@@ -191,7 +202,15 @@ class Evictions:
         report.deleted += len(idle) + len(over)
         for reason, gone in (("idle", idle), ("budget", over)):
             if gone:
-                self._metrics.evicted("cold", reason, len(gone), sum(e.size for e in gone))
+                nbytes = sum(e.size for e in gone)
+                self._metrics.evicted("cold", reason, len(gone), nbytes)
+                self._events.blob_evicted(
+                    tier="cold",
+                    reason=reason,
+                    digests=[e.digest for e in gone],
+                    nbytes=nbytes,
+                    to=None,
+                )
 
     async def _plan(
         self, tier: str, policy: str, used: int, target: int, protected: set[Digest]

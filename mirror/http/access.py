@@ -68,6 +68,10 @@ def _compiled(patterns: Iterable[str]) -> Patterns:
 #: An htpasswd user with no grant may pull everything.
 EVERYTHING: Patterns = _compiled(["**"])
 
+#: Who the request's credentials name, once checked: an htpasswd user, or `token:<first 8 hex
+#: of the token's sha256>` (a token is never shown, in events or anywhere else).
+USER = web.RequestKey("user", str)
+
 
 def admits(patterns: Patterns, upstream: str, repo: str) -> bool:
     """Whether grants of these patterns may see `<upstream>/<repo>`."""
@@ -108,17 +112,22 @@ class Access:
         Unauthorized when they are missing or wrong."""
         if not self.enabled:
             return EVERYTHING
-        patterns = await self._who(request.headers.get("Authorization", ""))
-        if patterns is None:
+        found = await self._who(request.headers.get("Authorization", ""))
+        if found is None:
             raise errors.Unauthorized("authentication required", challenge=CHALLENGE)
+        request[USER], patterns = found
         return patterns
 
-    async def _who(self, header: str) -> Patterns | None:
-        """The repository patterns the credentials grant, or None when they are not valid."""
+    async def _who(self, header: str) -> tuple[str, Patterns] | None:
+        """Who the credentials name and the repository patterns they grant, or None when they
+        are not valid."""
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer":
             given = value.strip().encode()
-            return next((p for t, p in self._tokens.items() if hmac.compare_digest(t, given)), None)
+            for token, patterns in self._tokens.items():
+                if hmac.compare_digest(token, given):
+                    return "token:" + hashlib.sha256(token).hexdigest()[:8], patterns
+            return None
         if scheme.lower() != "basic":
             return None
         try:
@@ -136,7 +145,7 @@ class Access:
             if not await self._bcrypt(password.encode(), stored):
                 return None
             self._verified.remember(key, True)
-        return self._grants.get(user, EVERYTHING)
+        return user, self._grants.get(user, EVERYTHING)
 
     async def _bcrypt(self, password: bytes, stored: bytes) -> bool:
         """One bcrypt check on a password thread, once one of the slots is free."""

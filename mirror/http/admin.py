@@ -8,6 +8,9 @@
     POST   <prefix>/pins               {"pattern": "<upstream>/<repo>:<tag glob>"}
     DELETE <prefix>/pins               {"pattern": …}
     POST   <prefix>/fsck               {"repair": bool}
+
+Every request, refused ones too, is an `admin` event (the audit log keeps them): the action,
+the client's address, the body it sent and how it ended.
 """
 
 from __future__ import annotations
@@ -21,29 +24,51 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.config import AdminConfig
+from mirror.events import Events
 from mirror.ops.admin import Admin
 from mirror.ops.format import as_json
 
 
-def install(app: web.Application, admin: Admin, config: AdminConfig) -> None:
+def install(app: web.Application, admin: Admin, config: AdminConfig, events: Events) -> None:
     token = config.token.encode()
 
     def guarded(
         fn: Callable[[dict[str, Any]], Awaitable[Any]],
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
-            given = request.headers.get("Authorization", "")
-            if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token)):
-                raise errors.Unauthorized(
-                    "the admin API needs its bearer token", challenge='Bearer realm="mirror-admin"'
+            body: Any = {}
+            result = "ok"
+            try:
+                given = request.headers.get("Authorization", "")
+                if not (
+                    given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token)
+                ):
+                    raise errors.Unauthorized(
+                        "the admin API needs its bearer token",
+                        challenge='Bearer realm="mirror-admin"',
+                    )
+                if request.can_read_body:
+                    try:
+                        body = json.loads(await request.read() or b"{}")
+                    except ValueError:
+                        raise errors.InvalidRequest("request body is not JSON") from None
+                return web.json_response(as_json(await fn(body)))
+            except errors.MirrorError as e:
+                result = e.code
+                raise
+            except Exception:
+                result = "error"
+                raise
+            finally:
+                emitted = events.admin(
+                    action=f"{request.method} {request.path[len(config.prefix) + 1 :]}",
+                    via="api",
+                    who={"client": request.remote},
+                    params=body if isinstance(body, dict) else {"body": body},
+                    result=result,
                 )
-            body: dict[str, Any] = {}
-            if request.can_read_body:
-                try:
-                    body = json.loads(await request.read() or b"{}")
-                except ValueError:
-                    raise errors.InvalidRequest("request body is not JSON") from None
-            return web.json_response(as_json(await fn(body)))
+                if emitted is not None:
+                    await emitted
 
         return handler
 

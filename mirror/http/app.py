@@ -1,8 +1,10 @@
 """Wiring and lifecycle: builds the pieces from the Config and ties them to the aiohttp app.
 
 Start: sweep partial files a crash left, reconcile the index with the files, open the upstream
-session, start the evictor, the sync list and the access-count flusher. Stop: let fills in
-flight finish, then close the session, the stores and the thread pools.
+session, start the evictor, the sync list, the access-count flusher and the webhook
+deliveries. Stop: let fills in flight finish, then stop the deliveries (what they had not
+delivered stays queued), close the session, the stores (committing pending events) and the
+thread pools.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from aiohttp import web
 
 from mirror.cache import Cache, open_cache
 from mirror.config import Config
+from mirror.events.delivery import Deliveries
 from mirror.eviction.evictor import Evictor
 from mirror.http import admin as admin_api
 from mirror.http import status
@@ -51,10 +54,14 @@ def build_service(
     config: Config, cache: Cache, upstream: UpstreamClient, metrics: Metrics
 ) -> MirrorService:
     """The pull-through policy over this cache and upstream."""
-    coordinator, tiers = cache.coordinator, cache.tiers
+    coordinator, tiers, events = cache.coordinator, cache.tiers, cache.events
     holdings = Holdings(config.auth.enabled, cache.index, upstream)
-    manifests = Manifests(upstream, cache.manifests, coordinator, tiers.accesses, metrics, holdings)
-    blobs = Blobs(upstream, tiers, cache.evictions, coordinator, metrics, config.limits, holdings)
+    manifests = Manifests(
+        upstream, cache.manifests, coordinator, tiers.accesses, metrics, holdings, events
+    )
+    blobs = Blobs(
+        upstream, tiers, cache.evictions, coordinator, metrics, config.limits, holdings, events
+    )
     return MirrorService(manifests, blobs, Ahead(manifests, blobs, cache.blobs))
 
 
@@ -65,12 +72,14 @@ def build_app(config: Config) -> web.Application:
     password_pool = ThreadPoolExecutor(PASSWORD_THREADS, thread_name_prefix="password")
     metrics = Metrics()
     metrics.prefill((u.name, u.credential) for u in config.upstreams)
-    cache = open_cache(config, store_pool, metrics)
-    upstream = UpstreamClient(config, metrics, cache.coordinator.tokens)
+    cache = open_cache(config, store_pool, metrics, serving=True)
+    events = cache.events
+    upstream = UpstreamClient(config, metrics, cache.coordinator.tokens, events)
     service = build_service(config, cache, upstream, metrics)
     syncer = Syncer(config, service)
     evictor = Evictor(cache.evictions.evict_pass, config.eviction.interval, cache.usage.pressure)
     admin = Admin(cache)
+    deliveries = Deliveries(config.events, events, metrics)
 
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
     app[SERVICE] = service
@@ -80,7 +89,7 @@ def build_app(config: Config) -> web.Application:
     t = config.timeouts
     pace = Pace(t.read, t.client_min_rate, t.rate_window)
     access = Access(config.auth, password_pool, metrics)
-    routes = Routes(service, Router(config), sender_pool, pace, metrics, access)
+    routes = Routes(service, Router(config), sender_pool, pace, metrics, access, events)
     routes.install(app)
 
     async def metrics_handler(_: web.Request) -> web.Response:
@@ -93,7 +102,7 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get(config.metrics_path, metrics_handler)
     status.install(app, config, admin, metrics, access)
     if config.admin.enabled:
-        admin_api.install(app, admin, config.admin)
+        admin_api.install(app, admin, config.admin, events)
 
     background: list[asyncio.Task[None]] = []
 
@@ -101,6 +110,8 @@ def build_app(config: Config) -> web.Application:
         await cache.blobs.run(cache.blobs.sweep)
         await reconcile(cache.blobs, cache.index, cache.usage)
         await upstream.start()
+        events.attach()
+        deliveries.start()
         evictor.start()
         syncer.start()
         flusher = cache.tiers.flush_forever(config.eviction.access_flush)
@@ -115,6 +126,8 @@ def build_app(config: Config) -> web.Application:
         for task in background:
             task.cancel()
         await cache.tiers.flush_accesses()
+        await deliveries.stop()
+        events.detach()
         await upstream.close()
         await asyncio.to_thread(cache.close)
         sender_pool.shutdown(wait=False, cancel_futures=True)

@@ -23,7 +23,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from aiohttp import web
 
 from mirror import errors
-from mirror.http.access import Access
+from mirror.events import Events
+from mirror.http.access import USER, Access
 from mirror.http.middleware import BASE_HEADERS, OUTCOME, ROUTE, UPSTREAM
 from mirror.http.sendfile import ClientGone, ClientStalled, Pace, SocketSender, abort
 from mirror.metrics import Metrics
@@ -70,8 +71,10 @@ class Routes:
         pace: Pace,
         metrics: Metrics,
         access: Access,
+        events: Events,
     ) -> None:
         self._access = access
+        self._events = events
         self._service = service
         self._router = router
         self._pool = sender_pool
@@ -117,11 +120,33 @@ class Routes:
         service = self._service
         hot = service.manifests.hot(target, reference.tag) if reference.tag is not None else None
         if hot is not None and accept.allows(hot.media_type):
-            service.ahead.after(target, hot)
-            return self._manifest_response(request, target, hot, Outcome.HIT)
-        answer = await service.manifests.get(target, reference, accept)
-        service.ahead.after(target, answer.manifest)
-        return self._manifest_response(request, target, answer.manifest, answer.outcome)
+            m, outcome = hot, Outcome.HIT
+        else:
+            answer = await service.manifests.get(target, reference, accept)
+            m, outcome = answer.manifest, answer.outcome
+        service.ahead.after(target, m)
+        if self._events.wants("pull"):
+            await self._pulled(request, target, ref, m, outcome)
+        return self._manifest_response(request, target, m, outcome)
+
+    async def _pulled(
+        self, request: web.Request, target: Target, ref: str, m: StoredManifest, outcome: Outcome
+    ) -> None:
+        """The pull event, on disk before the answer goes out (events/__init__.py)."""
+        emitted = self._events.pull(
+            upstream=target.upstream.name,
+            repository=target.repo,
+            reference=ref,
+            digest=m.digest,
+            media_type=m.media_type,
+            size=len(m.data),
+            method=request.method,
+            client=request.remote,
+            user=request.get(USER),
+            outcome=outcome.value,
+        )
+        if emitted is not None:
+            await emitted
 
     def _manifest_response(
         self, request: web.Request, target: Target, m: StoredManifest, outcome: Outcome

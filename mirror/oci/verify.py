@@ -59,8 +59,12 @@ class Verifier:
             raise Mismatch(
                 "is shorter than announced", {"digest": str(self.digest), "size": self.size}
             )
-        if self._hash.hexdigest() != self.digest.hex:
-            raise Mismatch("does not match its digest", {"digest": str(self.digest)})
+        actual = self._hash.hexdigest()
+        if actual != self.digest.hex:
+            raise Mismatch(
+                "does not match its digest",
+                {"digest": str(self.digest), "actual": f"{self.digest.algorithm}:{actual}"},
+            )
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:

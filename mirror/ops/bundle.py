@@ -115,8 +115,10 @@ def export(
 ) -> list[str]:
     """Blocking: write the bundle to `out`, signed with `signer` when given; returns the refs
     exported (incomplete images, whose blobs are not all in warm, are left out with a
-    warning)."""
-    return _export(cache, _wanted(cache, config, images, everything), out, signer)
+    warning). Tells of it in an `export.done` event."""
+    exported = _export(cache, _wanted(cache, config, images, everything), out, signer)
+    cache.events.exported(images=exported, signed=signer is not None)
+    return exported
 
 
 def _wanted(
@@ -254,7 +256,20 @@ class _Verdict:
 
 async def import_bundle(cache: Cache, source: IO[bytes], trust: Trust) -> ImportReport:
     """Verify and store what the bundle holds (see the module docstring). The tar is read
-    in a thread: it is a blocking stream."""
+    in a thread: it is a blocking stream. Tells of it in an `import.done` event."""
+    report = await _import(cache, source, trust)
+    cache.events.imported(
+        blobs=report.blobs,
+        manifests=report.manifests,
+        tags=report.tags,
+        signature=report.signature,
+        refused=report.refused,
+        failed=report.failed,
+    )
+    return report
+
+
+async def _import(cache: Cache, source: IO[bytes], trust: Trust) -> ImportReport:
     report = ImportReport()
     received = await asyncio.to_thread(_read_tar, cache, source)
     report.blobs = len(received.blobs)

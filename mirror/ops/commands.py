@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import os
 import sys
 import time
 from typing import IO, Any
@@ -81,17 +83,49 @@ def config_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"bundle": bundle} if bundle else {}
 
 
+#: Arguments that say how a command runs, not what it does (left out of its `admin` event).
+_NOT_PARAMS = frozenset({"command", "action", "config", "data_dir", "json"})
+
+
 def run(args: argparse.Namespace, config: Config) -> int:
     try:
         with opened_cache(config) as cache:
-            if args.command == "export":
-                return _export(args, config, cache)
-            if args.command == "import":
-                return _import(args, config, cache)
-            return asyncio.run(_dispatch(Admin(cache), args))
+            result = "error"
+            try:
+                code = _run(args, config, cache)
+                result = "ok" if code == 0 else f"exit {code}"
+                return code
+            except MirrorError as e:
+                result = e.code
+                raise
+            finally:
+                _audited(args, cache, result)
     except (MirrorError, signing.BadKey) as e:
         print(f"mirror: {e.message}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace, config: Config, cache: Cache) -> int:
+    if args.command == "export":
+        return _export(args, config, cache)
+    if args.command == "import":
+        return _import(args, config, cache)
+    return asyncio.run(_dispatch(Admin(cache), args))
+
+
+def _audited(args: argparse.Namespace, cache: Cache, result: str) -> None:
+    """The command as an `admin` event: what ran, with what, by whom, and how it ended."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no name for this uid
+        user = str(os.getuid())
+    cache.events.admin(
+        action=f"cache {args.action}" if args.command == "cache" else args.command,
+        via="cli",
+        who={"user": user, "uid": os.getuid()},
+        params={k: v for k, v in vars(args).items() if k not in _NOT_PARAMS and v is not None},
+        result=result,
+    )
 
 
 def _export(args: argparse.Namespace, config: Config, cache: Cache) -> int:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from mirror import errors
@@ -20,6 +20,7 @@ from mirror.body import BlobBody
 from mirror.bounded import Bounded
 from mirror.config import LimitsConfig
 from mirror.coordination import Coordinator, Joined
+from mirror.events import Events
 from mirror.eviction.passes import Evictions
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest
@@ -45,12 +46,14 @@ class _Verified:
 
     size: int | None
     _chunks: AsyncIterator[bytes]
+    _mismatched: Callable[[Mismatch], None]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._chunks:
                 yield chunk
         except Mismatch as e:
+            self._mismatched(e)
             raise errors.DigestMismatch(f"upstream content {e.message}", detail=e.detail) from e
 
 
@@ -66,8 +69,10 @@ class Blobs:
         metrics: Metrics,
         limits: LimitsConfig,
         holdings: Holdings,
+        events: Events,
     ) -> None:
         self._holdings = holdings
+        self._events = events
         self._upstream = upstream
         self._tiers = tiers
         self._evictions = evictions
@@ -178,12 +183,35 @@ class Blobs:
         self._metrics.fill_done(fill.source, fill.error is None, seconds, fill.followers)
         if isinstance(fill.error, errors.DigestMismatch):
             self._metrics.mismatch(fill.source)
+            self._mismatched(target, digest, fill.source, fill.error.message, fill.error.detail)
         if committed:
             await self._tiers.committed(digest, fill.written)
+            self._events.blob_cached(
+                digest=digest,
+                size=fill.written,
+                source=fill.source,
+                seconds=seconds,
+                upstream=target.upstream.name,
+                repository=target.repo,
+            )
         elif fill.source == "cold" and isinstance(fill.error, errors.DigestMismatch):
             await self._tiers.drop_cold(digest)
         elif isinstance(fill.error, errors.DiskFull) and fill.size is not None:
             self._too_big.remember(digest, fill.size)
+
+    def _mismatched(
+        self, target: Target, digest: Digest, source: str, message: str, detail: object
+    ) -> None:
+        actual = detail.get("actual") if isinstance(detail, dict) else None
+        self._events.digest_mismatch(
+            what="blob",
+            source=source,
+            upstream=target.upstream.name,
+            repository=target.repo,
+            expected=digest,
+            actual=actual,
+            detail=message,
+        )
 
     async def _still_too_big(self, digest: Digest) -> bool:
         """A blob that found no room lately goes straight through while there is still none
@@ -234,8 +262,13 @@ class Blobs:
         log.warning(
             "the store cannot keep %s (disk full or read-only): streaming it through", digest
         )
+
+        def mismatched(e: Mismatch) -> None:
+            self._mismatched(target, digest, "upstream", f"upstream content {e.message}", e.detail)
+
         async with self._upstream.blob(target, digest) as stream:
-            yield _Verified(stream.size, verified(stream.chunks(), Verifier(digest, stream.size)))
+            checked = verified(stream.chunks(), Verifier(digest, stream.size))
+            yield _Verified(stream.size, checked, mismatched)
 
     async def size(self, target: Target, digest: Digest) -> tuple[int | None, Outcome]:
         """A blob's size for HEAD, without fetching it."""

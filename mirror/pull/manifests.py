@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from mirror import errors
 from mirror.bounded import Bounded
 from mirror.coordination import Coordinator
+from mirror.events import Events
 from mirror.metrics import Metrics
 from mirror.oci import mediatypes
 from mirror.oci.manifest import manifest_type
@@ -63,9 +64,11 @@ class Manifests:
         accesses: Accesses,
         metrics: Metrics,
         holdings: Holdings,
+        events: Events,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._holdings = holdings
+        self._events = events
         self._upstream = upstream
         self._manifests = manifests
         self._tags = coordinator.tags
@@ -191,14 +194,23 @@ class Manifests:
                 self._accesses.tag_gone(key)
             raise
         if head.digest is None:
-            return await self._fetch_tag(target, key)
+            fetched = await self._fetch_tag(target, key)
+            if fetched.manifest.digest != record.digest:
+                self._moved(key, record.digest, fetched.manifest.digest)
+            return fetched
         if head.digest == record.digest:
             await self._tags.put(key, TagRecord(record.digest, record.media_type, self._clock()))
             return ManifestAnswer(held, Outcome.REVALIDATED)
         await self._holdings.record(target, [head.digest])  # upstream just said so
         moved = await self.by_digest(target, head.digest)
         await self._remember(key, moved.manifest)
+        self._moved(key, record.digest, moved.manifest.digest)
         return ManifestAnswer(moved.manifest, Outcome.MISS)
+
+    def _moved(self, key: AnyTagKey, old: Digest, new: Digest) -> None:
+        self._events.tag_moved(
+            upstream=key.upstream, repository=key.repo, tag=key.tag, old=old, new=new
+        )
 
     async def _fetch_tag(self, target: Target, key: AnyTagKey) -> ManifestAnswer:
         got = await self._upstream.manifest(target, key.tag, _accept(key))
@@ -226,6 +238,15 @@ class Manifests:
         actual = digest_of(got.data, claimed.algorithm if claimed else "sha256")
         if claimed is not None and actual != claimed:
             self._metrics.mismatch("upstream")
+            self._events.digest_mismatch(
+                what="manifest",
+                source="upstream",
+                upstream=target.upstream.name,
+                repository=target.repo,
+                expected=claimed,
+                actual=actual,
+                detail="upstream manifest does not match its digest",
+            )
             raise errors.DigestMismatch(
                 "upstream manifest does not match its digest",
                 detail={"expected": str(claimed), "actual": str(actual)},

@@ -16,6 +16,8 @@
       index.sqlite           blob metadata: tier, size, stored, last access, hits; run-time
                              pins; when each tag was last pulled; which repository holds
                              which digest, with [auth] on (store/index.py)
+      events.sqlite          events waiting for each webhook, with [events] webhooks
+                             (events/queue.py)
 
     <cold tier URL>/         object storage or a directory (store/cold.py)
       blobs/sha256/ab/ab12…ef
@@ -43,6 +45,7 @@ class Layout:
         self.tmp = self.root / "tmp"
         self.meta = self.root / "meta"
         self.index = self.root / "index.sqlite"
+        self.events = self.root / "events.sqlite"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex

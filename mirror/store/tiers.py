@@ -27,6 +27,7 @@ from typing import Protocol
 from mirror import errors
 from mirror.body import BlobBody
 from mirror.config import HotConfig
+from mirror.events import Events
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest
 from mirror.store.blobs import BlobStore, Corrupt, OpenBlob
@@ -65,6 +66,7 @@ class Tiers:
         index: BlobIndex,
         usage: Usage,
         metrics: Metrics,
+        events: Events,
         cold: ColdBackend | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -75,6 +77,7 @@ class Tiers:
         self.usage = usage
         self.cold = cold
         self._metrics = metrics
+        self.events = events
         self._clock = clock
         self.accesses = Accesses(index, clock)
         self._serving: Counter[Digest] = Counter()
@@ -151,12 +154,16 @@ class Tiers:
         await self.index.call(self.index.forget, bad.digest, "warm")
         await self.blobs.run(self.blobs.remove, [bad.digest])
         self._metrics.evicted("warm", "corrupt", 1, bad.size)
+        self.events.blob_evicted(
+            tier="warm", reason="corrupt", digests=[bad.digest], nbytes=bad.size, to=None
+        )
 
     async def drop_cold(self, digest: Digest) -> None:
         """Forget a cold copy that failed verification (record first, then the object)."""
         log.error("cold copy of %s does not match its digest: dropped", digest)
         await self.index.call(self.index.forget, digest, "cold")
         self._metrics.evicted("cold", "corrupt", 1, 0)
+        self.events.blob_evicted(tier="cold", reason="corrupt", digests=[digest], nbytes=0, to=None)
         if self.cold is not None:
             try:
                 await self.cold.delete(digest)

@@ -23,6 +23,7 @@ import aiohttp
 from mirror import errors
 from mirror.config import Config, UpstreamConfig
 from mirror.coordination import TokenCache
+from mirror.events import Events
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, parse_digest
 from mirror.upstream.auth import Authenticator, TokenRequest
@@ -208,9 +209,14 @@ def _origin_of(url: str) -> str:
 class UpstreamClient:
     """Registry API calls against the configured upstreams."""
 
-    def __init__(self, config: Config, metrics: Metrics, tokens: TokenCache) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics, tokens: TokenCache, events: Events
+    ) -> None:
         self._config = config
         self._metrics = metrics
+        self._events = events
+        #: Whether each upstream's last answer was not a failure (absent: not contacted yet).
+        self._up: dict[str, bool] = {}
         self._session: aiohttp.ClientSession | None = None
         #: Pulls left per upstream, from its last rate-limit headers.
         self._remaining: dict[str, int] = {}
@@ -433,6 +439,7 @@ class UpstreamClient:
                 resp = await send()
             except errors.UpstreamError as e:
                 self._metrics.upstream(up.name, kind, "error")
+                self._health(up.name, False, e.message)
                 if last or not _transient(e):
                     log.warning("upstream %s %s failed: %s", up.name, kind, e)
                     raise
@@ -469,8 +476,16 @@ class UpstreamClient:
             or self._backoff.get(up.name, 0.0) > time.monotonic()
         )
 
+    def _health(self, name: str, up: bool, reason: str) -> None:
+        """Tell of an upstream that starts failing, or answers again after it failed."""
+        was = self._up.get(name)
+        self._up[name] = up
+        if up != was and (not up or was is not None):
+            self._events.upstream_state(name, up, reason)
+
     def _observe(self, up: UpstreamConfig, kind: str, resp: aiohttp.ClientResponse) -> None:
         self._metrics.upstream(up.name, kind, resp.status)
+        self._health(up.name, resp.status < 500, f"answered {resp.status}")
         if resp.status == 429:
             retry = resp.headers.get("Retry-After", "")
             self._backoff[up.name] = time.monotonic() + (
@@ -483,6 +498,15 @@ class UpstreamClient:
             )
         limit = parse_ratelimit(resp.headers)
         if limit is not None:
+            before = self._remaining.get(up.name, up.pull_budget_floor)
+            if limit.remaining < up.pull_budget_floor <= before:
+                self._events.ratelimit_low(
+                    upstream=up.name,
+                    credential=up.credential,
+                    remaining=limit.remaining,
+                    limit=limit.limit,
+                    floor=up.pull_budget_floor,
+                )
             self._remaining[up.name] = limit.remaining
             self._metrics.rate_limit(up.name, up.credential, limit.limit, limit.remaining)
 
