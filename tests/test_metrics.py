@@ -11,6 +11,11 @@ from conftest import MakeMirror
 from upstream_sim import UpstreamSim
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "mirror-dashboard.json"
+#: One webhook (nothing listens there; it is sent nothing but upstream changes): the series
+#: per webhook exist for the webhooks configured, and the dashboard queries them too.
+WEBHOOK = (
+    '[[events.webhooks]]\nurl = "http://127.0.0.1:9/"\nname = "hook"\nevents = ["upstream.*"]\n'
+)
 
 
 def _value(text: str, name: str, **labels: str) -> float:
@@ -26,7 +31,7 @@ async def test_metrics_count_hits_misses_and_dashboard_queries_exist(
     """A miss then a hit of one blob move the request counter by one each and the bytes
     counter by the blob size per source; every metric the dashboard queries is exported."""
     digest = sim.add_blob(b"m" * 300_000)
-    mirror = await make_mirror(sim.url)
+    mirror = await make_mirror(sim.url, WEBHOOK)
     for _ in range(2):
         async with client.get(f"{mirror.url}/v2/test/x/blobs/{digest}") as resp:
             assert len(await resp.read()) == 300_000
@@ -57,8 +62,9 @@ async def test_a_fresh_mirror_exports_every_metric_the_dashboard_queries(
 ) -> None:
     """Before any request: every series the dashboard asks for is there (at 0, or NaN for
     what no upstream has said yet), so no panel starts as "no data"; bytes served and fill
-    durations are exported for every source they can have."""
-    mirror = await make_mirror(sim.url)
+    durations are exported for every source they can have, events for every kind and, per
+    configured webhook, every series."""
+    mirror = await make_mirror(sim.url, WEBHOOK)
     async with client.get(f"{mirror.url}/metrics") as resp:
         text = await resp.text()
     exported = set(re.findall(r"^(mirror_[a-z_]+)", text, re.M))
@@ -71,3 +77,8 @@ async def test_a_fresh_mirror_exports_every_metric_the_dashboard_queries(
                 f'mirror_fill_duration_seconds_count{{result="{result}",source="{source}"}} 0.0'
                 in text
             )
+    for kind in ("pull", "blob.cached", "admin"):
+        assert f'mirror_events_emitted_total{{kind="{kind}"}} 0.0' in text
+    for reason in ("queue_full", "rejected", "unwritable"):
+        assert f'mirror_events_dropped_total{{endpoint="hook",reason="{reason}"}} 0.0' in text
+    assert 'mirror_events_queue_depth{endpoint="hook"} 0.0' in text

@@ -1,0 +1,161 @@
+"""Events and the pull path (run by hand; numbers go to the README): wrk against a manifest by
+tag (a hit: hot tier, no upstream request) on a real `mirror serve`, with
+
+    off     no [events]
+    dead    a webhook that refuses connections, for pulls, its queue full (max_queue events
+            on disk before the measurement: each pull appends one and drops the oldest)
+    audit   the same, and the audit log on
+
+  .venv/bin/python bench/events.py [--reps 3] [--seconds 10]
+
+The upstream is the test suite's simulator, in a process of its own; every port is free at
+start; runs are interleaved. Needs wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+ACCEPT = "application/vnd.oci.image.manifest.v1+json"
+MAX_QUEUE = 10000
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+UPSTREAM = """
+import asyncio, sys
+sys.path.insert(0, "tests")
+from images import make_image
+from upstream_sim import UpstreamSim
+
+async def main():
+    sim = UpstreamSim()
+    sim.add_image("team/app", "1.0", make_image(1, [1000]))
+    await sim.start()
+    print(sim.url, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> str:
+    req = urllib.request.Request(url, headers={"Accept": ACCEPT})
+    with OPENER.open(req, timeout=5) as resp:
+        return str(resp.read().decode(errors="replace"))
+
+
+def _serve(work: Path, upstream: str, toml: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    config = work / f"config-{port}.toml"
+    config.write_text(toml)
+    data = work / f"data-{port}"
+    env = {**os.environ, "MIRROR_CONFIG": str(config), "MIRROR_ACCESS_LOG": "false"}
+    cmd = [sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}"]
+    cmd += ["--data-dir", str(data), "--upstream", upstream]
+    proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            _get(f"{url}/healthz")
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("mirror did not start")
+
+
+def _wrk(url: str, seconds: int) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(f'wrk.headers["Accept"] = "{ACCEPT}"\n')
+    out = subprocess.run(
+        ["wrk", "-t1", "-c16", f"-d{seconds}s", "-s", script.name, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(script.name)
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert m and "Non-2xx" not in out, out
+    return float(m[1])
+
+
+def _metric(url: str, name: str) -> float:
+    for line in _get(f"{url}/metrics").splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    upstream = subprocess.Popen(
+        [sys.executable, "-c", UPSTREAM], cwd=PROJECT, stdout=subprocess.PIPE, text=True
+    )
+    assert upstream.stdout is not None
+    upstream_url = upstream.stdout.readline().strip()
+    dead = f"http://127.0.0.1:{_free_port()}/hook"  # nothing listens there
+    with tempfile.TemporaryDirectory(prefix="bench-events-") as tmp:
+        work = Path(tmp)
+        hook = f'[[events.webhooks]]\nurl = "{dead}"\nname = "dead"\nevents = ["pull"]\n'
+        configs = {
+            "off": "",
+            "dead": f"[events]\nmax_queue = {MAX_QUEUE}\n{hook}",
+            "audit": f'[events]\nmax_queue = {MAX_QUEUE}\naudit_log = "{work}/audit.log"\n{hook}',
+        }
+        results: dict[str, list[float]] = {k: [] for k in configs}
+        try:
+            for rep in range(args.reps):
+                for name, toml in configs.items():
+                    proc, url = _serve(work, upstream_url, toml)
+                    try:
+                        manifest = f"{url}/v2/team/app/manifests/1.0"
+                        _get(manifest)
+                        _wrk(manifest, 3)  # warm up; with a webhook: fill its queue
+                        if name != "off":
+                            while _metric(url, "mirror_events_queue_depth") < MAX_QUEUE:
+                                _wrk(manifest, 2)
+                        results[name].append(_wrk(manifest, args.seconds))
+                        if name != "off":
+                            dropped = _metric(
+                                url,
+                                'mirror_events_dropped_total{endpoint="dead",reason="queue_full"}',
+                            )
+                            assert dropped > 0, "the queue was full while measured"
+                    finally:
+                        proc.terminate()
+                        proc.wait()
+                print(
+                    f"rep {rep + 1}: { ({k: v[-1] for k, v in results.items()}) }", file=sys.stderr
+                )
+        finally:
+            upstream.terminate()
+            upstream.wait()
+    off = statistics.median(results["off"])
+    print("| events | manifest by tag req/s (median) | runs | vs off |\n|---|---|---|---|")
+    for name, runs in results.items():
+        med = statistics.median(runs)
+        shown = ", ".join(f"{r:.0f}" for r in runs)
+        print(f"| {name} | {med:.0f} | {shown} | {med / off:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,511 @@
+"""Events: webhooks that get every event at least once and in order, through a receiver that
+is down, failing, slow or refusing, across a kill -9; and the audit log of who pulled what.
+
+Receivers are real HTTP servers on 127.0.0.1 started here; the mirror is a real
+`python -m mirror serve` process; the upstream is the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import PROJECT, MirrorProcess, wait_until
+from images import Image, make_image
+from registry import free_port
+from upstream_sim import UpstreamSim
+
+from mirror.config import load_config
+from mirror.errors import ConfigError
+from mirror.events.queue import EventQueue
+
+SECRET = "receiver-shared-secret-0123"
+ADMIN_TOKEN = "admin-token-for-events-0123"
+ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+
+
+@dataclass
+class Attempt:
+    """One POST a receiver got: its headers, its body, and the status it answered."""
+
+    headers: dict[str, str]
+    body: bytes
+    status: int
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        batch = json.loads(self.body)
+        assert isinstance(batch, list)
+        return batch
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on 127.0.0.1: answers each POST with the next of `answers` (then
+    200), or never, while `hang` is set; records every attempt."""
+
+    port: int = field(default_factory=free_port)
+    answers: list[tuple[int, dict[str, str]]] = field(default_factory=list)
+    hang: bool = False
+    attempts: list[Attempt] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    _never: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def start(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/hook", self._hook)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            self._never.set()
+            await self._runner.cleanup()
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.hang:
+            self.attempts.append(Attempt(dict(request.headers), body, 0))
+            await self._never.wait()
+        status, headers = self.answers.pop(0) if self.answers else (200, {})
+        self.attempts.append(Attempt(dict(request.headers), body, status))
+        return web.Response(status=status, headers=headers)
+
+    def delivered(self) -> list[dict[str, Any]]:
+        """Every event of every batch answered 2xx, in the order received."""
+        return [e for a in self.attempts if 200 <= a.status < 300 for e in a.events]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.delivered() if e["type"] == f"io.mirror.{kind}"]
+
+
+def _config(tmp_path: Path, body: str) -> dict[str, str]:
+    path = tmp_path / "events.toml"
+    path.write_text(body)
+    return {"MIRROR_CONFIG": str(path)}
+
+
+def _webhook(receiver: Receiver, events: str = '["*"]', extra: str = "") -> str:
+    return (
+        f'[[events.webhooks]]\nurl = "{receiver.url}"\nname = "receiver"\n'
+        f'events = {events}\nsecret = "{SECRET}"\n{extra}'
+    )
+
+
+async def _start(
+    make: Callable[..., MirrorProcess], sim: UpstreamSim, data: Path, env: dict[str, str]
+) -> MirrorProcess:
+    return await asyncio.to_thread(make(sim.url, data, env).start)
+
+
+async def _pull_manifest(client: aiohttp.ClientSession, url: str, repo: str, tag: str) -> str:
+    async with client.get(f"{url}/v2/{repo}/manifests/{tag}", headers=ACCEPT) as resp:
+        assert resp.status == 200, await resp.text()
+        return resp.headers["Docker-Content-Digest"]
+
+
+async def _pull(client: aiohttp.ClientSession, url: str, repo: str, tag: str, image: Image) -> str:
+    digest = await _pull_manifest(client, url, repo, tag)
+    for blob in image.blobs:
+        async with client.get(f"{url}/v2/{repo}/blobs/{blob}") as resp:
+            assert resp.status == 200
+            await resp.read()
+    return digest
+
+
+async def _metric(client: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    async with client.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{labels} not exported")
+
+
+def _verify(attempt: Attempt) -> None:
+    """What a receiver does with the secret (the README's three lines)."""
+    t, v1 = (p.split("=", 1)[1] for p in attempt.headers["Mirror-Signature"].split(","))
+    assert abs(time.time() - int(t)) < 300, "an old timestamp is a replay"
+    expected = hmac.new(SECRET.encode(), f"{t}.".encode() + attempt.body, hashlib.sha256)
+    assert hmac.compare_digest(v1, expected.hexdigest())
+
+
+async def test_a_pull_is_told_as_cloudevents_signed_with_the_secret(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A pull through the mirror: the receiver gets a `pull` event naming the repository and
+    the manifest's digest, and a `blob.cached` for every blob the pull fetched, as
+    CloudEvents 1.0 batches, signed with the webhook's secret."""
+    image = make_image(70, [200_000, 300_000])
+    sim.add_image("team/app", "1.0", image)
+    receiver = await Receiver().start()
+    try:
+        env = _config(tmp_path, _webhook(receiver))
+        proc = await _start(mirror_process, sim, tmp_path / "data", env)
+        digest = await _pull(client, proc.url, "team/app", "1.0", image)
+        await wait_until(lambda: len(receiver.of("blob.cached")) == len(image.blobs))
+        await wait_until(lambda: bool(receiver.of("pull")))
+        [pull] = receiver.of("pull")
+        assert pull["data"]["repository"] == "team/app"
+        assert pull["data"]["digest"] == digest
+        assert pull["data"]["tag"] == "1.0"
+        assert pull["data"]["upstream"] == "docker.io"
+        assert pull["data"]["outcome"] == "miss"
+        assert pull["data"]["client"] == "127.0.0.1"
+        cached = {e["data"]["digest"]: e["data"] for e in receiver.of("blob.cached")}
+        assert cached.keys() == image.blobs.keys()
+        assert all(cached[d]["size"] == len(b) for d, b in image.blobs.items())
+        for event in receiver.delivered():
+            assert event["specversion"] == "1.0"
+            assert event["datacontenttype"] == "application/json"
+            assert event["source"].startswith("urn:mirror:")
+            assert event["time"].endswith("Z") and "T" in event["time"]
+        ids = [e["id"] for e in receiver.delivered()]
+        assert len(set(ids)) == len(ids)
+        for attempt in receiver.attempts:
+            assert attempt.headers["Content-Type"] == "application/cloudevents-batch+json"
+            _verify(attempt)
+    finally:
+        await receiver.stop()
+
+
+async def test_events_survive_a_dead_receiver_and_a_kill_9_in_order(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The receiver is down for ten pulls, the mirror is killed with SIGKILL right after the
+    last answer and started again, then the receiver comes up: it gets all ten `pull`
+    events, in the order of the pulls. Delivery is at least once: after deduplication by id
+    none is missing and the order holds."""
+    image = make_image(71, [1000])
+    tags = [f"v{i}" for i in range(10)]
+    for tag in tags:
+        sim.add_image("team/app", tag, image)
+    receiver = Receiver()  # not listening yet: connections are refused
+    env = _config(tmp_path, _webhook(receiver, '["pull"]'))
+    data = tmp_path / "data"
+    proc = await _start(mirror_process, sim, data, env)
+    for tag in tags:
+        await _pull_manifest(client, proc.url, "team/app", tag)
+    await asyncio.to_thread(proc.stop, signal.SIGKILL)
+    await _start(mirror_process, sim, data, env)
+    await receiver.start()
+    try:
+        await wait_until(lambda: len({e["id"] for e in receiver.of("pull")}) >= 10, timeout=30)
+        seen: dict[str, dict[str, Any]] = {}
+        for event in receiver.of("pull"):
+            seen.setdefault(event["id"], event)
+        assert [e["data"]["tag"] for e in seen.values()] == tags
+    finally:
+        await receiver.stop()
+
+
+async def test_a_503_with_retry_after_is_retried_and_then_delivered(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The receiver answers 503 with Retry-After: 2, then 200: the same batch goes again and
+    is delivered; the failure and the delivery are counted."""
+    sim.add_image("team/app", "1.0", make_image(72, [1000]))
+    receiver = await Receiver(answers=[(503, {"Retry-After": "2"})]).start()
+    try:
+        env = _config(tmp_path, _webhook(receiver, '["pull"]'))
+        proc = await _start(mirror_process, sim, tmp_path / "data", env)
+        await _pull_manifest(client, proc.url, "team/app", "1.0")
+        await wait_until(lambda: bool(receiver.of("pull")), timeout=15)
+        first, second = receiver.attempts[:2]
+        assert (first.status, second.status) == (503, 200)
+        assert [e["id"] for e in first.events] == [e["id"] for e in second.events]
+        _verify(second)
+        assert (
+            await _metric(client, proc.url, "mirror_events_failed_total", endpoint="receiver") == 1
+        )
+        assert (
+            await _metric(client, proc.url, "mirror_events_delivered_total", endpoint="receiver")
+            == 1
+        )
+        assert (
+            await _metric(client, proc.url, "mirror_events_queue_depth", endpoint="receiver") == 0
+        )
+    finally:
+        await receiver.stop()
+
+
+async def test_a_receiver_that_never_answers_costs_pulls_nothing(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A receiver that takes the request and never answers: every pull is answered; the
+    queue on disk stays at max_queue, the oldest events dropped and counted."""
+    sim.add_image("team/app", "1.0", make_image(73, [1000]))
+    receiver = await Receiver(hang=True).start()
+    try:
+        hook = _webhook(receiver, '["pull"]', "timeout = 600\n")
+        env = _config(tmp_path, "[events]\nmax_queue = 5\n" + hook)
+        proc = await _start(mirror_process, sim, tmp_path / "data", env)
+        for _ in range(20):
+            await _pull_manifest(client, proc.url, "team/app", "1.0")
+        await wait_until(lambda: bool(receiver.attempts))
+        depth = await _metric(client, proc.url, "mirror_events_queue_depth", endpoint="receiver")
+        dropped = await _metric(
+            client,
+            proc.url,
+            "mirror_events_dropped_total",
+            endpoint="receiver",
+            reason="queue_full",
+        )
+        assert depth == 5 and dropped == 15
+        assert await _metric(client, proc.url, "mirror_events_emitted_total", kind="pull") == 20
+        queue = EventQueue(tmp_path / "data" / "events.sqlite", ["receiver"], 5)
+        waiting = await asyncio.to_thread(queue.peek, "receiver", 100)
+        queue.close()
+        assert len(waiting) == 5
+    finally:
+        await receiver.stop()
+
+
+async def test_the_audit_log_has_every_pull_and_admin_action(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """With `audit_log` and no webhook: one JSON line per pull (written before the answer),
+    per admin API request (a refused one too) and per `mirror cache` command, the same
+    CloudEvents a webhook would get."""
+    audit = tmp_path / "audit.jsonl"
+    digests = {}
+    for i, tag in enumerate(("a", "b", "c")):
+        digests[tag] = sim.add_image("team/app", tag, make_image(80 + i, [1000]))
+    env = _config(
+        tmp_path,
+        f'[events]\naudit_log = "{audit}"\n[admin]\nenabled = true\ntoken = "{ADMIN_TOKEN}"\n',
+    )
+    data = tmp_path / "data"
+    proc = await _start(mirror_process, sim, data, env)
+    for tag in digests:
+        await _pull_manifest(client, proc.url, "team/app", tag)
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(e["type"], e["data"]["tag"], e["data"]["digest"]) for e in lines] == [
+        ("io.mirror.pull", tag, digest) for tag, digest in digests.items()
+    ]
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with client.get(f"{proc.url}/_mirror/catalog", headers=auth) as resp:
+        assert resp.status == 200
+    async with client.post(f"{proc.url}/_mirror/pins", json={"pattern": "x"}) as resp:
+        assert resp.status == 401
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mirror", "cache", "pin", "docker.io/team/app:a"],
+        cwd=PROJECT,
+        env={**proc.env, "MIRROR_DATA_DIR": str(data)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    admin = [e["data"] for e in lines if e["type"] == "io.mirror.admin"]
+    assert admin[0] == {
+        "action": "GET catalog",
+        "via": "api",
+        "client": "127.0.0.1",
+        "params": {},
+        "result": "ok",
+    }
+    assert admin[1]["action"] == "POST pins" and admin[1]["result"] == "UNAUTHORIZED"
+    assert admin[2]["action"] == "cache pin" and admin[2]["via"] == "cli"
+    assert admin[2]["params"] == {"pattern": "docker.io/team/app:a"}
+    assert admin[2]["result"] == "ok" and admin[2]["uid"] >= 0
+
+
+async def test_the_audit_log_rotates_by_size_and_reopens_on_sighup(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """Past audit_max_bytes the log moves to .1 (and .1 to .2, at most audit_keep files);
+    after logrotate moves it away, SIGHUP makes the mirror write a new file at the path."""
+    audit = tmp_path / "audit.jsonl"
+    sim.add_image("team/app", "1.0", make_image(85, [1000]))
+    env = _config(tmp_path, f'[events]\naudit_log = "{audit}"\naudit_max_bytes = 1500\n')
+    proc = await _start(mirror_process, sim, tmp_path / "data", env)
+    for _ in range(20):
+        await _pull_manifest(client, proc.url, "team/app", "1.0")
+    kept = [audit, *(tmp_path / f"audit.jsonl.{n}" for n in range(1, 6))]
+    assert all(p.exists() for p in kept) and not (tmp_path / "audit.jsonl.6").exists()
+    assert all(p.stat().st_size <= 1500 for p in kept)
+    lines = [line for p in kept for line in p.read_text().splitlines()]
+    assert all(json.loads(line)["type"] == "io.mirror.pull" for line in lines)
+    moved = tmp_path / "rotated.jsonl"
+    audit.rename(moved)
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGHUP)
+    await wait_until(audit.exists)
+    before = len(moved.read_text().splitlines())
+    await _pull_manifest(client, proc.url, "team/app", "1.0")
+    assert len(audit.read_text().splitlines()) == 1
+    assert len(moved.read_text().splitlines()) == before
+
+
+async def _cli(env: dict[str, str], data: Path, *args: str) -> str:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mirror", *args],
+        cwd=PROJECT,
+        env={**env, "MIRROR_DATA_DIR": str(data)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+async def test_every_kind_is_told_where_it_happens(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A tag that moved upstream, a blob upstream sends wrong, an upstream that goes down and
+    comes back, a pull budget that falls below its floor, and — from commands run against the
+    serving mirror's data, queued by them and delivered by the mirror — an eviction, an
+    export and an import: each is one event of its kind, with what happened."""
+    old, new = make_image(90, [1000]), make_image(91, [2000])
+    old_digest = sim.add_image("team/app", "1.0", old)
+    receiver = await Receiver().start()
+    try:
+        env = _config(
+            tmp_path,
+            f'{_webhook(receiver)}[upstreams."docker.io"]\ntag_ttl = 0\npull_budget_floor = 10\n',
+        )
+        data = tmp_path / "data"
+        proc = await _start(mirror_process, sim, data, env)
+        await _pull(client, proc.url, "team/app", "1.0", old)
+        new_digest = sim.add_image("team/app", "1.0", new)
+        await _pull_manifest(client, proc.url, "team/app", "1.0")
+        await wait_until(lambda: bool(receiver.of("tag.moved")))
+        [moved] = receiver.of("tag.moved")
+        assert moved["data"] == {
+            "upstream": "docker.io",
+            "repository": "team/app",
+            "tag": "1.0",
+            "old": old_digest,
+            "new": new_digest,
+        }
+
+        wrong = next(iter(new.blobs))
+        sim.fault(wrong, "wrong", times=1)
+        async with client.get(f"{proc.url}/v2/team/app/blobs/{wrong}") as resp:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        await wait_until(lambda: bool(receiver.of("digest.mismatch")))
+        [mismatch] = receiver.of("digest.mismatch")
+        assert mismatch["data"]["what"] == "blob" and mismatch["data"]["expected"] == wrong
+        assert mismatch["data"]["actual"] not in (None, wrong)
+
+        await sim.down()
+        async with client.get(f"{proc.url}/v2/team/app/manifests/1.0", headers=ACCEPT) as resp:
+            assert resp.headers["X-Mirror-Cache"] == "stale"
+        await wait_until(lambda: bool(receiver.of("upstream.down")))
+        await sim.up()
+        await _pull_manifest(client, proc.url, "team/app", "1.0")
+        await wait_until(lambda: bool(receiver.of("upstream.up")))
+        assert [
+            e["type"] for e in receiver.delivered() if ".up" in e["type"] or ".down" in e["type"]
+        ] == [
+            "io.mirror.upstream.down",
+            "io.mirror.upstream.up",
+        ]
+
+        sim.rate_limit(limit=100, remaining=3)
+        await _pull_manifest(client, proc.url, "team/app", "1.0")
+        await wait_until(lambda: bool(receiver.of("ratelimit.low")))
+        [low] = receiver.of("ratelimit.low")
+        assert (low["data"]["remaining"], low["data"]["floor"]) == (3, 10)
+
+        await _pull(client, proc.url, "team/app", "1.0", new)  # the blob whole this time
+        bundle = tmp_path / "bundle.tar"
+        await _cli(proc.env, data, "export", "--out", str(bundle), "docker.io/team/app:1.0")
+        await _cli(proc.env, data, "cache", "evict", "--repo", "docker.io/team/app")
+        await _cli(proc.env, data, "import", str(bundle))
+        await wait_until(lambda: bool(receiver.of("import.done")), timeout=15)
+        [exported] = receiver.of("export.done")
+        assert exported["data"]["images"] == ["docker.io/team/app:1.0"]
+        evicted = {d for e in receiver.of("blob.evicted") for d in e["data"]["digests"]}
+        assert set(new.blobs) <= evicted  # what the tag holds now
+        [imported] = receiver.of("import.done")
+        assert imported["data"]["tags"] == 1 and imported["data"]["refused"] is None
+        kinds = [e["type"] for e in receiver.delivered()]
+        assert kinds.index("io.mirror.export.done") < kinds.index("io.mirror.blob.evicted")
+        assert kinds.index("io.mirror.blob.evicted") < kinds.index("io.mirror.import.done")
+    finally:
+        await receiver.stop()
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ('[[events.webhooks]]\nurl = "ftp://x"\n', "events.webhooks[0].url"),
+        ('[[events.webhooks]]\nurl = "http://u:p@h/x"\n', "events.webhooks[0].url"),
+        (
+            '[[events.webhooks]]\nurl = "http://h/x"\nevents = ["pul"]\n',
+            "events.webhooks[0].events",
+        ),
+        (
+            '[[events.webhooks]]\nurl = "http://h/x"\nsecret = "short"\n',
+            "events.webhooks[0].secret",
+        ),
+        ('[[events.webhooks]]\nurl = "http://h/x"\ntimeout = 0\n', "events.webhooks[0].timeout"),
+        (
+            '[[events.webhooks]]\nurl = "http://h/x"\nheaders = { Content-Type = "x" }\n',
+            "events.webhooks[0].headers",
+        ),
+        (
+            '[[events.webhooks]]\nurl = "http://h/x"\nheaders = ["x"]\n',
+            "events.webhooks[0].headers",
+        ),
+        (
+            '[[events.webhooks]]\nurl = "http://h/a"\n[[events.webhooks]]\nurl = "http://h/b"\n',
+            "events.webhooks[1].name",
+        ),
+        ("[events]\nmax_queue = 0\n", "events.max_queue"),
+        ('[events]\naudit_log = "/nonexistent/dir/audit"\n', "events.audit_log"),
+        ("[events]\naudit_max_bytes = 10\naudit_keep = 0\n", "events.audit_keep"),
+        ("[events]\nwebhooks = 3\n", "events.webhooks"),
+    ],
+)
+def test_bad_event_settings_stop_the_start_naming_the_key(
+    tmp_path: Path, toml: str, key: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(path, env={})
