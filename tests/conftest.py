@@ -98,7 +98,8 @@ class Mirror:
         coordinator = self.app[CACHE].coordinator
         key = parse_digest(digest)
         assert key in coordinator.filling(), "no fill of it in flight"
-        joined = coordinator.fill(key, lambda: None, lambda _: asyncio.sleep(0))
+        # joining a fill in flight returns it and runs nothing: the work below is never called
+        joined = coordinator.fill(key, lambda: None, lambda _: asyncio.sleep(0))  # ok: never run
         assert not joined.started
         fill: Fill = joined.state
         return fill
