@@ -62,10 +62,12 @@ def open_cache(
     config: Config, pool: ThreadPoolExecutor, metrics: Metrics, serving: bool = False
 ) -> Cache:
     """The cache of `config.data_dir` (blocking work runs in `pool`); `serving` for the
-    server's own (its event queue checkpoints apart from its commits)."""
+    server's own (its events go through a journal, which only it writes)."""
     layout = Layout(config.data_dir)
     layout.create()
-    events = Events(config.events, metrics, layout.events, server=serving)
+    events = Events(
+        config.events, metrics, layout.events, layout.events_journal if serving else None
+    )
     hot = HotTier(config.hot.max_bytes)
     meta = diskcache.Cache(str(layout.meta), eviction_policy="none", size_limit=2**62)
     index = BlobIndex(

@@ -1,7 +1,7 @@
 """The events waiting for each webhook, on disk: one SQLite table (WAL) under the data
 directory, rows in the order they were emitted, removed only once delivered (or dropped).
 
-Every method is blocking and runs on the events thread (`Events` owns the one connection).
+Every method is blocking and runs on the queue thread (`Events` owns the one connection).
 A commit is a write(2) into the WAL: it survives the process being killed (kill -9, the OOM
 killer) the moment it returns; `synchronous=NORMAL` leaves the fsync to the WAL checkpoint,
 so a power loss or kernel crash may take the last commits before it.
@@ -39,6 +39,11 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (endpoint, first)
 );
 CREATE TABLE IF NOT EXISTS heads (endpoint TEXT PRIMARY KEY, head INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal (
+    one    INTEGER PRIMARY KEY CHECK (one = 1),
+    file   INTEGER NOT NULL,
+    offset INTEGER NOT NULL
+);
 """
 
 
@@ -58,7 +63,6 @@ class EventQueue:
         self._endpoints = tuple(endpoints)
         self._max = max_queue
         self._db: sqlite3.Connection | None = None
-        self._checkpoints: sqlite3.Connection | None = None
         #: Events waiting per webhook, as of this process's last write or read of its queue.
         self.depth: dict[str, int] = dict.fromkeys(self._endpoints, 0)
 
@@ -72,8 +76,6 @@ class EventQueue:
             )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            if self._checkpoints is not None:
-                db.execute("PRAGMA wal_autocheckpoint=0")
             db.executescript(_SCHEMA)
             self._db = db
             names = {row[0] for row in db.execute("SELECT DISTINCT endpoint FROM batches")}
@@ -118,13 +120,22 @@ class EventQueue:
             "DELETE FROM batches WHERE endpoint = ?1 AND first < ?2 AND last < ?2", (endpoint, head)
         )
 
-    def append(self, rows: dict[str, list[tuple[float, str]]]) -> Counter[str]:
+    def taken(self) -> tuple[int, int]:
+        """How far into the serving mirror's journal the queues got (journal.py)."""
+        row = self.db.execute("SELECT file, offset FROM journal").fetchone()
+        return (row[0], row[1]) if row is not None else (0, 0)
+
+    def append(
+        self, rows: dict[str, list[tuple[float, str]]], taken: tuple[int, int] | None = None
+    ) -> Counter[str]:
         """Commit each webhook's (emitted at, body) events as one batch each, in one
-        transaction, then drop the oldest of each queue past `max_queue`; returns how many
-        each lost so."""
+        transaction (with `taken`, how far into the journal they reach), then drop the oldest
+        of each queue past `max_queue`; returns how many each lost so."""
         db, dropped = self.db, Counter[str]()
         db.execute("BEGIN IMMEDIATE")
         try:
+            if taken is not None:
+                db.execute("INSERT OR REPLACE INTO journal VALUES (1, ?, ?)", taken)
             for name, events in rows.items():
                 head, last = self._range(name)
                 first, last = last + 1, last + len(events)
@@ -175,23 +186,7 @@ class EventQueue:
             raise
         self._measure(endpoint)
 
-    def checkpoint_apart(self) -> None:
-        """Leave checkpoints (copying the WAL into the database, and its fsync) to
-        `checkpoint`, on a connection and thread of its own, instead of the commit that takes
-        the WAL past its size: a commit then never waits for the disk."""
-        self._checkpoints = sqlite3.connect(
-            self.path, timeout=30, isolation_level=None, check_same_thread=False
-        )
-
-    def checkpoint(self) -> None:
-        """Blocking, beside the writer (PASSIVE: it never blocks a commit)."""
-        if self._checkpoints is not None:
-            self._checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
     def close(self) -> None:
-        if self._checkpoints is not None:
-            self._checkpoints.close()
-            self._checkpoints = None
         if self._db is not None:
             self._db.close()
             self._db = None

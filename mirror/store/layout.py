@@ -18,6 +18,8 @@
                              which digest, with [auth] on (store/index.py)
       events.sqlite          events waiting for each webhook, with [events] webhooks
                              (events/queue.py)
+      events.journal/<n>     the serving mirror's events, written ahead of events.sqlite
+                             (events/journal.py)
 
     <cold tier URL>/         object storage or a directory (store/cold.py)
       blobs/sha256/ab/ab12…ef
@@ -46,6 +48,7 @@ class Layout:
         self.meta = self.root / "meta"
         self.index = self.root / "index.sqlite"
         self.events = self.root / "events.sqlite"
+        self.events_journal = self.root / "events.journal"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
