@@ -80,11 +80,15 @@ def _serve(work: Path, upstream: str, toml: str) -> tuple[subprocess.Popen[bytes
     raise RuntimeError("mirror did not start")
 
 
+#: wrk's connections (--connections).
+CONNECTIONS = [16]
+
+
 def _wrk(url: str, seconds: int) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f'wrk.headers["Accept"] = "{ACCEPT}"\n')
     out = subprocess.run(
-        ["wrk", "-t1", "-c16", f"-d{seconds}s", "-s", script.name, url],
+        ["wrk", "-t1", f"-c{CONNECTIONS[0]}", f"-d{seconds}s", "-s", script.name, url],
         capture_output=True,
         text=True,
         check=True,
@@ -106,7 +110,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=CONNECTIONS[0])
     args = parser.parse_args()
+    CONNECTIONS[0] = args.connections
     upstream = subprocess.Popen(
         [sys.executable, "-c", UPSTREAM], cwd=PROJECT, stdout=subprocess.PIPE, text=True
     )
