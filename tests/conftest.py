@@ -44,10 +44,9 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
         registry.stop()
 
 
-@pytest.fixture
-async def sim() -> AsyncIterator[UpstreamSim]:
-    """A fresh, empty `UpstreamSim` (registry on 127.0.0.1, CDN on 127.0.0.2), started in
-    the test's event loop and stopped afterwards, so switches never leak between tests."""
+async def _running_sim() -> AsyncIterator[UpstreamSim]:
+    """A fresh simulator started in the test's event loop, its faults cleared and stopped
+    afterwards, so switches never leak between tests."""
     simulator = UpstreamSim()
     await simulator.start()
     try:
@@ -55,18 +54,20 @@ async def sim() -> AsyncIterator[UpstreamSim]:
     finally:
         simulator.clear_faults()
         await simulator.stop()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[UpstreamSim]:
+    """A fresh, empty `UpstreamSim` (registry on 127.0.0.1, CDN on 127.0.0.2)."""
+    async for simulator in _running_sim():
+        yield simulator
 
 
 @pytest.fixture
 async def other_sim() -> AsyncIterator[UpstreamSim]:
     """A second, independent simulator, to prove which of two upstreams a request reached."""
-    simulator = UpstreamSim()
-    await simulator.start()
-    try:
+    async for simulator in _running_sim():
         yield simulator
-    finally:
-        simulator.clear_faults()
-        await simulator.stop()
 
 
 # -- the mirror under test ----------------------------------------------------------------------
