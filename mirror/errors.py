@@ -1,34 +1,36 @@
-"""Domain errors, each carrying the OCI error code it is reported as.
+"""Domain errors, each carrying the mirror's own code for it.
 
-The HTTP status of every code lives in ONE table, `http.middleware.STATUS_BY_CODE`; code in
-`pull`, `store` and `upstream` raises these and never builds a response itself.
+The code is what logs, metrics and events say, for operators. What a client is told, the
+HTTP status and a code from the OCI spec's list (or distribution's UNKNOWN / UNAVAILABLE, with
+ours kept in the detail and the message), lives in ONE table, `http.middleware.ANSWERS`; code
+in `pull`, `store` and `upstream` raises these and never builds a response itself.
 
     MirrorError (code, message, detail)
-    ├── NameInvalid             NAME_INVALID          malformed repository name (400)
-    ├── NameUnknown             NAME_UNKNOWN          registry host (ns / prefix) not served (404)
+    ├── NameInvalid             NAME_INVALID          malformed repository name
+    ├── NameUnknown             NAME_UNKNOWN          registry host (ns / prefix) not served
     │   └── UpstreamDenied                            upstream will not let the mirror read it
-    ├── ManifestUnknown         MANIFEST_UNKNOWN      (404)
-    ├── ManifestInvalid         MANIFEST_INVALID      Docker schema 1: not verifiable (400)
-    ├── BlobUnknown             BLOB_UNKNOWN          (404)
-    ├── DigestInvalid           DIGEST_INVALID        malformed digest (400)
-    ├── TagInvalid              TAG_INVALID           malformed reference (400)
-    ├── RangeInvalid            RANGE_INVALID         unsatisfiable Range (416)
-    ├── Unsupported             UNSUPPORTED           push, delete, other methods (405)
-    ├── Unauthorized            UNAUTHORIZED          credentials missing or refused (401)
-    ├── InvalidRequest          INVALID_REQUEST       a request the mirror cannot parse (400)
-    ├── Denied                  DENIED                not granted, or upstream forbids it (403)
-    ├── TooManyRequests         TOOMANYREQUESTS       a rate limit, ours or upstream's (429)
+    ├── ManifestUnknown         MANIFEST_UNKNOWN
+    ├── ManifestInvalid         MANIFEST_INVALID      Docker schema 1: not verifiable
+    ├── BlobUnknown             BLOB_UNKNOWN
+    ├── DigestInvalid           DIGEST_INVALID        malformed digest
+    ├── TagInvalid              TAG_INVALID           malformed reference
+    ├── RangeInvalid            RANGE_INVALID         unsatisfiable Range
+    ├── Unsupported             UNSUPPORTED           push, delete, other methods
+    ├── Unauthorized            UNAUTHORIZED          credentials missing or refused
+    ├── InvalidRequest          INVALID_REQUEST       a request the mirror cannot parse
+    ├── Denied                  DENIED                not granted, or upstream forbids it
+    ├── TooManyRequests         TOOMANYREQUESTS       a rate limit, ours or upstream's
     ├── UpstreamError           UPSTREAM_INVALID      upstream failed, nothing cached stands in
-    │   ├── UpstreamUnavailable UPSTREAM_UNAVAILABLE  refused, reset, DNS, TLS (502)
-    │   ├── UpstreamTimeout     UPSTREAM_TIMEOUT      connect or idle read timeout (504)
-    │   ├── UpstreamBadResponse UPSTREAM_INVALID      an unexpected status or answer (502)
+    │   ├── UpstreamUnavailable UPSTREAM_UNAVAILABLE  refused, reset, DNS, TLS
+    │   ├── UpstreamTimeout     UPSTREAM_TIMEOUT      connect or idle read timeout
+    │   ├── UpstreamBadResponse UPSTREAM_INVALID      an unexpected status or answer
     │   │   └── DigestMismatch                        bytes that are not what their digest names
-    │   ├── UpstreamOverloaded  UPSTREAM_OVERLOADED   503 from upstream (503)
-    │   └── Offline             OFFLINE               `offline = true` and not cached (503)
-    ├── StoreUnavailable        STORE_UNAVAILABLE     disk full, read-only, unreadable (503)
+    │   ├── UpstreamOverloaded  UPSTREAM_OVERLOADED   503 from upstream
+    │   └── Offline             OFFLINE               `offline = true` and not cached
+    ├── StoreUnavailable        STORE_UNAVAILABLE     disk full, read-only, unreadable
     │   └── DiskFull                                  a blob that cannot be kept streams through
     │       └── StoreReadOnly
-    └── EndpointUnknown         NOT_FOUND             a path that is no registry endpoint (404)
+    └── EndpointUnknown         NOT_FOUND             a path that is no registry endpoint
 
     ConfigError                 (not a response: a key or value refused at start)
 """
@@ -44,8 +46,12 @@ class MirrorError(Exception):
     code: str = "UNKNOWN"
     default_message: str = "unknown error"
 
-    def __init__(self, message: str | None = None, detail: Any = None, internal: str = "") -> None:
+    def __init__(
+        self, message: str | None = None, detail: dict[str, Any] | None = None, internal: str = ""
+    ) -> None:
         self.message = message or self.default_message
+        #: What the client is told besides the message (and our code as `reason`, where the
+        #: wire code is another: see http.middleware).
         self.detail = detail
         #: What the mirror's log says about it and a client is not told (addresses, TLS
         #: details of the mirror's own network).
@@ -122,7 +128,10 @@ class Unauthorized(MirrorError):
     default_message = "authentication required by upstream"
 
     def __init__(
-        self, message: str | None = None, detail: Any = None, challenge: str | None = None
+        self,
+        message: str | None = None,
+        detail: dict[str, Any] | None = None,
+        challenge: str | None = None,
     ) -> None:
         super().__init__(message, detail)
         #: A `WWW-Authenticate` value for the client, when the mirror itself asks for credentials.

@@ -5,6 +5,7 @@ test, in-process (`make_mirror`) or as a real `python -m mirror serve` process (
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -157,6 +158,47 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> No
     while not condition():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
+
+
+#: The codes a client may find in error JSON, written out here from the OCI distribution spec's
+#: "Error Codes" table, plus CNCF distribution's UNKNOWN and UNAVAILABLE (registry/api/errcode)
+#: for failures the spec has no code for.
+WIRE_CODES = frozenset(
+    {
+        "BLOB_UNKNOWN",
+        "BLOB_UPLOAD_INVALID",
+        "BLOB_UPLOAD_UNKNOWN",
+        "DIGEST_INVALID",
+        "MANIFEST_BLOB_UNKNOWN",
+        "MANIFEST_INVALID",
+        "MANIFEST_UNKNOWN",
+        "NAME_INVALID",
+        "NAME_UNKNOWN",
+        "SIZE_INVALID",
+        "UNAUTHORIZED",
+        "DENIED",
+        "UNSUPPORTED",
+        "TOOMANYREQUESTS",
+        "UNKNOWN",
+        "UNAVAILABLE",
+    }
+)
+
+
+def error_codes(body: bytes) -> tuple[str, str]:
+    """(code on the wire, the mirror's own code) of an error answer. Asserts the spec's shape
+    and that the wire code is one in WIRE_CODES; the mirror's code is `detail.reason` where it
+    is mapped to another, and then the message ends with it too."""
+    doc = json.loads(body)
+    assert isinstance(doc["errors"], list) and doc["errors"], doc
+    error = doc["errors"][0]
+    code, message, detail = error["code"], error["message"], error.get("detail")
+    assert isinstance(message, str) and code in WIRE_CODES, error
+    own = detail.get("reason", code) if isinstance(detail, dict) else code
+    assert isinstance(own, str), error
+    if own != code:
+        assert message.endswith(f"({own})"), error
+    return code, own
 
 
 #: Nothing listens here: the discard port of a loopback address no test serves on (its own

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import diskcache
 from aiohttp import web
-from conftest import MakeMirror, Mirror, MirrorProcess, make_cert, wait_until
+from conftest import MakeMirror, Mirror, MirrorProcess, error_codes, make_cert, wait_until
 from images import make_image
 from upstream_sim import UpstreamSim
 
@@ -88,8 +88,8 @@ async def test_only_manifests_are_kept_and_served_as_manifests(
             async with client.get(
                 f"{mirror.url}/v2/test/page/manifests/latest", headers=accept
             ) as resp:
-                body = await resp.json()
-                assert resp.status == 502 and body["errors"][0]["code"] == "UPSTREAM_INVALID"
+                assert resp.status == 502
+                assert error_codes(await resp.read()) == ("UNKNOWN", "UPSTREAM_INVALID")
                 assert resp.headers["X-Content-Type-Options"] == "nosniff"
         assert sim.requests[("GET", "/v2/test/page/manifests/latest")] == 2, "nothing was kept"
         for repo in ("test/a", "test/b", "test/a"):

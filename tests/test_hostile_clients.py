@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 
 import aiohttp
-from conftest import MakeMirror, MirrorProcess, wait_until
+from conftest import MakeMirror, MirrorProcess, error_codes, wait_until
 from upstream_sim import UpstreamSim
 
 from mirror.http.app import METRICS
@@ -114,7 +114,7 @@ async def test_unparseable_requests_get_error_json(
         status, headers, body = await _exchange("127.0.0.1", proc.port, request)
         assert status == 400, name
         assert headers["content-type"].startswith("application/json"), name
-        assert json.loads(body)["errors"][0]["code"] == "INVALID_REQUEST", name
+        assert error_codes(body) == ("UNSUPPORTED", "INVALID_REQUEST"), name
     async with client.get(proc.url + "/v2/") as resp:
         assert resp.status == 200
 
@@ -145,7 +145,7 @@ async def test_absurd_and_many_part_ranges(
     huge = "9" * 30
     async with client.get(url, headers={"Range": f"bytes={huge}-"}) as resp:
         assert resp.status == 416
-        assert (await resp.json())["errors"][0]["code"] == "RANGE_INVALID"
+        assert error_codes(await resp.read()) == ("SIZE_INVALID", "RANGE_INVALID")
     async with client.get(url, headers={"Range": f"bytes=0-{huge}"}) as resp:
         assert resp.status in (200, 206) and await resp.read() == data  # all of it
     async with client.get(url, headers={"Range": f"bytes=-{huge}"}) as resp:

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MakeMirror
+from conftest import MakeMirror, error_codes
 from images import ACCEPT_ALL, make_image, sha256_digest
 from upstream_sim import UpstreamSim
 
@@ -82,18 +82,18 @@ async def test_stale_tag_served_when_upstream_fails(
     sim.add_image(REPO, "2", make_image(16, [100]))
     mirror = await make_mirror(sim.url, toml=EXPIRED + "[timeouts]\nread = 0.5\n")
     await _get(client, mirror.url + TAG_PATH)
-    cases: list[tuple[dict[str, Any], int, str]] = [
-        ({"kind": "status", "status": 503}, 503, "UPSTREAM_OVERLOADED"),
-        ({"kind": "status", "status": 500}, 502, "UPSTREAM_INVALID"),
-        ({"kind": "hang"}, 504, "UPSTREAM_TIMEOUT"),
+    cases: list[tuple[dict[str, Any], int, tuple[str, str]]] = [
+        ({"kind": "status", "status": 503}, 503, ("UNAVAILABLE", "UPSTREAM_OVERLOADED")),
+        ({"kind": "status", "status": 500}, 502, ("UNKNOWN", "UPSTREAM_INVALID")),
+        ({"kind": "hang"}, 504, ("UNAVAILABLE", "UPSTREAM_TIMEOUT")),
         # last: a 429 makes the mirror back off from this upstream's manifests (Retry-After)
         (
             {"kind": "status", "status": 429, "headers": {"Retry-After": "30"}},
             429,
-            "TOOMANYREQUESTS",
+            ("TOOMANYREQUESTS", "TOOMANYREQUESTS"),
         ),
     ]
-    for options, status_unknown, code in cases:
+    for options, status_unknown, codes in cases:
         fault = sim.fault("manifest", **options)
         status, headers, body = await _get(client, mirror.url + TAG_PATH)
         assert (status, headers["X-Mirror-Cache"], body) == (200, "stale", image.data)
@@ -102,7 +102,7 @@ async def test_stale_tag_served_when_upstream_fails(
             f"{mirror.url}/v2/{REPO}/manifests/2", headers={"Accept": ACCEPT_ALL}
         ) as resp:
             assert resp.status == status_unknown
-            assert (await resp.json())["errors"][0]["code"] == code
+            assert error_codes(await resp.read()) == codes
         fault.gate.set()
         sim.clear_faults()
     await sim.down()
@@ -209,7 +209,7 @@ async def test_manifest_that_does_not_match_its_digest_is_refused(
     for _ in range(2):
         async with client.get(url, headers={"Accept": ACCEPT_ALL}) as resp:
             assert resp.status == 502
-            assert (await resp.json())["errors"][0]["code"] == "UPSTREAM_INVALID"
+            assert error_codes(await resp.read()) == ("UNKNOWN", "UPSTREAM_INVALID")
     assert sim.requests[("GET", f"/v2/{REPO}/manifests/{image.digest}")] == 2
     assert sha256_digest(other.data) != image.digest
 

@@ -1,7 +1,42 @@
-"""The ONE table from domain errors to HTTP status and the OCI error JSON, and the request
-bookkeeping every response goes through.
+"""The ONE table from domain errors to what a client is told (HTTP status and the code in the
+OCI error JSON), and the request bookkeeping every response goes through.
 
 Error body (OCI distribution spec, "Error Codes"): {"errors": [{"code", "message", "detail"}]}.
+
+A client acts on the codes it knows, so every code on the wire is one of the spec's or, for a
+failure the spec has no code for (upstream or the store failed), one CNCF distribution adds in
+registry/api/errcode and containerd and docker already show: `UNAVAILABLE` (its 503, try again
+later) or `UNKNOWN` (its 500, nothing says a retry helps). The mirror's own code (errors.py) is more specific and
+stays what logs, metrics and events say; where it is not the wire code, the client gets it too,
+as `detail.reason` (merged into the error's detail) and at the end of the message, e.g.
+`{"code": "UNAVAILABLE", "message": "upstream registry timed out (UPSTREAM_TIMEOUT)",
+"detail": {"reason": "UPSTREAM_TIMEOUT"}}`. The status says more than a code can and is
+the mirror's own: 502 upstream failed, 503 try later, 504 upstream timed out.
+
+    our code              wire code         status
+    NAME_INVALID          NAME_INVALID      400
+    TAG_INVALID           MANIFEST_INVALID  400   a reference that can name no manifest
+    DIGEST_INVALID        DIGEST_INVALID    400
+    MANIFEST_INVALID      MANIFEST_INVALID  400
+    INVALID_REQUEST       UNSUPPORTED       400   the spec's "invalid set of parameters"
+    UNAUTHORIZED          UNAUTHORIZED      401
+    DENIED                DENIED            403
+    NAME_UNKNOWN          NAME_UNKNOWN      404
+    MANIFEST_UNKNOWN      MANIFEST_UNKNOWN  404
+    BLOB_UNKNOWN          BLOB_UNKNOWN      404
+    NOT_FOUND             UNSUPPORTED       404   no such endpoint: "a missing implementation"
+    UNSUPPORTED           UNSUPPORTED       405
+    RANGE_INVALID         SIZE_INVALID      416   a Range outside the blob's size
+    TOOMANYREQUESTS       TOOMANYREQUESTS   429
+    UNKNOWN               UNKNOWN           500   a bug: the log has the traceback
+    UPSTREAM_INVALID      UNKNOWN           502   upstream's answer was wrong (digest mismatch too)
+    UPSTREAM_UNAVAILABLE  UNAVAILABLE       502
+    UPSTREAM_OVERLOADED   UNAVAILABLE       503
+    OFFLINE               UNAVAILABLE       503
+    STORE_UNAVAILABLE     UNAVAILABLE       503
+    UPSTREAM_TIMEOUT      UNAVAILABLE       504
+
+A code missing from the table is answered 500 `UNKNOWN`, with the code as its reason.
 """
 
 from __future__ import annotations
@@ -11,6 +46,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from time import time as _now
+from typing import NamedTuple
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -28,28 +64,40 @@ BASE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 
-STATUS_BY_CODE: dict[str, int] = {
-    errors.NameInvalid.code: 400,
-    errors.TagInvalid.code: 400,
-    errors.DigestInvalid.code: 400,
-    errors.NameUnknown.code: 404,
-    errors.ManifestUnknown.code: 404,
-    errors.ManifestInvalid.code: 400,
-    errors.BlobUnknown.code: 404,
-    errors.EndpointUnknown.code: 404,
-    errors.Unsupported.code: 405,
-    errors.RangeInvalid.code: 416,
-    errors.Unauthorized.code: 401,
-    errors.InvalidRequest.code: 400,
-    errors.Denied.code: 403,
-    errors.TooManyRequests.code: 429,
-    errors.UpstreamUnavailable.code: 502,
-    errors.UpstreamBadResponse.code: 502,
-    errors.UpstreamOverloaded.code: 503,
-    errors.Offline.code: 503,
-    errors.UpstreamTimeout.code: 504,
-    errors.StoreUnavailable.code: 503,
+
+class Answer(NamedTuple):
+    """What a client is told for one of the mirror's codes."""
+
+    status: int
+    #: The code in the error JSON: the spec's, or distribution's UNKNOWN / UNAVAILABLE.
+    code: str
+
+
+ANSWERS: dict[str, Answer] = {
+    errors.NameInvalid.code: Answer(400, "NAME_INVALID"),
+    errors.TagInvalid.code: Answer(400, "MANIFEST_INVALID"),
+    errors.DigestInvalid.code: Answer(400, "DIGEST_INVALID"),
+    errors.ManifestInvalid.code: Answer(400, "MANIFEST_INVALID"),
+    errors.InvalidRequest.code: Answer(400, "UNSUPPORTED"),
+    errors.Unauthorized.code: Answer(401, "UNAUTHORIZED"),
+    errors.Denied.code: Answer(403, "DENIED"),
+    errors.NameUnknown.code: Answer(404, "NAME_UNKNOWN"),
+    errors.ManifestUnknown.code: Answer(404, "MANIFEST_UNKNOWN"),
+    errors.BlobUnknown.code: Answer(404, "BLOB_UNKNOWN"),
+    errors.EndpointUnknown.code: Answer(404, "UNSUPPORTED"),
+    errors.Unsupported.code: Answer(405, "UNSUPPORTED"),
+    errors.RangeInvalid.code: Answer(416, "SIZE_INVALID"),
+    errors.TooManyRequests.code: Answer(429, "TOOMANYREQUESTS"),
+    errors.MirrorError.code: Answer(500, "UNKNOWN"),
+    errors.UpstreamBadResponse.code: Answer(502, "UNKNOWN"),
+    errors.UpstreamUnavailable.code: Answer(502, "UNAVAILABLE"),
+    errors.UpstreamOverloaded.code: Answer(503, "UNAVAILABLE"),
+    errors.Offline.code: Answer(503, "UNAVAILABLE"),
+    errors.StoreUnavailable.code: Answer(503, "UNAVAILABLE"),
+    errors.UpstreamTimeout.code: Answer(504, "UNAVAILABLE"),
 }
+#: For a code the table lacks: a bug, answered as one.
+UNMAPPED = Answer(500, "UNKNOWN")
 
 #: Key under which handlers leave their route name and cache outcome for the bookkeeping.
 ROUTE = web.RequestKey("route", str)
@@ -59,8 +107,19 @@ UPSTREAM = web.RequestKey("upstream", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_body(code: str, message: str, detail: object = None) -> str:
-    """The spec's error JSON: {"errors": [{"code", "message", "detail"}]}."""
+def answer(err: errors.MirrorError) -> Answer:
+    """Status and wire code of `err`, from the table."""
+    return ANSWERS.get(err.code, UNMAPPED)
+
+
+def error_body(err: errors.MirrorError) -> str:
+    """The spec's error JSON for `err`: {"errors": [{"code", "message", "detail"}]}, its code
+    the wire code; the mirror's own code, when it is another, at the end of the message and as
+    `detail.reason`, next to what the detail already says."""
+    code, message, detail = answer(err).code, err.message, err.detail
+    if code != err.code:
+        message = f"{message} ({err.code})"
+        detail = {**(detail or {}), "reason": err.code}
     entry: dict[str, object] = {"code": code, "message": message}
     if detail is not None:
         entry["detail"] = detail
@@ -68,8 +127,7 @@ def error_body(code: str, message: str, detail: object = None) -> str:
 
 
 def error_response(err: errors.MirrorError) -> web.Response:
-    """The spec's error JSON with the status from the table (500 if a code is missing)."""
-    status = STATUS_BY_CODE.get(err.code, 500)
+    """The spec's error JSON with the status from the table."""
     headers = dict(BASE_HEADERS)
     if isinstance(err, errors.RangeInvalid):
         headers["Content-Range"] = f"bytes */{err.size}"
@@ -78,8 +136,8 @@ def error_response(err: errors.MirrorError) -> web.Response:
     if isinstance(err, errors.TooManyRequests) and err.retry_after:
         headers["Retry-After"] = err.retry_after
     return web.Response(
-        status=status,
-        text=error_body(err.code, err.message, err.detail),
+        status=answer(err).status,
+        text=error_body(err),
         content_type="application/json",
         headers=headers,
     )

@@ -94,7 +94,7 @@ class MirrorConnection(web.RequestHandler):
             err = errors.InvalidRequest("the request could not be parsed")
         resp = web.Response(
             status=status,
-            text=error_body(err.code, err.message),
+            text=error_body(err),
             content_type="application/json",
             headers=BASE_HEADERS,
         )

@@ -341,7 +341,7 @@ class Fill:
             where = "cold copy" if self.source == "cold" else "upstream content"
             self.error = errors.DigestMismatch(f"{where} {e.message}", detail=e.detail)
         elif isinstance(e, OSError):
-            self.error = errors.StoreUnavailable(detail={"reason": e.strerror or str(e)})
+            self.error = errors.StoreUnavailable(detail={"error": e.strerror or str(e)})
         elif isinstance(e, asyncio.CancelledError):
             self.error = errors.UpstreamUnavailable("blob fill dropped: nobody follows it")
         else:
