@@ -201,6 +201,24 @@ def error_codes(body: bytes) -> tuple[str, str]:
     return code, own
 
 
+async def exchange(host: str, port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the answer to the end (the mirror closes after an error):
+    (status, headers in lower case, body)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(-1), 30)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+    }
+    return int(lines[0].split()[1]), headers, body
+
+
 #: Nothing listens here: the discard port of a loopback address no test serves on (its own
 #: address, because the mirror trusts the hosts of its upstreams as redirect targets).
 CLOSED_URL = "http://127.255.255.254:9"

@@ -12,30 +12,12 @@ import socket
 from collections.abc import Callable
 
 import aiohttp
-from conftest import MakeMirror, MirrorProcess, error_codes, wait_until
+from conftest import MakeMirror, MirrorProcess, error_codes, exchange, wait_until
 from upstream_sim import UpstreamSim
 
 from mirror.http.app import METRICS
 
 REPO = "test/hostile"
-
-
-async def _exchange(host: str, port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read the answer to the end (the mirror closes after an error):
-    (status, headers in lower case, body)."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(-1), 30)
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {
-        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
-    }
-    return int(lines[0].split()[1]), headers, body
 
 
 async def _slowloris(host: str, port: int) -> bytes:
@@ -111,7 +93,7 @@ async def test_unparseable_requests_get_error_json(
         "garbage": b"\x00\x01\x02 nonsense\r\n\r\n",
     }
     for name, request in cases.items():
-        status, headers, body = await _exchange("127.0.0.1", proc.port, request)
+        status, headers, body = await exchange("127.0.0.1", proc.port, request)
         assert status == 400, name
         assert headers["content-type"].startswith("application/json"), name
         assert error_codes(body) == ("UNSUPPORTED", "INVALID_REQUEST"), name
@@ -175,7 +157,7 @@ async def test_connections_per_client_are_capped(sim: UpstreamSim, make_mirror: 
     host, port = "127.0.0.1", int(mirror.url.rsplit(":", 1)[1])
     held = [await asyncio.open_connection(host, port) for _ in range(2)]
     request = b"GET /v2/ HTTP/1.1\r\nHost: m\r\n\r\n"
-    status, headers, body = await _exchange(host, port, request)
+    status, headers, body = await exchange(host, port, request)
     assert (status, headers["retry-after"]) == (429, "1")
     assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
     metrics = mirror.app[METRICS]  # type: ignore[index]
@@ -185,7 +167,7 @@ async def test_connections_per_client_are_capped(sim: UpstreamSim, make_mirror: 
     await writer.wait_closed()
     status = 0
     for _ in range(50):  # the close reaches the mirror asynchronously: poll, with a bound
-        status, _, _ = await _exchange(
+        status, _, _ = await exchange(
             host, port, b"GET /v2/ HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
         )
         if status == 200:
