@@ -82,7 +82,7 @@ async def test_unparseable_requests_get_error_json(
 ) -> None:
     """A header flood (300 fields), a 20 KB header, a 20 KB request line, a TLS hello on the
     plain port and a request line of garbage: each gets 400 with OCI error JSON
-    (INVALID_REQUEST) from the real process, which then serves on."""
+    (UNSUPPORTED, reason INVALID_REQUEST) from the real process, which then serves on."""
     proc = mirror_process(sim.url).start()
     flood = b"".join(b"X-F-%d: x\r\n" % i for i in range(300))
     cases = {

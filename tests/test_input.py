@@ -284,9 +284,9 @@ async def test_range_requests_on_a_cached_blob(
 ) -> None:
     """On a committed blob: `bytes=0-9` is 206 with Content-Range and the first 10 bytes;
     `bytes=-5` the last 5; an end past the size is clamped; `bytes=<size>-` is 416 with
-    `Content-Range: bytes */size` and RANGE_INVALID JSON; close parts of a multi-range
-    header are answered as the one range they span; a malformed header is ignored (200,
-    whole blob). None of it goes upstream again."""
+    `Content-Range: bytes */size` and SIZE_INVALID JSON (reason RANGE_INVALID); close parts
+    of a multi-range header are answered as the one range they span; a malformed header is
+    ignored (200, whole blob). None of it goes upstream again."""
     url, digest, data = cached_blob
     size = len(data)
     before = sum(sim.requests.values())
