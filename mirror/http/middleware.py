@@ -6,9 +6,10 @@ Error body (OCI distribution spec, "Error Codes"): {"errors": [{"code", "message
 A client acts on the codes it knows, so every code on the wire is one of the spec's or, for a
 failure the spec has no code for (upstream or the store failed), one CNCF distribution adds in
 registry/api/errcode and containerd and docker already show: `UNAVAILABLE` (its 503, try again
-later) or `UNKNOWN` (its 500, nothing says a retry helps). The mirror's own code (errors.py) is more specific and
-stays what logs, metrics and events say; where it is not the wire code, the client gets it too,
-as `detail.reason` (merged into the error's detail) and at the end of the message, e.g.
+later) or `UNKNOWN` (its 500, nothing says a retry helps). The mirror's own code (errors.py) is
+more specific and stays what it records for operators (a log record's `code`, an admin event's
+`result`); where it is not the wire code, the client gets it too, as `detail.reason` (merged
+into the error's detail) and at the end of the message, e.g.
 `{"code": "UNAVAILABLE", "message": "upstream registry timed out (UPSTREAM_TIMEOUT)",
 "detail": {"reason": "UPSTREAM_TIMEOUT"}}`. The status says more than a code can and is
 the mirror's own: 502 upstream failed, 503 try later, 504 upstream timed out.
