@@ -70,8 +70,9 @@ class RawAnswer:
 
 
 class BlobStream:
-    """One upstream answer's blob body; `size` is its Content-Length when upstream sent one.
-    `skip` leading bytes are dropped: an upstream that ignored our Range sent them again.
+    """One upstream answer's blob body; `size` is its Content-Length when upstream sent one,
+    less the `skip` leading bytes that are dropped (an upstream that ignored our Range sent
+    them again).
     With `length` (a range answer) the body must be exactly that long: more is refused,
     less is a cut, whether or not upstream sent a Content-Length."""
 
@@ -86,7 +87,8 @@ class BlobStream:
         self._received = received
         self._skip = skip
         self._length = length
-        self.size = response.content_length if length is None else length
+        size = response.content_length
+        self.size = length if length is not None else None if size is None else size - skip
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body in pieces; a cut or stalled connection raises a domain error."""
@@ -265,9 +267,12 @@ class UpstreamClient:
             return UpstreamManifest(data, media_type, digest, resp.content_length)
 
     @contextlib.asynccontextmanager
-    async def blob(self, target: Target, digest: Digest) -> AsyncIterator[ResumingBlob]:
-        """Open a blob body for streaming (following the CDN redirect without credentials).
-        A body that breaks off is picked up again with Range where it stopped (resume.py)."""
+    async def blob(
+        self, target: Target, digest: Digest, offset: int = 0
+    ) -> AsyncIterator[ResumingBlob]:
+        """Open a blob body for streaming from byte `offset` on (following the CDN redirect
+        without credentials); its `size` is the whole blob's. A body that breaks off is picked
+        up again with Range where it stopped (resume.py)."""
         up = target.upstream
         t = self._config.timeouts
         async with open_resuming(
@@ -277,6 +282,7 @@ class UpstreamClient:
             t.rate_window,
             lambda: self._metrics.retried(up.name, "blob", "resume"),
             str(digest),
+            offset,
         ) as body:
             yield body
 
