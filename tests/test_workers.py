@@ -25,17 +25,17 @@ MiB = 1024 * 1024
 WORKERS = 3
 
 
-def _workers_env(tmp_path: Path, extra: str = "") -> dict[str, str]:
+def _config(tmp_path: Path, text: str) -> dict[str, str]:
     config = tmp_path / "workers.toml"
-    config.write_text(f"workers = {WORKERS}\n{extra}")
+    config.write_text(text)
     return {"MIRROR_CONFIG": str(config)}
 
 
 async def _started(
-    make: Callable[..., MirrorProcess], url: str, data: Path, env: dict[str, str]
+    make: Callable[..., MirrorProcess], url: str, data: Path, env: dict[str, str] | None = None
 ) -> MirrorProcess:
-    """A mirror whose every worker serves (the supervisor says so in its log)."""
-    proc = await asyncio.to_thread(make(url, data, env).start)
+    """`mirror serve --workers 3`, once every worker serves (the supervisor says so)."""
+    proc = await asyncio.to_thread(make(url, data, env, workers=WORKERS).start)
     deadline = time.monotonic() + 20
     while f"{WORKERS} workers serving" not in proc.log.read_text():
         assert time.monotonic() < deadline, proc.log.read_text()[-2000:]
@@ -81,7 +81,7 @@ async def test_twenty_clients_over_three_workers_cost_one_upstream_get(
 ) -> None:
     blob = os.urandom(32 * MiB)
     digest = sim.add_blob(blob)
-    proc = await _started(mirror_process, sim.url, tmp_path / "data", _workers_env(tmp_path))
+    proc = await _started(mirror_process, sim.url, tmp_path / "data")
     path = f"/v2/w/x/blobs/{digest}"
     answers = await asyncio.gather(*(_get(proc.url + path) for _ in range(20)))
     assert all(status == 200 and body == blob for status, body in answers)
@@ -100,7 +100,7 @@ async def test_kill_9_of_the_filling_worker_is_carried_on_by_another(
     blob = os.urandom(32 * MiB)
     digest = sim.add_blob(blob)
     hold = sim.fault(digest, "slow", part=12 * MiB, times=1)
-    proc = await _started(mirror_process, sim.url, data, _workers_env(tmp_path))
+    proc = await _started(mirror_process, sim.url, data)
     url = f"{proc.url}/v2/w/x/blobs/{digest}"
 
     async def pull() -> bytes:
@@ -162,7 +162,7 @@ async def test_a_tag_past_its_ttl_through_every_worker_costs_one_head(
 ) -> None:
     image = make_image(7, [4096])
     sim.add_image("w/tag", "v1", image)
-    env = _workers_env(tmp_path, '[upstreams."docker.io"]\ntag_ttl = 1\n')
+    env = _config(tmp_path, '[upstreams."docker.io"]\ntag_ttl = 1\n')
     proc = await _started(mirror_process, sim.url, tmp_path / "data", env)
     path = "/v2/w/tag/manifests/v1"
     status, body = await _get(proc.url + path)
@@ -181,7 +181,7 @@ async def test_a_tag_past_its_ttl_through_every_worker_costs_one_head(
 async def test_sighup_reaches_every_worker_and_sigterm_stops_them_all(
     sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], tmp_path: Path
 ) -> None:
-    proc = await _started(mirror_process, sim.url, tmp_path / "data", _workers_env(tmp_path))
+    proc = await _started(mirror_process, sim.url, tmp_path / "data")
     assert proc.proc is not None
     workers = _children(proc.proc.pid)
     assert len(workers) == WORKERS
