@@ -25,6 +25,7 @@ from mirror.eviction.passes import Evictions
 from mirror.metrics import Metrics
 from mirror.policies import POLICIES
 from mirror.store.blobs import BlobStore
+from mirror.store.budgets import BudgetStore
 from mirror.store.cold import ColdStore
 from mirror.store.hot import HotTier
 from mirror.store.index import BlobIndex
@@ -85,7 +86,7 @@ def open_cache(
     cold = ColdStore.from_config(config.cold)
     tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, events, cold)
     manifests = ManifestStore(meta, pool, hot)
-    coordinator = HostCoordinator(layout, TagStore(meta, pool, hot), pool)
+    coordinator = HostCoordinator(layout, TagStore(meta, pool, hot), BudgetStore(meta, pool), pool)
     evictions = Evictions(config, tiers, manifests, coordinator, metrics, events)
     return Cache(
         layout, blobs, index, manifests, tiers, usage, coordinator, evictions, events, meta

@@ -9,6 +9,7 @@ Everything that serves one cache shares four decisions:
                   for that answer (tag revalidation above all: one HEAD per TTL)
     eviction_turn who runs an eviction pass (one at a time); `leads`: who runs them periodically
     tags, tokens  where tag records and upstream tokens live
+    budgets       each upstream's pull budget and 429 back-off, as last told to anyone
 
 `HostCoordinator` (host.py) answers them for the processes of one host that share a data
 directory (worker processes, admin commands): single-flight tasks within a process, and
@@ -67,6 +68,22 @@ class TokenCache(Protocol):
     def drop(self, upstream: str, scope: str) -> None: ...
 
 
+class PullBudgets(Protocol):
+    """What upstreams said of their pull budgets (store/budgets.py), for every process."""
+
+    async def told(self, upstream: str, remaining: int) -> int | None:
+        """Upstream said `remaining` pulls are left; what was known before."""
+        ...
+
+    async def left(self, upstream: str) -> int | None: ...
+
+    async def back_off(self, upstream: str, seconds: float) -> None: ...
+
+    async def backing_off(self, upstream: str) -> float:
+        """Seconds still to leave the upstream alone after a 429 (0: none)."""
+        ...
+
+
 class Joined(NamedTuple, Generic[S]):
     """A fill joined: its shared state, its task, and whether this call started it."""
 
@@ -81,6 +98,9 @@ class Coordinator(Protocol):
 
     @property
     def tokens(self) -> TokenCache: ...
+
+    @property
+    def budgets(self) -> PullBudgets: ...
 
     def fill(
         self, digest: Digest, state: Callable[[], S], work: Callable[[S], Awaitable[None]]

@@ -14,8 +14,9 @@ processes, the kernel decides with advisory locks it frees when a holder dies:
 - eviction_turn: one lock for the host; `leads` names the one process that runs periodic
   passes (the evictor), taken over by another when it dies.
 
-Tag records live in the data directory's diskcache (store/tags.py), which every process
-reads; upstream tokens stay in each process's memory (a token request costs no pull).
+Tag records and pull budgets live in the data directory's diskcache (store/tags.py,
+store/budgets.py), which every process reads; upstream tokens stay in each process's memory
+(a token request costs no pull).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 from mirror.bounded import Bounded
-from mirror.coordination import Joined, TagRecords
+from mirror.coordination import Joined, PullBudgets, TagRecords
 from mirror.coordination.claims import Claim
 from mirror.coordination.flights import Flights
 from mirror.locks import FileLock, hold, try_hold
@@ -80,8 +81,19 @@ def stripe(key: Hashable) -> int:
 
 
 class HostCoordinator:
-    def __init__(self, layout: Layout, tags: TagRecords, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        tags: TagRecords,
+        budgets: PullBudgets,
+        executor: ThreadPoolExecutor,
+        processes: int = 1,
+    ) -> None:
+        #: Server processes sharing the data directory: with one, `once` needs no host lock
+        #: (admin commands never ask upstream about tags).
+        self._processes = processes
         self.tags = tags
+        self.budgets = budgets
         self.tokens = MemoryTokens()
         self._layout = layout
         self._executor = executor
@@ -109,8 +121,13 @@ class HostCoordinator:
 
     async def once(self, key: Hashable, work: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
         async def held() -> V:
-            async with self._host_lock(f"once-{stripe(key):03d}"):
+            if self._processes == 1:
                 return await work()
+            lock = await self._take(f"once-{stripe(key):03d}")
+            try:
+                return await work()
+            finally:
+                await offload(self._executor, lock.release)
 
         result, followed = await self._once.run(key, held)
         return result, followed
@@ -120,8 +137,12 @@ class HostCoordinator:
 
     @contextlib.asynccontextmanager
     async def _eviction_turn(self) -> AsyncIterator[None]:
-        async with self._evicting, self._host_lock("evict"):
-            yield
+        async with self._evicting:
+            lock = await self._take("evict")
+            try:
+                yield
+            finally:
+                await offload(self._executor, lock.release)
 
     async def leads(self, role: str) -> bool:
         """Whether this process is the host's one `role` (the evictor): it becomes so when
@@ -135,20 +156,20 @@ class HostCoordinator:
         self._leading[role] = lock
         return True
 
-    @contextlib.asynccontextmanager
-    async def _host_lock(self, name: str) -> AsyncIterator[None]:
-        """Hold run/locks/<name> (waiting in a thread of its own, never on the loop)."""
-        loop = asyncio.get_running_loop()
-        waiting = loop.run_in_executor(self._waiters, hold, self._layout.locks / f"{name}.lock")
+    async def _take(self, name: str) -> FileLock:
+        """Hold run/locks/<name>: taken at once in a store thread when it is free (the common
+        case), else waited for in a thread of its own, never on the loop."""
+        path = self._layout.locks / f"{name}.lock"
+        got, lock = await offload(self._executor, try_hold, path)
+        if got:
+            return lock
+        await offload(self._executor, lock.release)
+        waiting = asyncio.get_running_loop().run_in_executor(self._waiters, hold, path)
         try:
-            lock = await asyncio.shield(waiting)
-        except asyncio.CancelledError:  # the wait goes on in its thread: let go once it is got
+            return await asyncio.shield(waiting)
+        except asyncio.CancelledError:  # the wait goes on in its thread: let go once got
             waiting.add_done_callback(_release_when_got)
             raise
-        try:
-            yield
-        finally:
-            await offload(self._executor, lock.release)
 
     def close(self) -> None:
         """Blocking: let go of what this process leads."""

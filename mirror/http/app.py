@@ -76,7 +76,9 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
     metrics.prefill((u.name, u.credential) for u in config.upstreams)
     cache = open_cache(config, store_pool, metrics, serving=True, share=workers)
     events = cache.events
-    upstream = UpstreamClient(config, metrics, cache.coordinator.tokens, events)
+    upstream = UpstreamClient(
+        config, metrics, cache.coordinator.tokens, events, cache.coordinator.budgets
+    )
     service = build_service(config, cache, upstream, metrics)
     syncer = Syncer(config, service)
     evictor = Evictor(

@@ -180,7 +180,7 @@ class Manifests:
         if record is None or held is None:
             return await self._fetch_tag(target, key)
         name = (key.upstream, key.repo, key.tag)
-        if self._upstream.conserving(target.upstream):
+        if await self._upstream.conserving(target.upstream):
             budget = "pull budget of %s low: serving %s/%s:%s as cached, unrevalidated"
             log.info(budget, key.upstream, *name)
             return ManifestAnswer(held, Outcome.STALE)
