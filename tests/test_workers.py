@@ -204,3 +204,26 @@ def _holds(pid: int, path: Path) -> bool:
 def _children(pid: int) -> set[int]:
     found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return {int(c) for c in found}
+
+
+async def test_a_pull_budget_below_its_floor_is_known_to_every_worker(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], tmp_path: Path
+) -> None:
+    """Docker Hub says 3 pulls are left (floor 10) on the first pull, through one worker: past
+    the tag's TTL, no worker spends a pull on revalidating it — each serves it as cached."""
+    image = make_image(8, [4096])
+    sim.add_image("w/budget", "v1", image)
+    sim.rate_limit(limit=100, remaining=3)
+    env = _config(tmp_path, '[upstreams."docker.io"]\ntag_ttl = 1\npull_budget_floor = 10\n')
+    proc = await _started(mirror_process, sim.url, tmp_path / "data", env)
+    path = "/v2/w/budget/manifests/v1"
+    status, body = await _get(proc.url + path)
+    assert status == 200 and body == image.data
+    checked = time.monotonic()
+    while time.monotonic() < checked + 1.2:  # the record's TTL runs out (time must pass)
+        await asyncio.sleep(0.1)  # ok: waiting for a TTL to expire, not for an event
+    answers = await asyncio.gather(*(_get(proc.url + path) for _ in range(24)))
+    assert all(status == 200 and body == image.data for status, body in answers)
+    assert sim.requests[("HEAD", path)] == 0, sim.requests
+    assert sim.requests[("GET", path)] == 1
+    assert len(await _workers_seen(proc, path, 25)) == WORKERS, "every worker was asked"
