@@ -5,7 +5,7 @@ in the data directory too).
 `open_cache` opens it the same way for the server, the admin commands and bundle import and
 export. It is safe to open while a mirror serves the same data directory: SQLite in WAL mode
 and diskcache take writers from several processes, and blob files are only ever renamed into
-place or unlinked. This is also where the coordinator is chosen (one process today).
+place or unlinked. This is also where the coordinator is chosen (the processes of one host).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import diskcache
 
 from mirror.config import Config
 from mirror.coordination import Coordinator
-from mirror.coordination.local import LocalCoordinator
+from mirror.coordination.host import HostCoordinator
 from mirror.events import Events
 from mirror.eviction.passes import Evictions
 from mirror.metrics import Metrics
 from mirror.policies import POLICIES
 from mirror.store.blobs import BlobStore
+from mirror.store.budgets import BudgetStore
 from mirror.store.cold import ColdStore
 from mirror.store.hot import HotTier
 from mirror.store.index import BlobIndex
@@ -56,19 +57,26 @@ class Cache:
         self.index.close()
         self._meta.close()
         self.events.close()
+        self.coordinator.close()
 
 
 def open_cache(
-    config: Config, pool: ThreadPoolExecutor, metrics: Metrics, serving: bool = False
+    config: Config,
+    pool: ThreadPoolExecutor,
+    metrics: Metrics,
+    serving: bool = False,
+    share: int = 1,
 ) -> Cache:
     """The cache of `config.data_dir` (blocking work runs in `pool`); `serving` for the
-    server's own (its events go through a journal, which only it writes)."""
+    server's own (its events go through a journal, which only it writes). `share`: the
+    worker processes that serve it, which split the hot tier's budget (each keeps its own
+    copy in memory: the budget is the host's)."""
     layout = Layout(config.data_dir)
     layout.create()
     events = Events(
         config.events, metrics, layout.events, layout.events_journal if serving else None
     )
-    hot = HotTier(config.hot.max_bytes)
+    hot = HotTier(config.hot.max_bytes // share)
     meta = diskcache.Cache(str(layout.meta), eviction_policy="none", size_limit=2**62)
     index = BlobIndex(
         layout.index, [POLICIES[config.warm.policy].sql, POLICIES[config.cold.policy].sql]
@@ -78,7 +86,7 @@ def open_cache(
     cold = ColdStore.from_config(config.cold)
     tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, events, cold)
     manifests = ManifestStore(meta, pool, hot)
-    coordinator = LocalCoordinator(TagStore(meta, pool, hot))
+    coordinator = HostCoordinator(layout, TagStore(meta, pool, hot), BudgetStore(meta, pool), pool)
     evictions = Evictions(config, tiers, manifests, coordinator, metrics, events)
     return Cache(
         layout, blobs, index, manifests, tiers, usage, coordinator, evictions, events, meta

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -18,11 +19,14 @@ import uvloop
 from aiohttp import web
 
 from mirror import __version__, logs
+from mirror.cache import opened_cache
 from mirror.config import Config, ignored_variables, load_config
 from mirror.errors import ConfigError
 from mirror.http.app import CACHE, build_app
 from mirror.http.server import MirrorSite
 from mirror.ops import commands, prefetch
+from mirror.store.reconcile import reconcile
+from mirror.workers import cpus, supervisor
 
 log = logging.getLogger("mirror")
 
@@ -42,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="serve the registry API")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve.add_argument(
+        "--workers", help="server processes: auto (the CPUs it may use, the default) or N"
+    )
+    serve.add_argument(
         "--upstream", help="URL of the default (docker.io) upstream, e.g. http://127.0.0.1:5001"
     )
     commands.add_commands(sub, common)
@@ -59,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             env={k: v for k, v in os.environ.items() if k != "MIRROR_CONFIG"},
             flags={
                 "listen": getattr(args, "listen", None),
+                "workers": getattr(args, "workers", None),
                 "data_dir": args.data_dir,
                 "upstream": getattr(args, "upstream", None),
                 **commands.config_flags(args),
@@ -70,17 +78,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "serve":
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s %(message)s")
         return commands.run(args, config)
-    listener = logs.start(config.log_level, config.log_format)
-    for var in ignored_variables(os.environ):
-        log.debug("environment variable %s is not a configuration key: ignored", var)
+    count = cpus.usable() if config.workers == "auto" else int(config.workers)
+    if count > 1:
+        return _supervise(config, count)
+    return _serve_here(config)
+
+
+def _serve_here(
+    config: Config, worker: int | None = None, workers: int = 1, ready: int = -1
+) -> int:
+    """Serve in this process (the only one, or worker number `worker`); the exit status."""
+    listener = logs.start(config.log_level, config.log_format, worker)
+    if worker is None:
+        for var in ignored_variables(os.environ):
+            log.debug("environment variable %s is not a configuration key: ignored", var)
     try:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, worker, workers, ready))
     except ConfigError as e:  # found only when the app reads its files (the htpasswd file)
         print(f"mirror: configuration error: {e}", file=sys.stderr)
-        return 2
+        return supervisor.CONFIG_ERROR
     finally:
         listener.stop()
     return 0
+
+
+def _supervise(config: Config, count: int) -> int:
+    """Serve with `count` worker processes under this one (workers/supervisor.py)."""
+    logs.direct(config.log_level, config.log_format)
+    for var in ignored_variables(os.environ):
+        log.debug("environment variable %s is not a configuration key: ignored", var)
+    host, port = config.host_port
+    try:
+        reserved = supervisor.reserve(host, port)
+    except OSError as e:
+        print(f"mirror: cannot listen on {config.listen}: {e.strerror}", file=sys.stderr)
+        return 1
+    bound = reserved.getsockname()[1]
+    config = dataclasses.replace(
+        config, listen=f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+    )
+    with reserved:
+        _prepare_host(config)
+        log.info(
+            "serving on %s with %d workers, data in %s, upstreams %s, default %s",
+            config.listen,
+            count,
+            config.data_dir,
+            ", ".join(f"{u.name}={u.url}" for u in config.upstreams),
+            config.default_upstream,
+        )
+        log.info("effective configuration (secrets masked): %r", config)
+        return supervisor.Supervisor(
+            count,
+            lambda index, ready: _serve_here(config, index, count, ready),
+            private=(reserved.fileno(),),
+        ).run()
+
+
+def _prepare_host(config: Config) -> None:
+    """What a host start does once, before any worker serves: sweep the partial files a
+    crash left and make the index agree with the files (no worker may sweep another's fill)."""
+    with opened_cache(config) as cache:
+        cache.blobs.sweep()
+        asyncio.run(reconcile(cache.blobs, cache.index, cache.usage))
 
 
 def _load_certificate(cert: str, key: str) -> ssl.SSLContext:
@@ -132,9 +192,13 @@ class ServingCertificate:
         log.info("TLS certificate reloaded from %s", self._cert)
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGINT or SIGTERM, then close connections and stores cleanly."""
-    app = build_app(config)
+async def serve(
+    config: Config, worker: int | None = None, workers: int = 1, ready: int = -1
+) -> None:
+    """Run until SIGINT or SIGTERM, then close connections and stores cleanly. A worker
+    process (`worker` of `workers`) listens with SO_REUSEPORT and writes a byte to `ready`
+    once it serves."""
+    app = build_app(config, worker, workers)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     host, port = config.host_port
@@ -146,16 +210,21 @@ async def serve(config: Config) -> None:
         port,
         ssl_context=tls.listener if tls is not None else None,
         access_log=logging.getLogger("mirror.access") if config.access_log else None,
+        reuse_port=worker is not None,
     )
     await site.start()
-    log.info(
-        "serving on %s, data in %s, upstreams %s, default %s",
-        config.listen,
-        config.data_dir,
-        ", ".join(f"{u.name}={u.url}" for u in config.upstreams),
-        config.default_upstream,
-    )
-    log.info("effective configuration (secrets masked): %r", config)
+    if ready >= 0:
+        os.write(ready, b"r")
+        os.close(ready)
+    if worker is None:
+        log.info(
+            "serving on %s, data in %s, upstreams %s, default %s",
+            config.listen,
+            config.data_dir,
+            ", ".join(f"{u.name}={u.url}" for u in config.upstreams),
+            config.default_upstream,
+        )
+        log.info("effective configuration (secrets masked): %r", config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -166,8 +235,7 @@ async def serve(config: Config) -> None:
         reopen.append(tls.on_sighup)
     if config.events.audit_log:
         reopen.append(app[CACHE].events.reopen)
-    if reopen:
-        loop.add_signal_handler(signal.SIGHUP, lambda: [action() for action in reopen])
+    loop.add_signal_handler(signal.SIGHUP, lambda: [action() for action in reopen])
     try:
         await stop.wait()
     finally:

@@ -375,11 +375,18 @@ class RetentionRule:
     keep_tags: int = 0
 
 
+#: Most worker processes `workers` may ask for.
+MAX_WORKERS = 256
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the server needs; passed to constructors, never read from globals."""
 
     listen: str = "0.0.0.0:5000"
+    #: Server processes on the one port: "auto" (the CPUs this process may use, cgroup quota
+    #: and affinity respected) or a number; 1 is a single process with no supervisor.
+    workers: str = "auto"
     data_dir: str = "./data"
     log_level: str = "info"
     #: logfmt | json: one structured line per log record and per request.
@@ -580,6 +587,8 @@ def _from_flags(flags: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, A
 
 
 def _validate(raw: dict[str, Any]) -> Config:
+    if isinstance(raw.get("workers"), int) and not isinstance(raw["workers"], bool):
+        raw["workers"] = str(raw["workers"])  # `workers = 4` in TOML, as "4" from a flag
     upstreams = raw.pop("upstreams", {})
     if not isinstance(upstreams, Mapping):
         raise ConfigError("upstreams: must be a table of upstream registries")
@@ -659,6 +668,12 @@ def _check(config: Config) -> None:
         raise ConfigError(f"listen: expected HOST:PORT, got {config.listen!r}") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"listen: port out of range in {config.listen!r}")
+    if config.workers != "auto" and not (
+        config.workers.isdigit() and 1 <= int(config.workers) <= MAX_WORKERS
+    ):
+        raise ConfigError(
+            f"workers: auto or a number from 1 to {MAX_WORKERS}, got {config.workers!r}"
+        )
     for key in ("connect", "read", "rate_window", "client_idle"):
         value = getattr(config.timeouts, key)
         if not value > 0:

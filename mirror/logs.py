@@ -59,9 +59,10 @@ class _Deferred(logging.handlers.QueueHandler):
 class _Structured(logging.Formatter):
     """ts, level, logger, msg (and the traceback, if any)."""
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, worker: int | None = None) -> None:
         super().__init__()
         self._json = as_json
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -70,6 +71,8 @@ class _Structured(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return render(entry, self._json)
@@ -78,9 +81,10 @@ class _Structured(logging.Formatter):
 class AccessLog:
     """Access lines gathered on the loop, written in batches by a thread of their own."""
 
-    def __init__(self, as_json: bool, out: TextIO) -> None:
+    def __init__(self, as_json: bool, out: TextIO, worker: int | None = None) -> None:
         self._json = as_json
         self._out = out
+        self._worker = {} if worker is None else {"worker": worker}
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
@@ -103,6 +107,7 @@ class AccessLog:
                 "level": "info",
                 "logger": "mirror.access",
                 **fields,
+                **self._worker,
             }
             lines.append(render(entry, self._json))
         if lines:
@@ -133,17 +138,28 @@ class Logging:
         self._listener.stop()
 
 
-def start(level: str, kind: str = "logfmt") -> Logging:
-    """Route all logging through the queue and start the access-log writer."""
+def start(level: str, kind: str = "logfmt", worker: int | None = None) -> Logging:
+    """Route all logging through the queue and start the access-log writer; a worker
+    process's lines carry its index (`worker=<n>`)."""
     global access
     as_json = kind == "json"
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     out = logging.StreamHandler(sys.stderr)
-    out.setFormatter(_Structured(as_json))
+    out.setFormatter(_Structured(as_json, worker))
     root = logging.getLogger()
     root.handlers[:] = [_Deferred(records)]
     root.setLevel(level.upper())
     listener = logging.handlers.QueueListener(records, out, respect_handler_level=False)
     listener.start()
-    access = AccessLog(as_json, sys.stderr)
+    access = AccessLog(as_json, sys.stderr, worker)
     return Logging(listener, access)
+
+
+def direct(level: str, kind: str = "logfmt") -> None:
+    """Structured lines written by the caller itself, with no thread: for the supervisor of
+    worker processes, which must stay free of threads to fork (and writes little)."""
+    out = logging.StreamHandler(sys.stderr)
+    out.setFormatter(_Structured(kind == "json"))
+    root = logging.getLogger()
+    root.handlers[:] = [out]
+    root.setLevel(level.upper())

@@ -285,8 +285,13 @@ class MirrorProcess:
     """`python -m mirror serve` as a real process (uvloop, CLI, signals, restarts)."""
 
     def __init__(
-        self, data_dir: Path, upstream_url: str, extra_env: dict[str, str] | None = None
+        self,
+        data_dir: Path,
+        upstream_url: str,
+        extra_env: dict[str, str] | None = None,
+        workers: int = 1,
     ) -> None:
+        self.workers = workers
         self.data_dir = data_dir
         self.upstream_url = upstream_url
         extra = extra_env or {}
@@ -310,6 +315,8 @@ class MirrorProcess:
             str(self.data_dir),
             "--upstream",
             self.upstream_url,
+            "--workers",
+            str(self.workers),
         ]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=PROJECT, env=self.env, stdout=log, stderr=log)
@@ -341,9 +348,13 @@ def mirror_process(tmp_path: Path) -> Iterator[Callable[..., MirrorProcess]]:
     started: list[MirrorProcess] = []
 
     def make(
-        upstream_url: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+        upstream_url: str,
+        data_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
     ) -> MirrorProcess:
-        proc = MirrorProcess(data_dir or tmp_path / "data", upstream_url, env)
+        """A mirror process; one worker unless told (tests of worker processes say so)."""
+        proc = MirrorProcess(data_dir or tmp_path / "data", upstream_url, env, workers)
         started.append(proc)
         return proc
 

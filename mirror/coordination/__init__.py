@@ -3,17 +3,20 @@
 Everything that serves one cache shares four decisions:
 
     fill          who fetches a digest that is not cached, and how the others follow that
-                  one fill from byte 0 (`fill`, `filling`, `fill_tasks`)
+                  one fill from byte 0 (`fill`, `filling`, `fill_tasks` within a process;
+                  `claim` across processes)
     once          who asks upstream about a tag, a manifest or a list while the others wait
                   for that answer (tag revalidation above all: one HEAD per TTL)
-    eviction_turn who runs an eviction pass (one at a time)
+    eviction_turn who runs an eviction pass (one at a time); `leads`: who runs them periodically
     tags, tokens  where tag records and upstream tokens live
+    budgets       each upstream's pull budget and 429 back-off, as last told to anyone
 
-`LocalCoordinator` (local.py) answers them for one process: single-flight tasks, an asyncio
-lock, the tag store of this data directory, tokens in memory. Worker processes on one host
-and replicas across hosts answer the same questions with the kernel (locks on files) and with
-Redis, behind this same interface, so that callers do not change. `mirror.cache.open_cache`
-is where the answer is chosen.
+`HostCoordinator` (host.py) answers them for the processes of one host that share a data
+directory (worker processes, admin commands): single-flight tasks within a process, and
+across processes advisory locks on files that the kernel frees when a holder dies (claims.py
+for fills); the tag store of the data directory; tokens in memory. Replicas across hosts are
+to answer the same questions with Redis behind this same interface, so that callers do not
+change. `mirror.cache.open_cache` is where the answer is chosen.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
+from mirror.coordination.claims import Claim
 from mirror.oci.reference import Digest
 from mirror.store.keys import AnyTagKey, TagKey
 from mirror.store.tags import TagRecord
@@ -39,6 +43,11 @@ class TagRecords(Protocol):
         ...
 
     async def get(self, key: AnyTagKey) -> TagRecord | None: ...
+
+    async def confirmed(self, key: AnyTagKey) -> TagRecord | None:
+        """The record as the shared store has it now (another process may have revalidated
+        it since this one's copy in memory), kept in memory again."""
+        ...
 
     async def put(self, key: AnyTagKey, record: TagRecord) -> None: ...
 
@@ -59,6 +68,22 @@ class TokenCache(Protocol):
     def drop(self, upstream: str, scope: str) -> None: ...
 
 
+class PullBudgets(Protocol):
+    """What upstreams said of their pull budgets (store/budgets.py), for every process."""
+
+    async def told(self, upstream: str, remaining: int) -> int | None:
+        """Upstream said `remaining` pulls are left; what was known before."""
+        ...
+
+    async def left(self, upstream: str) -> int | None: ...
+
+    async def back_off(self, upstream: str, seconds: float) -> None: ...
+
+    async def backing_off(self, upstream: str) -> float:
+        """Seconds still to leave the upstream alone after a 429 (0: none)."""
+        ...
+
+
 class Joined(NamedTuple, Generic[S]):
     """A fill joined: its shared state, its task, and whether this call started it."""
 
@@ -74,6 +99,9 @@ class Coordinator(Protocol):
     @property
     def tokens(self) -> TokenCache: ...
 
+    @property
+    def budgets(self) -> PullBudgets: ...
+
     def fill(
         self, digest: Digest, state: Callable[[], S], work: Callable[[S], Awaitable[None]]
     ) -> Joined[S]:
@@ -87,6 +115,11 @@ class Coordinator(Protocol):
 
     def fill_tasks(self) -> list[asyncio.Task[None]]: ...
 
+    async def claim(self, digest: Digest) -> Claim:
+        """Who fills `digest` for every process sharing the store: this one (`owned`), or
+        another, whose fill this process then follows (claims.py)."""
+        ...
+
     async def once(self, key: Hashable, work: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
         """The outcome of `work` for `key`, run by one caller while the others wait for it
         (errors shared too); True for a caller that waited on another's."""
@@ -94,4 +127,12 @@ class Coordinator(Protocol):
 
     def eviction_turn(self) -> AbstractAsyncContextManager[None]:
         """Held while an eviction pass runs: passes never overlap."""
+        ...
+
+    async def leads(self, role: str) -> bool:
+        """Whether this process is the one that does `role`'s periodic work (the evictor)."""
+        ...
+
+    def close(self) -> None:
+        """Blocking: let go of every lock this process holds."""
         ...

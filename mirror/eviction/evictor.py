@@ -1,7 +1,11 @@
 """The background evictor: runs an eviction pass every `interval` seconds, or at once when
 woken (a commit that crossed the high watermark sets `wake`). One pass at a time; a failing
 pass is logged and the next one tries again; a pass that stopped at its bound is followed at
-once by another."""
+once by another.
+
+Of the processes serving one data directory, only the one that `leads` runs the periodic
+passes (another takes over when it exits); any of them runs a pass when its own commit
+crossed the watermark. Passes never overlap across processes (the coordinator's turn)."""
 
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ class Evictor:
         one_pass: Callable[[], Awaitable[PassReport]],
         interval: float,
         wake: asyncio.Event,
+        leads: Callable[[], Awaitable[bool]],
     ) -> None:
+        self._leads = leads
         self._one_pass = one_pass
         self._interval = interval
         self._wake = wake
@@ -44,8 +50,14 @@ class Evictor:
             if not self._again:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._interval)
+            woken, self._again = self._wake.is_set() or self._again, False
             self._wake.clear()
-            self._again = False
+            try:
+                if not woken and not await self._leads():
+                    continue
+            except Exception:
+                log.exception("cannot tell which process runs the evictor; trying again")
+                continue
             started = time.monotonic()
             try:
                 report = await self._one_pass()

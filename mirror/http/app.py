@@ -1,10 +1,11 @@
 """Wiring and lifecycle: builds the pieces from the Config and ties them to the aiohttp app.
 
-Start: sweep partial files a crash left, reconcile the index with the files, open the upstream
-session, start the evictor, the sync list, the access-count flusher and the webhook
-deliveries. Stop: let fills in flight finish, then stop the deliveries (what they had not
-delivered stays queued), close the session, the stores (committing pending events) and the
-thread pools.
+Start: sweep partial files a crash left, reconcile the index with the files (a single
+process does both itself; worker processes leave them to their supervisor, which does them
+once for the host before any worker serves), open the upstream session, start the evictor,
+the sync list, the access-count flusher and the webhook deliveries. Stop: let fills in
+flight finish, then stop the deliveries (what they had not delivered stays queued), close
+the session, the stores (committing pending events) and the thread pools.
 """
 
 from __future__ import annotations
@@ -65,19 +66,27 @@ def build_service(
     return MirrorService(manifests, blobs, Ahead(manifests, blobs, cache.blobs))
 
 
-def build_app(config: Config) -> web.Application:
-    """The whole mirror as an aiohttp Application (tests run it in-process)."""
+def build_app(config: Config, worker: int | None = None, workers: int = 1) -> web.Application:
+    """The whole mirror as an aiohttp Application (tests run it in-process); `worker` is
+    this process's index among `workers` worker processes, None for a single process."""
     store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
     sender_pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="sendfile")
     password_pool = ThreadPoolExecutor(PASSWORD_THREADS, thread_name_prefix="password")
     metrics = Metrics()
     metrics.prefill((u.name, u.credential) for u in config.upstreams)
-    cache = open_cache(config, store_pool, metrics, serving=True)
+    cache = open_cache(config, store_pool, metrics, serving=True, share=workers)
     events = cache.events
-    upstream = UpstreamClient(config, metrics, cache.coordinator.tokens, events)
+    upstream = UpstreamClient(
+        config, metrics, cache.coordinator.tokens, events, cache.coordinator.budgets
+    )
     service = build_service(config, cache, upstream, metrics)
     syncer = Syncer(config, service)
-    evictor = Evictor(cache.evictions.evict_pass, config.eviction.interval, cache.usage.pressure)
+    evictor = Evictor(
+        cache.evictions.evict_pass,
+        config.eviction.interval,
+        cache.usage.pressure,
+        lambda: cache.coordinator.leads("evictor"),
+    )
     admin = Admin(cache)
     deliveries = Deliveries(config.events, events, metrics)
 
@@ -107,8 +116,11 @@ def build_app(config: Config) -> web.Application:
     background: list[asyncio.Task[None]] = []
 
     async def on_startup(_: web.Application) -> None:
-        await cache.blobs.run(cache.blobs.sweep)
-        await reconcile(cache.blobs, cache.index, cache.usage)
+        if worker is None:
+            await cache.blobs.run(cache.blobs.sweep)
+            await reconcile(cache.blobs, cache.index, cache.usage)
+        else:
+            await cache.usage.refresh()
         await upstream.start()
         events.attach()
         deliveries.start()

@@ -114,8 +114,12 @@ class MirrorSite(web.BaseSite):
         port: int,
         ssl_context: ssl.SSLContext | None = None,
         access_log: logging.Logger | None = None,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=1024)
+        #: Worker processes each listen on the port with SO_REUSEPORT: the kernel spreads
+        #: new connections over them.
+        self._reuse_port = reuse_port
         self._app_runner = runner
         self._host, self.port = host, port
         self._tls = ssl_context
@@ -142,7 +146,13 @@ class MirrorSite(web.BaseSite):
         await super().start()
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            self._connection, self._host, self.port, ssl=self._tls, backlog=1024, reuse_address=True
+            self._connection,
+            self._host,
+            self.port,
+            ssl=self._tls,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
         )
         self.port = int(self._listener.sockets[0].getsockname()[1])
 

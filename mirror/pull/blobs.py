@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from mirror import errors
-from mirror.body import BlobBody
+from mirror.body import BlobBody, skipped
 from mirror.bounded import Bounded
 from mirror.config import LimitsConfig
 from mirror.coordination import Coordinator, Joined
@@ -173,12 +173,15 @@ class Blobs:
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
         started = time.monotonic()
-        committed = await fill.run(
+        committed = await fill.host(
             self._tiers.blobs,
+            lambda: self._coordinator.claim(digest),
             self._source(fill, target, digest),
             self._evictions.make_room,
             target.upstream.max_blob_bytes,
         )
+        if not fill.fetched:  # followed another process's fill: that one counts and tells
+            return
         seconds = time.monotonic() - started
         self._metrics.fill_done(fill.source, fill.error is None, seconds, fill.followers)
         if isinstance(fill.error, errors.DigestMismatch):
@@ -229,15 +232,15 @@ class Blobs:
         is dropped, so the next request goes upstream), else upstream."""
 
         @contextlib.asynccontextmanager
-        async def source() -> AsyncIterator[BlobBody]:
+        async def source(offset: int) -> AsyncIterator[BlobBody]:
             async with self._tiers.from_cold(digest) as cold:
                 if cold is not None:
                     await self._holdings.check(target, digest, "blob")  # a hit in disguise
                     log.info("promoting %s from cold", digest)
                     fill.source = "cold"
-                    yield cold
+                    yield skipped(cold, offset)
                     return
-            async with self._upstream.blob(target, digest) as stream:
+            async with self._upstream.blob(target, digest, offset) as stream:
                 await self._holdings.record(target, [digest])
                 yield stream
 

@@ -1,11 +1,17 @@
 """A blob fill: one upstream fetch into a partial file that every requester reads as it grows.
 
 The fill runs as a detached task (the coordinator's `fill`): a client that goes away never
-cancels it. Followers read the partial file through their own dup of its descriptor, so the
-final rename (or an unlink on failure) does not disturb them, and they never send the last
-byte of a whole-blob answer before the digest is verified: a cut or lying upstream reaches
-every client of the whole blob as a failed transfer, never as a complete wrong blob. A range
-answer's bytes go as they land (`landed`), as they would straight from upstream.
+cancels it. Across the processes of a host there is one fill per digest too (the
+coordinator's `claim`): the process that holds the claim fetches; a `Fill` in any other
+process follows that fill's partial file as it grows (`host`), and carries the fill on itself,
+from the bytes the file holds, if the holder dies.
+
+Followers read the partial file through their own dup of its descriptor, so the final rename
+(or an unlink on failure) does not disturb them, and they never send the last byte of a
+whole-blob answer before the digest is verified (in another process's fill: before the blob
+is committed): a cut or lying upstream reaches every client of the whole blob as a failed
+transfer, never as a complete wrong blob. A range answer's bytes go as they land (`landed`),
+as they would straight from upstream.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Protocol
 
 from mirror import errors
 from mirror.body import BlobBody
+from mirror.coordination.claims import Claim
 from mirror.oci.reference import Digest
 from mirror.oci.verify import Mismatch, Verifier
 from mirror.store.blobs import BlobStore, Corrupt, rewrite_at, write_all
@@ -49,8 +56,14 @@ class Stop(Protocol):
     def is_set(self) -> bool: ...
 
 
-#: Where a fill reads from: an upstream answer, or a cold-tier object being promoted.
-BlobSource = Callable[[], AbstractAsyncContextManager[BlobBody]]
+#: Seconds between two looks at a fill that another process of the host runs.
+FOLLOW_POLL = 0.01
+
+#: Where a fill reads from, from byte `offset` on: an upstream answer, or a cold-tier object
+#: being promoted. The body's `size` is the whole blob's.
+BlobSource = Callable[[int], AbstractAsyncContextManager[BlobBody]]
+#: The host-wide claim on a digest's fill (the coordinator's `claim`).
+Claims = Callable[[], Awaitable[Claim]]
 #: Make room on the store's disk for this many more bytes (evicting); False if it cannot.
 Room = Callable[[int], Awaitable[bool]]
 
@@ -76,6 +89,8 @@ class Fill:
         self.on_abandoned: Callable[[Fill], None] | None = None
         #: Where the bytes come from: "upstream", or "cold" for a promotion.
         self.source = "upstream"
+        #: This process fetched (some of) it, rather than only following another's fill.
+        self.fetched = False
         self._room: Room | None = None
         self._read_fd: int | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -164,55 +179,140 @@ class Fill:
         with self._progress:
             self._progress.notify_all()
 
-    async def run(
-        self, store: BlobStore, source: BlobSource, room: Room | None = None, max_size: int = 0
+    async def host(
+        self,
+        store: BlobStore,
+        claims: Claims,
+        source: BlobSource,
+        room: Room | None = None,
+        max_size: int = 0,
     ) -> bool:
-        """Fetch, write, hash, verify, commit; on any failure keep nothing and tell everyone.
-        True when this fill committed a new blob.
+        """This process's part in the host's one fill of the digest: fetch it if this process
+        holds the claim, else follow the holder's partial file, and take the claim over if the
+        holder dies. True when this process committed a new blob."""
+        while True:
+            try:
+                try:
+                    claim = await claims()
+                except OSError as e:
+                    raise self._unwritable(e) from e
+            except BaseException as e:
+                self._fail(e)
+                if not isinstance(e, Exception):
+                    raise
+                return False
+            if claim.owned:
+                return await self.run(store, source, claim, room, max_size)
+            try:
+                if await self._follow(store, claim):
+                    return False
+            except BaseException as e:
+                self._fail(e)
+                if not isinstance(e, Exception):
+                    raise
+                return False
+            finally:
+                await store.run(claim.release)
+            log.warning("the process filling %s went away; carrying the fill on", self.digest)
+
+    async def _follow(self, store: BlobStore, claim: Claim) -> bool:
+        """Follow another process's fill until it is committed (True) or its holder went
+        away without a word (False: it died, or dropped the fill); raise its failure."""
+        while True:
+            seen, self._read_fd = await store.run(claim.watch, self._read_fd)
+            if seen.committed:
+                self._finish()
+                return True
+            if seen.error is not None:
+                raise _error_of(*seen.error)
+            if seen.gone:
+                return False
+            self.source = seen.source
+            if seen.size is not None:
+                self.size = seen.size
+            if seen.written > self.written:
+                self.written = seen.written
+                self._notify()
+            if self.size is not None and self._read_fd is not None and not self._ready.done():
+                self._ready.set_result(None)
+                self._notify()
+            await asyncio.sleep(FOLLOW_POLL)
+
+    async def run(
+        self,
+        store: BlobStore,
+        source: BlobSource,
+        claim: Claim,
+        room: Room | None = None,
+        max_size: int = 0,
+    ) -> bool:
+        """Fetch, write, hash, verify, commit, holding `claim`; on any failure keep nothing
+        and tell everyone (in this process and, through the claim, in the others). True when
+        this fill committed a new blob.
+
+        The fill file may hold bytes already (a holder before this one died or dropped the
+        fill): they are hashed again from the file, and the source is asked from where they
+        end. A fill dropped here (cancelled: nobody follows it) leaves its file for the next
+        holder in the same way.
 
         Disk space: a blob of known size that does not fit even after `room` evicted fails at
         once with DiskFull, before any byte is written (its requesters stream it through
         instead); a write that hits ENOSPC mid-way asks `room` and is retried once."""
         self._room = room
+        self.fetched = True
         partial: Path | None = None
         wfd: int | None = None
+        unlink = False
         try:
             if await store.run(self._already_stored, store):
                 self._finish()
+                unlink = True
                 return False
-            partial, out, self._read_fd = await self._create(store)
-            wfd = out
-            async with source() as stream:
+            partial, wfd, held = await self._open(store)
+            async with source(held) as stream:
                 self.size = stream.size
                 if max_size and (stream.size or 0) > max_size:
                     raise errors.Denied(
                         "blob larger than this mirror takes from that upstream",
                         detail={"digest": str(self.digest), "size": stream.size, "max": max_size},
                     )
-                if room is not None and stream.size is not None and not await room(stream.size):
+                need = None if stream.size is None else stream.size - held
+                if room is not None and need is not None and not await room(need):
                     raise errors.DiskFull(detail={"digest": str(self.digest), "size": stream.size})
                 verifier = Verifier(self.digest, stream.size, max_size or None)
-                self._ready.set_result(None)
+                if held:
+                    await store.run(_rehash, self._read_fd, held, verifier)
+                await store.run(claim.announce, self.size, self.source)
+                if not self._ready.done():
+                    self._ready.set_result(None)
+                self._notify()
                 started = time.monotonic()
-                await self._copy(store, stream, out, verifier)
+                await self._copy(store, stream, wfd, verifier)
             copied = time.monotonic()
             await store.run(verifier.check)
             self.verified = True
             self._notify()
             await self._synced()
-            await store.run(store.commit, partial, out, self.digest)
+            await store.run(store.commit, partial, wfd, self.digest)
             log.info(
-                "fill of %s: %d bytes, copy %.2fs, verify+fsync+rename %.2fs",
+                "fill of %s: %d bytes (%d resumed), copy %.2fs, verify+fsync+rename %.2fs",
                 self.digest,
                 self.written,
+                held,
                 copied - started,
                 time.monotonic() - copied,
             )
             partial = None
+            unlink = True
             self._finish()
             return True
         except BaseException as e:
             self._fail(e)
+            if isinstance(e, asyncio.CancelledError):
+                partial = None  # kept for whoever holds the claim next: it resumes
+            elif self.error is not None:
+                unlink = True
+                await store.run(claim.failed, self.error.code, self.error.message)
             if partial is not None:
                 await store.run(store.discard, partial)
             if not isinstance(e, Exception):
@@ -224,19 +324,32 @@ class Fill:
                 if not self._syncing.cancelled():
                     self._syncing.exception()
             self._close(wfd)
+            await asyncio.shield(store.run(claim.release, unlink))
 
-    async def _create(self, store: BlobStore) -> tuple[Path, int, int]:
-        """The partial file, made before upstream is asked: a store that cannot take a new
-        file (read-only, no inodes or quota left) costs no upstream request, and the blob
-        streams through instead, like a full disk's."""
+    async def _open(self, store: BlobStore) -> tuple[Path, int, int]:
+        """The fill file (made before the source is asked: a store that cannot take a new
+        file — read-only, no inodes or quota left — costs no upstream request, and the blob
+        streams through instead, like a full disk's): its path, a write descriptor at its
+        end, and the bytes it holds already."""
         try:
-            return await store.run(store.create_partial, self.digest)
+            path, wfd, rfd, held = await store.run(store.open_fill, self.digest)
         except OSError as e:
-            if e.errno == errno.EROFS:
-                raise errors.StoreReadOnly(detail={"digest": str(self.digest)}) from e
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise errors.DiskFull(detail={"digest": str(self.digest)}) from e
-            raise
+            raise self._unwritable(e) from e
+        if self._read_fd is None:
+            self._read_fd = rfd
+        else:  # followed before this process took the claim over: its clients read that one
+            self._close(rfd)
+        self.written = held
+        return path, wfd, held
+
+    def _unwritable(self, e: OSError) -> Exception:
+        """A store that cannot take a new file: read-only or full (the blob streams through),
+        or broken otherwise."""
+        if e.errno == errno.EROFS:
+            return errors.StoreReadOnly(detail={"digest": str(self.digest)})
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return errors.DiskFull(detail={"digest": str(self.digest)})
+        return e
 
     async def _copy(self, store: BlobStore, stream: BlobBody, wfd: int, verifier: Verifier) -> None:
         """Read upstream in WRITE_CHUNK pieces; each piece is written and hashed in two
@@ -368,3 +481,29 @@ class Fill:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _rehash(fd: int | None, size: int, verifier: Verifier) -> None:
+    """Hash the first `size` bytes of a fill file written by an earlier holder (blocking)."""
+    assert fd is not None
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(WRITE_CHUNK, size - offset), offset)
+        if not chunk:
+            raise errors.StoreUnavailable(detail={"reason": "fill file shorter than it was"})
+        verifier.update(chunk)
+        offset += len(chunk)
+
+
+def _error_of(code: str, message: str) -> errors.MirrorError:
+    """The error another process's fill failed with, as its own requesters saw it."""
+    pending: list[type[errors.MirrorError]] = [errors.MirrorError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            try:
+                return cls(message)
+            except TypeError:  # one that needs more than a message
+                break
+        pending.extend(cls.__subclasses__())
+    return errors.UpstreamUnavailable(message)

@@ -143,6 +143,9 @@ class Manifests:
         return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
 
     async def _fetch_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
+        stored = await self._manifests.get(digest)  # fetched by another process meanwhile
+        if stored is not None:
+            return ManifestAnswer(stored, Outcome.COALESCED)
         got = await self._upstream.manifest(target, str(digest), mediatypes.UPSTREAM_ACCEPT)
         return ManifestAnswer(await self._keep(target, got, digest), Outcome.MISS)
 
@@ -157,9 +160,7 @@ class Manifests:
             if found is not None:
                 self._pulled(key)
                 return ManifestAnswer(found, Outcome.HIT)
-        answer, followed = await self._coordinator.once(
-            key, lambda: self._refresh(target, key, record)
-        )
+        answer, followed = await self._coordinator.once(key, lambda: self._refresh(target, key))
         self._pulled(key)  # only a tag that exists: a miss raised above
         return ManifestAnswer(answer.manifest, Outcome.COALESCED) if followed else answer
 
@@ -167,15 +168,19 @@ class Manifests:
         if isinstance(key, TagKey):
             self._accesses.tag_pulled(key)
 
-    async def _refresh(
-        self, target: Target, key: AnyTagKey, record: TagRecord | None
-    ) -> ManifestAnswer:
-        """Revalidate a held tag with HEAD, or fetch an unknown one with GET."""
+    async def _refresh(self, target: Target, key: AnyTagKey) -> ManifestAnswer:
+        """Revalidate a held tag with HEAD, or fetch an unknown one with GET — unless another
+        process of the host did so while this one waited for its turn: the record it stored
+        then stands (one HEAD per TTL per host)."""
+        record = await self._tags.confirmed(key)
         held = await self._manifests.get(record.digest) if record is not None else None
+        fresh = record is not None and self._clock() - record.checked < target.upstream.tag_ttl
+        if fresh and held is not None:
+            return ManifestAnswer(held, Outcome.COALESCED)
         if record is None or held is None:
             return await self._fetch_tag(target, key)
         name = (key.upstream, key.repo, key.tag)
-        if self._upstream.conserving(target.upstream):
+        if await self._upstream.conserving(target.upstream):
             budget = "pull budget of %s low: serving %s/%s:%s as cached, unrevalidated"
             log.info(budget, key.upstream, *name)
             return ManifestAnswer(held, Outcome.STALE)
@@ -292,6 +297,9 @@ class Manifests:
     async def _fetch_listing(
         self, target: Target, suffix: str, query: Mapping[str, str], key: ListKey
     ) -> CachedList:
+        stored = await self._manifests.listing(key, shared=True)  # another process's, meanwhile
+        if stored is not None and self._clock() - stored.stored < target.upstream.list_ttl:
+            return stored
         not_found: errors.MirrorError = (
             errors.NameUnknown(detail={"name": target.name})
             if suffix == "tags/list"

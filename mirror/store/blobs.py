@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from mirror.locks import FileLock
 from mirror.oci.reference import Digest
 from mirror.store.layout import Layout
 from mirror.store.offload import offload
@@ -177,6 +178,20 @@ class BlobStore:
         rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         return path, wfd, rfd
 
+    def open_fill(self, digest: Digest) -> tuple[Path, int, int, int]:
+        """Open a digest's fill file for its lock's holder (blocking): its path, a write fd
+        placed at its end, a read fd, and how many bytes it already holds (a holder before
+        this one died or gave up mid-way; those bytes are hashed again, never trusted)."""
+        path = self.layout.fill_partial(digest)
+        wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            held = os.lseek(wfd, 0, os.SEEK_END)
+            rfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(wfd)
+            raise
+        return path, wfd, rfd, held
+
     def commit(self, partial: Path, wfd: int, digest: Digest) -> None:
         """Seal a verified partial file, fsync it and rename it into place (blocking, atomic)."""
         os.fchmod(wfd, 0o444)
@@ -226,17 +241,35 @@ class BlobStore:
         return found
 
     def partials(self, older_than: float) -> list[Path]:
-        """Partial files not written to for `older_than` seconds: a crash's leftovers, not
-        live fills (blocking; fsck)."""
+        """Partial files not written to for `older_than` seconds and not held by a live fill
+        (a stalled one keeps its file): a crash's leftovers (blocking; fsck)."""
         now = time.time()
-        return [p for p in self.layout.tmp.iterdir() if now - p.stat().st_mtime > older_than]
+        return [
+            p
+            for p in self.layout.tmp.iterdir()
+            if now - p.stat().st_mtime > older_than and not self._filling(p)
+        ]
+
+    def _filling(self, partial: Path) -> bool:
+        """Whether a live process holds the fill lock of this partial file."""
+        path = self.layout.fills / f"{partial.name.split('.')[0]}.lock"
+        if not path.exists():
+            return False
+        lock = FileLock.open(path)
+        try:
+            return not lock.try_lock(shared=True)
+        finally:
+            lock.release()
 
     def sweep(self) -> int:
-        """Remove temp files a crash left behind (blocking; at start, before serving)."""
+        """Remove temp files a crash left behind, and the lock files of the processes that
+        ran before (blocking; once per host start, before any process serves)."""
         count = 0
         for path in self.layout.tmp.iterdir():
             path.unlink(missing_ok=True)
             count += 1
+        for lock in self.layout.fills.glob("*.lock"):
+            lock.unlink(missing_ok=True)
         if count:
             log.info("swept %d partial files left by an earlier run", count)
         return count

@@ -7,10 +7,15 @@
             ab12…ef          a verified blob (layer or config), one file per digest,
                              shared by every repository and upstream; never written in place
       tmp/
-        ab12…ef.<rand>.partial
-                             a fill in progress (same filesystem as blobs/, so the final
-                             rename is atomic); whatever is here at start is a crash's
+        ab12…ef.partial      a fill in progress, one per digest, written by whichever process
+                             holds run/fills/ab12…ef.lock (same filesystem as blobs/, so the
+                             final rename is atomic); whatever is here at start is a crash's
                              leftover and is swept
+        ab12…ef.<rand>.partial
+                             a blob being imported from a bundle
+      run/                   this host's running processes: emptied at each start
+        fills/ab12…ef.lock   held by the process filling that digest (coordination/claims.py)
+        locks/               locks of the work done once for the host (coordination/host.py)
       meta/                  diskcache (SQLite): manifests by digest, tag → digest records,
                              whole tag lists
       index.sqlite           blob metadata: tier, size, stored, last access, hits; run-time
@@ -49,19 +54,30 @@ class Layout:
         self.index = self.root / "index.sqlite"
         self.events = self.root / "events.sqlite"
         self.events_journal = self.root / "events.journal"
+        self.run = self.root / "run"
+        self.fills = self.run / "fills"
+        self.locks = self.run / "locks"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
 
     def partial(self, digest: Digest) -> Path:
+        """A file of its own for one writer (an import)."""
         return self.tmp / f"{digest.hex}.{secrets.token_hex(4)}.partial"
+
+    def fill_partial(self, digest: Digest) -> Path:
+        """The one partial file of a digest's fill, shared by every process of the host."""
+        return self.tmp / f"{digest.hex}.partial"
+
+    def fill_lock(self, digest: Digest) -> Path:
+        return self.fills / f"{digest.hex}.lock"
 
     def probe(self) -> Path:
         """Where a readiness check writes a file: tmp/, where fills write theirs."""
         return self.tmp / f".ready-{secrets.token_hex(4)}"
 
     def create(self) -> None:
-        for d in (self.blobs, self.tmp, self.meta):
+        for d in (self.blobs, self.tmp, self.meta, self.fills, self.locks):
             d.mkdir(parents=True, exist_ok=True)
 
     @staticmethod

@@ -83,12 +83,16 @@ class ManifestStore:
         raw = self._disk.get(("m", str(digest)))
         return StoredManifest(digest, raw[0], raw[1]) if raw is not None else None
 
-    async def listing(self, key: ListKey) -> CachedList | None:
-        found: CachedList | None = self._hot.get(key)
+    async def listing(self, key: ListKey, shared: bool = False) -> CachedList | None:
+        """A kept list answer; `shared`: as the disk has it now, past this process's copy in
+        memory (another worker process may have fetched it since)."""
+        found: CachedList | None = None if shared else self._hot.get(key)
         if found is None and key.durable:
             raw = await offload(self._executor, self._disk.get, _list_key(key))
             found = CachedList(*raw) if raw is not None else None
-        return found
+            if found is not None and shared:
+                self._hot.put(key, found, len(found.body))
+        return found or (self._hot.get(key) if shared else None)
 
     async def put_listing(self, key: ListKey, value: CachedList) -> None:
         """Keep a list answer: in memory, and on disk when `key.durable`."""

@@ -52,6 +52,19 @@ class TagStore:
                 self._hot.put(key, found)
         return found
 
+    async def confirmed(self, key: AnyTagKey) -> TagRecord | None:
+        """The record on disk now (another worker process may have revalidated the tag since
+        this one read it), put in memory again; a client's view (memory only) as it is."""
+        if not isinstance(key, TagKey):
+            return self.cached(key)
+        raw = await offload(self._executor, self._disk.get, ("t", *key))
+        if raw is None:
+            self._hot.drop(key)
+            return None
+        found = _record(raw)
+        self._hot.put(key, found)
+        return found
+
     async def put(self, key: AnyTagKey, record: TagRecord) -> None:
         """Keep a record: a tag's in memory and on disk; a client Accept's view of a tag
         (VariantKey, whose keys clients choose) in memory only, under the hot budget."""

@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -22,7 +21,7 @@ import aiohttp
 
 from mirror import errors
 from mirror.config import Config, UpstreamConfig
-from mirror.coordination import TokenCache
+from mirror.coordination import PullBudgets, TokenCache
 from mirror.events import Events
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, parse_digest
@@ -70,8 +69,9 @@ class RawAnswer:
 
 
 class BlobStream:
-    """One upstream answer's blob body; `size` is its Content-Length when upstream sent one.
-    `skip` leading bytes are dropped: an upstream that ignored our Range sent them again.
+    """One upstream answer's blob body; `size` is its Content-Length when upstream sent one,
+    less the `skip` leading bytes that are dropped (an upstream that ignored our Range sent
+    them again).
     With `length` (a range answer) the body must be exactly that long: more is refused,
     less is a cut, whether or not upstream sent a Content-Length."""
 
@@ -86,7 +86,8 @@ class BlobStream:
         self._received = received
         self._skip = skip
         self._length = length
-        self.size = response.content_length if length is None else length
+        size = response.content_length
+        self.size = length if length is not None else None if size is None else size - skip
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body in pieces; a cut or stalled connection raises a domain error."""
@@ -210,18 +211,23 @@ class UpstreamClient:
     """Registry API calls against the configured upstreams."""
 
     def __init__(
-        self, config: Config, metrics: Metrics, tokens: TokenCache, events: Events
+        self,
+        config: Config,
+        metrics: Metrics,
+        tokens: TokenCache,
+        events: Events,
+        budgets: PullBudgets,
     ) -> None:
         self._config = config
+        #: Pulls left and 429 back-offs per upstream, shared by the host's processes.
+        self._budgets = budgets
         self._metrics = metrics
         self._events = events
         #: Whether each upstream's last answer was not a failure (absent: not contacted yet).
         self._up: dict[str, bool] = {}
         self._session: aiohttp.ClientSession | None = None
-        #: Pulls left per upstream, from its last rate-limit headers.
-        self._remaining: dict[str, int] = {}
-        #: Until when (monotonic) an upstream that answered 429 gets no manifest request.
-        self._backoff: dict[str, float] = {}
+        #: Background writes of what upstreams said of their budgets.
+        self._telling: set[asyncio.Task[None]] = set()
         self.auth = Authenticator(config.upstreams, self._fetch_token, tokens)
         self._egress = Egress(config.upstreams)
 
@@ -265,9 +271,12 @@ class UpstreamClient:
             return UpstreamManifest(data, media_type, digest, resp.content_length)
 
     @contextlib.asynccontextmanager
-    async def blob(self, target: Target, digest: Digest) -> AsyncIterator[ResumingBlob]:
-        """Open a blob body for streaming (following the CDN redirect without credentials).
-        A body that breaks off is picked up again with Range where it stopped (resume.py)."""
+    async def blob(
+        self, target: Target, digest: Digest, offset: int = 0
+    ) -> AsyncIterator[ResumingBlob]:
+        """Open a blob body for streaming from byte `offset` on (following the CDN redirect
+        without credentials); its `size` is the whole blob's. A body that breaks off is picked
+        up again with Range where it stopped (resume.py)."""
         up = target.upstream
         t = self._config.timeouts
         async with open_resuming(
@@ -277,6 +286,7 @@ class UpstreamClient:
             t.rate_window,
             lambda: self._metrics.retried(up.name, "blob", "resume"),
             str(digest),
+            offset,
         ) as body:
             yield body
 
@@ -388,8 +398,7 @@ class UpstreamClient:
         if self._config.offline:
             raise errors.Offline()
         up = target.upstream
-        wait = self._backoff.get(up.name, 0.0) - time.monotonic()
-        if wait > 0 and "/manifests/" in path:
+        if "/manifests/" in path and (wait := await self._budgets.backing_off(up.name)) > 0:
             raise errors.TooManyRequests(
                 "upstream rate limit: backing off", retry_after=str(int(wait) + 1)
             )
@@ -468,13 +477,13 @@ class UpstreamClient:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last try returns or raises")
 
-    def conserving(self, up: UpstreamConfig) -> bool:
+    async def conserving(self, up: UpstreamConfig) -> bool:
         """Whether pulls from this upstream should be kept for real misses: below its budget
-        floor, or backing off after a 429."""
-        return (
-            self._remaining.get(up.name, up.pull_budget_floor) < up.pull_budget_floor
-            or self._backoff.get(up.name, 0.0) > time.monotonic()
-        )
+        floor, or backing off after a 429 (as any process of the host was last told)."""
+        left = await self._budgets.left(up.name)
+        if left is not None and left < up.pull_budget_floor:
+            return True
+        return await self._budgets.backing_off(up.name) > 0
 
     def _health(self, name: str, up: bool, reason: str) -> None:
         """Tell of an upstream that starts failing, or answers again after it failed."""
@@ -488,8 +497,10 @@ class UpstreamClient:
         self._health(up.name, resp.status < 500, f"answered {resp.status}")
         if resp.status == 429:
             retry = resp.headers.get("Retry-After", "")
-            self._backoff[up.name] = time.monotonic() + (
-                float(retry) if retry.isdigit() else DEFAULT_BACKOFF
+            self._tell(
+                self._budgets.back_off(
+                    up.name, float(retry) if retry.isdigit() else DEFAULT_BACKOFF
+                )
             )
             log.warning(
                 "upstream %s answered 429: no manifest requests for %ss",
@@ -498,17 +509,31 @@ class UpstreamClient:
             )
         limit = parse_ratelimit(resp.headers)
         if limit is not None:
-            before = self._remaining.get(up.name, up.pull_budget_floor)
-            if limit.remaining < up.pull_budget_floor <= before:
-                self._events.ratelimit_low(
-                    upstream=up.name,
-                    credential=up.credential,
-                    remaining=limit.remaining,
-                    limit=limit.limit,
-                    floor=up.pull_budget_floor,
-                )
-            self._remaining[up.name] = limit.remaining
             self._metrics.rate_limit(up.name, up.credential, limit.limit, limit.remaining)
+            self._tell(self._budget_told(up, limit.limit, limit.remaining))
+
+    def _tell(self, writing: Coroutine[Any, Any, None]) -> None:
+        """Record what upstream said of its budget without holding up its answer."""
+        task = asyncio.ensure_future(writing)
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+
+    async def _budget_told(self, up: UpstreamConfig, limit: int, remaining: int) -> None:
+        """Keep the pulls left for the host; the budget crossing its floor is told once, by
+        the process whose answer crossed it."""
+        try:
+            before = await self._budgets.told(up.name, remaining)
+        except Exception as e:  # a full disk: the budget is known again at the next answer
+            log.warning("cannot record the pull budget of %s: %s", up.name, e)
+            return
+        if remaining < up.pull_budget_floor <= (up.pull_budget_floor if before is None else before):
+            self._events.ratelimit_low(
+                upstream=up.name,
+                credential=up.credential,
+                remaining=remaining,
+                limit=limit,
+                floor=up.pull_budget_floor,
+            )
 
     async def _follow(
         self,

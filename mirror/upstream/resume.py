@@ -71,6 +71,7 @@ class ResumingBlob:
         self._name = name
         self._current: contextlib.AsyncExitStack | None = None
         self._body: BlobBody | None = None
+        self._offset = 0
         self.size: int | None = None
 
     async def _connect(self, offset: int) -> BlobBody:
@@ -89,15 +90,18 @@ class ResumingBlob:
         if stack is not None:
             await stack.aclose()
 
-    async def start(self) -> None:
-        body = await self._connect(0)
-        self.size = body.size
+    async def start(self, offset: int = 0) -> None:
+        """Open the first connection, from byte `offset` on (a fill carried on from a file
+        that holds the bytes before it); `size` is then the whole blob's."""
+        body = await self._connect(offset)
+        self._offset = offset
+        self.size = None if body.size is None else offset + body.size
 
     async def close(self) -> None:
         await self._disconnect()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        got = 0
+        got = self._offset
         failures = 0
         body = self._body
         while True:
@@ -139,11 +143,13 @@ async def open_resuming(
     rate_window: float,
     on_resume: Callable[[], None],
     name: str,
+    offset: int = 0,
 ) -> AsyncIterator[ResumingBlob]:
-    """A `ResumingBlob` with its first connection open; every connection closed on exit."""
+    """A `ResumingBlob` with its first connection open (from `offset`); every connection
+    closed on exit."""
     blob = ResumingBlob(open_at, retry, min_rate, rate_window, on_resume, name)
     try:
-        await blob.start()
+        await blob.start(offset)
         yield blob
     finally:
         await blob.close()
