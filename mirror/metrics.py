@@ -2,17 +2,48 @@
 
 Labels take values from small fixed sets only (route, method, status class, outcome): never a
 repository, tag or digest.
+
+Worker processes (multiprocess mode). A host that serves with several processes exports one
+set of metrics, whichever process a scrape reaches: each worker calls `use_multiprocess` before
+it builds its Metrics, and from then on every value lives in a file of its own in a directory
+all of them share (prometheus_client's multiprocess mode); a scrape, the status page and
+/readyz read the merge of every file there. Counters and histograms are summed over every
+process the host has run since its start (a worker that exited still counts what it counted).
+Each gauge says how its processes' values combine (its `multiprocess_mode`):
+
+- `livesum`, things each process holds for itself: fills in flight, password checks running
+  and waiting, and the memory tier's bytes and objects (exported as `tier="hot"` of
+  `mirror_tier_bytes`/`_objects`). A worker's share goes when `forget_process` is told it
+  exited.
+- `mostrecent`, facts about the host any worker may learn: warm and cold usage, the upstreams'
+  pull limits and health, webhook queue depths. The value set last, by whichever process,
+  wins, and stays after that process exits. What a gauge shows before anyone has learned its
+  value (0, or NaN for "no upstream has said yet") is set as of the epoch (`_preset`), so a
+  worker that starts later does not hide what the host already knew.
+- `liveall`, one series per process (a `pid` label): open descriptors and asyncio tasks, for
+  leak hunting.
+- `min`: the host's start time, the first worker's.
+
+Without `use_multiprocess` (one process, and every test that runs several mirrors in one
+process) each Metrics keeps its values in memory in its own registry, as prometheus_client
+does by default, and the modes play no part.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
 from mirror.outcome import Outcome
 
@@ -55,13 +86,110 @@ _DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 _FILL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
 
+#: The environment variable prometheus_client reads, at every value it creates, for the
+#: directory of a process's files.
+_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+#: The exposition names of the memory tier's per-process gauges, and the name each is shown as
+#: (with `tier="hot"`): one metric has one multiprocess mode, and warm and cold are the host's.
+_MEMORY_AS_TIER = {
+    "mirror_tier_memory_bytes": "mirror_tier_bytes",
+    "mirror_tier_memory_objects": "mirror_tier_objects",
+}
+#: The time a `_preset` value is stamped with: before any value a process sets itself.
+_PRESET_AT = 1.0
+
+#: The directory every process of the host keeps its values in, once `use_multiprocess` ran.
+_shared: Path | None = None
+#: This process's id, read once per process rather than by a system call on every update.
+_pid = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
+
+def _process_id() -> int:
+    """Which process's file an update goes to. prometheus_client asks on every update (to
+    notice a fork); the id kept up to date at fork saves that system call on the hot path."""
+    return _pid
+
+
+def prepare_multiprocess(directory: Path) -> None:
+    """For the parent at the host's start, before it starts a worker: the directory made,
+    and emptied of what processes of an earlier start left (the host's counters start at 0,
+    as one process's do when it starts)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+
+
+def use_multiprocess(directory: Path) -> None:
+    """For a worker, right after the fork and before it builds any Metrics: every metric made
+    from now on in this process keeps its values in `directory` (prometheus_client's
+    multiprocess mode, chosen here rather than by the environment at import, which has long
+    happened), and `Metrics.render` and `Metrics.read` show every process's values merged.
+
+    The environment variable is set too: prometheus_client reads it for each value's file.
+    Programs this process starts inherit it; a Python one that used prometheus_client would
+    add its values to the host's."""
+    global _shared
+    if not directory.is_dir():
+        raise FileNotFoundError(f"metrics directory {directory} does not exist")
+    os.environ[_DIRECTORY_VARIABLE] = str(directory)
+    # prometheus_client's multiprocess functions carry no annotations (here and below)
+    values.ValueClass = values.MultiProcessValue(_process_id)  # type: ignore[no-untyped-call]
+    _shared = directory
+
+
+def forget_process(pid: int, directory: Path) -> None:
+    """For the parent, once a worker has exited: its share of the `live*` gauges (fills,
+    password checks, memory tier, descriptors, tasks) goes. What it counted stays counted."""
+    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+
+
+class _Host(Collector):
+    """Every process's values in the shared directory, merged as each metric says: counters
+    and histograms summed, gauges by their mode. The memory tier's per-process sums are shown
+    as `tier="hot"` of the tier gauges."""
+
+    def __init__(self, directory: Path) -> None:
+        self._merged = MultiProcessCollector(None, str(directory))  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        merged = self._merged.collect()  # type: ignore[no-untyped-call]
+        families: dict[str, Metric] = {f.name: f for f in merged}
+        for memory, tier in _MEMORY_AS_TIER.items():
+            held = families.pop(memory, None)
+            if held is not None and tier in families:
+                families[tier].samples.extend(s._replace(name=tier) for s in held.samples)
+        return families.values()
+
+
+def _preset(gauge: Gauge, value: float) -> None:
+    """A gauge's value until a process learns the real one (0, or NaN: not known yet),
+    stamped as of the epoch: in multiprocess mode a `mostrecent` gauge shows the value set
+    last, and this one must lose to any value the host has learned, also one learned by a
+    worker that started earlier. `Gauge.set` would stamp it now, so the value object is
+    set directly (a value kept in memory takes the stamp and ignores it)."""
+    gauge._value.set(value, timestamp=_PRESET_AT)
+
+
 class Metrics:
-    """One instance per app, so tests can run several mirrors in one process."""
+    """One instance per app, so tests can run several mirrors in one process; in a worker
+    of several (`use_multiprocess`), one per process, all of them exporting the host's."""
 
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        #: True when this process is one of the host's workers (see the module's docstring).
+        self.multiprocess = _shared is not None
+        #: Where a scrape and a read-back find the samples: this registry, or every worker's.
+        self._source: Collector = self.registry if _shared is None else _Host(_shared)
         self.requests = Counter(
             "mirror_http_requests",
             "Requests answered, by route, method, status and cache outcome.",
@@ -75,7 +203,10 @@ class Metrics:
             registry=self.registry,
         )
         self.fills = Gauge(
-            "mirror_fills_in_flight", "Blob fills running now.", registry=self.registry
+            "mirror_fills_in_flight",
+            "Blob fills running now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.lookups = Counter(
             "mirror_blob_lookups",
@@ -84,11 +215,28 @@ class Metrics:
             registry=self.registry,
         )
         self.tier_bytes = Gauge(
-            "mirror_tier_bytes", "Bytes held per tier.", ["tier"], registry=self.registry
+            "mirror_tier_bytes",
+            "Bytes held per tier.",
+            ["tier"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.tier_objects = Gauge(
-            "mirror_tier_objects", "Objects held per tier.", ["tier"], registry=self.registry
+            "mirror_tier_objects",
+            "Objects held per tier.",
+            ["tier"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
+        #: Where the memory tier's usage goes: each worker has a memory tier of its own, and
+        #: the host holds their sum (shown as `tier="hot"` of the two above).
+        self._memory = (self.tier_bytes, self.tier_objects)
+        if self.multiprocess:
+            bytes_name, objects_name = _MEMORY_AS_TIER
+            self._memory = (
+                Gauge(bytes_name, "", ["tier"], registry=None, multiprocess_mode="livesum"),
+                Gauge(objects_name, "", ["tier"], registry=None, multiprocess_mode="livesum"),
+            )
         self.evictions = Counter(
             "mirror_evictions",
             "Blobs that left a tier, by tier and reason (demotions included).",
@@ -146,6 +294,7 @@ class Metrics:
             "for one of them.",
             ["state"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes",
@@ -183,18 +332,21 @@ class Metrics:
             "Pulls left in the upstream's rate-limit window (Docker Hub's ratelimit-remaining), per credential.",
             ["upstream", "credential"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit",
             "The upstream's pull limit per window, per credential.",
             ["upstream", "credential"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.up = Gauge(
             "mirror_upstream_up",
             "1 when the upstream's last answer was not a failure.",
             ["upstream"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.events_emitted = Counter(
             "mirror_events_emitted",
@@ -226,6 +378,7 @@ class Metrics:
             "Events waiting on disk for a webhook.",
             ["endpoint"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.events_latency = Histogram(
             "mirror_events_delivery_seconds",
@@ -235,9 +388,24 @@ class Metrics:
             registry=self.registry,
         )
         self.open_fds = Gauge(
-            "mirror_open_fds", "File descriptors the process holds.", registry=self.registry
+            "mirror_open_fds",
+            "File descriptors the process holds.",
+            registry=self.registry,
+            multiprocess_mode="liveall",
         )
-        self.tasks = Gauge("mirror_asyncio_tasks", "asyncio tasks alive.", registry=self.registry)
+        self.tasks = Gauge(
+            "mirror_asyncio_tasks",
+            "asyncio tasks alive.",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.started = Gauge(
+            "mirror_start_time_seconds",
+            "When the mirror started (Unix time; with worker processes, the first one's).",
+            registry=self.registry,
+            multiprocess_mode="min",
+        )
+        self.started.set(time.time())
         self._latency_children: dict[str, Any] = {}
         self._request_children: dict[tuple[str, str, int, str], Counter] = {}
         self._emitted_children: dict[str, Any] = {}
@@ -264,8 +432,8 @@ class Metrics:
             for outcome in Outcome:
                 self.requests.labels(route, "GET", "200", outcome.value)
         for tier in TIERS:
-            self.tier_bytes.labels(tier)
-            self.tier_objects.labels(tier)
+            for gauge in self._tier_gauges(tier):
+                _preset(gauge.labels(tier), 0)
             for reason in EVICTION_REASONS:
                 self.evictions.labels(tier, reason)
                 self.evicted_bytes.labels(tier, reason)
@@ -290,9 +458,9 @@ class Metrics:
         for name, credential in upstreams:
             for result in ("ok", "failed"):
                 self.token_fetches.labels(name, result)
-            self.ratelimit_remaining.labels(name, credential).set(math.nan)
-            self.ratelimit_limit.labels(name, credential).set(math.nan)
-            self.up.labels(name).set(math.nan)
+            _preset(self.ratelimit_remaining.labels(name, credential), math.nan)
+            _preset(self.ratelimit_limit.labels(name, credential), math.nan)
+            _preset(self.up.labels(name), math.nan)
             self.upstream_bytes.labels(name)
             self.upstream_retries.labels(name, "blob", "resume")
             for kind in UPSTREAM_KINDS:
@@ -307,7 +475,7 @@ class Metrics:
         for name in endpoints:
             self.events_delivered.labels(name)
             self.events_failed.labels(name)
-            self.events_queued.labels(name)
+            _preset(self.events_queued.labels(name), 0)
             self.events_latency.labels(name)
             for reason in EVENT_DROP_REASONS:
                 self.events_dropped.labels(name, reason)
@@ -415,59 +583,82 @@ class Metrics:
     def lookup(self, source: str) -> None:
         self.lookups.labels(source).inc()
 
+    def _tier_gauges(self, tier: str) -> tuple[Gauge, Gauge]:
+        """(bytes, objects) gauges of a tier: the memory tier's are this process's own."""
+        return self._memory if tier == "hot" else (self.tier_bytes, self.tier_objects)
+
     def tier_usage(self, tier: str, nbytes: int, objects: int) -> None:
-        self.tier_bytes.labels(tier).set(nbytes)
-        self.tier_objects.labels(tier).set(objects)
+        held_bytes, held_objects = self._tier_gauges(tier)
+        held_bytes.labels(tier).set(nbytes)
+        held_objects.labels(tier).set(objects)
 
     def evicted(self, tier: str, reason: str, count: int, nbytes: int) -> None:
         self.evictions.labels(tier, reason).inc(count)
         self.evicted_bytes.labels(tier, reason).inc(nbytes)
 
-    # -- read back, for the status page ------------------------------------------------------
+    # -- read back, for the status page -----------------------------------------------------
+
+    def read(self) -> Reading:
+        """Every sample now, the host's in multiprocess mode. Blocking then (it reads every
+        process's file): the event loop calls it in a thread."""
+        return Reading(self._source.collect())
+
+    def total(self, name: str, **match: str) -> float:
+        """`read().total(...)`, for tests and tools."""
+        return self.read().total(name, **match)
+
+    def render(self) -> bytes:
+        """The exposition text, the host's in multiprocess mode (blocking then, as `read`)."""
+        return generate_latest(self._source)
+
+
+class Reading:
+    """One collection of every sample, as a scraper reads it: what the status page and
+    /readyz show, taken once per request."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._samples = [s for family in families for s in family.samples]
+
+    def _values(self, name: str, **match: str) -> list[float]:
+        return [
+            s.value
+            for s in self._samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in match.items())
+        ]
+
+    def total(self, name: str, **match: str) -> float:
+        """The sum of the samples of exposition name `name` whose labels include `match`."""
+        return sum(self._values(name, **match))
 
     def answered(self, outcome: str) -> float:
         """Requests answered with this cache outcome."""
-        return _sum(self.requests, outcome=outcome)
+        return self.total("mirror_http_requests_total", outcome=outcome)
 
     def served_from(self, source: str) -> float:
-        return _sum(self.bytes_served, source=source)
+        return self.total("mirror_blob_bytes_served_total", source=source)
 
     def received_total(self) -> float:
         """Blob bytes received from every upstream."""
-        return _sum(self.upstream_bytes)
+        return self.total("mirror_upstream_bytes_total")
 
     def contacted(self, upstream: str) -> bool:
-        return _sum(self.upstream_requests, upstream=upstream) > 0
+        return self.total("mirror_upstream_requests_total", upstream=upstream) > 0
 
     def is_up(self, upstream: str) -> bool:
-        return _sum(self.up, upstream=upstream) == 1
+        return self.total("mirror_upstream_up", upstream=upstream) == 1
 
     def pulls_left(self, upstream: str) -> float:
         """What the upstream last said is left of its pull limit (NaN: it has not said)."""
-        return _sum(self.ratelimit_remaining, upstream=upstream)
+        left = self._values("mirror_upstream_ratelimit_remaining", upstream=upstream)
+        return sum(left) if left else math.nan
 
-    def total(self, name: str, **match: str) -> float:
-        """The sum of the samples of exposition name `name` whose labels include `match`, as a
-        scraper would read them (tests and tools)."""
-        found = 0.0
-        for family in self.registry.collect():
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in match.items()):
-                    found += sample.value
-        return found
+    def held(self, tier: str) -> tuple[int, int]:
+        """(bytes, objects) a tier holds (the memory tier: of every worker together)."""
+        return (
+            int(self.total("mirror_tier_bytes", tier=tier)),
+            int(self.total("mirror_tier_objects", tier=tier)),
+        )
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-def _sum(metric: Counter | Gauge, **match: str) -> float:
-    """The sum of a metric's samples whose labels include `match` (counters: the `_total`
-    samples, not `_created`)."""
-    found = 0.0
-    for family in metric.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_created"):
-                continue
-            if all(sample.labels.get(k) == v for k, v in match.items()):
-                found += sample.value
-    return found
+    def started(self) -> float:
+        """When the mirror started (Unix time)."""
+        return self.total("mirror_start_time_seconds")

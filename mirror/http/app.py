@@ -11,7 +11,9 @@ the session, the stores (committing pending events) and the thread pools.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -44,6 +46,11 @@ STORE_THREADS = 16
 SENDER_THREADS = 512
 #: At shutdown, how long fills in flight may take to finish.
 DRAIN_SECONDS = 30.0
+#: With worker processes, how often each one writes its own state into the host's metrics
+#: (a scrape reaches one worker and samples that one only).
+SAMPLE_SECONDS = 5.0
+
+log = logging.getLogger("mirror")
 
 SERVICE = web.AppKey("service", MirrorService)
 SYNC = web.AppKey("sync", Syncer)
@@ -101,15 +108,31 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
     routes = Routes(service, Router(config), sender_pool, pace, metrics, access, events)
     routes.install(app)
 
-    async def metrics_handler(_: web.Request) -> web.Response:
+    async def sample() -> None:
+        """The gauges no update keeps current, brought up to date: this process's fills,
+        descriptors and tasks, its memory tier, and warm's and cold's usage (the host's)."""
         fds = await asyncio.to_thread(lambda: len(os.listdir("/proc/self/fd")))
         metrics.process(len(cache.coordinator.filling()), fds, len(asyncio.all_tasks()))
         for tier, (nbytes, count) in (await admin.tiers()).items():
             metrics.tier_usage(tier, nbytes, count)
-        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+
+    async def sample_forever() -> None:
+        """With worker processes: this one's state stays current in the host's metrics
+        however long scrapes go to other workers."""
+        while True:
+            await asyncio.sleep(SAMPLE_SECONDS)
+            try:
+                await sample()
+            except (OSError, sqlite3.Error) as e:  # out of descriptors, a broken index
+                log.warning("sampling this worker's state for the metrics failed: %s", e)
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        await sample()
+        body = await asyncio.to_thread(metrics.render)  # every worker's files when several
+        return web.Response(body=body, headers={"Content-Type": metrics.content_type})
 
     app.router.add_get(config.metrics_path, metrics_handler)
-    status.install(app, config, admin, metrics, access)
+    status.install(app, config, admin, metrics, access, sample)
     if config.admin.enabled:
         admin_api.install(app, admin, config.admin, events)
 
@@ -128,6 +151,8 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
         syncer.start()
         flusher = cache.tiers.flush_forever(config.eviction.access_flush)
         background.append(asyncio.create_task(flusher))
+        if metrics.multiprocess:
+            background.append(asyncio.create_task(sample_forever()))
 
     async def on_shutdown(_: web.Application) -> None:
         await service.blobs.drain(DRAIN_SECONDS)

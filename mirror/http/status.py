@@ -10,6 +10,9 @@ GET <status_path>   server-rendered HTML, no scripts, readable on a phone: hit r
                     lists only the repositories they are granted; its table is read at most
                     every RECENT_TTL seconds and costs a bounded number of rows, however
                     large the cache or however often the page is asked for
+
+With worker processes each of them answers for the host: what these pages show of the
+metrics is read from every worker's (`Metrics.read`), whichever worker takes the request.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import asyncio
 import html
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 
 from mirror.config import Config
 from mirror.http.access import Access, admits
-from mirror.metrics import Metrics
+from mirror.metrics import TIERS, Metrics, Reading
 from mirror.ops.admin import Admin, Image
 from mirror.ops.format import human
 
@@ -54,16 +57,23 @@ class _Recent:
 
 
 def install(
-    app: web.Application, config: Config, admin: Admin, metrics: Metrics, access: Access
+    app: web.Application,
+    config: Config,
+    admin: Admin,
+    metrics: Metrics,
+    access: Access,
+    sample: Callable[[], Awaitable[None]],
 ) -> None:
-    started = time.time()
+    """`sample`: what brings the gauges no update keeps current (this process's state, the
+    tiers' usage) up to date, as a scrape does before it reads them."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         problem = await admin.unwritable()
-        upstreams = {u.name: _upstream_state(metrics, u.name) for u in config.upstreams}
+        reading = await asyncio.to_thread(metrics.read)
+        upstreams = {u.name: _upstream_state(reading, u.name) for u in config.upstreams}
         body = {
             "status": "ready" if problem is None else "unready",
             "store": problem or "writable",
@@ -76,8 +86,9 @@ def install(
     async def status(request: web.Request) -> web.Response:
         patterns = await access.grants(request)
         images = [i for i in await recent.images() if admits(patterns, i.upstream, i.repository)]
-        usage = await admin.tiers()
-        page = _page(config, metrics, usage, images, time.time() - started)
+        await sample()
+        reading = await asyncio.to_thread(metrics.read)
+        page = _page(config, reading, metrics.multiprocess, images)
         return web.Response(text=page, content_type="text/html")
 
     app.router.add_get("/healthz", healthz)
@@ -85,13 +96,13 @@ def install(
     app.router.add_get(config.status_path, status)
 
 
-def _upstream_state(metrics: Metrics, name: str) -> str:
-    if not metrics.contacted(name):
+def _upstream_state(reading: Reading, name: str) -> str:
+    if not reading.contacted(name):
         return "not contacted yet"
-    return "ok" if metrics.is_up(name) else "failing"
+    return "ok" if reading.is_up(name) else "failing"
 
 
-def _pulls_left(m: Metrics, name: str) -> str:
+def _pulls_left(m: Reading, name: str) -> str:
     left = m.pulls_left(name)
     return "-" if math.isnan(left) else f"{left:.0f}"
 
@@ -127,16 +138,12 @@ th {{ background: #eef2f7; }}
 """
 
 
-def _page(
-    config: Config,
-    m: Metrics,
-    usage: dict[str, tuple[int, int]],
-    images: list[Image],
-    uptime: float,
-) -> str:
+def _page(config: Config, m: Reading, multiprocess: bool, images: list[Image]) -> str:
+    """`multiprocess`: each worker has a memory tier of its own, each with the budget."""
+    usage = {tier: m.held(tier) for tier in TIERS}
     return _PAGE.format(
-        summary=_summary(m, uptime),
-        tiers=_tiers(config, usage),
+        summary=_summary(m, time.time() - m.started()),
+        tiers=_tiers(config, usage, multiprocess),
         upstreams=_table(
             ["upstream", "address", "state", "pull limit left"],
             [
@@ -150,7 +157,7 @@ def _page(
     )
 
 
-def _summary(m: Metrics, uptime: float) -> str:
+def _summary(m: Reading, uptime: float) -> str:
     answered = {o: m.answered(o) for o in ("hit", "coalesced", "revalidated", "stale", "miss")}
     total = sum(answered.values())
     cached = answered["hit"] + answered["revalidated"] + answered["stale"]
@@ -170,17 +177,18 @@ def _summary(m: Metrics, uptime: float) -> str:
     )
 
 
-def _tiers(config: Config, usage: dict[str, tuple[int, int]]) -> str:
+def _tiers(config: Config, usage: dict[str, tuple[int, int]], multiprocess: bool) -> str:
     def row(name: str, tier: str, budget: str) -> list[object]:
         nbytes, count = usage.get(tier, (0, 0))
         return [name, human(nbytes), count, budget]
 
     warm, cold = config.warm.max_bytes, config.cold.max_bytes
+    per_worker = " per worker" if multiprocess else ""
     cold_budget = (human(cold) if cold else "none") if config.cold.url else "not configured"
     return _table(
         ["tier", "bytes", "objects", "budget"],
         [
-            row("hot (memory)", "hot", human(config.hot.max_bytes)),
+            row("hot (memory)", "hot", human(config.hot.max_bytes) + per_worker),
             row("warm (disk)", "warm", human(warm) if warm else "free space"),
             row("cold", "cold", cold_budget),
         ],
