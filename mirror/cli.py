@@ -24,7 +24,9 @@ from mirror.config import Config, ignored_variables, load_config
 from mirror.errors import ConfigError
 from mirror.http.app import CACHE, build_app
 from mirror.http.server import MirrorSite
+from mirror.metrics import forget_process, prepare_multiprocess, use_multiprocess
 from mirror.ops import commands, prefetch
+from mirror.store.layout import Layout
 from mirror.store.reconcile import reconcile
 from mirror.workers import cpus, supervisor
 
@@ -117,8 +119,10 @@ def _supervise(config: Config, count: int) -> int:
     config = dataclasses.replace(
         config, listen=f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
     )
+    metrics_dir = Layout(config.data_dir).metrics
     with reserved:
         _prepare_host(config)
+        prepare_multiprocess(metrics_dir)
         log.info(
             "serving on %s with %d workers, data in %s, upstreams %s, default %s",
             config.listen,
@@ -128,9 +132,15 @@ def _supervise(config: Config, count: int) -> int:
             config.default_upstream,
         )
         log.info("effective configuration (secrets masked): %r", config)
+
+        def work(index: int, ready: int) -> int:
+            use_multiprocess(metrics_dir)
+            return _serve_here(config, index, count, ready)
+
         return supervisor.Supervisor(
             count,
-            lambda index, ready: _serve_here(config, index, count, ready),
+            work,
+            exited=lambda pid: forget_process(pid, metrics_dir),
             private=(reserved.fileno(),),
         ).run()
 

@@ -1,20 +1,14 @@
 """A parent that forks worker processes sharing one metrics directory, as a host serving with
 several workers does: it prepares the directory, each worker calls `use_multiprocess` right
 after the fork, and the parent forgets a worker once it has exited. Run by
-tests/test_metrics_workers.py with the project's Python, in two ways:
+tests/test_metrics_workers.py with the project's Python (tests/test_workers.py runs the
+real supervisor, `mirror serve --workers 3`):
 
     metric_workers.py count DIR OUT K
         K workers, told one at a time to build their Metrics and make known updates (worker i
         counts i+1 blob hits, ...; see `_count`), then each renders the host's metrics to
         OUT/alive-<i>.prom; the last is killed with SIGKILL and forgotten, and worker 0 renders
         OUT/after.prom. Prints the workers' pids as JSON.
-
-    metric_workers.py serve DIR ROOT UPSTREAM PORT...
-        One worker per port, each a whole `mirror serve` on 127.0.0.1:PORT with its data in
-        ROOT/w<i> (its log in ROOT/w<i>.log). Prints `worker <i> <pid>` for each; then reads
-        lines from stdin: `kill <i>` kills that worker with SIGKILL, waits for it, forgets it
-        and prints `forgot <pid>`. At the end of stdin it stops the others with SIGTERM and
-        exits 0 when each of them exited 0.
 
 The parent runs no event loop and no thread, so forking is safe.
 """
@@ -31,7 +25,6 @@ from typing import IO
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from mirror import cli  # noqa: E402
 from mirror.metrics import (  # noqa: E402
     Metrics,
     forget_process,
@@ -119,42 +112,5 @@ def count(directory: Path, out: Path, k: int) -> None:
     print(json.dumps([pid for pid, _ in workers]), flush=True)
 
 
-def serve(directory: Path, root: Path, upstream: str, ports: list[int]) -> int:
-    prepare_multiprocess(directory)
-    pids: list[int] = []
-    for i, port in enumerate(ports):
-        pid = os.fork()
-        if pid == 0:
-            log = os.open(root / f"w{i}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            use_multiprocess(directory)
-            argv = ["serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(root / f"w{i}")]
-            os._exit(cli.main([*argv, "--upstream", upstream]))
-        pids.append(pid)
-        print(f"worker {i} {pid}", flush=True)
-    alive = set(pids)
-    for line in sys.stdin:
-        word, which = line.split()
-        if word == "kill":
-            pid = pids[int(which)]
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            alive.discard(pid)
-            forget_process(pid, directory)
-            print(f"forgot {pid}", flush=True)
-    codes = []
-    for pid in alive:
-        os.kill(pid, signal.SIGTERM)
-    for pid in alive:
-        codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-    return 0 if all(code == 0 for code in codes) else 1
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "count":
-        count(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
-    else:
-        sys.exit(
-            serve(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], list(map(int, sys.argv[5:])))
-        )
+    count(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))

@@ -7,22 +7,16 @@ Metrics to itself, as before."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
-from conftest import PROJECT, offline_builtins
+from conftest import PROJECT
 from prometheus_client.parser import text_string_to_metric_families
-from registry import free_port
-from upstream_sim import UpstreamSim
 
 from mirror.metrics import Metrics
 
@@ -128,121 +122,3 @@ def test_metrics_in_one_process_stay_apart() -> None:
     assert _one(text, "mirror_tier_bytes", tier="hot") == 10
     assert math.isnan(other.read().pulls_left("docker.io"))
     assert _one(other.render().decode(), "mirror_tier_bytes", tier="hot") == 0
-
-
-async def _text(client: aiohttp.ClientSession, url: str) -> str:
-    async with client.get(url) as resp:
-        assert resp.status == 200, url
-        return await resp.text()
-
-
-def _counters(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every counter sample but those of requests to neither manifests nor blobs (scrapes and
-    probes count themselves as they go)."""
-    return {
-        (n, tuple(sorted(ls.items()))): v
-        for n, ls, v in _samples(text)
-        if n.endswith("_total") and ls.get("route", "blob") in ("blob", "manifest")
-    }
-
-
-def _answered(text: str) -> tuple[float, float]:
-    """Blob GETs answered 200 as a miss and as a hit."""
-    blob = {"route": "blob", "method": "GET", "status": "200"}
-    miss = _one(text, "mirror_http_requests_total", **blob, outcome="miss")
-    return miss, _one(text, "mirror_http_requests_total", **blob, outcome="hit")
-
-
-async def _settled(client: aiohttp.ClientSession, url: str, answered: tuple[int, int]) -> None:
-    """Until the worker at `url` has no fill in flight and the host has counted `answered`
-    (a client has its last byte before the fill is committed and the request counted)."""
-    deadline = time.monotonic() + 30
-    while True:
-        text = await _text(client, f"{url}/metrics")
-        if _one(text, "mirror_fills_in_flight") == 0 and _answered(text) == answered:
-            return
-        assert time.monotonic() < deadline, text
-        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
-
-
-async def test_serving_workers_answer_for_the_host(
-    sim: UpstreamSim, client: aiohttp.ClientSession, tmp_path: Path
-) -> None:
-    """Three `mirror serve` workers (each with a data directory of its own here): a blob is
-    pulled through the first twice and through the second once; then a scrape through any
-    worker shows the same counters, /readyz through the third, which never asked upstream,
-    says the upstream is ok, and its status page counts every worker's requests. A killed,
-    forgotten worker's counts stay; its descriptor series goes."""
-    size = 300_000
-    digest = sim.add_blob(b"w" * size)
-    directory = tmp_path / "metrics"
-    ports = [free_port() for _ in range(3)]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
-    helper = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(HELPER),
-        "serve",
-        str(directory),
-        str(tmp_path),
-        sim.url,
-        *map(str, ports),
-        cwd=PROJECT,
-        env={**os.environ, **offline_builtins("")},
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert helper.stdin is not None and helper.stdout is not None
-    try:
-        pids = [
-            int((await asyncio.wait_for(helper.stdout.readline(), 30)).split()[2]) for _ in ports
-        ]
-        deadline = time.monotonic() + 30
-        for url in urls:
-            while True:
-                try:
-                    async with client.get(f"{url}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, (tmp_path / "w0.log").read_text()[-2000:]
-                await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
-        # a miss, a hit; a miss in the other worker's cache
-        for url, answered in ((urls[0], (1, 0)), (urls[0], (1, 1)), (urls[1], (2, 1))):
-            async with client.get(f"{url}/v2/test/x/blobs/{digest}") as resp:
-                assert resp.status == 200 and len(await resp.read()) == size
-            await _settled(client, url, answered)
-
-        texts = [await _text(client, f"{url}/metrics") for url in urls]
-        counters = [_counters(t) for t in texts]
-        assert counters[0] == counters[1] == counters[2]
-        for text in texts:
-            assert _answered(text) == (2, 1)
-            assert _one(text, "mirror_upstream_bytes_total", upstream="docker.io") == 2 * size
-            assert _one(text, "mirror_upstream_up", upstream="docker.io") == 1
-        # each worker sampled its own descriptors when scraped: one series per worker
-        fds = _per_pid(texts[2], "mirror_open_fds")
-        assert fds.keys() == set(pids) and all(n > 0 for n in fds.values())
-
-        async with client.get(f"{urls[2]}/readyz") as resp:
-            assert (await resp.json())["upstreams"]["docker.io"] == "ok"
-        page = await _text(client, f"{urls[2]}/_status")
-        assert "<td>1 of 3</td>" in page, "requests answered from the cache, host-wide"
-
-        helper.stdin.write(b"kill 1\n")
-        await helper.stdin.drain()
-        assert (await asyncio.wait_for(helper.stdout.readline(), 30)).split() == [
-            b"forgot",
-            str(pids[1]).encode(),
-        ]
-        for url in (urls[0], urls[2]):
-            text = await _text(client, f"{url}/metrics")
-            assert _counters(text) == counters[0], "what the killed worker counted stays"
-            assert _per_pid(text, "mirror_open_fds").keys() == {pids[0], pids[2]}
-        helper.stdin.close()
-        assert await asyncio.wait_for(helper.wait(), 60) == 0, "the others stopped cleanly"
-    finally:
-        if helper.returncode is None:
-            os.killpg(helper.pid, signal.SIGKILL)  # the helper and the workers it forked
-            await helper.wait()

@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 from conftest import PROJECT, MirrorProcess
 from images import make_image
+from prometheus_client.parser import text_string_to_metric_families
 from upstream_sim import UpstreamSim
 
 MiB = 1024 * 1024
@@ -227,3 +228,60 @@ async def test_a_pull_budget_below_its_floor_is_known_to_every_worker(
     assert sim.requests[("HEAD", path)] == 0, sim.requests
     assert sim.requests[("GET", path)] == 1
     assert len(await _workers_seen(proc, path, 25)) == WORKERS, "every worker was asked"
+
+
+async def test_metrics_through_any_worker_add_up_what_every_worker_answered(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], tmp_path: Path
+) -> None:
+    """Thirty manifest pulls and ten blob pulls spread over three workers: a scrape through
+    any of them counts all forty, and the blob bytes they all sent."""
+    image = make_image(9, [64 * 1024])
+    sim.add_image("w/metrics", "v1", image)
+    proc = await _started(mirror_process, sim.url, tmp_path / "data")
+    manifest = f"{proc.url}/v2/w/metrics/manifests/v1"
+    layer, data = max(image.blobs.items(), key=lambda blob: len(blob[1]))
+    pulls = [_get(manifest) for _ in range(30)]
+    pulls += [_get(f"{proc.url}/v2/w/metrics/blobs/{layer}") for _ in range(10)]
+    assert all(status == 200 for status, _ in await asyncio.gather(*pulls))
+    await _workers_seen(proc, "/v2/w/metrics/manifests/v1", 30)
+    assert len(await _workers_seen(proc, "/v2/w/metrics/manifests/v1", 30)) >= 2
+    scrapes = [_get(f"{proc.url}/metrics") for _ in range(9)]
+    for status, text in await asyncio.gather(*scrapes):
+        assert status == 200
+        samples = [s for f in text_string_to_metric_families(text.decode()) for s in f.samples]
+        manifests = sum(
+            s.value
+            for s in samples
+            if s.name == "mirror_http_requests_total" and s.labels.get("route") == "manifest"
+        )
+        blobs = sum(
+            s.value
+            for s in samples
+            if s.name == "mirror_http_requests_total" and s.labels.get("route") == "blob"
+        )
+        served = sum(s.value for s in samples if s.name == "mirror_blob_bytes_served_total")
+        assert (manifests, blobs, served) == (30, 10, 10 * len(data))
+    assert len(await _workers_seen(proc, "/metrics", 9)) >= 2, "scraped through several"
+    for status, body in await asyncio.gather(*(_get(f"{proc.url}/readyz") for _ in range(9))):
+        assert status == 200 and json.loads(body)["upstreams"]["docker.io"] == "ok"
+    for status, page in await asyncio.gather(*(_get(f"{proc.url}/_status") for _ in range(9))):
+        assert status == 200 and b" of 40</td>" in page, "the status page counts the host"
+    assert len(await _workers_seen(proc, "/readyz", 9)) >= 2
+
+    # a worker killed: what it counted stays counted, its own series (descriptors) go
+    assert proc.proc is not None
+    victim = min(_children(proc.proc.pid))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while proc.log.read_text().count(f"{WORKERS} workers serving") < 2:
+        assert time.monotonic() < deadline, proc.log.read_text()[-2000:]
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+    status, text = await _get(f"{proc.url}/metrics")
+    samples = [s for f in text_string_to_metric_families(text.decode()) for s in f.samples]
+    blobs = sum(
+        s.value
+        for s in samples
+        if s.name == "mirror_http_requests_total" and s.labels.get("route") == "blob"
+    )
+    fds = {s.labels["pid"] for s in samples if s.name == "mirror_open_fds"}
+    assert blobs == 10 and str(victim) not in fds

@@ -16,6 +16,8 @@
       run/                   this host's running processes: emptied at each start
         fills/ab12…ef.lock   held by the process filling that digest (coordination/claims.py)
         locks/               locks of the work done once for the host (coordination/host.py)
+        metrics/             the worker processes' Prometheus values (prometheus_client's
+                             multiprocess files), merged by whichever worker is scraped
       meta/                  diskcache (SQLite): manifests by digest, tag → digest records,
                              whole tag lists
       index.sqlite           blob metadata: tier, size, stored, last access, hits; run-time
@@ -57,6 +59,7 @@ class Layout:
         self.run = self.root / "run"
         self.fills = self.run / "fills"
         self.locks = self.run / "locks"
+        self.metrics = self.run / "metrics"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
