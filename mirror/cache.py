@@ -86,7 +86,9 @@ def open_cache(
     cold = ColdStore.from_config(config.cold)
     tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, events, cold)
     manifests = ManifestStore(meta, pool, hot)
-    coordinator = HostCoordinator(layout, TagStore(meta, pool, hot), BudgetStore(meta, pool), pool)
+    coordinator = HostCoordinator(
+        layout, TagStore(meta, pool, hot), BudgetStore(meta, pool), pool, processes=share
+    )
     evictions = Evictions(config, tiers, manifests, coordinator, metrics, events)
     return Cache(
         layout, blobs, index, manifests, tiers, usage, coordinator, evictions, events, meta
