@@ -65,21 +65,22 @@ def build_service(
     return MirrorService(manifests, blobs, Ahead(manifests, blobs, cache.blobs))
 
 
-def build_app(config: Config) -> web.Application:
-    """The whole mirror as an aiohttp Application (tests run it in-process)."""
+def build_app(config: Config, worker: int | None = None) -> web.Application:
+    """The whole mirror as an aiohttp Application (tests run it in-process); `worker`: this
+    process's index among several serving the same data directory (None: the only one)."""
     store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
     sender_pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="sendfile")
     password_pool = ThreadPoolExecutor(PASSWORD_THREADS, thread_name_prefix="password")
     metrics = Metrics()
     metrics.prefill((u.name, u.credential) for u in config.upstreams)
-    cache = open_cache(config, store_pool, metrics, serving=True)
+    cache = open_cache(config, store_pool, metrics, serving=True, worker=worker)
     events = cache.events
     upstream = UpstreamClient(config, metrics, cache.coordinator.tokens, events)
     service = build_service(config, cache, upstream, metrics)
     syncer = Syncer(config, service)
     evictor = Evictor(cache.evictions.evict_pass, config.eviction.interval, cache.usage.pressure)
     admin = Admin(cache)
-    deliveries = Deliveries(config.events, events, metrics)
+    deliveries = Deliveries(config.events, events, metrics, cache.layout.events_deliver)
 
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
     app[SERVICE] = service
