@@ -73,8 +73,12 @@ class Enqueuer:
     def start_journal(self, root: Path, name: str, route: Route) -> Journal:
         """Blocking, at start: claim this process's journal and commit what it and every
         journal nobody holds had not given the queues (see the module docstring)."""
-        own = Journal(root, name)
-        if not own.claim():
+        try:
+            own = Journal(root, name)
+            claimed = own.claim()
+        except OSError as e:
+            raise ConfigError(f"events: cannot open the event journal {root}: {e}") from e
+        if not claimed:
             where = "a single mirror" if name == SINGLE else name
             raise ConfigError(
                 f"events: another process writes the event journal {own.directory} "
