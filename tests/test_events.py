@@ -1,7 +1,7 @@
 """Events: webhooks that get every event at least once and in order, through a receiver that
 is down, failing, slow or refusing, across a kill -9; and the audit log of who pulled what.
 
-Receivers are real HTTP servers on 127.0.0.1 started here; the mirror is a real
+Receivers are real HTTP servers on 127.0.0.1 (tests/webhooks.py); the mirror is a real
 `python -m mirror serve` process; the upstream is the simulator."""
 
 from __future__ import annotations

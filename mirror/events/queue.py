@@ -1,7 +1,8 @@
 """The events waiting for each webhook, on disk: one SQLite table (WAL) under the data
 directory, rows in the order they were emitted, removed only once delivered (or dropped).
 
-Every method is blocking and runs on the queue thread (`Events` owns the one connection).
+Every method is blocking and runs on the queue thread (enqueue.py owns this process's one
+connection; every serving process and admin command has its own to the same file).
 A commit is a write(2) into the WAL: it survives the process being killed (kill -9, the OOM
 killer) the moment it returns; `synchronous=NORMAL` leaves the fsync to the WAL checkpoint,
 so a power loss or kernel crash may take the last commits before it.
@@ -14,8 +15,10 @@ row, not a row per event. `heads` holds where each queue starts: events before i
 and a row partly before it is read from the head on. A queue is the range [head, last]: its
 depth is arithmetic, and keeping `max_queue` moves the head. A new batch is numbered on
 from the highest `last` (or the head), read inside the writing transaction, so the admin
-commands, other processes that append to the same queue, number on from it too (SQLite
-lets one writer in at a time).
+commands and the other workers, processes that append to the same queue, number on from it
+too (SQLite lets one writer in at a time). `journals` holds how far into each serving
+process's journal (journal.py, by its name) the queues got, written in the transaction
+that took the events.
 """
 
 from __future__ import annotations
