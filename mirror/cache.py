@@ -65,16 +65,25 @@ def open_cache(
     pool: ThreadPoolExecutor,
     metrics: Metrics,
     serving: bool = False,
+    worker: int | None = None,
     share: int = 1,
 ) -> Cache:
     """The cache of `config.data_dir` (blocking work runs in `pool`); `serving` for the
-    server's own (its events go through a journal, which only it writes). `share`: the
-    worker processes that serve it, which split the hot tier's budget (each keeps its own
-    copy in memory: the budget is the host's)."""
+    server's own (its events go through a journal, which only it writes); `worker` for one
+    of several serving processes on this data directory (its index, 0…N-1, the same for the
+    process started in a dead one's place), None for the only one. `share`: the worker
+    processes that serve it, which split the hot tier's budget (each keeps its own copy in
+    memory: the budget is the host's)."""
+    if worker is not None and (not serving or worker < 0):
+        raise ValueError(f"a worker is a serving process with an index from 0, got {worker!r}")
     layout = Layout(config.data_dir)
     layout.create()
     events = Events(
-        config.events, metrics, layout.events, layout.events_journal if serving else None
+        config.events,
+        metrics,
+        layout.events,
+        layout.events_journal if serving else None,
+        worker,
     )
     hot = HotTier(config.hot.max_bytes // share)
     meta = diskcache.Cache(str(layout.meta), eviction_policy="none", size_limit=2**62)

@@ -1,56 +1,69 @@
-"""Advisory file locks (flock(2)) that the kernel releases when their holder dies.
+"""Advisory file locks (flock(2)) between the processes of one host, which the kernel
+releases the moment their holder dies (kill -9, the OOM killer): a lock never outlives the
+process that took it, and nothing has to be cleaned up after a crash.
 
-Every process serving one data directory (worker processes, admin commands, an import) takes
-these to share work: a lock is held by an open file description, so two opens in one process
-exclude each other as two processes do, and `kill -9` of a holder frees its locks at once —
-nothing is ever left locked by a process that is gone. No lock here waits on the event loop:
-`try_hold` never blocks, `hold` blocks and is for an executor thread.
+Used for what only one process may do at a time: fill a digest (coordination/claims.py),
+ask upstream one question for the host, run the periodic evictor (coordination/host.py),
+write one events journal, deliver webhooks, rotate the audit log (events/). A lock is held by
+an open file description, so two opens in one process exclude each other as two processes do.
+Files are opened with O_CLOEXEC: a program the holder starts does not inherit its locks.
 
-A lock file that may be unlinked (a fill's, removed once the blob is committed) is checked
-after locking: if the path no longer names the inode just locked, another holder unlinked it
-and whoever opens the path now gets a new file, so the lock is dropped and taken again.
+Every method blocks (an open, a flock): call them on a thread, or at start before the event
+loop serves. A lock file that may be unlinked (a fill's, removed once the blob is committed)
+is checked after locking (`try_hold`, `hold`): if the path no longer names the inode just
+locked, another holder unlinked it and whoever opens the path now gets a new file, so the lock
+is let go and taken again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 from pathlib import Path
 
 
 class FileLock:
-    """One open of a lock file, held exclusively or shared until `release`."""
+    """A lock file, opened on first use, held exclusively or shared until `release`."""
 
-    __slots__ = ("fd", "path")
+    __slots__ = ("_fd", "_mode", "held", "path")
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, mode: int = 0o644) -> None:
         self.path = path
-        self.fd = fd
+        self._mode = mode
+        self._fd = -1
+        #: Whether this open holds it now.
+        self.held = False
 
-    @classmethod
-    def open(cls, path: Path) -> FileLock:
-        """The lock file at `path`, created if need be, not yet held."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        return cls(path, fd)
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._mode)
+        return self._fd
 
-    def try_lock(self, shared: bool = False) -> bool:
-        """Take the lock if it is free now; False if another open holds it."""
-        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+    def try_take(self, shared: bool = False) -> bool:
+        """Take it if no other open holds it (exclusively) now; never waits."""
         try:
-            fcntl.flock(self.fd, flags)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.held = True
         return True
 
-    def unlock(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+    def take(self) -> None:
+        """Take it, waiting for whoever holds it (a thread's call, never the loop's)."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.held = True
+
+    def release(self) -> None:
+        """Let go; the file stays open (and in place: removing it would let two processes
+        lock two different files of one name, unless they check `current`)."""
+        if self.held:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self.held = False
 
     def current(self) -> bool:
-        """Whether the path still names the file this lock is on (see the module docstring)."""
+        """Whether the path still names the file this lock is on."""
         try:
             return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
         except FileNotFoundError:
@@ -65,37 +78,38 @@ class FileLock:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 
-    def release(self, unlink: bool = False) -> None:
-        """Let go (unlinking the file first when asked, while still holding it, so that no
-        one locks a file that is about to vanish) and close."""
-        if self.fd < 0:
+    def close(self, unlink: bool = False) -> None:
+        """Let go and close (unlinking the file first when asked, while still holding it, so
+        that no one locks a file that is about to vanish without noticing)."""
+        if self._fd < 0:
             return
         if unlink:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-        os.close(self.fd)
-        self.fd = -1
+        os.close(self._fd)  # closing the last descriptor of the open lets the lock go
+        self._fd = -1
+        self.held = False
 
 
 def try_hold(path: Path) -> tuple[bool, FileLock]:
     """Take the exclusive lock at `path` if it is free now (blocking only on the open).
 
     (True, the held lock), or (False, an open of that same file, not held), which the caller
-    may watch: its `try_lock(shared=True)` succeeds once the holder is gone."""
+    may watch: its `try_take(shared=True)` succeeds once the holder is gone."""
     while True:
-        lock = FileLock.open(path)
-        if not lock.try_lock():
+        lock = FileLock(path)
+        if not lock.try_take():
             return False, lock
         if lock.current():
             return True, lock
-        lock.release()  # unlinked under us by a holder that just finished: a new file now
+        lock.close()  # unlinked under us by a holder that just finished: a new file now
 
 
 def hold(path: Path) -> FileLock:
     """Wait for the exclusive lock at `path` and take it (blocking: an executor thread)."""
     while True:
-        lock = FileLock.open(path)
-        fcntl.flock(lock.fd, fcntl.LOCK_EX)
+        lock = FileLock(path)
+        lock.take()
         if lock.current():
             return lock
-        lock.release()
+        lock.close()

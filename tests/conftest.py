@@ -303,8 +303,9 @@ class MirrorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"mirror-{self.port}.log"
 
-    def start(self, timeout: float = 15.0) -> MirrorProcess:
-        cmd = [
+    def command(self) -> list[str]:
+        """What is run (a subclass may run a worker of several instead)."""
+        return [
             sys.executable,
             "-m",
             "mirror",
@@ -318,6 +319,9 @@ class MirrorProcess:
             "--workers",
             str(self.workers),
         ]
+
+    def start(self, timeout: float = 15.0) -> MirrorProcess:
+        cmd = self.command()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=PROJECT, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout

@@ -1,7 +1,7 @@
 """Events: webhooks that get every event at least once and in order, through a receiver that
 is down, failing, slow or refusing, across a kill -9; and the audit log of who pulled what.
 
-Receivers are real HTTP servers on 127.0.0.1 started here; the mirror is a real
+Receivers are real HTTP servers on 127.0.0.1 (tests/webhooks.py); the mirror is a real
 `python -m mirror serve` process; the upstream is the simulator."""
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from conftest import PROJECT, MirrorProcess, wait_until
 from images import Image, make_image
-from registry import free_port
 from upstream_sim import UpstreamSim
+from webhooks import Attempt, Receiver
 
 from mirror.config import load_config
 from mirror.errors import ConfigError
@@ -34,67 +32,6 @@ from mirror.events.queue import EventQueue
 SECRET = "receiver-shared-secret-0123"
 ADMIN_TOKEN = "admin-token-for-events-0123"
 ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
-
-
-@dataclass
-class Attempt:
-    """One POST a receiver got: its headers, its body, and the status it answered."""
-
-    headers: dict[str, str]
-    body: bytes
-    status: int
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        batch = json.loads(self.body)
-        assert isinstance(batch, list)
-        return batch
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver on 127.0.0.1: answers each POST with the next of `answers` (then
-    200), or never, while `hang` is set; records every attempt."""
-
-    port: int = field(default_factory=free_port)
-    answers: list[tuple[int, dict[str, str]]] = field(default_factory=list)
-    hang: bool = False
-    attempts: list[Attempt] = field(default_factory=list)
-    _runner: web.AppRunner | None = None
-    _never: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def start(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post("/hook", self._hook)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            self._never.set()
-            await self._runner.cleanup()
-
-    async def _hook(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if self.hang:
-            self.attempts.append(Attempt(dict(request.headers), body, 0))
-            await self._never.wait()
-        status, headers = self.answers.pop(0) if self.answers else (200, {})
-        self.attempts.append(Attempt(dict(request.headers), body, status))
-        return web.Response(status=status, headers=headers)
-
-    def delivered(self) -> list[dict[str, Any]]:
-        """Every event of every batch answered 2xx, in the order received."""
-        return [e for a in self.attempts if 200 <= a.status < 300 for e in a.events]
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.delivered() if e["type"] == f"io.mirror.{kind}"]
 
 
 def _config(tmp_path: Path, body: str) -> dict[str, str]:

@@ -79,8 +79,8 @@ class Claim:
         caller keeps and closes it: it is what its clients read)."""
         if self._layout.blob(self.digest).exists():
             return Sighting(committed=True), partial
-        if self._lock.try_lock(shared=True):  # the holder let go, or died
-            self._lock.unlock()
+        if self._lock.try_take(shared=True):  # the holder let go, or died
+            self._lock.release()
             if self._layout.blob(self.digest).exists():
                 return Sighting(committed=True), partial
             said = self._announcement()
@@ -117,4 +117,4 @@ class Claim:
         """Let the lock go (the holder unlinks it after a commit or a failure, so the lock
         directory does not grow; after a death or a drop the file stays for the next holder,
         who resumes the partial file)."""
-        self._lock.release(unlink=unlink and self.owned)
+        self._lock.close(unlink=unlink and self.owned)

@@ -127,7 +127,7 @@ class HostCoordinator:
             try:
                 return await work()
             finally:
-                await offload(self._executor, lock.release)
+                await offload(self._executor, lock.close)
 
         result, followed = await self._once.run(key, held)
         return result, followed
@@ -142,7 +142,7 @@ class HostCoordinator:
             try:
                 yield
             finally:
-                await offload(self._executor, lock.release)
+                await offload(self._executor, lock.close)
 
     async def leads(self, role: str) -> bool:
         """Whether this process is the host's one `role` (the evictor): it becomes so when
@@ -151,7 +151,7 @@ class HostCoordinator:
             return True
         got, lock = await offload(self._executor, try_hold, self._layout.locks / f"{role}.lead")
         if not got:
-            await offload(self._executor, lock.release)
+            await offload(self._executor, lock.close)
             return False
         self._leading[role] = lock
         return True
@@ -163,7 +163,7 @@ class HostCoordinator:
         got, lock = await offload(self._executor, try_hold, path)
         if got:
             return lock
-        await offload(self._executor, lock.release)
+        await offload(self._executor, lock.close)
         waiting = asyncio.get_running_loop().run_in_executor(self._waiters, hold, path)
         try:
             return await asyncio.shield(waiting)
@@ -174,11 +174,11 @@ class HostCoordinator:
     def close(self) -> None:
         """Blocking: let go of what this process leads."""
         for lock in self._leading.values():
-            lock.release()
+            lock.close()
         self._leading.clear()
         self._waiters.shutdown(wait=False, cancel_futures=True)
 
 
 def _release_when_got(waiting: asyncio.Future[FileLock]) -> None:
     if not waiting.cancelled() and waiting.exception() is None:
-        waiting.result().release()
+        waiting.result().close()

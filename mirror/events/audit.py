@@ -1,13 +1,20 @@
 """The audit log: one JSON line per pull and per administrative action (the event's own
 CloudEvents text), appended by the events thread, never on the event loop.
 
-The file is opened with O_APPEND, and each batch of lines goes out in one write(2) per
-piece, so lines from the mirror and from an admin command run meanwhile (another process,
-the same file) do not interleave inside a line. It is rotated by size (`audit_max_bytes`:
-`<path>` → `<path>.1` → … → `<path>.<audit_keep>`, the oldest removed), or left to
-logrotate, after which SIGHUP reopens it (`reopen`). A file another process rotated away is
-noticed at the next rotation (its inode is no longer the path's) and reopened, not renamed
-again.
+Several processes append to the one file: every serving process (worker) of the mirror, and
+the admin commands run meanwhile. The file is opened with O_APPEND and each batch of whole
+lines goes out in one write(2), which the kernel appends whole, so lines of two processes
+never interleave inside a line.
+
+It is rotated by size (`audit_max_bytes`: `<path>` → `<path>.1` → … → `<path>.<audit_keep>`,
+the oldest removed), or left to logrotate, after which SIGHUP reopens it (`reopen`). With
+rotation by size every write takes `<path>.lock` (flock, lock.py) first: a writer that
+finds the path naming another file than the one it has open (another process rotated it)
+reopens it before it writes, and only the writer that finds the file full rotates it. So no
+line goes to a file already rotated away (or removed as the oldest), no file is rotated
+twice for one fill, and no file grows past `audit_max_bytes` (unless one batch alone is
+bigger). The lock is held for one write and a stat; with `audit_max_bytes = 0` none is
+taken.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+
+from mirror.locks import FileLock
 
 #: The audit trail names clients and users: readable by its owner and group only.
 MODE = 0o640
@@ -26,6 +35,7 @@ class AuditFile:
         self._max = max_bytes
         self._keep = keep
         self._fd = -1
+        self._lock = FileLock(Path(f"{path}.lock"), MODE) if max_bytes else None
         self.reopen()
 
     def reopen(self) -> None:
@@ -36,31 +46,50 @@ class AuditFile:
             os.close(old)
 
     def write(self, lines: list[str]) -> None:
-        """Append the lines; rotate first when they would take the file past its size."""
+        """Append the lines in one write; with rotation by size, under the lock, to the file
+        the path names now, rotated first when they would take it past its size."""
         data = ("\n".join(lines) + "\n").encode()
-        if self._max:
-            size = os.fstat(self._fd).st_size  # other processes append to it too
+        if self._lock is None:
+            _write_all(self._fd, data)
+            return
+        self._lock.take()
+        try:
+            if not self._current():
+                self.reopen()  # another process rotated it
+            size = os.fstat(self._fd).st_size
             if size and size + len(data) > self._max:
                 self._rotate()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+            _write_all(self._fd, data)
+        finally:
+            self._lock.release()
+
+    def _current(self) -> bool:
+        """Whether the open file is the one the path names."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def _rotate(self) -> None:
-        try:
-            same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        """Move the files one up (under the lock) and open a new one at the path."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self.path}.{self._keep}")
+        for n in range(self._keep - 1, 0, -1):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.path}.{self._keep}")
-            for n in range(self._keep - 1, 0, -1):
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(f"{self.path}.{n}", f"{self.path}.{n + 1}")
-            os.rename(self.path, f"{self.path}.1")
+                os.rename(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+        os.rename(self.path, f"{self.path}.1")
         self.reopen()
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._lock is not None:
+            self._lock.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One write(2) of the whole batch; a short one (the disk filled) is finished with more."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

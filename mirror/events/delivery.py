@@ -1,6 +1,14 @@
 """Delivery: one background task per webhook POSTs its queue in order, in batches, and
 removes a batch from the queue only once the webhook answered 2xx.
 
+One process of a host delivers at a time: the one holding `events.deliver.lock` in the data
+directory (flock, lock.py). Every serving process tries to take it, at start and then every
+LEAD_RETRY seconds while another holds it; the kernel releases it when its holder dies, so
+another serving process takes over within LEAD_RETRY and goes on from what the queues hold.
+The queues are the same for all (events.sqlite, written by every process), so the one
+delivering sends every process's events, and no two processes send the same batch. A
+process that stops releases the lock only once its last acknowledgement is committed.
+
     2xx                          delivered: removed, the next batch goes at once
     408, 429, 3xx, 5xx, no answer
       (refused, reset, timeout)  failed: kept, tried again after a back-off that doubles
@@ -12,17 +20,20 @@ removes a batch from the queue only once the webhook answered 2xx.
 Each try of a batch is signed afresh (a new timestamp), so a receiver refusing old
 timestamps still takes a retry. A batch cut by a crash or a stop before its 2xx was
 recorded is sent again after the restart: delivery is at least once, receivers dedupe by
-the events' `id`. Nothing here runs on the request path; a webhook that hangs costs one
-task waiting on one connection.
+the events' `id` (a deliverer killed between a 2xx and its commit leaves that batch to the
+next). Nothing here runs on the request path; a webhook that hangs costs one task waiting on
+one connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import random
 import time
+from pathlib import Path
 
 import aiohttp
 
@@ -31,6 +42,7 @@ from mirror.config import EventsConfig, Webhook, webhook_name
 from mirror.events import Events
 from mirror.events.cloudevents import BATCH_CONTENT_TYPE, SIGNATURE_HEADER, batch, signature
 from mirror.events.queue import Queued
+from mirror.locks import FileLock
 from mirror.metrics import Metrics
 
 log = logging.getLogger("mirror.events")
@@ -43,24 +55,53 @@ MAX_BACKOFF = 300.0
 #: A Retry-After longer than this is waited for this long.
 MAX_RETRY_AFTER = 3600.0
 #: Seconds an idle webhook's task waits before it looks at its queue again (events appended
-#: by an admin command, another process, wake nobody here).
+#: by another process, a worker or an admin command, wake nobody here).
 IDLE_LOOK = 1.0
+#: Seconds between tries of a process that does not hold the delivery lock.
+LEAD_RETRY = 2.0
 _RETRY = frozenset({408, 429})
 
 
 class Deliveries:
-    """The delivery tasks of every configured webhook."""
+    """The delivery tasks of every configured webhook, while this process holds `lock`."""
 
-    def __init__(self, config: EventsConfig, events: Events, metrics: Metrics) -> None:
+    def __init__(self, config: EventsConfig, events: Events, metrics: Metrics, lock: Path) -> None:
         self._config = config
         self._events = events
         self._metrics = metrics
+        self._lock = FileLock(lock)
         self._session: aiohttp.ClientSession | None = None
+        self._lead: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        if not self._config.webhooks:
-            return
+        """Deliver once this process holds the lock (at once when nobody else does)."""
+        if self._config.webhooks:
+            self._lead = asyncio.create_task(self._take_lead(), name="webhook delivery lock")
+
+    async def _take_lead(self) -> None:
+        """Try the lock until it is this process's or `stop` is called. Never cancelled, so
+        that no try is left running on a thread when `stop` closes the lock."""
+        waited = False
+        while not self._stopping.is_set():
+            try:
+                if await asyncio.to_thread(self._lock.try_take):
+                    log.info(
+                        "this process delivers the webhooks' events%s", " now" if waited else ""
+                    )
+                    self._deliver()
+                    return
+            except OSError as e:
+                log.error("cannot take the delivery lock %s: %s", self._lock.path, e)
+            if not waited:
+                log.info("another process delivers the webhooks' events: this one waits its turn")
+                waited = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LEAD_RETRY):
+                    await self._stopping.wait()
+
+    def _deliver(self) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=2),
             trust_env=False,
@@ -71,13 +112,23 @@ class Deliveries:
             self._tasks.append(asyncio.create_task(sender.run(), name=f"webhook {sender.name}"))
 
     async def stop(self) -> None:
-        """Cancel the tasks (a batch in flight stays queued: it goes again at the next start)."""
+        """Cancel the tasks (a batch in flight stays queued: it goes again at the next start,
+        or from the process that takes the lock next), then release the lock once the
+        acknowledgements handed to the queue thread are committed."""
+        if self._lead is not None:
+            self._stopping.set()
+            await self._lead
+            self._lead = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._session is not None:
             await self._session.close()
+            self._session = None
+        if self._lock.held:
+            await self._events.synced()
+        await asyncio.to_thread(self._lock.close)
 
 
 class _Sender:
@@ -142,7 +193,6 @@ class _Sender:
             await self._events.ack(self.name, rows[-1].seq)
             now = time.time()
             self._metrics.events_acknowledged(self.name, (now - r.at for r in rows))
-            self._events.delivered(self.name)
             if failures:
                 log.info("webhook %s takes events again", self.name)
             return None

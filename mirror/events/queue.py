@@ -1,7 +1,8 @@
 """The events waiting for each webhook, on disk: one SQLite table (WAL) under the data
 directory, rows in the order they were emitted, removed only once delivered (or dropped).
 
-Every method is blocking and runs on the queue thread (`Events` owns the one connection).
+Every method is blocking and runs on the queue thread (enqueue.py owns this process's one
+connection; every serving process and admin command has its own to the same file).
 A commit is a write(2) into the WAL: it survives the process being killed (kill -9, the OOM
 killer) the moment it returns; `synchronous=NORMAL` leaves the fsync to the WAL checkpoint,
 so a power loss or kernel crash may take the last commits before it.
@@ -14,8 +15,10 @@ row, not a row per event. `heads` holds where each queue starts: events before i
 and a row partly before it is read from the head on. A queue is the range [head, last]: its
 depth is arithmetic, and keeping `max_queue` moves the head. A new batch is numbered on
 from the highest `last` (or the head), read inside the writing transaction, so the admin
-commands, other processes that append to the same queue, number on from it too (SQLite
-lets one writer in at a time).
+commands and the other workers, processes that append to the same queue, number on from it
+too (SQLite lets one writer in at a time). `journals` holds how far into each serving
+process's journal (journal.py, by its name) the queues got, written in the transaction
+that took the events.
 """
 
 from __future__ import annotations
@@ -39,11 +42,17 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (endpoint, first)
 );
 CREATE TABLE IF NOT EXISTS heads (endpoint TEXT PRIMARY KEY, head INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS journal (
-    one    INTEGER PRIMARY KEY CHECK (one = 1),
+CREATE TABLE IF NOT EXISTS journals (
+    name   TEXT PRIMARY KEY,
     file   INTEGER NOT NULL,
     offset INTEGER NOT NULL
-);
+) WITHOUT ROWID;
+"""
+#: Before workers there was one journal, whose place had a table of its own (`journal`,
+#: one row): that is the single process's journal's place now.
+_MIGRATE = """
+INSERT OR IGNORE INTO journals SELECT '', file, offset FROM journal;
+DROP TABLE journal;
 """
 
 
@@ -78,6 +87,7 @@ class EventQueue:
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             self._db = db
+            self._migrate()
             names = {row[0] for row in db.execute("SELECT DISTINCT endpoint FROM batches")}
             for name in sorted(names - set(self._endpoints)):
                 head, last = self._range(name)
@@ -89,6 +99,20 @@ class EventQueue:
             for name in self._endpoints:
                 self._measure(name)
         return self._db
+
+    def _migrate(self) -> None:
+        """Take an older version's record of how far into its journal the queues got."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")  # several workers may open it at once: one migrates
+        try:
+            old = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'journal'"
+            if db.execute(old).fetchone() is not None:
+                for statement in _MIGRATE.strip().splitlines():
+                    db.execute(statement)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def open(self) -> None:
         """Open (and create) the database now, so that a start fails on an unwritable one."""
@@ -120,22 +144,27 @@ class EventQueue:
             "DELETE FROM batches WHERE endpoint = ?1 AND first < ?2 AND last < ?2", (endpoint, head)
         )
 
-    def taken(self) -> tuple[int, int]:
-        """How far into the serving mirror's journal the queues got (journal.py)."""
-        row = self.db.execute("SELECT file, offset FROM journal").fetchone()
+    def taken(self, journal: str) -> tuple[int, int]:
+        """How far into the journal of that name the queues got (journal.py)."""
+        row = self.db.execute(
+            "SELECT file, offset FROM journals WHERE name = ?", (journal,)
+        ).fetchone()
         return (row[0], row[1]) if row is not None else (0, 0)
 
     def append(
-        self, rows: dict[str, list[tuple[float, str]]], taken: tuple[int, int] | None = None
+        self,
+        rows: dict[str, list[tuple[float, str]]],
+        taken: tuple[str, tuple[int, int]] | None = None,
     ) -> Counter[str]:
         """Commit each webhook's (emitted at, body) events as one batch each, in one
-        transaction (with `taken`, how far into the journal they reach), then drop the oldest
-        of each queue past `max_queue`; returns how many each lost so."""
+        transaction (with `taken`, a journal's name and how far into it they reach), then
+        drop the oldest of each queue past `max_queue`; returns how many each lost so."""
         db, dropped = self.db, Counter[str]()
         db.execute("BEGIN IMMEDIATE")
         try:
             if taken is not None:
-                db.execute("INSERT OR REPLACE INTO journal VALUES (1, ?, ?)", taken)
+                name, (file, offset) = taken
+                db.execute("INSERT OR REPLACE INTO journals VALUES (?, ?, ?)", (name, file, offset))
             for name, events in rows.items():
                 head, last = self._range(name)
                 first, last = last + 1, last + len(events)

@@ -81,7 +81,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
     password_pool = ThreadPoolExecutor(PASSWORD_THREADS, thread_name_prefix="password")
     metrics = Metrics()
     metrics.prefill((u.name, u.credential) for u in config.upstreams)
-    cache = open_cache(config, store_pool, metrics, serving=True, share=workers)
+    cache = open_cache(config, store_pool, metrics, serving=True, worker=worker, share=workers)
     events = cache.events
     upstream = UpstreamClient(
         config, metrics, cache.coordinator.tokens, events, cache.coordinator.budgets
@@ -95,7 +95,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
         lambda: cache.coordinator.leads("evictor"),
     )
     admin = Admin(cache)
-    deliveries = Deliveries(config.events, events, metrics)
+    deliveries = Deliveries(config.events, events, metrics, cache.layout.events_deliver)
 
     app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
     app[SERVICE] = service

@@ -255,11 +255,11 @@ class BlobStore:
         path = self.layout.fills / f"{partial.name.split('.')[0]}.lock"
         if not path.exists():
             return False
-        lock = FileLock.open(path)
+        lock = FileLock(path)
         try:
-            return not lock.try_lock(shared=True)
+            return not lock.try_take(shared=True)
         finally:
-            lock.release()
+            lock.close()
 
     def sweep(self) -> int:
         """Remove temp files a crash left behind, and the lock files of the processes that

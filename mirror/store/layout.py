@@ -25,8 +25,12 @@
                              which digest, with [auth] on (store/index.py)
       events.sqlite          events waiting for each webhook, with [events] webhooks
                              (events/queue.py)
-      events.journal/<n>     the serving mirror's events, written ahead of events.sqlite
-                             (events/journal.py)
+      events.journal/<n>     a single serving process's events, written ahead of
+                             events.sqlite (events/journal.py)
+      events.journal/worker-<i>/<n>
+                             worker i's, with several serving processes
+      events.deliver.lock    flock: held by the one process delivering webhooks
+                             (events/delivery.py)
 
     <cold tier URL>/         object storage or a directory (store/cold.py)
       blobs/sha256/ab/ab12…ef
@@ -60,6 +64,7 @@ class Layout:
         self.fills = self.run / "fills"
         self.locks = self.run / "locks"
         self.metrics = self.run / "metrics"
+        self.events_deliver = self.root / "events.deliver.lock"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
