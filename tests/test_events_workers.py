@@ -302,3 +302,43 @@ def test_journals_are_named_by_worker() -> None:
     """A single process keeps the journal where it always was; workers each have their own."""
     assert journal_name(None) == ""
     assert journal_name(0) != journal_name(1) != journal_name(None)
+
+
+async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a_kill_9(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    """`mirror serve --workers 3`, the receiver down, twelve pulls spread over the workers
+    (each on a connection of its own), then the delivering worker killed with SIGKILL: the
+    supervisor starts another under its index, which commits what the killed one journaled;
+    once the receiver is up it gets every pull exactly once."""
+    tags = [f"t{i}" for i in range(12)]
+    for tag in tags:
+        sim.add_image("team/app", tag, make_image(300, [1000]))
+    receiver = await Receiver().start()
+    proc = mirror_process(sim.url, env=_config(tmp_path, _webhook(receiver)), workers=3)
+    await asyncio.to_thread(proc.start)
+    lock = tmp_path / "data" / "events.deliver.lock"
+    await wait_until(lambda: _lock_holder(lock) is not None)
+    await receiver.stop()
+    for tag in tags:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True), trust_env=False
+        ) as session:
+            await _pull(session, proc.url, tag)
+    deliverer = _lock_holder(lock)
+    assert deliverer is not None
+    os.kill(deliverer, signal.SIGKILL)
+    await wait_until(lambda: _lock_holder(lock) not in (None, deliverer), timeout=20)
+    await receiver.start()
+    await wait_until(lambda: len(receiver.of("pull")) >= len(tags), timeout=30)
+    delivered = receiver.of("pull")
+    assert max(_unique(delivered).values()) == 1, "an event was delivered twice"
+    assert sorted(e["data"]["tag"] for e in delivered) == sorted(tags)
+    workers_seen = {
+        line.rsplit("worker=", 1)[1]
+        for line in proc.log.read_text().splitlines()
+        if "logger=mirror.access" in line and "/manifests/t" in line
+    }
+    assert len(workers_seen) >= 2, "the pulls reached several workers"
