@@ -113,3 +113,20 @@ def hold(path: Path) -> FileLock:
         if lock.current():
             return lock
         lock.close()
+
+
+def share(fd: int) -> None:
+    """Hold a shared lock on an open file (a follower's partial file: while any process holds
+    one, the fill is followed somewhere and not to be dropped as abandoned)."""
+    with contextlib.suppress(BlockingIOError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def shared_elsewhere(fd: int) -> bool:
+    """Whether another open of this file holds a shared lock on it (the owner's check)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False

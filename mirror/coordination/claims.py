@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from mirror.locks import try_hold
+from mirror.locks import share, try_hold
 from mirror.oci.reference import Digest
 from mirror.store.layout import Layout
 
@@ -87,12 +87,16 @@ class Claim:
             error = said.get("error")
             if isinstance(error, list) and len(error) == 2:
                 return Sighting(error=(str(error[0]), str(error[1]))), partial
+            if partial is not None and not self._same(partial):  # discarded: no resuming it
+                dropped = ("UPSTREAM_UNAVAILABLE", "the fill this one followed was dropped")
+                return Sighting(error=dropped), partial
             return Sighting(gone=True), partial
         if partial is None:
             with contextlib.suppress(FileNotFoundError):
                 partial = os.open(
                     self._layout.fill_partial(self.digest), os.O_RDONLY | os.O_CLOEXEC
                 )
+                share(partial)  # followed here: the holder must not drop it as abandoned
         said = self._announcement()
         size = said.get("size")
         written = os.fstat(partial).st_size if partial is not None else 0
@@ -102,6 +106,15 @@ class Claim:
             written=written,
         )
         return seen, partial
+
+    def _same(self, partial: int) -> bool:
+        """Whether the fill's path still names the partial file this process follows."""
+        try:
+            return (
+                os.stat(self._layout.fill_partial(self.digest)).st_ino == os.fstat(partial).st_ino
+            )
+        except FileNotFoundError:
+            return False
 
     def _announcement(self) -> dict[str, object]:
         """The holder's announcement; empty while it has written none (or half of one)."""

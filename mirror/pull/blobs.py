@@ -80,6 +80,8 @@ class Blobs:
         self._metrics = metrics
         self._limits = limits
         self._too_big: Bounded[Digest, int] = Bounded(TOO_BIG_REMEMBERED)
+        #: Abandoned fills being checked for followers in other processes.
+        self._checks: set[asyncio.Task[None]] = set()
         #: Fills still running, by the client address that started them.
         self._started: Counter[str] = Counter()
 
@@ -162,14 +164,22 @@ class Blobs:
             del self._started[client]
 
     def _abandoned(self, fill: Fill, task: asyncio.Task[None]) -> None:
-        """The last client following `fill` went away: drop it if more than the budget is
-        still to come (a client cannot make the mirror fetch large blobs nobody reads)."""
+        """The last client following `fill` in this process went away: drop it if more than
+        the budget is still to come (a client cannot make the mirror fetch large blobs nobody
+        reads) and no other worker process follows it either."""
         budget, left = self._limits.abandoned_fill_bytes, fill.remaining
         if budget and (left is None or left > budget):
-            log.info(
-                "dropping the fill of %s: nobody follows it, %s bytes to go", fill.digest, left
-            )
-            task.cancel()
+            check = asyncio.ensure_future(self._drop_unless_followed(fill, task, left))
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+
+    async def _drop_unless_followed(
+        self, fill: Fill, task: asyncio.Task[None], left: int | None
+    ) -> None:
+        if await self._tiers.blobs.run(fill.watched_elsewhere) or fill.watchers or task.done():
+            return
+        log.info("dropping the fill of %s: nobody follows it, %s bytes to go", fill.digest, left)
+        task.cancel()
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
         started = time.monotonic()

@@ -31,6 +31,7 @@ from typing import Protocol
 from mirror import errors
 from mirror.body import BlobBody
 from mirror.coordination.claims import Claim
+from mirror.locks import shared_elsewhere
 from mirror.oci.reference import Digest
 from mirror.oci.verify import Mismatch, Verifier
 from mirror.store.blobs import BlobStore, Corrupt, rewrite_at, write_all
@@ -250,10 +251,9 @@ class Fill:
         and tell everyone (in this process and, through the claim, in the others). True when
         this fill committed a new blob.
 
-        The fill file may hold bytes already (a holder before this one died or dropped the
-        fill): they are hashed again from the file, and the source is asked from where they
-        end. A fill dropped here (cancelled: nobody follows it) leaves its file for the next
-        holder in the same way.
+        The fill file may hold bytes already (a holder before this one died): they are hashed
+        again from the file, and the source is asked from where they end. A fill that fails
+        here (a dropped one too) removes its file and tells its followers in other processes.
 
         Disk space: a blob of known size that does not fit even after `room` evicted fails at
         once with DiskFull, before any byte is written (its requesters stream it through
@@ -308,9 +308,7 @@ class Fill:
             return True
         except BaseException as e:
             self._fail(e)
-            if isinstance(e, asyncio.CancelledError):
-                partial = None  # kept for whoever holds the claim next: it resumes
-            elif self.error is not None:
+            if self.error is not None:
                 unlink = True
                 await store.run(claim.failed, self.error.code, self.error.message)
             if partial is not None:
@@ -341,6 +339,11 @@ class Fill:
             self._close(rfd)
         self.written = held
         return path, wfd, held
+
+    def watched_elsewhere(self) -> bool:
+        """Blocking: whether another process follows this fill's partial file now (its
+        followers hold a shared lock on it), so that it is not abandoned."""
+        return self._read_fd is not None and shared_elsewhere(self._read_fd)
 
     def _unwritable(self, e: OSError) -> Exception:
         """A store that cannot take a new file: read-only or full (the blob streams through),
