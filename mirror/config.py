@@ -926,7 +926,7 @@ def _cluster(cluster: ClusterConfig) -> ClusterConfig:
             f"{parts.scheme!r}"
         )
     try:
-        parse_redis_url(cluster.redis_url)
+        parse_redis_url(cluster.redis_url)  # type: ignore[no-untyped-call]
     except ValueError as e:
         raise ConfigError(f"cluster.redis_url: {e}") from None
     if parts.scheme != "unix" and not parts.hostname:
