@@ -47,8 +47,10 @@ async def _replicas(
     redis_server: RedisServer,
     tmp_path: Path,
     extra: str = "",
+    workers: int = 1,
 ) -> list[MirrorProcess]:
-    """Three replicas, each with its data directory and its advertised URL, one Redis."""
+    """Three replicas, each with its data directory and its advertised URL, one Redis; the
+    first with `workers` worker processes."""
     config = tmp_path / "cluster.toml"
     config.write_text(
         f'[upstreams."docker.io"]\ntag_ttl = 1\n{extra}\n'
@@ -56,10 +58,15 @@ async def _replicas(
     )
     procs = []
     for i in range(REPLICAS):
-        proc = make(sim.url, tmp_path / f"replica{i}", {"MIRROR_CONFIG": str(config)})
+        each = workers if i == 0 else 1
+        proc = make(sim.url, tmp_path / f"replica{i}", {"MIRROR_CONFIG": str(config)}, each)
         proc.env["MIRROR_CLUSTER__ADVERTISE"] = proc.url
         procs.append(proc)
     await asyncio.gather(*(asyncio.to_thread(p.start) for p in procs))
+    deadline = time.monotonic() + 20
+    while workers > 1 and f"{workers} workers serving" not in procs[0].log.read_text():
+        assert time.monotonic() < deadline, procs[0].log.read_text()[-2000:]
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
     for proc in procs:
         assert (await _ready(proc))["cluster"] == "joined"
     return procs
@@ -138,6 +145,35 @@ async def test_a_tag_past_its_ttl_through_three_replicas_costs_one_head(
     for proc in procs:
         assert await _cluster_up(proc) == 1
         assert SECRET not in proc.log.read_text(), "the secret is never logged"
+
+
+async def test_worker_processes_each_join_the_cluster_after_their_fork(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """A replica of three worker processes beside two single ones: each worker opened its
+    own Redis client (Redis lists one connection per process), every worker is joined (the
+    gauge is the least over them), and past the TTL 30 pulls cost one HEAD for the cluster."""
+    image = make_image(24, [4096])
+    sim.add_image("c/workers", "v1", image)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path, workers=REPLICAS)
+    path = "/v2/c/workers/manifests/v1"
+    await _pull_through_all(procs, path, image.data, 3)
+    await _ttl_passes()
+    await _pull_through_all([procs[0]] * 2 + procs, path, image.data, 30)
+    assert sim.requests[("HEAD", path)] == 1, sim.requests
+    assert await _cluster_up(procs[0]) == 1
+    client = redis.Redis(port=redis_server.port)
+    try:
+        names = {c["name"] for c in client.client_list()}
+    finally:
+        client.close()
+    assert procs[0].proc is not None
+    workers = {n for n in names if n.startswith(f"mirror@{procs[0].url}#")}
+    assert len(workers) == REPLICAS, names
+    assert f"mirror@{procs[0].url}#{procs[0].proc.pid}" not in workers, "not the supervisor"
 
 
 async def test_a_pull_budget_below_its_floor_told_to_one_replica_spares_the_others(

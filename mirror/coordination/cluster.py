@@ -104,6 +104,8 @@ class Link:
             socket_connect_timeout=CALL_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            # CLIENT LIST tells which replica and process each connection is
+            client_name=f"mirror@{self._config.advertise}#{os.getpid()}",
         )
 
     async def call(self, op: Callable[[Redis], Awaitable[T]]) -> T:
