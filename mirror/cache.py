@@ -5,7 +5,9 @@ in the data directory too).
 `open_cache` opens it the same way for the server, the admin commands and bundle import and
 export. It is safe to open while a mirror serves the same data directory: SQLite in WAL mode
 and diskcache take writers from several processes, and blob files are only ever renamed into
-place or unlinked. This is also where the coordinator is chosen (the processes of one host).
+place or unlinked. This is also where the coordinator is chosen: the processes of one host,
+and for the server of a replica with `[cluster]` the cluster's around them (admin commands
+act on this host's data directory and keep to the host's).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import diskcache
 
 from mirror.config import Config
 from mirror.coordination import Coordinator
+from mirror.coordination.cluster import ClusterCoordinator
 from mirror.coordination.host import HostCoordinator
 from mirror.events import Events
 from mirror.eviction.passes import Evictions
@@ -95,8 +98,13 @@ def open_cache(
     cold = ColdStore.from_config(config.cold)
     tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, events, cold)
     manifests = ManifestStore(meta, pool, hot)
-    coordinator = HostCoordinator(
+    host = HostCoordinator(
         layout, TagStore(meta, pool, hot), BudgetStore(meta, pool), pool, processes=share
+    )
+    coordinator: Coordinator = (
+        ClusterCoordinator(host, config.cluster, metrics)
+        if serving and config.cluster.enabled
+        else host
     )
     evictions = Evictions(config, tiers, manifests, coordinator, metrics, events)
     return Cache(

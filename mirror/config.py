@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis.connection import parse_url as parse_redis_url
+
 from mirror import signing
 from mirror.errors import ConfigError
 from mirror.policies import POLICIES
@@ -375,6 +377,44 @@ class RetentionRule:
     keep_tags: int = 0
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Replicas on several hosts that share their tag records, pull budgets and upstream
+    questions through one Redis (mirror/coordination/cluster.py). Off while `redis_url` is
+    empty: the mirror is then exactly a standalone one."""
+
+    #: redis://[[user]:password@]host[:port][/db], rediss:// (TLS) or unix:///path/to/socket,
+    #: with the query options redis-py's URL parsing takes.
+    redis_url: str = ""
+    #: This replica's URL as the other replicas reach it: http(s)://host:port.
+    advertise: str = ""
+    #: The secret every replica shares (at least 32 characters), or a file holding it.
+    secret: str = ""
+    secret_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+    def __repr__(self) -> str:  # the secret and Redis's password never reach logs
+        return (
+            f"ClusterConfig(redis_url={redis_shown(self.redis_url)!r}, "
+            f"advertise={self.advertise!r}, secret={'***' if self.secret else ''!r}, "
+            f"secret_file={self.secret_file!r})"
+        )
+
+
+def redis_shown(url: str) -> str:
+    """A Redis URL fit for logs: its password (and user) left out."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+#: Shortest cluster secret taken.
+CLUSTER_SECRET_MIN = 32
+
 #: Most worker processes `workers` may ask for.
 MAX_WORKERS = 256
 
@@ -416,6 +456,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     bundle: BundleConfig = field(default_factory=BundleConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
@@ -595,7 +636,7 @@ def _validate(raw: dict[str, Any]) -> Config:
     built = tuple(u for name, v in upstreams.items() if (u := _upstream(str(name), v)).enabled)
     config: Config = _build(Config, {**raw, "upstreams": built}, "")
     _check(config)
-    return config
+    return dataclasses.replace(config, cluster=_cluster(config.cluster))
 
 
 def _upstream(name: str, raw: Any) -> UpstreamConfig:
@@ -869,6 +910,58 @@ def _check_bundle(bundle: BundleConfig) -> None:
             "bundle.require_signature: needs bundle.trusted_keys, the keys a signature is "
             "checked against"
         )
+
+
+def _cluster(cluster: ClusterConfig) -> ClusterConfig:
+    """Check `[cluster]`, and read `secret_file` into `secret` (once, at start: a replica
+    that cannot read its secret does not start)."""
+    if not cluster.redis_url:
+        if cluster.advertise or cluster.secret or cluster.secret_file:
+            raise ConfigError("cluster.redis_url: needed by the other [cluster] keys")
+        return cluster
+    parts = urlsplit(cluster.redis_url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            "cluster.redis_url: a redis://, rediss:// or unix:// URL, got one of scheme "
+            f"{parts.scheme!r}"
+        )
+    try:
+        parse_redis_url(cluster.redis_url)  # type: ignore[no-untyped-call]
+    except ValueError as e:
+        raise ConfigError(f"cluster.redis_url: {e}") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError("cluster.redis_url: names no host")
+    advertised = urlsplit(cluster.advertise)
+    try:
+        port = advertised.port
+    except ValueError:
+        port = None
+    if (
+        advertised.scheme not in ("http", "https")
+        or not advertised.hostname
+        or port is None
+        or advertised.username is not None
+        or advertised.path not in ("", "/")
+        or advertised.query
+    ):
+        raise ConfigError(
+            "cluster.advertise: this replica's URL as the others reach it, "
+            f"http(s)://host:port, got {cluster.advertise!r}"
+        )
+    secret = cluster.secret
+    if cluster.secret_file:
+        if secret:
+            raise ConfigError("cluster.secret_file: give it or cluster.secret, not both")
+        try:
+            secret = Path(cluster.secret_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cluster.secret_file: cannot read it: {e}") from None
+    where = "cluster.secret_file" if cluster.secret_file else "cluster.secret"
+    if len(secret) < CLUSTER_SECRET_MIN:
+        raise ConfigError(
+            f"{where}: the secret every replica shares, at least {CLUSTER_SECRET_MIN} characters"
+        )
+    return dataclasses.replace(cluster, advertise=cluster.advertise.rstrip("/"), secret=secret)
 
 
 #: A webhook's name: a metrics label and the key of its queue.

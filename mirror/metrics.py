@@ -23,6 +23,8 @@ Each gauge says how its processes' values combine (its `multiprocess_mode`):
 - `liveall`, one series per process (a `pid` label): open descriptors and asyncio tasks, for
   leak hunting.
 - `min`: the host's start time, the first worker's.
+- `livemin`: whether the host works with its cluster (`mirror_cluster_up`): each worker has
+  its own Redis connection, and the host is joined only while every live worker is.
 
 Without `use_multiprocess` (one process, and every test that runs several mirrors in one
 process) each Metrics keeps its values in memory in its own registry, as prometheus_client
@@ -348,6 +350,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="mostrecent",
         )
+        self.cluster_up = Gauge(
+            "mirror_cluster_up",
+            "1 while this replica shares its records through the cluster's Redis; 0 while it "
+            "serves standalone (Redis unreachable, or no [cluster]).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
         self.events_emitted = Counter(
             "mirror_events_emitted",
             "Events emitted (committed to every queue and audit log that wants them), by kind.",
@@ -575,6 +584,9 @@ class Metrics:
         self.up.labels(upstream).set(
             0 if status == "error" or (isinstance(status, int) and status >= 500) else 1
         )
+
+    def cluster(self, joined: bool) -> None:
+        self.cluster_up.set(1 if joined else 0)
 
     def fill_done(self, source: str, ok: bool, seconds: float, followers: int) -> None:
         self.fill_seconds.labels(source, "ok" if ok else "failed").observe(seconds)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis
 from aiohttp import web
 from images import Upstream, big_layer, push_all
 from registry import LOCAL_OPENER, Registry, free_port
@@ -501,3 +502,48 @@ def ext4_disk(tmp_path: Path) -> Iterator[Callable[[int], Ext4Disk]]:
     yield make
     for disk in disks:
         subprocess.run(["umount", "-l", str(disk.where)], check=False)
+
+
+class RedisServer:
+    """Debian's `redis-server` on a free loopback port, nothing saved to disk; `stop` and
+    `start` again keep the port (a Redis that restarts empty)."""
+
+    def __init__(self, where: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._where = where
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self._where.mkdir(parents=True, exist_ok=True)
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self._where)]
+        with (self._where / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=log)
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                assert self.proc.poll() is None, (self._where / "redis.log").read_text()
+                try:
+                    if client.ping():
+                        return self
+                except redis.RedisError:
+                    assert time.monotonic() < deadline, "redis-server did not answer in time"
+                time.sleep(0.02)  # ok: polling a condition with a deadline
+        finally:
+            client.close()
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running `redis-server` of the test's own, stopped at the end."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

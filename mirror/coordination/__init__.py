@@ -14,9 +14,11 @@ Everything that serves one cache shares four decisions:
 `HostCoordinator` (host.py) answers them for the processes of one host that share a data
 directory (worker processes, admin commands): single-flight tasks within a process, and
 across processes advisory locks on files that the kernel frees when a holder dies (claims.py
-for fills); the tag store of the data directory; tokens in memory. Replicas across hosts are
-to answer the same questions with Redis behind this same interface, so that callers do not
-change. `mirror.cache.open_cache` is where the answer is chosen.
+for fills); the tag store of the data directory; tokens in memory. `ClusterCoordinator`
+(cluster.py) wraps it for replicas across hosts (`[cluster]`): tag records, pull budgets and
+each tag's turn to ask upstream in Redis, the rest the host's, and the host's alone whenever
+Redis does not answer. Callers do not change; `mirror.cache.open_cache` is where the answer
+is chosen.
 """
 
 from __future__ import annotations
@@ -95,6 +97,22 @@ class Joined(NamedTuple, Generic[S]):
 class Coordinator(Protocol):
     @property
     def tags(self) -> TagRecords: ...
+
+    @property
+    def cluster(self) -> str | None:
+        """ "joined" or "standalone" for a replica of a cluster (whether it reaches the
+        cluster's shared state now); None for a mirror that is not one."""
+        ...
+
+    async def start(self) -> None:
+        """Begin what coordinating needs while serving, once the event loop runs (the
+        cluster's connection and its probe); nothing is opened before then, so that worker
+        processes each open their own after the fork."""
+        ...
+
+    async def stop(self) -> None:
+        """End what `start` began."""
+        ...
 
     @property
     def tokens(self) -> TokenCache: ...

@@ -103,6 +103,16 @@ class HostCoordinator:
         self._evicting = asyncio.Lock()
         self._leading: dict[str, FileLock] = {}
 
+    @property
+    def cluster(self) -> str | None:
+        return None
+
+    async def start(self) -> None:
+        """Nothing to begin: files and locks are opened as they are needed."""
+
+    async def stop(self) -> None:
+        """Nothing to end (`close` lets go of the locks)."""
+
     def fill(
         self, digest: Digest, state: Callable[[], S], work: Callable[[S], Awaitable[None]]
     ) -> Joined[S]:

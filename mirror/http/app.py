@@ -2,7 +2,8 @@
 
 Start: sweep partial files a crash left, reconcile the index with the files (a single
 process does both itself; worker processes leave them to their supervisor, which does them
-once for the host before any worker serves), open the upstream session, start the evictor,
+once for the host before any worker serves), start the coordinator (a cluster's Redis
+connection), open the upstream session, start the evictor,
 the sync list, the access-count flusher and the webhook deliveries. Stop: let fills in
 flight finish, then stop the deliveries (what they had not delivered stays queued), close
 the session, the stores (committing pending events) and the thread pools.
@@ -132,7 +133,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
         return web.Response(body=body, headers={"Content-Type": metrics.content_type})
 
     app.router.add_get(config.metrics_path, metrics_handler)
-    status.install(app, config, admin, metrics, access, sample)
+    status.install(app, config, admin, metrics, access, sample, lambda: cache.coordinator.cluster)
     if config.admin.enabled:
         admin_api.install(app, admin, config.admin, events)
 
@@ -144,6 +145,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
             await reconcile(cache.blobs, cache.index, cache.usage)
         else:
             await cache.usage.refresh()
+        await cache.coordinator.start()
         await upstream.start()
         events.attach()
         deliveries.start()
@@ -166,6 +168,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
         await deliveries.stop()
         events.detach()
         await upstream.close()
+        await cache.coordinator.stop()
         await asyncio.to_thread(cache.close)
         sender_pool.shutdown(wait=False, cancel_futures=True)
         password_pool.shutdown(wait=False, cancel_futures=True)

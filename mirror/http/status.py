@@ -3,7 +3,9 @@
 GET /healthz        200 while the process serves (liveness)
 GET /readyz         200 when the store takes writes; 503 otherwise. Upstreams are reported
                     but do not make the mirror unready: a mirror with a cache serves it when
-                    upstreams are down (cached-only mode)
+                    upstreams are down (cached-only mode). A replica of a cluster reports
+                    "cluster": "joined" or "standalone", ready either way (standalone, it
+                    serves on its own)
 GET <status_path>   server-rendered HTML, no scripts, readable on a phone: hit ratio, bytes
                     saved, upstream pulls avoided, tiers, upstreams, the images pulled most
                     recently. With `[auth]` on it needs the same credentials as a pull and
@@ -63,9 +65,11 @@ def install(
     metrics: Metrics,
     access: Access,
     sample: Callable[[], Awaitable[None]],
+    cluster: Callable[[], str | None],
 ) -> None:
     """`sample`: what brings the gauges no update keeps current (this process's state, the
-    tiers' usage) up to date, as a scrape does before it reads them."""
+    tiers' usage) up to date, as a scrape does before it reads them; `cluster`: whether this
+    process reaches its cluster (None: no cluster)."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -74,11 +78,13 @@ def install(
         problem = await admin.unwritable()
         reading = await asyncio.to_thread(metrics.read)
         upstreams = {u.name: _upstream_state(reading, u.name) for u in config.upstreams}
-        body = {
+        body: dict[str, object] = {
             "status": "ready" if problem is None else "unready",
             "store": problem or "writable",
             "upstreams": upstreams,
         }
+        if (state := cluster()) is not None:
+            body["cluster"] = state
         return web.json_response(body, status=200 if problem is None else 503)
 
     recent = _Recent(admin)

@@ -170,13 +170,16 @@ class Manifests:
 
     async def _refresh(self, target: Target, key: AnyTagKey) -> ManifestAnswer:
         """Revalidate a held tag with HEAD, or fetch an unknown one with GET — unless another
-        process of the host did so while this one waited for its turn: the record it stored
-        then stands (one HEAD per TTL per host)."""
+        process of the host, or another replica of the cluster, did so while this one waited
+        for its turn: the record it stored then stands (one HEAD per TTL per host, or per
+        cluster), and a manifest this one does not hold yet is fetched by that digest."""
         record = await self._tags.confirmed(key)
         held = await self._manifests.get(record.digest) if record is not None else None
         fresh = record is not None and self._clock() - record.checked < target.upstream.tag_ttl
         if fresh and held is not None:
             return ManifestAnswer(held, Outcome.COALESCED)
+        if fresh and record is not None:  # confirmed by another replica: only bytes are missing
+            return await self._fetch_digest(target, record.digest)
         if record is None or held is None:
             return await self._fetch_tag(target, key)
         name = (key.upstream, key.repo, key.tag)

@@ -1,0 +1,405 @@
+"""Coordination among replicas on several hosts, through one Redis (`[cluster]`).
+
+A replica is a host's mirror (one process, or worker processes sharing a data directory) that
+shares with the other replicas what is small and must be the same for all of them:
+
+    mirror:tag:<upstream>/<repo>:<tag>   a tag record: {"digest", "media_type", "checked"}
+                                         (a client Accept's own view of a tag stays local)
+    mirror:budget:<upstream>             the pulls upstream last said are left
+    mirror:backoff:<upstream>            until when (wall clock) to leave it alone after a 429,
+                                         expiring then
+    mirror:turn:<upstream>/<repo>:<tag>  who asks upstream about the tag now (redis-py's Lock:
+                                         SET NX PX with a token, released by compare-and-delete)
+    mirror:member:<advertise>            a live replica, renewed every PROBE_SECONDS
+
+Everything else stays the host's (`HostCoordinator`, which this wraps): fills, eviction, who
+leads, tokens, and `once` for anything but a tag. A tag's `once` is the host's single flight
+and host lock first, then the tag's turn in Redis: one replica asks upstream while the others
+wait, then re-read the record it stored (`tags.confirmed`): one HEAD per tag TTL per cluster.
+Each tag record is written to the data directory too, so a replica on its own still has it.
+
+Redis down or unreachable: the first failure of any call turns the replica standalone (a
+warning in the log, `mirror_cluster_up` 0, `/readyz` says so) and from then on nothing on
+the request path asks Redis: every answer is the host's. A probe in the background tries Redis
+every PROBE_SECONDS and joins again once it answers. Every call is bounded by CALL_TIMEOUT
+(socket and connect timeouts, no retries), so a dead Redis costs a request a fraction of a
+second once, not each time. A Redis that comes back empty holds no record: each is fetched or
+revalidated again from upstream, and blobs were never in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import LockError, RedisError
+
+from mirror.config import ClusterConfig, redis_shown
+from mirror.coordination import Joined, PullBudgets, TagRecords
+from mirror.coordination.claims import Claim
+from mirror.coordination.host import HostCoordinator, MemoryTokens
+from mirror.metrics import Metrics
+from mirror.oci.reference import Digest, parse_digest
+from mirror.store.keys import AnyTagKey, TagKey
+from mirror.store.tags import TagRecord
+
+S = TypeVar("S")
+V = TypeVar("V")
+T = TypeVar("T")
+
+log = logging.getLogger("mirror.cluster")
+
+PREFIX = "mirror:"
+#: Seconds one Redis call may take (connecting included) before Redis counts as down.
+CALL_TIMEOUT = 0.5
+#: Seconds between probes of Redis (and renewals of this replica's membership).
+PROBE_SECONDS = 1.0
+#: Seconds a replica stays listed without renewing its membership.
+MEMBER_TTL = 10
+#: Seconds a tag's turn is held at most (a holder that dies or hangs frees it then), and how
+#: long another replica waits for it before asking upstream itself.
+TURN_SECONDS = 5.0
+#: Seconds between a waiting replica's tries of the turn.
+TURN_POLL = 0.02
+#: Seconds a tag record stays in Redis after it was last written (a tag nobody pulls for this
+#: long leaves Redis; the replicas that hold it keep their own copy).
+TAG_KEPT = 7 * 86400
+#: Seconds a pull budget stays in Redis after upstream last told of it.
+BUDGET_KEPT = 86400
+#: What a call to Redis fails with when Redis is down, restarting, unreachable or slow.
+FAILURES = (RedisError, OSError, TimeoutError)
+
+
+class Standalone(Exception):
+    """Redis is not to be asked now: the caller answers as a standalone replica."""
+
+
+class Link:
+    """This process's Redis client, and whether it is joined (Redis answered the last call)."""
+
+    def __init__(self, config: ClusterConfig, metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self.client: Redis | None = None
+        self.joined = False
+        #: Whether the log has told of this replica's state yet.
+        self._told = False
+
+    def open(self) -> None:
+        """The client, made in the process that uses it (each worker after its fork); it
+        connects on its first call."""
+        self.client = Redis.from_url(
+            self._config.redis_url,
+            socket_timeout=CALL_TIMEOUT,
+            socket_connect_timeout=CALL_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            # CLIENT LIST tells which replica and process each connection is
+            client_name=f"mirror@{self._config.advertise}#{os.getpid()}",
+        )
+
+    async def call(self, op: Callable[[Redis], Awaitable[T]]) -> T:
+        """`op` on Redis while joined; Standalone when not joined, or when this call fails
+        (which leaves the cluster until the probe finds Redis again)."""
+        client = self.client
+        if client is None or not self.joined:
+            raise Standalone
+        try:
+            return await asyncio.wait_for(op(client), CALL_TIMEOUT)
+        except FAILURES as e:
+            self.lost(e)
+            raise Standalone from e
+
+    def lost(self, error: BaseException) -> None:
+        if self.joined or not self._told:
+            log.warning(
+                "cluster: Redis at %s does not answer (%s): serving standalone until it does",
+                redis_shown(self._config.redis_url),
+                str(error) or type(error).__name__,
+            )
+        self.joined, self._told = False, True
+        self._metrics.cluster(False)
+
+    def found(self) -> None:
+        if not self.joined:
+            log.info(
+                "cluster: joined through Redis at %s as %s",
+                redis_shown(self._config.redis_url),
+                self._config.advertise,
+            )
+        self.joined, self._told = True, True
+        self._metrics.cluster(True)
+
+    async def probe(self) -> None:
+        """Renew this replica's membership; its answer (or its failure) joins or leaves."""
+        client = self.client
+        if client is None:
+            return
+        member = json.dumps({"advertise": self._config.advertise, "pid": os.getpid()})
+        try:
+            await asyncio.wait_for(
+                client.set(f"{PREFIX}member:{self._config.advertise}", member, ex=MEMBER_TTL),
+                CALL_TIMEOUT,
+            )
+        except FAILURES as e:
+            self.lost(e)
+            return
+        self.found()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(*FAILURES):
+                await self.client.aclose()
+            self.client = None
+
+
+def _tag(key: TagKey) -> str:
+    """A tag's name in Redis: `/` and `:` cannot occur in an upstream name or a tag, nor `:`
+    in a repository, so no two tags share one."""
+    return f"{key.upstream}/{key.repo}:{key.tag}"
+
+
+class ClusterTags:
+    """Tag records in Redis, each also kept in the data directory's store (`local`), whose
+    memory copy stays the hot path: a fresh record in memory consults Redis not at all."""
+
+    def __init__(self, local: TagRecords, link: Link) -> None:
+        self._local = local
+        self._link = link
+
+    def cached(self, key: AnyTagKey) -> TagRecord | None:
+        return self._local.cached(key)
+
+    async def get(self, key: AnyTagKey) -> TagRecord | None:
+        found = self._local.cached(key)
+        if found is None and isinstance(key, TagKey):
+            with contextlib.suppress(Standalone):
+                found = await self._shared(key)
+        return found if found is not None else await self._local.get(key)
+
+    async def confirmed(self, key: AnyTagKey) -> TagRecord | None:
+        """The record as the cluster has it now; the data directory's when Redis has none
+        (it restarted empty) or is not joined."""
+        if isinstance(key, TagKey):
+            with contextlib.suppress(Standalone):
+                found = await self._shared(key)
+                if found is not None:
+                    return found
+        return await self._local.confirmed(key)
+
+    async def _shared(self, key: TagKey) -> TagRecord | None:
+        raw = await self._link.call(lambda r: r.get(f"{PREFIX}tag:{_tag(key)}"))
+        if raw is None:
+            return None
+        try:
+            said = json.loads(raw)
+            found = TagRecord(
+                parse_digest(said["digest"]), str(said["media_type"]), float(said["checked"])
+            )
+        except (ValueError, KeyError, TypeError):
+            log.warning("cluster: the record of %s in Redis is no record; ignored", _tag(key))
+            return None
+        if self._local.cached(key) != found:
+            await self._local.put(key, found)  # memory for the hot path, disk for standalone
+        return found
+
+    async def put(self, key: AnyTagKey, record: TagRecord) -> None:
+        await self._local.put(key, record)
+        if isinstance(key, TagKey):
+            value = json.dumps(
+                {
+                    "digest": str(record.digest),
+                    "media_type": record.media_type,
+                    "checked": record.checked,
+                }
+            )
+            with contextlib.suppress(Standalone):
+                await self._link.call(
+                    lambda r: r.set(f"{PREFIX}tag:{_tag(key)}", value, ex=TAG_KEPT)
+                )
+
+    async def drop(self, key: AnyTagKey) -> None:
+        await self._local.drop(key)
+        if isinstance(key, TagKey):
+            with contextlib.suppress(Standalone):
+                await self._link.call(lambda r: r.delete(f"{PREFIX}tag:{_tag(key)}"))
+
+    def all(self) -> Iterator[tuple[TagKey, TagRecord]]:
+        """Blocking: the records this replica holds (its pins, retention and catalog are of
+        what it holds)."""
+        return self._local.all()
+
+
+class ClusterBudgets:
+    """Pull budgets and 429 back-offs in Redis: one budget per upstream credential for the
+    cluster. Each is also told to the host's store (`local`), which answers while Redis is
+    not joined."""
+
+    def __init__(self, local: PullBudgets, link: Link, clock: Callable[[], float] = time.time):
+        self._local = local
+        self._link = link
+        self._clock = clock
+
+    async def told(self, upstream: str, remaining: int) -> int | None:
+        before = await self._local.told(upstream, remaining)
+        try:
+            shared = await self._link.call(
+                lambda r: r.set(f"{PREFIX}budget:{upstream}", remaining, ex=BUDGET_KEPT, get=True)
+            )
+        except Standalone:
+            return before
+        return None if shared is None else int(shared)
+
+    async def left(self, upstream: str) -> int | None:
+        try:
+            found = await self._link.call(lambda r: r.get(f"{PREFIX}budget:{upstream}"))
+        except Standalone:
+            return await self._local.left(upstream)
+        return None if found is None else int(found)
+
+    async def back_off(self, upstream: str, seconds: float) -> None:
+        await self._local.back_off(upstream, seconds)
+        if seconds <= 0:
+            return
+        until = self._clock() + seconds
+        with contextlib.suppress(Standalone):
+            await self._link.call(
+                lambda r: r.set(f"{PREFIX}backoff:{upstream}", until, px=int(seconds * 1000) + 1)
+            )
+
+    async def backing_off(self, upstream: str) -> float:
+        try:
+            until = await self._link.call(lambda r: r.get(f"{PREFIX}backoff:{upstream}"))
+        except Standalone:
+            return await self._local.backing_off(upstream)
+        return max(0.0, float(until) - self._clock()) if until is not None else 0.0
+
+
+class ClusterCoordinator:
+    """The coordination seam for one replica of a cluster: the host's, with tag records,
+    pull budgets and tag revalidation shared through Redis (see the module's docstring)."""
+
+    def __init__(self, host: HostCoordinator, config: ClusterConfig, metrics: Metrics) -> None:
+        self._host = host
+        self._config = config
+        self._link = Link(config, metrics)
+        self.tags = ClusterTags(host.tags, self._link)
+        self.budgets = ClusterBudgets(host.budgets, self._link)
+        self.tokens: MemoryTokens = host.tokens
+        self._probing: asyncio.Task[None] | None = None
+        metrics.cluster(False)
+
+    @property
+    def cluster(self) -> str | None:
+        return "joined" if self._link.joined else "standalone"
+
+    async def start(self) -> None:
+        """Open this process's Redis client, try Redis once (so a replica whose Redis answers
+        serves joined from its first request) and keep probing it in the background."""
+        self._link.open()
+        await self._link.probe()
+        self._probing = asyncio.create_task(self._probe_forever())
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_SECONDS)  # ok: the probe's period
+            await self._link.probe()
+
+    async def stop(self) -> None:
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing
+            self._probing = None
+        await self._link.close()
+
+    async def members(self) -> list[str]:
+        """The advertised URLs of the replicas that renewed their membership lately."""
+        found: list[str] = []
+
+        async def scan(r: Redis) -> None:
+            async for name in r.scan_iter(match=f"{PREFIX}member:*", count=100):
+                found.append(name.decode()[len(f"{PREFIX}member:") :])
+
+        with contextlib.suppress(Standalone):
+            await self._link.call(scan)
+        return sorted(found)
+
+    def fill(
+        self, digest: Digest, state: Callable[[], S], work: Callable[[S], Awaitable[None]]
+    ) -> Joined[S]:
+        return self._host.fill(digest, state, work)
+
+    def filling(self) -> list[Digest]:
+        return self._host.filling()
+
+    def fill_tasks(self) -> list[asyncio.Task[None]]:
+        return self._host.fill_tasks()
+
+    async def claim(self, digest: Digest) -> Claim:
+        return await self._host.claim(digest)
+
+    async def once(self, key: Hashable, work: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
+        """A tag: the host's single flight and lock, then the tag's turn for the cluster.
+        Anything else (a manifest by digest, a list) is each host's own to fetch: its bytes
+        are not shared (yet), so waiting for another replica's fetch would save nothing."""
+        if not isinstance(key, TagKey):
+            return await self._host.once(key, work)
+        tag = key
+
+        async def in_turn() -> V:
+            async with self._turn(tag):
+                return await work()
+
+        return await self._host.once(key, in_turn)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, key: TagKey) -> AsyncIterator[None]:
+        """Hold the tag's turn in Redis while asking upstream. Not joined, or Redis failing
+        meanwhile: go on without it (the host's lock still holds). Waited for longer than
+        TURN_SECONDS (a slow upstream): go on too, the wait is bounded."""
+        client = self._link.client if self._link.joined else None
+        if client is None:
+            yield
+            return
+        lock: Any = client.lock(
+            f"{PREFIX}turn:{_tag(key)}",
+            timeout=TURN_SECONDS,
+            sleep=TURN_POLL,
+            blocking_timeout=TURN_SECONDS,
+            thread_local=False,
+        )
+        got = False
+        try:
+            got = bool(await asyncio.wait_for(lock.acquire(), TURN_SECONDS + CALL_TIMEOUT))
+        except FAILURES as e:
+            self._link.lost(e)
+        try:
+            yield
+        finally:
+            if got:
+                try:
+                    await asyncio.wait_for(lock.release(), CALL_TIMEOUT)
+                except LockError:
+                    pass  # it lapsed while upstream answered: another replica may hold it now
+                except FAILURES as e:
+                    self._link.lost(e)
+
+    def eviction_turn(self) -> AbstractAsyncContextManager[None]:
+        return self._host.eviction_turn()
+
+    async def leads(self, role: str) -> bool:
+        return await self._host.leads(role)
+
+    def close(self) -> None:
+        self._host.close()

@@ -1,0 +1,321 @@
+"""Cluster mode with real engines: Debian's `redis-server` on a loopback port and three
+`mirror serve` replicas, each with its own data directory, against the upstream simulator.
+
+One HEAD per tag TTL for the whole cluster; a tag one replica fetched is a record the others
+use (each still fetches the manifest's bytes, by digest: blobs and manifests are not shared
+in this step); a pull budget below its floor told to one replica spares the others'
+revalidations; Redis killed mid-traffic leaves every replica serving standalone (logged,
+`/readyz`, `mirror_cluster_up`), and Redis started again, empty, is joined again with one HEAD
+per TTL again; bad `[cluster]` values stop the start naming the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+from conftest import PROJECT, MirrorProcess, RedisServer
+from images import make_image
+from upstream_sim import UpstreamSim
+
+from mirror.config import ClusterConfig, load_config
+from mirror.errors import ConfigError
+
+REPLICAS = 3
+SECRET = "cluster-secret-0123456789abcdefghijkl"
+
+
+async def _get(url: str) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession(trust_env=False) as session,
+        session.get(url) as resp,
+    ):
+        return resp.status, await resp.read()
+
+
+async def _replicas(
+    make: Callable[..., MirrorProcess],
+    sim: UpstreamSim,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    extra: str = "",
+    workers: int = 1,
+) -> list[MirrorProcess]:
+    """Three replicas, each with its data directory and its advertised URL, one Redis; the
+    first with `workers` worker processes."""
+    config = tmp_path / "cluster.toml"
+    config.write_text(
+        f'[upstreams."docker.io"]\ntag_ttl = 1\n{extra}\n'
+        f'[cluster]\nredis_url = "{redis_server.url}"\nsecret = "{SECRET}"\n'
+    )
+    procs = []
+    for i in range(REPLICAS):
+        each = workers if i == 0 else 1
+        proc = make(sim.url, tmp_path / f"replica{i}", {"MIRROR_CONFIG": str(config)}, each)
+        proc.env["MIRROR_CLUSTER__ADVERTISE"] = proc.url
+        procs.append(proc)
+    await asyncio.gather(*(asyncio.to_thread(p.start) for p in procs))
+    deadline = time.monotonic() + 20
+    while workers > 1 and f"{workers} workers serving" not in procs[0].log.read_text():
+        assert time.monotonic() < deadline, procs[0].log.read_text()[-2000:]
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+    for proc in procs:
+        assert (await _ready(proc))["cluster"] == "joined"
+    return procs
+
+
+async def _ready(proc: MirrorProcess) -> dict[str, object]:
+    async with (
+        aiohttp.ClientSession(trust_env=False) as session,
+        session.get(f"{proc.url}/readyz") as resp,
+    ):
+        assert resp.status == 200, "a replica serves, joined or standalone"
+        body: dict[str, object] = await resp.json()
+        return body
+
+
+async def _cluster_up(proc: MirrorProcess) -> float:
+    _, text = await _get(f"{proc.url}/metrics")
+    lines = [line for line in text.decode().splitlines() if line.startswith("mirror_cluster_up ")]
+    assert len(lines) == 1, lines
+    return float(lines[0].split()[1])
+
+
+async def _until_cluster(procs: list[MirrorProcess], state: str, timeout: float = 15) -> None:
+    """Poll every replica's /readyz until each says `state`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [(await _ready(p))["cluster"] for p in procs]
+        if all(s == state for s in states):
+            return
+        assert time.monotonic() < deadline, states
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+
+
+async def _ttl_passes() -> None:
+    checked = time.monotonic()
+    while time.monotonic() < checked + 1.2:
+        await asyncio.sleep(0.1)  # ok: waiting for a TTL to expire
+
+
+async def _pull_through_all(procs: list[MirrorProcess], path: str, data: bytes, n: int) -> None:
+    answers = await asyncio.gather(*(_get(procs[i % len(procs)].url + path) for i in range(n)))
+    assert all(status == 200 and body == data for status, body in answers), [s for s, _ in answers]
+
+
+async def test_a_tag_past_its_ttl_through_three_replicas_costs_one_head(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """A tag first pulled via replica A is a record B and C use: no GET of it by tag from
+    them (each fetches the manifest by digest, its bytes not being shared yet). Past its TTL,
+    30 pulls spread over the three cost one upstream HEAD. Every replica is a member."""
+    image = make_image(21, [4096])
+    sim.add_image("c/tag", "v1", image)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path)
+    path = "/v2/c/tag/manifests/v1"
+    by_digest = f"/v2/c/tag/manifests/{image.digest}"
+    assert await _get(procs[0].url + path) == (200, image.data)
+    for proc in procs[1:]:
+        assert await _get(proc.url + path) == (200, image.data)
+    assert sim.requests[("GET", path)] == 1, sim.requests
+    assert sim.requests[("GET", by_digest)] == REPLICAS - 1, sim.requests
+    await _ttl_passes()
+    await _pull_through_all(procs, path, image.data, 30)
+    assert sim.requests[("HEAD", path)] == 1, sim.requests
+    assert sim.requests[("GET", path)] == 1
+    client = redis.Redis(port=redis_server.port)
+    try:
+        members = {k.decode() for k in client.scan_iter(match="mirror:member:*")}
+        record = json.loads(client.get("mirror:tag:docker.io/c/tag:v1") or b"{}")
+    finally:
+        client.close()
+    assert members == {f"mirror:member:{p.url}" for p in procs}
+    assert record["digest"] == str(image.digest)
+    for proc in procs:
+        assert await _cluster_up(proc) == 1
+        assert SECRET not in proc.log.read_text(), "the secret is never logged"
+
+
+async def test_worker_processes_each_join_the_cluster_after_their_fork(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """A replica of three worker processes beside two single ones: each worker opened its
+    own Redis client (Redis lists one connection per process), every worker is joined (the
+    gauge is the least over them), and past the TTL 30 pulls cost one HEAD for the cluster."""
+    image = make_image(24, [4096])
+    sim.add_image("c/workers", "v1", image)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path, workers=REPLICAS)
+    path = "/v2/c/workers/manifests/v1"
+    await _pull_through_all(procs, path, image.data, 3)
+    await _ttl_passes()
+    await _pull_through_all([procs[0]] * 2 + procs, path, image.data, 30)
+    assert sim.requests[("HEAD", path)] == 1, sim.requests
+    assert await _cluster_up(procs[0]) == 1
+    client = redis.Redis(port=redis_server.port)
+    try:
+        names = {c["name"] for c in client.client_list()}
+    finally:
+        client.close()
+    assert procs[0].proc is not None
+    workers = {n for n in names if n.startswith(f"mirror@{procs[0].url}#")}
+    assert len(workers) == REPLICAS, names
+    assert f"mirror@{procs[0].url}#{procs[0].proc.pid}" not in workers, "not the supervisor"
+
+
+async def test_a_pull_budget_below_its_floor_told_to_one_replica_spares_the_others(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Every replica holds the tag; then Docker Hub tells replica A (its revalidation's HEAD)
+    that 3 pulls are left, below the floor of 10. Past the TTL again, B and C — which upstream
+    never told — spend nothing on revalidating: they serve the tag as cached."""
+    image = make_image(22, [4096])
+    sim.add_image("c/budget", "v1", image)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path, "pull_budget_floor = 10\n")
+    path = "/v2/c/budget/manifests/v1"
+    for proc in procs:
+        assert await _get(proc.url + path) == (200, image.data)
+    sim.rate_limit(limit=100, remaining=3)
+    await _ttl_passes()
+    assert await _get(procs[0].url + path) == (200, image.data)
+    assert sim.requests[("HEAD", path)] == 1, sim.requests
+    await _ttl_passes()
+    await _pull_through_all(procs[1:], path, image.data, 20)
+    assert sim.requests[("HEAD", path)] == 1, sim.requests
+
+
+async def test_redis_killed_mid_traffic_leaves_replicas_standalone_until_it_is_back(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Pulls go on through a kill -9 of Redis; each replica says standalone (/readyz, the
+    gauge, one warning); Redis started again on its port, empty: each joins again, and one
+    HEAD per TTL holds again for the cluster."""
+    image = make_image(23, [4096])
+    sim.add_image("c/down", "v1", image)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path)
+    path = "/v2/c/down/manifests/v1"
+    await _pull_through_all(procs, path, image.data, 3)
+    stop = asyncio.Event()
+    answered: list[tuple[int, bytes]] = []
+
+    async def traffic() -> None:
+        i = 0
+        while not stop.is_set():
+            answered.append(await _get(procs[i % REPLICAS].url + path))
+            i += 1
+
+    running = asyncio.create_task(traffic())
+    await asyncio.to_thread(redis_server.stop, 9)
+    await _until_cluster(procs, "standalone")
+    await _ttl_passes()  # a revalidation while standalone: each replica asks upstream itself
+    seen = len(answered)
+    while len(answered) < seen + 10:
+        await asyncio.sleep(0.01)  # ok: polling a condition with a deadline (the test's timeout)
+    stop.set()
+    await running
+    assert answered and all(a == (200, image.data) for a in answered)
+    for proc in procs:
+        assert await _cluster_up(proc) == 0
+        log = proc.log.read_text()
+        assert log.count("serving standalone until it does") == 1, log[-3000:]
+    await asyncio.to_thread(redis_server.start)
+    await _until_cluster(procs, "joined")
+    for proc in procs:
+        assert await _cluster_up(proc) == 1
+        assert "cluster: joined through Redis" in proc.log.read_text()
+    await _pull_through_all(procs, path, image.data, 3)
+    await _ttl_passes()
+    heads = sim.requests[("HEAD", path)]
+    await _pull_through_all(procs, path, image.data, 30)
+    assert sim.requests[("HEAD", path)] - heads == 1, sim.requests
+
+
+@pytest.mark.parametrize(
+    ("cluster", "key"),
+    [
+        ('redis_url = "http://127.0.0.1:6379"', "cluster.redis_url"),
+        ('redis_url = "redis://127.0.0.1:99999"', "cluster.redis_url"),
+        ('redis_url = "redis://127.0.0.1?socket_timeout=soon"', "cluster.redis_url"),
+        ('advertise = "http://a.example:5000"', "cluster.redis_url"),
+        ('redis_url = "redis://r.example"', "cluster.advertise"),
+        ('redis_url = "redis://r.example"\nadvertise = "a.example:5000"', "cluster.advertise"),
+        ('redis_url = "redis://r.example"\nadvertise = "http://a.example"', "cluster.advertise"),
+        (
+            'redis_url = "redis://r.example"\nadvertise = "http://a:1"\nsecret = "short"',
+            "cluster.secret",
+        ),
+        (
+            'redis_url = "redis://r.example"\nadvertise = "http://a:1"\nsecret_file = "/nonexistent"',
+            "cluster.secret_file",
+        ),
+        (
+            f'redis_url = "unix:///run/redis.sock"\nadvertise = "http://a:1"\n'
+            f'secret = "{SECRET}"\nsecret_file = "/etc/hostname"',
+            "cluster.secret_file",
+        ),
+    ],
+)
+def test_bad_cluster_values_are_refused_naming_the_key(
+    tmp_path: Path, cluster: str, key: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[cluster]\n{cluster}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(key + ":"), info.value
+    assert SECRET not in str(info.value) and "short" not in str(info.value)
+
+
+def test_a_bad_cluster_value_stops_the_server_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[cluster]\nredis_url = "redis://127.0.0.1:6379"\nadvertise = "nowhere"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "mirror", "serve", "--data-dir", str(tmp_path / "data")],
+        cwd=PROJECT,
+        env={"MIRROR_CONFIG": str(bad), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cluster.advertise" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_secret_comes_from_its_file_and_no_repr_shows_it_or_redis_password(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[cluster]\nredis_url = "rediss://mirror:hunter2-pw@r.example:6380/1"\n'
+        f'advertise = "https://a.example:5000/"\nsecret_file = "{secret}"\n'
+    )
+    config = load_config(good, env={})
+    assert config.cluster.secret == SECRET and config.cluster.enabled
+    assert config.cluster.advertise == "https://a.example:5000"
+    for shown in (repr(config), repr(config.cluster)):
+        assert SECRET not in shown and "hunter2" not in shown
+        assert "r.example:6380" in shown
+    assert load_config(env={}).cluster == ClusterConfig()
