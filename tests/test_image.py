@@ -297,6 +297,9 @@ def wheelhouse(work: Path, log: Path) -> Path:
             str(wheels),
             *dependencies(),
             "wheel",  # what setuptools before 70.1 asks for to build a wheel
+            # what redis needs below Python 3.11.3 (bookworm's is 3.11.2): pip decides a
+            # dependency's markers by the host's own interpreter, not by --python-version
+            "async-timeout>=4.0.3",
         ],
         log,
         timeout=300,
