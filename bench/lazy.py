@@ -488,7 +488,8 @@ def table(result: dict) -> str:
             ok = sum(r.bytes_ok for r in rs)
             if which == "tail":
                 rep_bytes = mib(median([x["upstream_bytes"] for x in rep_rows]))
-                rep_reqs = ", ".join(sorted({x["upstream_summary"] for x in rep_rows}))
+                logs = [[LogLine(**y) for y in x["upstream_log"]] for x in rep_rows]
+                rep_reqs = ", ".join(sorted({summarize(x, result["size"]) for x in logs}))
             else:
                 rep_bytes = rep_reqs = "″"
             rng = "last 64 KiB" if which == "tail" else "64 KiB in the middle"
@@ -500,16 +501,30 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def report(result: dict) -> str:
+    load = result["loadavg_start"][0], result["loadavg_end"][0]
+    return (
+        f"# Lazy pulling: a tail range of an uncached {result['size'] >> 20} MiB blob "
+        f"({result['started']})\n\n"
+        f"upstream: nginx static, limit_rate {result['rate']}; {result['reps']} repetitions, empty "
+        f"cache each; medians. {result['cpus']} CPUs, load average {load[0]:.2f} at the start, "
+        f"{load[1]:.2f} at the end.\n\n" + table(result) + "\n"
+    )
+
+
 def summarize(logs: list[LogLine], size: int) -> str:
     """The upstream requests of one repetition, e.g. 'GET full, GET range' (pings left out)."""
     parts = []
     for line in sorted(logs, key=lambda x: x.t - x.seconds):  # by when they started
         if "/blobs/" not in line.uri:
             continue
+        if line.method != "GET":
+            parts.append(line.method)
+            continue
         kind = "range" if line.range != "-" else "full"
-        if kind == "full" and line.method == "GET" and line.bytes < size:
+        if kind == "full" and line.bytes < size:
             kind = "full, cut short"
-        parts.append(f"{line.method} {kind}")
+        parts.append(f"GET {kind}")
     return "; ".join(parts) or "none"
 
 
@@ -528,7 +543,15 @@ def main() -> int:
         default=None,
         help="results JSON (default bench/results/lazy-<date>.json)",
     )
+    parser.add_argument(
+        "--report", type=Path, default=None, help="print (and rewrite the .md of) a results JSON"
+    )
     args = parser.parse_args()
+    if args.report:
+        md = report(json.loads(args.report.read_text()))
+        args.report.with_suffix(".md").write_text(md)
+        print(md)
+        return 0
     targets = [t for t in args.targets.split(",") if t]
     for t in targets:
         if t not in TARGETS:
@@ -606,12 +629,7 @@ def main() -> int:
             "reads": [asdict(r) for r in reads],
             "reps_detail": reps_detail,
         }
-        md = (
-            f"# Lazy pulling: a tail range of an uncached {args.size_mib} MiB blob ({started})\n\n"
-            f"upstream: nginx static, limit_rate {args.rate}; {args.reps} repetitions, empty cache each; "
-            f"medians. {os.cpu_count()} CPUs, load average {load_start[0]:.2f} at the start, "
-            f"{os.getloadavg()[0]:.2f} at the end.\n\n" + table(result) + "\n"
-        )
+        md = report(result)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         out.with_suffix(".md").write_text(md)
