@@ -571,6 +571,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started in the background, SIGINT ignored
     reads: list[Read] = []
     reps_detail: list[dict] = []
     try:
