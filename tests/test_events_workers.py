@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MirrorProcess, wait_until
+from conftest import MirrorProcess, lock_holder, wait_until
 from images import make_image
 from upstream_sim import UpstreamSim
 from webhooks import Receiver
@@ -80,19 +80,6 @@ async def _pull(client: aiohttp.ClientSession, url: str, tag: str) -> None:
         assert resp.status == 200, await resp.text()
 
 
-def _lock_holder(path: Path) -> int | None:
-    """The process holding a flock on `path`, as the kernel lists it in /proc/locks."""
-    try:
-        inode = path.stat().st_ino
-    except FileNotFoundError:
-        return None
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if fields[1] == "FLOCK" and int(fields[5].rsplit(":", 1)[1]) == inode:
-            return int(fields[4])
-    return None
-
-
 def _unique(events: list[dict[str, Any]]) -> Counter[str]:
     return Counter(e["id"] for e in events)
 
@@ -120,8 +107,8 @@ async def test_workers_deliver_every_pull_once_from_one_process_across_a_kill_9(
     pool = [await asyncio.to_thread(workers(i, sim.url, env).start) for i in (0, 1)]
     receiver.senders = {w.pid for w in pool}
     lock = tmp_path / "data" / "events.deliver.lock"
-    await wait_until(lambda: _lock_holder(lock) in receiver.senders)
-    deliverer = next(w for w in pool if w.pid == _lock_holder(lock))
+    await wait_until(lambda: lock_holder(lock) in receiver.senders)
+    deliverer = next(w for w in pool if w.pid == lock_holder(lock))
     other = next(w for w in pool if w is not deliverer)
     pulled: dict[int, list[str]] = {0: [], 1: []}
 
@@ -140,7 +127,7 @@ async def test_workers_deliver_every_pull_once_from_one_process_across_a_kill_9(
     last = next(t for t in reversed(tags) if int(t[1]) == deliverer.index)
     await pull_from(deliverer, last)  # answered: its event is journaled; then killed at once
     await asyncio.to_thread(deliverer.stop, signal.SIGKILL)
-    await wait_until(lambda: _lock_holder(lock) == other.pid, timeout=15)
+    await wait_until(lambda: lock_holder(lock) == other.pid, timeout=15)
     await asyncio.to_thread(deliverer.start)
     receiver.senders = {other.pid, deliverer.pid}
     before = len(receiver.attempts)
@@ -155,7 +142,7 @@ async def test_workers_deliver_every_pull_once_from_one_process_across_a_kill_9(
         tag_order = [e["data"]["tag"] for e in delivered if e["data"]["tag"][1] == str(index)]
         assert tag_order == mine
     assert {a.sender for a in receiver.attempts[before:]} == {other.pid}
-    assert _lock_holder(lock) == other.pid, "the restarted worker does not take the lock back"
+    assert lock_holder(lock) == other.pid, "the restarted worker does not take the lock back"
 
     files = [audit, *audit.parent.glob("audit.jsonl.[0-9]*")]
     assert len(files) > 2, "the audit log rotated"
@@ -320,17 +307,17 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     proc = mirror_process(sim.url, env=_config(tmp_path, _webhook(receiver)), workers=3)
     await asyncio.to_thread(proc.start)
     lock = tmp_path / "data" / "events.deliver.lock"
-    await wait_until(lambda: _lock_holder(lock) is not None)
+    await wait_until(lambda: lock_holder(lock) is not None)
     await receiver.stop()
     for tag in tags:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True), trust_env=False
         ) as session:
             await _pull(session, proc.url, tag)
-    deliverer = _lock_holder(lock)
+    deliverer = lock_holder(lock)
     assert deliverer is not None
     os.kill(deliverer, signal.SIGKILL)
-    await wait_until(lambda: _lock_holder(lock) not in (None, deliverer), timeout=20)
+    await wait_until(lambda: lock_holder(lock) not in (None, deliverer), timeout=20)
     await receiver.start()
     await wait_until(lambda: len(receiver.of("pull")) >= len(tags), timeout=30)
     delivered = receiver.of("pull")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-from conftest import PROJECT, MirrorProcess
+from conftest import PROJECT, MirrorProcess, lock_holder
 from images import make_image
 from prometheus_client.parser import text_string_to_metric_families
 from upstream_sim import UpstreamSim
@@ -286,3 +286,28 @@ async def test_metrics_through_any_worker_add_up_what_every_worker_answered(
     )
     fds = {s.labels["pid"] for s in samples if s.name == "mirror_open_fds"}
     assert blobs == 10 and str(victim) not in fds
+
+
+async def test_one_worker_runs_the_evictor_and_another_takes_over_when_it_dies(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], tmp_path: Path
+) -> None:
+    """The periodic eviction passes are one worker's (it holds run/locks/evictor.lead); when
+    it is killed, another worker holds the lead within a pass interval."""
+    env = _config(tmp_path, "[eviction]\ninterval = 0.2\n")
+    data = tmp_path / "data"
+    proc = await _started(mirror_process, sim.url, data, env)
+    lead = data / "run" / "locks" / "evictor.lead"
+    assert proc.proc is not None
+    workers = _children(proc.proc.pid)
+    deadline = time.monotonic() + 10
+    while lock_holder(lead) is None:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+    first = lock_holder(lead)
+    assert first in workers
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while lock_holder(lead) in (None, first):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+    assert lock_holder(lead) in _children(proc.proc.pid)
