@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -513,3 +514,59 @@ async def test_with_redis_down_each_replica_fetches_a_blob_itself(
     assert all(body == blob for body in bodies)
     assert sim.requests[("GET", path)] == REPLICAS, sim.requests
     assert not any("streaming " + digest in p.log.read_text() for p in procs)
+
+
+async def test_an_owner_of_worker_processes_serves_its_fill_from_any_of_them(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """The owner is a replica of three worker processes: whichever of its workers the others'
+    requests reach follows the filling worker's partial file for them (never fetching), and
+    the cluster still costs upstream one GET of the blob."""
+    blob = os.urandom(16 * MiB)
+    digest = sim.add_blob(blob)
+    hold = sim.fault(digest, "slow", part=8 * MiB, times=1)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path, workers=REPLICAS)
+    path = f"/v2/c/workers/blobs/{digest}"
+    first = asyncio.create_task(_pull(procs[0].url + path, len(blob)))
+    await hold.reached.wait()
+    client = redis.Redis(port=redis_server.port)
+    try:
+        assert client.get(f"mirror:fill:{digest}") == procs[0].url.encode()
+    finally:
+        client.close()
+    others = [asyncio.create_task(_pull(p.url + path, len(blob))) for p in procs * 3]
+    partials = [p.data_dir / "tmp" / f"{digest[7:]}.partial" for p in procs[1:]]
+    deadline = time.monotonic() + 15
+    while not all(f.exists() and f.stat().st_size >= 4 * MiB for f in partials):
+        assert time.monotonic() < deadline, [f.exists() and f.stat().st_size for f in partials]
+        await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
+    internal = blob_path(digest)
+    signed = [  # as another replica asks, each on a connection the kernel gives any worker
+        asyncio.create_task(
+            _fetch(
+                procs[0].url + internal,
+                {"Authorization": authorization(SECRET, "GET", internal, time.time())},
+            )
+        )
+        for _ in range(9)
+    ]
+    hold.gate.set()
+    bodies = await asyncio.gather(first, *others)
+    assert all(body == blob for body in bodies)
+    assert [(s, b == blob) for s, _, b in await asyncio.gather(*signed)] == [(200, True)] * 9
+    assert sim.requests[("GET", path)] == 1, sim.requests
+    for proc in procs:
+        assert hashlib.sha256(_blob_file(proc, digest).read_bytes()).hexdigest() == digest[7:]
+    deadline = time.monotonic() + 10
+    while True:  # each worker writes its access lines a batch at a time
+        answered = re.findall(
+            rf"path={internal} status=200 .*?worker=(\d+)", procs[0].log.read_text()
+        )
+        if len(answered) >= 9:
+            break
+        assert time.monotonic() < deadline, answered
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+    assert len(set(answered)) >= 2, "workers other than the filling one answered too"
