@@ -2,17 +2,24 @@
 `mirror serve` replicas, each with its own data directory, against the upstream simulator.
 
 One HEAD per tag TTL for the whole cluster; a tag one replica fetched is a record the others
-use (each still fetches the manifest's bytes, by digest: blobs and manifests are not shared
-in this step); a pull budget below its floor told to one replica spares the others'
-revalidations; Redis killed mid-traffic leaves every replica serving standalone (logged,
-`/readyz`, `mirror_cluster_up`), and Redis started again, empty, is joined again with one HEAD
-per TTL again; bad `[cluster]` values stop the start naming the key.
+use (each still fetches the manifest's bytes, by digest: manifests are not shared); one
+upstream GET per blob for the whole cluster (a fill lease in Redis, the others streaming the
+owner's fill through its internal endpoint), carried on from upstream by a survivor when the
+owner is killed mid-fill, and per replica again while Redis is down; the internal endpoint
+refuses whatever its secret did not sign; a pull budget below its floor told to one replica
+spares the others' revalidations; Redis killed mid-traffic leaves every replica serving
+standalone (logged, `/readyz`, `mirror_cluster_up`), and Redis started again, empty, is joined
+again with one HEAD per TTL again; bad `[cluster]` values stop the start naming the key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -27,10 +34,12 @@ from images import make_image
 from upstream_sim import UpstreamSim
 
 from mirror.config import ClusterConfig, load_config
+from mirror.coordination.peering import authorization, blob_path
 from mirror.errors import ConfigError
 
 REPLICAS = 3
 SECRET = "cluster-secret-0123456789abcdefghijkl"
+MiB = 1024 * 1024
 
 
 async def _get(url: str) -> tuple[int, bytes]:
@@ -48,16 +57,17 @@ async def _replicas(
     tmp_path: Path,
     extra: str = "",
     workers: int = 1,
+    count: int = REPLICAS,
 ) -> list[MirrorProcess]:
-    """Three replicas, each with its data directory and its advertised URL, one Redis; the
-    first with `workers` worker processes."""
+    """Three replicas (or `count`), each with its data directory and its advertised URL, one
+    Redis; the first with `workers` worker processes."""
     config = tmp_path / "cluster.toml"
     config.write_text(
         f'[upstreams."docker.io"]\ntag_ttl = 1\n{extra}\n'
         f'[cluster]\nredis_url = "{redis_server.url}"\nsecret = "{SECRET}"\n'
     )
     procs = []
-    for i in range(REPLICAS):
+    for i in range(count):
         each = workers if i == 0 else 1
         proc = make(sim.url, tmp_path / f"replica{i}", {"MIRROR_CONFIG": str(config)}, each)
         proc.env["MIRROR_CLUSTER__ADVERTISE"] = proc.url
@@ -319,3 +329,244 @@ def test_the_secret_comes_from_its_file_and_no_repr_shows_it_or_redis_password(
         assert SECRET not in shown and "hunter2" not in shown
         assert "r.example:6380" in shown
     assert load_config(env={}).cluster == ClusterConfig()
+
+
+async def _fetch(
+    url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One GET on a connection of its own: status, headers, body."""
+    async with (
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True), trust_env=False
+        ) as session,
+        session.get(url, headers=headers or {}) as resp,
+    ):
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+async def _pull(url: str, size: int) -> bytes:
+    """A client that tries again when its connection is cut (as docker and containerd do)."""
+    for _ in range(5):
+        try:
+            status, _, body = await _fetch(url)
+        except aiohttp.ClientError:
+            continue
+        if status == 200 and len(body) == size:
+            return body
+    raise AssertionError("no whole blob after 5 tries")
+
+
+def _blob_file(proc: MirrorProcess, digest: str) -> Path:
+    return proc.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+
+
+async def test_thirty_clients_over_three_replicas_cost_one_upstream_get_of_a_blob(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Ten clients on each replica ask for one uncached 32 MiB blob at once: upstream is asked
+    for it once, every client gets the right bytes, and afterwards each replica holds its own
+    verified copy and serves it as a hit without asking anyone."""
+    blob = os.urandom(32 * MiB)
+    digest = sim.add_blob(blob)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path)
+    path = f"/v2/c/blob/blobs/{digest}"
+    bodies = await asyncio.gather(
+        *(_pull(procs[i % REPLICAS].url + path, len(blob)) for i in range(30))
+    )
+    assert all(body == blob for body in bodies), "every client got the right bytes"
+    assert sim.requests[("GET", path)] == 1, sim.requests
+    assert sim.sent[path] == len(blob)
+    streamed = [p for p in procs if "streaming " + digest in p.log.read_text()]
+    assert len(streamed) == REPLICAS - 1, "the others streamed the owner's fill"
+    for proc in procs:
+        assert hashlib.sha256(_blob_file(proc, digest).read_bytes()).hexdigest() == digest[7:]
+        status, headers, body = await _fetch(proc.url + path)
+        assert (status, headers["X-Mirror-Cache"], body == blob) == (200, "hit", True)
+    assert sim.requests[("GET", path)] == 1, sim.requests
+    client = redis.Redis(port=redis_server.port)
+    try:
+        assert client.get(f"mirror:fill:{digest}") is None, "the lease was let go at the commit"
+    finally:
+        client.close()
+
+
+async def test_the_owner_killed_mid_fill_is_carried_on_by_a_survivor_from_its_bytes(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Upstream holds its answer after 12 MiB; the replica filling (named by the lease in
+    Redis) is killed with -9 while ten clients of the other two replicas stream its fill.
+    Its lease lapses, a survivor takes it and asks upstream for the rest only: every one of
+    those clients gets the right bytes, and upstream sends the blob about once."""
+    blob = os.urandom(32 * MiB)
+    digest = sim.add_blob(blob)
+    hold = sim.fault(digest, "slow", part=12 * MiB, times=1)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path)
+    path = f"/v2/c/kill/blobs/{digest}"
+    first = asyncio.create_task(_fetch(procs[0].url + path))
+    await hold.reached.wait()
+    client = redis.Redis(port=redis_server.port)
+    try:
+        leased = client.get(f"mirror:fill:{digest}")
+    finally:
+        client.close()
+    assert leased is not None
+    owner = next(p for p in procs if p.url == leased.decode())
+    survivors = [p for p in procs if p is not owner]
+    clients = [
+        asyncio.create_task(_pull(p.url + path, len(blob))) for p in survivors for _ in range(5)
+    ]
+    partials = [p.data_dir / "tmp" / f"{digest[7:]}.partial" for p in survivors]
+    deadline = time.monotonic() + 15
+    # the owner writes what it gathered a MiB at a time: most of the 12 MiB reach the others
+    while not all(f.exists() and f.stat().st_size >= 8 * MiB for f in partials):
+        assert time.monotonic() < deadline, [f.exists() and f.stat().st_size for f in partials]
+        await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
+    assert owner.proc is not None
+    os.kill(owner.proc.pid, signal.SIGKILL)
+    bodies = await asyncio.gather(*clients)
+    assert all(body == blob for body in bodies), "every client of a survivor got the right bytes"
+    await asyncio.gather(first, return_exceptions=True)  # the owner's own client was cut
+    gets = [s for s in sim.log if s.method == "GET" and s.path == path]
+    assert len(gets) == 2, gets
+    resumed_at = int(gets[1].headers.get("Range", "bytes=0-")[6:].rstrip("-"))
+    assert resumed_at >= 8 * MiB, "the survivor asked upstream only for what it lacked"
+    assert sim.sent[path] <= 1.2 * len(blob), sim.sent[path]
+    for proc in survivors:
+        assert hashlib.sha256(_blob_file(proc, digest).read_bytes()).hexdigest() == digest[7:]
+    took = [p for p in survivors if "carrying the fill of " + digest in p.log.read_text()]
+    assert len(took) == 1, "one survivor took the lease and asked upstream"
+    (other,) = [p for p in survivors if p is not took[0]]
+    assert f"streaming {digest} from {took[0].url}" in other.log.read_text(), (
+        "the other followed it"
+    )
+
+
+async def test_the_internal_endpoint_serves_only_what_the_cluster_secret_signed(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """A blob the replica holds: signed with the secret, it is served (whole, or from a byte
+    on); without the header, with another secret, with a stale time, with a MAC of another
+    path or for any other path under the prefix: 401, an OCI error body, no blob bytes."""
+    blob = os.urandom(256 * 1024)
+    digest = sim.add_blob(blob)
+    (proc,) = await _replicas(mirror_process, sim, redis_server, tmp_path, count=1)
+    assert await _get(f"{proc.url}/v2/c/auth/blobs/{digest}") == (200, blob)
+    path = blob_path(digest)
+    url = proc.url + path
+    now = time.time()
+
+    def signed(secret: str = SECRET, at: float = now, over: str = path) -> dict[str, str]:
+        return {"Authorization": authorization(secret, "GET", over, at)}
+
+    status, _, body = await _fetch(url, signed())
+    assert (status, body == blob) == (200, True), "the secret's own request is served"
+    status, headers, body = await _fetch(url, {**signed(), "Range": "bytes=1000-"})
+    assert (status, headers["Content-Range"], body == blob[1000:]) == (
+        206,
+        f"bytes 1000-{len(blob) - 1}/{len(blob)}",
+        True,
+    )
+    other = "/_mirror/cluster/manifests/" + digest
+    refused = [
+        (url, {}),
+        (url, signed("another-secret-0123456789abcdefghijk")),
+        (url, signed(at=now - 120)),
+        (url, signed(at=now + 120)),
+        (url, signed(over=blob_path("sha256:" + "0" * 64))),
+        (url, {"Authorization": signed()["Authorization"][:-1] + "x"}),
+        (proc.url + other, signed(over=other)),
+        (proc.url + "/_mirror/cluster/", signed(over="/_mirror/cluster/")),
+    ]
+    for where, headers in refused:
+        status, _, body = await _fetch(where, headers)
+        assert status == 401, (where, headers, status)
+        assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+        assert blob[:64] not in body and len(body) < 1024
+    assert SECRET not in proc.log.read_text()
+
+
+async def test_with_redis_down_each_replica_fetches_a_blob_itself(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """No Redis, no lease: every replica goes on as a standalone mirror, one upstream GET
+    per replica, the right bytes for every client."""
+    blob = os.urandom(4 * MiB)
+    digest = sim.add_blob(blob)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path)
+    await asyncio.to_thread(redis_server.stop, 9)
+    await _until_cluster(procs, "standalone")
+    path = f"/v2/c/alone/blobs/{digest}"
+    bodies = await asyncio.gather(
+        *(_pull(procs[i % REPLICAS].url + path, len(blob)) for i in range(9))
+    )
+    assert all(body == blob for body in bodies)
+    assert sim.requests[("GET", path)] == REPLICAS, sim.requests
+    assert not any("streaming " + digest in p.log.read_text() for p in procs)
+
+
+async def test_an_owner_of_worker_processes_serves_its_fill_from_any_of_them(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """The owner is a replica of three worker processes: whichever of its workers the others'
+    requests reach follows the filling worker's partial file for them (never fetching), and
+    the cluster still costs upstream one GET of the blob."""
+    blob = os.urandom(16 * MiB)
+    digest = sim.add_blob(blob)
+    hold = sim.fault(digest, "slow", part=8 * MiB, times=1)
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path, workers=REPLICAS)
+    path = f"/v2/c/workers/blobs/{digest}"
+    first = asyncio.create_task(_pull(procs[0].url + path, len(blob)))
+    await hold.reached.wait()
+    client = redis.Redis(port=redis_server.port)
+    try:
+        assert client.get(f"mirror:fill:{digest}") == procs[0].url.encode()
+    finally:
+        client.close()
+    others = [asyncio.create_task(_pull(p.url + path, len(blob))) for p in procs * 3]
+    partials = [p.data_dir / "tmp" / f"{digest[7:]}.partial" for p in procs[1:]]
+    deadline = time.monotonic() + 15
+    while not all(f.exists() and f.stat().st_size >= 4 * MiB for f in partials):
+        assert time.monotonic() < deadline, [f.exists() and f.stat().st_size for f in partials]
+        await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
+    internal = blob_path(digest)
+    signed = [  # as another replica asks, each on a connection the kernel gives any worker
+        asyncio.create_task(
+            _fetch(
+                procs[0].url + internal,
+                {"Authorization": authorization(SECRET, "GET", internal, time.time())},
+            )
+        )
+        for _ in range(9)
+    ]
+    hold.gate.set()
+    bodies = await asyncio.gather(first, *others)
+    assert all(body == blob for body in bodies)
+    assert [(s, b == blob) for s, _, b in await asyncio.gather(*signed)] == [(200, True)] * 9
+    assert sim.requests[("GET", path)] == 1, sim.requests
+    for proc in procs:
+        assert hashlib.sha256(_blob_file(proc, digest).read_bytes()).hexdigest() == digest[7:]
+    deadline = time.monotonic() + 10
+    while True:  # each worker writes its access lines a batch at a time
+        answered = re.findall(
+            rf"path={internal} status=200 .*?worker=(\d+)", procs[0].log.read_text()
+        )
+        if len(answered) >= 9:
+            break
+        assert time.monotonic() < deadline, answered
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+    assert len(set(answered)) >= 2, "workers other than the filling one answered too"

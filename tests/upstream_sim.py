@@ -145,8 +145,8 @@ class UpstreamSim:
     Content: `add_blob`, `add_manifest`, `add_image`, `delete_manifest`. Switches:
     `require_bearer`, `require_basic`, `revoke_tokens`, `redirect_blobs`, `cdn_bearer`,
     `refresh_tokens`, `rate_limit`, `ranges`, `strict_accept`, `realm`, `fault`,
-    `clear_faults`, `down`/`up`. Observations: `requests`, `auth_seen`, `log`, `cdn_requests`,
-    `cdn_authorizations`, `cdn_tokens`, `tokens_issued`, `token_forms`.
+    `clear_faults`, `down`/`up`. Observations: `requests`, `sent`, `auth_seen`, `log`,
+    `cdn_requests`, `cdn_authorizations`, `cdn_tokens`, `tokens_issued`, `token_forms`.
     With `tls` the registry listens on https (the CDN stays on http).
     """
 
@@ -193,6 +193,9 @@ class UpstreamSim:
         self.ratelimit: RateLimit | None = None
         self.faults: list[Fault] = []
         self.requests: Counter[tuple[str, str]] = Counter()
+        #: Body bytes the registry handed to its transport, by path (a body cut off or held
+        #: counts what went out before).
+        self.sent: Counter[str] = Counter()
         self.auth_seen: Counter[str] = Counter()
         self.cdn_requests: Counter[tuple[str, str]] = Counter()
         self.cdn_authorizations: list[str] = []
@@ -420,6 +423,8 @@ class UpstreamSim:
         if request.method == "HEAD":
             return web.Response(status=status, headers=headers)
         fault = self._find(kinds, keys, request.method, body=True)
+        if fault is None or fault.kind == "wrong":
+            self.sent[request.path] += len(data)
         if fault is None:
             return web.Response(status=status, body=data, headers=headers)
         if fault.kind == "wrong":
@@ -434,10 +439,12 @@ class UpstreamSim:
         await resp.prepare(request)
         if fault.kind == "rate":
             fault.reached.set()
+            self.sent[request.path] += len(data)
             await self._paced(resp, data, fault.rate)
             return resp
         part = len(data) // 2 if fault.part is None else fault.part
         await resp.write(data[:part])
+        self.sent[request.path] += len(data[:part])
         fault.reached.set()
         if fault.kind == "cut":  # close, not abort: the `part` bytes buffered still go out
             if fault.hold:
@@ -449,12 +456,15 @@ class UpstreamSim:
         while fault.kind == "trickle" and pos < len(data) and not fault.gate.is_set():
             await asyncio.sleep(fault.interval)  # ok: the fault is the pace itself
             await resp.write(data[pos : pos + fault.step])
+            self.sent[request.path] += len(data[pos : pos + fault.step])
             pos += fault.step
         if fault.kind == "trickle":
             await resp.write(data[pos:])
+            self.sent[request.path] += len(data[pos:])
             await resp.write_eof()
             return resp
         await fault.gate.wait()
+        self.sent[request.path] += len(data[part:])
         await resp.write(data[part:])
         await resp.write_eof()
         return resp

@@ -4,7 +4,7 @@ Everything that serves one cache shares four decisions:
 
     fill          who fetches a digest that is not cached, and how the others follow that
                   one fill from byte 0 (`fill`, `filling`, `fill_tasks` within a process;
-                  `claim` across processes)
+                  `claim` across processes; `fill_lease` across replicas)
     once          who asks upstream about a tag, a manifest or a list while the others wait
                   for that answer (tag revalidation above all: one HEAD per TTL)
     eviction_turn who runs an eviction pass (one at a time); `leads`: who runs them periodically
@@ -17,8 +17,9 @@ across processes advisory locks on files that the kernel frees when a holder die
 for fills); the tag store of the data directory; tokens in memory. `ClusterCoordinator`
 (cluster.py) wraps it for replicas across hosts (`[cluster]`): tag records, pull budgets and
 each tag's turn to ask upstream in Redis, the rest the host's, and the host's alone whenever
-Redis does not answer. Callers do not change; `mirror.cache.open_cache` is where the answer
-is chosen.
+Redis does not answer; and each fill's lease, so that one replica of the cluster fetches a
+blob while the others stream its fill (peering.py: the internal endpoint). Callers do not
+change; `mirror.cache.open_cache` is where the answer is chosen.
 """
 
 from __future__ import annotations
@@ -86,6 +87,17 @@ class PullBudgets(Protocol):
         ...
 
 
+class FillLease(Protocol):
+    """The cluster's say over one digest's fetch, for the process that holds the host's claim
+    on it (the one about to ask the source). Held until the fill commits or fails."""
+
+    async def take(self) -> str | None:
+        """None: this replica fetches the blob itself (it holds the lease now, or it is alone,
+        or Redis does not answer); else the advertised URL of the replica that does, whose
+        fill this one streams instead. Asked again when that stream breaks."""
+        ...
+
+
 class Joined(NamedTuple, Generic[S]):
     """A fill joined: its shared state, its task, and whether this call started it."""
 
@@ -129,6 +141,15 @@ class Coordinator(Protocol):
 
     def filling(self) -> list[Digest]:
         """Digests being filled now (never evicted)."""
+        ...
+
+    def fill_state(self, digest: Digest) -> object | None:
+        """The shared state of this process's fill of `digest` if one runs; never starts one
+        (a peer replica asking must not make this one fetch)."""
+        ...
+
+    def fill_lease(self, digest: Digest) -> AbstractAsyncContextManager[FillLease]:
+        """The cluster's lease on fetching `digest`, let go (if taken) on exit."""
         ...
 
     def fill_tasks(self) -> list[asyncio.Task[None]]: ...

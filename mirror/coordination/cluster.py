@@ -11,11 +11,24 @@ shares with the other replicas what is small and must be the same for all of the
     mirror:turn:<upstream>/<repo>:<tag>  who asks upstream about the tag now (redis-py's Lock:
                                          SET NX PX with a token, released by compare-and-delete)
     mirror:member:<advertise>            a live replica, renewed every PROBE_SECONDS
+    mirror:fill:<digest>                 the advertised URL of the replica fetching the blob
+                                         from its source now (SET NX PX, renewed with a
+                                         compare-and-extend while it fills, released with a
+                                         compare-and-delete at its commit or failure)
 
-Everything else stays the host's (`HostCoordinator`, which this wraps): fills, eviction, who
-leads, tokens, and `once` for anything but a tag. A tag's `once` is the host's single flight
-and host lock first, then the tag's turn in Redis: one replica asks upstream while the others
-wait, then re-read the record it stored (`tags.confirmed`): one HEAD per tag TTL per cluster.
+A fill's lease: the process holding its host's claim on a digest takes the digest's lease
+before it asks upstream. Held by another replica, it streams that replica's fill instead
+(pull/peers.py, through the endpoint of peering.py), and asks again whenever that stream
+breaks: an owner killed mid-fill stops renewing, its lease lapses after LEASE_SECONDS, and one
+follower takes it and goes on from upstream with Range from the bytes it holds. The value is
+the replica, not the process: a lease that names this very replica was left by one of its own
+processes that no longer fills (this one holds the host's claim), and is taken over.
+
+Everything else stays the host's (`HostCoordinator`, which this wraps): the fill claims of its
+processes, eviction, who leads, tokens, and `once` for anything but a tag. A tag's `once` is
+the host's single flight and host lock first, then the tag's turn in Redis: one replica asks
+upstream while the others wait, then re-read the record it stored (`tags.confirmed`): one HEAD
+per tag TTL per cluster.
 Each tag record is written to the data directory too, so a replica on its own still has it.
 
 Redis down or unreachable: the first failure of any call turns the replica standalone (a
@@ -42,10 +55,11 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import LockError, RedisError
 
 from mirror.config import ClusterConfig, redis_shown
-from mirror.coordination import Joined, PullBudgets, TagRecords
+from mirror.coordination import FillLease, Joined, PullBudgets, TagRecords
 from mirror.coordination.claims import Claim
 from mirror.coordination.host import HostCoordinator, MemoryTokens
 from mirror.metrics import Metrics
@@ -76,6 +90,23 @@ TURN_POLL = 0.02
 TAG_KEPT = 7 * 86400
 #: Seconds a pull budget stays in Redis after upstream last told of it.
 BUDGET_KEPT = 86400
+#: Seconds a fill's lease outlives its holder's last renewal (a killed owner's lease lapses
+#: so soon, and a follower carries the fill on); renewed every LEASE_RENEW seconds.
+LEASE_SECONDS = 3.0
+LEASE_RENEW = 1.0
+#: Compare-and-extend and compare-and-delete of a lease: only its holder's value moves it.
+EXTEND = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
 #: What a call to Redis fails with when Redis is down, restarting, unreachable or slow.
 FAILURES = (RedisError, OSError, TimeoutError)
 
@@ -285,6 +316,72 @@ class ClusterBudgets:
         return max(0.0, float(until) - self._clock()) if until is not None else 0.0
 
 
+class Scripts:
+    """The lease scripts, registered on this process's client once it is made."""
+
+    def __init__(self, client: Redis) -> None:
+        self.extend: AsyncScript = client.register_script(EXTEND)
+        self.release: AsyncScript = client.register_script(RELEASE)
+
+
+class ClusterLease:
+    """One digest's fill lease, as the process holding its host's claim sees it."""
+
+    def __init__(self, link: Link, scripts: Scripts | None, digest: Digest, advertise: str):
+        self._link = link
+        self._scripts = scripts
+        self._key = f"{PREFIX}fill:{digest}"
+        self._advertise = advertise
+        self._renewing: asyncio.Task[None] | None = None
+
+    async def take(self) -> str | None:
+        if self._renewing is not None or self._scripts is None:
+            return None
+        scripts, key, me, ms = self._scripts, self._key, self._advertise, int(LEASE_SECONDS * 1000)
+        try:
+            for _ in range(2):  # a lease that lapsed between the SET and the GET: once more
+                if await self._link.call(lambda r: r.set(key, me, nx=True, px=ms)):
+                    break
+                holder = await self._link.call(lambda r: r.get(key))
+                if holder is None:
+                    continue
+                named = holder.decode() if isinstance(holder, bytes) else str(holder)
+                if named != me:
+                    return named
+                if await self._link.call(lambda r: scripts.extend(keys=[key], args=[me, ms])):
+                    log.info("cluster: taking over the lease on %s this replica left", key)
+                    break
+            else:
+                return None  # Redis keeps losing it: fetch, as a standalone replica would
+        except Standalone:
+            return None
+        self._renewing = asyncio.create_task(self._renew())
+        return None
+
+    async def _renew(self) -> None:
+        """Keep the lease while the fill runs. Lost (Redis restarted empty, or this replica
+        stalled past LEASE_SECONDS): taken again if free; another replica may fetch the same
+        blob meanwhile, which costs a transfer, never a wrong byte."""
+        assert self._scripts is not None
+        scripts, key, me, ms = self._scripts, self._key, self._advertise, int(LEASE_SECONDS * 1000)
+        while True:
+            await asyncio.sleep(LEASE_RENEW)  # ok: the lease's renewal period
+            with contextlib.suppress(Standalone):
+                if not await self._link.call(lambda r: scripts.extend(keys=[key], args=[me, ms])):
+                    await self._link.call(lambda r: r.set(key, me, nx=True, px=ms))
+
+    async def release(self) -> None:
+        renewing, self._renewing = self._renewing, None
+        if renewing is None or self._scripts is None:
+            return
+        renewing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewing
+        scripts, key, me = self._scripts, self._key, self._advertise
+        with contextlib.suppress(Standalone):
+            await self._link.call(lambda r: scripts.release(keys=[key], args=[me]))
+
+
 class ClusterCoordinator:
     """The coordination seam for one replica of a cluster: the host's, with tag records,
     pull budgets and tag revalidation shared through Redis (see the module's docstring)."""
@@ -297,6 +394,7 @@ class ClusterCoordinator:
         self.budgets = ClusterBudgets(host.budgets, self._link)
         self.tokens: MemoryTokens = host.tokens
         self._probing: asyncio.Task[None] | None = None
+        self._scripts: Scripts | None = None
         metrics.cluster(False)
 
     @property
@@ -307,6 +405,8 @@ class ClusterCoordinator:
         """Open this process's Redis client, try Redis once (so a replica whose Redis answers
         serves joined from its first request) and keep probing it in the background."""
         self._link.open()
+        assert self._link.client is not None
+        self._scripts = Scripts(self._link.client)
         await self._link.probe()
         self._probing = asyncio.create_task(self._probe_forever())
 
@@ -345,6 +445,20 @@ class ClusterCoordinator:
 
     def fill_tasks(self) -> list[asyncio.Task[None]]:
         return self._host.fill_tasks()
+
+    def fill_state(self, digest: Digest) -> object | None:
+        return self._host.fill_state(digest)
+
+    def fill_lease(self, digest: Digest) -> AbstractAsyncContextManager[FillLease]:
+        return self._fill_lease(digest)
+
+    @contextlib.asynccontextmanager
+    async def _fill_lease(self, digest: Digest) -> AsyncIterator[FillLease]:
+        lease = ClusterLease(self._link, self._scripts, digest, self._config.advertise)
+        try:
+            yield lease
+        finally:
+            await asyncio.shield(lease.release())
 
     async def claim(self, digest: Digest) -> Claim:
         return await self._host.claim(digest)

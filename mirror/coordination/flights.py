@@ -47,6 +47,11 @@ class Flights(Generic[K, S, V]):
         _, task, started = self.join(key, lambda: None, lambda _: work())  # type: ignore[arg-type,return-value]
         return await asyncio.shield(task), not started
 
+    def state(self, key: K) -> S | None:
+        """The state of the flight for `key`, if one runs (none is started)."""
+        entry = self._inflight.get(key)
+        return None if entry is None else entry[0]
+
     def __contains__(self, key: object) -> bool:
         return key in self._inflight
 

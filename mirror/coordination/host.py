@@ -31,7 +31,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 from mirror.bounded import Bounded
-from mirror.coordination import Joined, PullBudgets, TagRecords
+from mirror.coordination import FillLease, Joined, PullBudgets, TagRecords
 from mirror.coordination.claims import Claim
 from mirror.coordination.flights import Flights
 from mirror.locks import FileLock, hold, try_hold
@@ -72,6 +72,16 @@ class MemoryTokens:
 
     def __len__(self) -> int:
         return len(self._tokens)
+
+
+class Alone:
+    """The fill lease of a mirror that is no replica: nobody else to stream from."""
+
+    async def take(self) -> str | None:
+        return None
+
+
+ALONE = Alone()
 
 
 def stripe(key: Hashable) -> int:
@@ -124,6 +134,13 @@ class HostCoordinator:
 
     def fill_tasks(self) -> list[asyncio.Task[None]]:
         return self._fills.tasks()
+
+    def fill_state(self, digest: Digest) -> object | None:
+        return self._fills.state(digest)
+
+    def fill_lease(self, digest: Digest) -> AbstractAsyncContextManager[FillLease]:
+        """A host alone: the holder of the host's claim always fetches itself."""
+        return contextlib.nullcontext(ALONE)
 
     async def claim(self, digest: Digest) -> Claim:
         """The host-wide fill of `digest`: held by this process now, or watched."""

@@ -1,12 +1,12 @@
 """Wiring and lifecycle: builds the pieces from the Config and ties them to the aiohttp app.
 
-Start: sweep partial files a crash left, reconcile the index with the files (a single
-process does both itself; worker processes leave them to their supervisor, which does them
-once for the host before any worker serves), start the coordinator (a cluster's Redis
-connection), open the upstream session, start the evictor,
-the sync list, the access-count flusher and the webhook deliveries. Stop: let fills in
-flight finish, then stop the deliveries (what they had not delivered stays queued), close
-the session, the stores (committing pending events) and the thread pools.
+Start: sweep partial files a crash left, reconcile the index with the files (a single process
+does both itself; worker processes leave them to their supervisor, which does them once for the
+host before any worker serves), start the coordinator (a cluster's Redis connection), open the
+upstream session (and a replica's session to the other replicas), start the evictor, the sync
+list, the access-count flusher and the webhook deliveries. Stop: let fills in flight finish,
+then stop the deliveries (what they had not delivered stays queued), close the session, the
+stores (committing pending events) and the thread pools.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mirror.eviction.evictor import Evictor
 from mirror.http import admin as admin_api
 from mirror.http import status
 from mirror.http.access import PASSWORD_THREADS, Access
+from mirror.http.cluster import ClusterRoutes
 from mirror.http.middleware import make_middleware
 from mirror.http.routes import Routes
 from mirror.http.sendfile import Pace
@@ -35,6 +36,7 @@ from mirror.pull.ahead import Ahead
 from mirror.pull.blobs import Blobs
 from mirror.pull.holdings import Holdings
 from mirror.pull.manifests import Manifests
+from mirror.pull.peers import Peers
 from mirror.pull.service import MirrorService
 from mirror.pull.sync import Syncer
 from mirror.store.reconcile import reconcile
@@ -60,16 +62,29 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 def build_service(
-    config: Config, cache: Cache, upstream: UpstreamClient, metrics: Metrics
+    config: Config,
+    cache: Cache,
+    upstream: UpstreamClient,
+    metrics: Metrics,
+    peers: Peers | None = None,
 ) -> MirrorService:
-    """The pull-through policy over this cache and upstream."""
+    """The pull-through policy over this cache and upstream (and, for a replica of a
+    cluster, the other replicas' fills)."""
     coordinator, tiers, events = cache.coordinator, cache.tiers, cache.events
     holdings = Holdings(config.auth.enabled, cache.index, upstream)
     manifests = Manifests(
         upstream, cache.manifests, coordinator, tiers.accesses, metrics, holdings, events
     )
     blobs = Blobs(
-        upstream, tiers, cache.evictions, coordinator, metrics, config.limits, holdings, events
+        upstream,
+        tiers,
+        cache.evictions,
+        coordinator,
+        metrics,
+        config.limits,
+        holdings,
+        events,
+        peers,
     )
     return MirrorService(manifests, blobs, Ahead(manifests, blobs, cache.blobs))
 
@@ -87,7 +102,8 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
     upstream = UpstreamClient(
         config, metrics, cache.coordinator.tokens, events, cache.coordinator.budgets
     )
-    service = build_service(config, cache, upstream, metrics)
+    peers = Peers(config) if config.cluster.enabled else None
+    service = build_service(config, cache, upstream, metrics, peers)
     syncer = Syncer(config, service)
     evictor = Evictor(
         cache.evictions.evict_pass,
@@ -108,6 +124,8 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
     access = Access(config.auth, password_pool, metrics)
     routes = Routes(service, Router(config), sender_pool, pace, metrics, access, events)
     routes.install(app)
+    if config.cluster.enabled:
+        ClusterRoutes(routes, service.blobs, config.cluster.secret).install(app)
 
     async def sample() -> None:
         """The gauges no update keeps current, brought up to date: this process's fills,
@@ -147,6 +165,8 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
             await cache.usage.refresh()
         await cache.coordinator.start()
         await upstream.start()
+        if peers is not None:
+            await peers.start()
         events.attach()
         deliveries.start()
         evictor.start()
@@ -168,6 +188,8 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
         await deliveries.stop()
         events.detach()
         await upstream.close()
+        if peers is not None:
+            await peers.close()
         await cache.coordinator.stop()
         await asyncio.to_thread(cache.close)
         sender_pool.shutdown(wait=False, cancel_futures=True)

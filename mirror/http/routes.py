@@ -385,7 +385,7 @@ class Routes:
             async def one(sender: SocketSender, served: Served) -> None:
                 await part(sender, start, end, served)
 
-            return await self._stream(request, status, headers, end - start, one)
+            return await self.stream(request, status, headers, end - start, one)
         framing = Multipart(spans, size, headers["Content-Type"], secrets.token_hex(16))
         headers["Content-Type"] = framing.content_type
 
@@ -395,9 +395,9 @@ class Routes:
                 await part(sender, start, end, served)
             await sender.write(framing.tail)
 
-        return await self._stream(request, 206, headers, framing.length, parts)
+        return await self.stream(request, 206, headers, framing.length, parts)
 
-    async def _stream(
+    async def stream(
         self,
         request: web.Request,
         status: int,
@@ -407,7 +407,8 @@ class Routes:
     ) -> web.StreamResponse:
         """Send the headers, then the body through a SocketSender (`send` counts the bytes it
         sent by source); a failure after the headers cuts the connection, so the client sees
-        a failed transfer, never a short success."""
+        a failed transfer, never a short success. The cluster's internal endpoint
+        (http/cluster.py) sends through it too."""
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = length
         await response.prepare(request)

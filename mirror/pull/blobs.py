@@ -3,7 +3,9 @@ fill per digest (the coordinator's `fill` + `fill.Fill`) that every requester fo
 byte 0, from cold (a promotion) or upstream. A Range the fill has not reached yet is asked of
 upstream on its own while the fill goes on (lazy pulling): those bytes reach that one client,
 unverified, and are kept nowhere. A blob the disk cannot take streams through to its client,
-verified and kept nowhere."""
+verified and kept nowhere. In a cluster, a fill whose lease another replica holds streams
+that replica's fill instead of upstream (peers.py), and `for_peer` is what this replica
+answers another one with."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from mirror import errors
 from mirror.body import BlobBody, skipped
 from mirror.bounded import Bounded
 from mirror.config import LimitsConfig
-from mirror.coordination import Coordinator, Joined
+from mirror.coordination import Coordinator, FillLease, Joined
 from mirror.events import Events
 from mirror.eviction.passes import Evictions
 from mirror.metrics import Metrics
@@ -29,6 +31,7 @@ from mirror.outcome import Outcome
 from mirror.pull.answers import BlobAnswer
 from mirror.pull.fill import BlobSource, Fill
 from mirror.pull.holdings import Holdings
+from mirror.pull.peers import Peers
 from mirror.store.blobs import OpenBlob
 from mirror.store.tiers import Tiers
 from mirror.upstream.client import UpstreamClient
@@ -70,7 +73,9 @@ class Blobs:
         limits: LimitsConfig,
         holdings: Holdings,
         events: Events,
+        peers: Peers | None = None,
     ) -> None:
+        self._peers = peers
         self._holdings = holdings
         self._events = events
         self._upstream = upstream
@@ -183,13 +188,14 @@ class Blobs:
 
     async def _fill(self, fill: Fill, target: Target, digest: Digest) -> None:
         started = time.monotonic()
-        committed = await fill.host(
-            self._tiers.blobs,
-            lambda: self._coordinator.claim(digest),
-            self._source(fill, target, digest),
-            self._evictions.make_room,
-            target.upstream.max_blob_bytes,
-        )
+        async with self._coordinator.fill_lease(digest) as lease:
+            committed = await fill.host(
+                self._tiers.blobs,
+                lambda: self._coordinator.claim(digest),
+                self._source(fill, target, digest, lease),
+                self._evictions.make_room,
+                target.upstream.max_blob_bytes,
+            )
         if not fill.fetched:  # followed another process's fill: that one counts and tells
             return
         seconds = time.monotonic() - started
@@ -237,9 +243,27 @@ class Blobs:
             return False
         return True
 
-    def _source(self, fill: Fill, target: Target, digest: Digest) -> BlobSource:
+    def _source(self, fill: Fill, target: Target, digest: Digest, lease: FillLease) -> BlobSource:
         """Cold first (a promotion, verified like any fill; a cold copy that fails the check
-        is dropped, so the next request goes upstream), else upstream."""
+        is dropped, so the next request goes upstream), else upstream — in a cluster, the
+        fill of the replica holding the digest's lease if another one does."""
+
+        @contextlib.asynccontextmanager
+        async def from_upstream(offset: int) -> AsyncIterator[BlobBody]:
+            async with self._upstream.blob(target, digest, offset) as stream:
+                await self._holdings.record(target, [digest])
+                yield stream
+
+        async def came_from(kind: str) -> None:
+            if kind == "peer":  # another replica's copy: this repository must hold it
+                await self._holdings.check(target, digest, "blob")
+            fill.source = kind
+
+        leased = (
+            from_upstream
+            if self._peers is None
+            else self._peers.source(digest, lease, from_upstream, came_from)
+        )
 
         @contextlib.asynccontextmanager
         async def source(offset: int) -> AsyncIterator[BlobBody]:
@@ -250,11 +274,34 @@ class Blobs:
                     fill.source = "cold"
                     yield skipped(cold, offset)
                     return
-            async with self._upstream.blob(target, digest, offset) as stream:
-                await self._holdings.record(target, [digest])
+            async with leased(offset) as stream:
                 yield stream
 
         return source
+
+    @contextlib.asynccontextmanager
+    async def for_peer(self, digest: Digest) -> AsyncIterator[BlobAnswer]:
+        """What this replica answers another one that streams `digest` from it: the blob if
+        committed, else this host's fill in progress (this process's, or another worker
+        process's, followed without ever being carried on: a peer's request never makes this
+        replica fetch). BLOB_UNKNOWN when this host fills it not."""
+        found = await self._tiers.open(digest)
+        if found is not None:
+            yield BlobAnswer(Outcome.HIT, stored=found.blob, tier=found.tier)
+            return
+        state = self._coordinator.fill_state(digest)
+        if isinstance(state, Fill):
+            yield BlobAnswer(Outcome.COALESCED, fill=state)
+            return
+        fill = Fill(digest)
+        watching = asyncio.ensure_future(
+            fill.watch(self._tiers.blobs, lambda: self._coordinator.claim(digest))
+        )
+        try:
+            yield BlobAnswer(Outcome.COALESCED, fill=fill)
+        finally:
+            watching.cancel()
+            await asyncio.wait([watching])
 
     @contextlib.asynccontextmanager
     async def upstream_range(

@@ -60,8 +60,9 @@ class Stop(Protocol):
 #: Seconds between two looks at a fill that another process of the host runs.
 FOLLOW_POLL = 0.01
 
-#: Where a fill reads from, from byte `offset` on: an upstream answer, or a cold-tier object
-#: being promoted. The body's `size` is the whole blob's.
+#: Where a fill reads from, from byte `offset` on: an upstream answer, a cold-tier object
+#: being promoted, or another replica's fill (pull/peers.py). The body's `size` is the whole
+#: blob's.
 BlobSource = Callable[[int], AbstractAsyncContextManager[BlobBody]]
 #: The host-wide claim on a digest's fill (the coordinator's `claim`).
 Claims = Callable[[], Awaitable[Claim]]
@@ -88,7 +89,8 @@ class Fill:
         self.wanted = False
         #: Called when the last client following it goes away before the end.
         self.on_abandoned: Callable[[Fill], None] | None = None
-        #: Where the bytes come from: "upstream", or "cold" for a promotion.
+        #: Where the bytes come from: "upstream", "cold" for a promotion, "peer" for another
+        #: replica's fill.
         self.source = "upstream"
         #: This process fetched (some of) it, rather than only following another's fill.
         self.fetched = False
@@ -215,6 +217,25 @@ class Fill:
             finally:
                 await store.run(claim.release)
             log.warning("the process filling %s went away; carrying the fill on", self.digest)
+
+    async def watch(self, store: BlobStore, claims: Claims) -> None:
+        """Follow another process's fill of the host without ever carrying it on (what a
+        peer replica streams must not make this one fetch): BLOB_UNKNOWN when no process of
+        the host fills the digest, a failure when the holder goes away."""
+        try:
+            claim = await claims()
+            try:
+                if claim.owned:
+                    raise errors.BlobUnknown(detail={"digest": str(self.digest)})
+                if not await self._follow(store, claim):
+                    raise errors.UpstreamUnavailable("the process filling it went away")
+            finally:
+                await store.run(claim.release)
+        except asyncio.CancelledError:  # the peer's answer is over: no failure to tell
+            self._close_read()
+            raise
+        except Exception as e:
+            self._fail(e)
 
     async def _follow(self, store: BlobStore, claim: Claim) -> bool:
         """Follow another process's fill until it is committed (True) or its holder went
@@ -454,7 +475,9 @@ class Fill:
         if isinstance(e, errors.MirrorError):
             self.error = e
         elif isinstance(e, Mismatch):
-            where = "cold copy" if self.source == "cold" else "upstream content"
+            where = {"cold": "cold copy", "peer": "the filling replica's copy"}.get(
+                self.source, "upstream content"
+            )
             self.error = errors.DigestMismatch(f"{where} {e.message}", detail=e.detail)
         elif isinstance(e, OSError):
             self.error = errors.StoreUnavailable(detail={"error": e.strerror or str(e)})

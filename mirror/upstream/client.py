@@ -1,10 +1,11 @@
 """HTTP to upstream registries through one pooled aiohttp ClientSession.
 
-This module is the only one that sees aiohttp's client errors: `_translate` turns each into a
-domain error (errors.py) at the point it happens, including errors raised while a blob body
-is being read. Redirects are followed here, by hand, so that the `Authorization` header is
-sent only to the registry's own origin and never to a CDN or any other host; a host redirected
-to that challenges on its own is sent only a token from its own challenge (auth.py).
+This module's `translated` is the one place aiohttp's client errors become domain errors
+(errors.py), at the point they happen, including errors raised while a blob body is being
+read (a cluster's stream from another replica, pull/peers.py, goes through it too).
+Redirects are followed here, by hand, so that the `Authorization` header is sent only to the
+registry's own origin and never to a CDN or any other host; a host redirected to that
+challenges on its own is sent only a token from its own challenge (auth.py).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class BlobStream:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body in pieces; a cut or stalled connection raises a domain error."""
         skip, left = self._skip, self._length
-        with _translate():
+        with translated():
             async for chunk in self._response.content.iter_any():
                 self._received(len(chunk))
                 if skip:
@@ -110,7 +111,7 @@ class BlobStream:
 
 
 @contextlib.contextmanager
-def _translate() -> Any:
+def translated() -> Any:
     """aiohttp and socket failures become the domain errors the HTTP layer knows."""
     try:
         yield
@@ -376,7 +377,7 @@ class UpstreamClient:
     async def _read_small(resp: aiohttp.ClientResponse) -> bytes:
         if resp.content_length is not None and resp.content_length > MAX_SMALL_BODY:
             raise errors.UpstreamBadResponse("upstream answer too large")
-        with _translate():
+        with translated():
             data = await resp.content.read(MAX_SMALL_BODY + 1)
         if len(data) > MAX_SMALL_BODY:
             raise errors.UpstreamBadResponse("upstream answer too large")
@@ -406,7 +407,7 @@ class UpstreamClient:
         url = up.url.rstrip("/") + path
         if up.ns:  # the upstream is a mirror: tell it which registry we mean
             query = {**(query or {}), "ns": up.ns}
-        with _translate():
+        with translated():
             auth = await self.auth.header(up, scope)
         kind = _kind(method, path)
         attempts = self._config.retries.attempts if retry else 1
@@ -417,7 +418,7 @@ class UpstreamClient:
             if resp.status == 401 and "WWW-Authenticate" in resp.headers:
                 challenge = resp.headers["WWW-Authenticate"]
                 resp.release()
-                with _translate():
+                with translated():
                     answer = await self.auth.answer(up, scope, challenge)
                 if answer is not None:
                     resp = await self._tries(
@@ -560,7 +561,7 @@ class UpstreamClient:
                     send["Authorization"] = auth
             elif (token := self.auth.redirect_header(up, here, scope)) is not None:
                 send["Authorization"] = token
-            with _translate():
+            with translated():
                 resp = await self.session.request(
                     method, url, headers=send, params=query, allow_redirects=False
                 )
@@ -577,7 +578,7 @@ class UpstreamClient:
                         "a host the upstream redirected to refused the token it asked for"
                     )
                 answered.add(here)
-                with _translate():
+                with translated():
                     await self.auth.answer_redirect(up, here, scope, challenge)
                 continue
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:
@@ -613,7 +614,7 @@ class UpstreamClient:
             headers["Authorization"] = request.authorization
         self._egress.check(request.realm)
         method = "GET" if request.form is None else "POST"
-        with _translate():
+        with translated():
             async with self.session.request(
                 method,
                 request.realm,
