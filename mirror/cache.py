@@ -96,7 +96,9 @@ def open_cache(
     blobs = BlobStore(layout, pool)
     usage = Usage(config.warm, index, blobs)
     cold = ColdStore.from_config(config.cold)
-    tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, events, cold)
+    # a cluster's replicas share the cold tier (admin commands keep to their host's index)
+    shared = serving and config.cluster.enabled
+    tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, events, cold, shared=shared)
     manifests = ManifestStore(meta, pool, hot)
     host = HostCoordinator(
         layout, TagStore(meta, pool, hot), BudgetStore(meta, pool), pool, processes=share

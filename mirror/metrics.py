@@ -323,6 +323,12 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        self.cold_uploads = Counter(
+            "mirror_cold_uploads",
+            "Blobs fetched from upstream copied to a cluster's shared cold tier, by result.",
+            ["result"],
+            registry=self.registry,
+        )
         self.token_fetches = Counter(
             "mirror_token_fetches",
             "Bearer tokens fetched from token realms, by upstream and result.",
@@ -432,6 +438,8 @@ class Metrics:
             self.digest_mismatches.labels(source)
             for result in ("ok", "failed"):
                 self.fill_seconds.labels(source, result)
+        for result in ("ok", "failed", "skipped"):
+            self.cold_uploads.labels(result)
         for source in SOURCES:
             self.lookups.labels(source)
             self.bytes_served.labels(source)
@@ -591,6 +599,10 @@ class Metrics:
     def fill_done(self, source: str, ok: bool, seconds: float, followers: int) -> None:
         self.fill_seconds.labels(source, "ok" if ok else "failed").observe(seconds)
         self.fill_followers.observe(followers)
+
+    def cold_upload(self, result: str) -> None:
+        """An upload to the shared cold tier: `ok`, `failed`, or `skipped` (too many waiting)."""
+        self.cold_uploads.labels(result).inc()
 
     def lookup(self, source: str) -> None:
         self.lookups.labels(source).inc()

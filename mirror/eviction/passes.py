@@ -171,11 +171,15 @@ class Evictions:
             )
 
     async def _demote(self, entry: Entry) -> bool:
-        """Copy a warm blob to cold and record it there; False (blob stays warm) on failure."""
+        """Copy a warm blob to cold and record it there; False (blob stays warm) on failure.
+        A shared cold tier may hold it already (another replica uploaded it): then it is only
+        recorded, not sent again."""
         cold, blobs = self._tiers.cold, self._tiers.blobs
         assert cold is not None
         try:
-            await cold.put_file(entry.digest, blobs.path(entry.digest))
+            there = await cold.size(entry.digest) if self._tiers.shared else None
+            if there != entry.size:
+                await cold.put_file(entry.digest, blobs.path(entry.digest))
         except (errors.StoreUnavailable, FileNotFoundError) as e:
             log.warning("demoting %s to cold failed, it stays warm: %s", entry.digest, e)
             return False

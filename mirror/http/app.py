@@ -178,6 +178,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
 
     async def on_shutdown(_: web.Application) -> None:
         await service.blobs.drain(DRAIN_SECONDS)
+        await cache.tiers.finish_uploads(DRAIN_SECONDS)
 
     async def on_cleanup(_: web.Application) -> None:
         await syncer.stop()

@@ -205,6 +205,7 @@ class Blobs:
             self._mismatched(target, digest, fill.source, fill.error.message, fill.error.detail)
         if committed:
             await self._tiers.committed(digest, fill.written)
+            await self._tiers.share(digest, fill.written, fill.source)
             self._events.blob_cached(
                 digest=digest,
                 size=fill.written,
@@ -245,8 +246,13 @@ class Blobs:
 
     def _source(self, fill: Fill, target: Target, digest: Digest, lease: FillLease) -> BlobSource:
         """Cold first (a promotion, verified like any fill; a cold copy that fails the check
-        is dropped, so the next request goes upstream), else upstream — in a cluster, the
-        fill of the replica holding the digest's lease if another one does."""
+        is dropped, so the next request goes upstream), else upstream.
+
+        In a cluster the digest's lease comes before both: another replica's fill in
+        progress is streamed from it (its bytes are on their way already, whatever cold
+        holds); only the replica holding the lease reads the shared cold tier, then upstream,
+        and the others stream that one's fill, so a blob in cold costs no upstream request
+        and one cold read per cluster."""
 
         @contextlib.asynccontextmanager
         async def from_upstream(offset: int) -> AsyncIterator[BlobBody]:
@@ -254,19 +260,8 @@ class Blobs:
                 await self._holdings.record(target, [digest])
                 yield stream
 
-        async def came_from(kind: str) -> None:
-            if kind == "peer":  # another replica's copy: this repository must hold it
-                await self._holdings.check(target, digest, "blob")
-            fill.source = kind
-
-        leased = (
-            from_upstream
-            if self._peers is None
-            else self._peers.source(digest, lease, from_upstream, came_from)
-        )
-
         @contextlib.asynccontextmanager
-        async def source(offset: int) -> AsyncIterator[BlobBody]:
+        async def own(offset: int) -> AsyncIterator[BlobBody]:
             async with self._tiers.from_cold(digest) as cold:
                 if cold is not None:
                     await self._holdings.check(target, digest, "blob")  # a hit in disguise
@@ -274,10 +269,18 @@ class Blobs:
                     fill.source = "cold"
                     yield skipped(cold, offset)
                     return
-            async with leased(offset) as stream:
+            fill.source = "upstream"
+            async with from_upstream(offset) as stream:
                 yield stream
 
-        return source
+        async def came_from(kind: str) -> None:
+            if kind == "peer":  # another replica's copy: this repository must hold it
+                await self._holdings.check(target, digest, "blob")
+            fill.source = kind
+
+        if self._peers is None:
+            return own
+        return self._peers.source(digest, lease, own, came_from)
 
     @contextlib.asynccontextmanager
     async def for_peer(self, digest: Digest) -> AsyncIterator[BlobAnswer]:

@@ -2,9 +2,10 @@
 that misses it meanwhile streams that replica's fill.
 
 The process holding its host's claim on a digest asks the digest's fill lease
-(coordination/cluster.py) before it asks upstream. Free, or this replica's: it takes it and
-fetches from upstream. Held by another replica: it streams the blob from that replica's
-internal endpoint (coordination/peering.py, http/cluster.py) from the byte its own partial file
+(coordination/cluster.py) before it asks cold or upstream. Free, or this replica's: it takes
+it and promotes the blob from the shared cold tier, or fetches it from upstream. Held by
+another replica: it streams the blob from that replica's internal endpoint
+(coordination/peering.py, http/cluster.py) from the byte its own partial file
 ends at, as the owner's fill grows, and writes and hashes it exactly as it would upstream's
 bytes: its own clients and worker processes follow its partial file as ever, and nothing is
 committed that its own digest check did not pass.
@@ -79,10 +80,11 @@ class Peers:
             self._session = None
 
     def source(
-        self, digest: Digest, lease: FillLease, upstream: BlobSource, came_from: CameFrom
+        self, digest: Digest, lease: FillLease, own: BlobSource, came_from: CameFrom
     ) -> BlobSource:
-        """The fill's source: upstream once this replica holds the lease, else the owner's
-        fill, switching over whenever the owner's stream breaks (the module's docstring)."""
+        """The fill's source: `own` (the shared cold tier, else upstream) once this replica
+        holds the lease, else the owner's fill, switching over whenever the owner's stream
+        breaks (the module's docstring)."""
 
         async def choose(
             stack: contextlib.AsyncExitStack, offset: int
@@ -112,7 +114,7 @@ class Peers:
                 log.warning(
                     "cluster: carrying the fill of %s on from upstream at byte %d", digest, offset
                 )
-            body = await stack.enter_async_context(upstream(offset))
+            body = await stack.enter_async_context(own(offset))
             return body, body.size, "upstream"
 
         @contextlib.asynccontextmanager

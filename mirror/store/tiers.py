@@ -5,6 +5,9 @@
     warm  BlobStore files + BlobIndex rows (tier "warm"); budget and watermarks from [warm]
     cold  a ColdBackend (object storage or a slower volume) + rows (tier "cold"); optional.
           A cold copy is never served directly: a fill promotes it to warm, verified.
+          Shared by a cluster's replicas (`shared`): then each blob a replica fetched from
+          upstream is uploaded there once committed, and a miss looks there whatever this
+          replica's own index says, since another replica may have put it there.
 
 A lookup counts a hit (in memory; written to the index in batches) and holds a warm blob
 against eviction until the caller closes it. How tiers shrink is eviction/'s business; how
@@ -38,6 +41,13 @@ from mirror.store.usage import Usage
 
 log = logging.getLogger("mirror.tiers")
 
+#: Uploads to a shared cold tier running at once: enough to keep up with fills, few enough
+#: that they do not take the uplink from the fills themselves.
+UPLOADS = 4
+#: Uploads waiting for their turn at most; past it one is skipped (logged and counted):
+#: eviction's demotion puts the blob there later, or a miss on another replica fetches it.
+UPLOADS_WAITING = 1000
+
 
 class ColdBackend(Protocol):
     """What the tiers need of cold storage (store/cold.py implements it)."""
@@ -45,6 +55,8 @@ class ColdBackend(Protocol):
     async def put_file(self, digest: Digest, path: Path) -> None: ...
 
     async def open(self, digest: Digest) -> BlobBody | None: ...
+
+    async def size(self, digest: Digest) -> int | None: ...
 
     async def delete(self, digest: Digest) -> None: ...
 
@@ -69,6 +81,7 @@ class Tiers:
         events: Events,
         cold: ColdBackend | None = None,
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
     ) -> None:
         self._small = hot_config.small_blob_bytes
         self.blobs = blobs
@@ -76,6 +89,10 @@ class Tiers:
         self.index = index
         self.usage = usage
         self.cold = cold
+        #: Cold is the tier every replica of a cluster reads (and writes).
+        self.shared = shared and cold is not None
+        self._uploads: set[asyncio.Task[None]] = set()
+        self._upload_turn = asyncio.Semaphore(UPLOADS)
         self._metrics = metrics
         self.events = events
         self._clock = clock
@@ -119,13 +136,21 @@ class Tiers:
     @asynccontextmanager
     async def from_cold(self, digest: Digest) -> AsyncIterator[BlobBody | None]:
         """The cold copy as a fill source (the fill verifies and promotes it to warm), or None
-        when cold does not hold it or cannot be read (the caller then goes upstream)."""
+        when cold does not hold it or cannot be read (the caller then goes upstream).
+
+        A cold tier of this mirror's own is asked only for what the index says it holds (a
+        miss costs no object-store request). A shared one is asked every time: another
+        replica may have put the blob there, and one GET that finds nothing costs far less
+        than the upstream transfer it may save."""
         if self.cold is None:
             yield None
             return
         try:
-            held = await self.index.call(self.index.tiers_of, digest)
-            found = await self.cold.open(digest) if "cold" in held else None
+            if self.shared:
+                found = await self.cold.open(digest)
+            else:
+                held = await self.index.call(self.index.tiers_of, digest)
+                found = await self.cold.open(digest) if "cold" in held else None
         except errors.StoreUnavailable as e:
             log.warning("cold tier unreadable for %s, going upstream: %s", digest, e)
             found = None
@@ -142,6 +167,72 @@ class Tiers:
         except sqlite3.OperationalError as e:
             log.warning("index cannot record %s (%s); the next start adopts it", digest, e)
         self.usage.added(size)
+
+    async def share(self, digest: Digest, size: int, source: str) -> None:
+        """A fill committed into warm, in a cluster with a shared cold tier: a blob fetched
+        from upstream is uploaded there in the background, so that no replica fetches it from
+        upstream again; one promoted from there is recorded as held there (its eviction from
+        warm then uploads nothing). A blob streamed from another replica is that replica's to
+        upload. Nothing for a cold tier of this mirror's own: eviction fills that one."""
+        if not self.shared:
+            return
+        if source == "cold":
+            await self._record_cold(digest, size)
+        elif source == "upstream":
+            self.upload_soon(digest, size)
+
+    def upload_soon(self, digest: Digest, size: int) -> None:
+        """Copy a committed warm blob to cold off the request path, at most UPLOADS at once.
+        A failed upload is logged and counted, and not tried again: the blob stays warm, and
+        eviction's demotion (or a later miss's fill elsewhere) puts it in cold later."""
+        if len(self._uploads) >= UPLOADS_WAITING:
+            log.warning(
+                "cold tier: %d uploads waiting, not uploading %s", len(self._uploads), digest
+            )
+            self._metrics.cold_upload("skipped")
+            return
+        self._serving[digest] += 1  # no eviction pass takes the file while it is read
+        task = asyncio.ensure_future(self._upload(digest, size))
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
+
+    async def _upload(self, digest: Digest, size: int) -> None:
+        try:
+            async with self._upload_turn:
+                assert self.cold is not None
+                await self.cold.put_file(digest, self.blobs.path(digest))
+        except errors.StoreUnavailable as e:
+            log.warning("cold tier: uploading %s failed, it stays in warm only: %s", digest, e)
+            self._metrics.cold_upload("failed")
+            return
+        except Exception:  # a background task: nobody else would hear of it
+            log.exception("cold tier: uploading %s failed, it stays in warm only", digest)
+            self._metrics.cold_upload("failed")
+            return
+        finally:
+            self._release(digest)
+        await self._record_cold(digest, size)
+        self._metrics.cold_upload("ok")
+        log.info("uploaded %s to the shared cold tier", digest)
+
+    async def _record_cold(self, digest: Digest, size: int) -> None:
+        try:
+            await self.index.call(self.index.record, digest, "cold", size, self._clock())
+        except sqlite3.OperationalError as e:
+            log.warning("index cannot record %s in cold (%s)", digest, e)
+
+    async def finish_uploads(self, seconds: float) -> None:
+        """At shutdown: let uploads in flight finish for at most `seconds`, then cancel the
+        rest (those blobs stay warm; eviction demotes them later)."""
+        pending = set(self._uploads)
+        if not pending:
+            return
+        log.info("waiting up to %.0fs for %d uploads to the cold tier", seconds, len(pending))
+        _, late = await asyncio.wait(pending, timeout=seconds)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
 
     async def _drop_corrupt(self, bad: Corrupt) -> None:
         """A warm file that no longer matches its digest: record first, then file (the
