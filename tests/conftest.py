@@ -1,5 +1,6 @@
 """Fixtures: a real registry (once per session), the upstream simulator, and the mirror under
-test, in-process (`make_mirror`) or as a real `python -m mirror serve` process (`mirror_process`).
+test, in-process (`make_mirror`) or as a real `python -m mirror serve` process (`mirror_process`);
+the engines a cluster shares: `redis-server` and moto's S3 server.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import boto3
 import pytest
 import redis
 from aiohttp import web
@@ -560,3 +563,41 @@ def lock_holder(path: Path) -> int | None:
         if fields[1] == "FLOCK" and int(fields[5].rsplit(":", 1)[1]) == inode:
             return int(fields[4])
     return None
+
+
+# -- moto's S3 server: the object storage of the cold tier ------------------------------------
+
+BUCKET = "mirror-cold"
+KEYS = {"access_key_id": "testing", "secret_access_key": "testing-secret", "region": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with one bucket."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    server = Path(sys.executable).with_name("moto_server")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "S3 server did not start"
+            time.sleep(0.05)  # ok: polling a condition with a deadline
+    boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id=KEYS["access_key_id"],
+        aws_secret_access_key=KEYS["secret_access_key"],
+        region_name=KEYS["region"],
+    ).create_bucket(Bucket=BUCKET)
+    yield url
+    proc.terminate()
+    proc.wait(10)

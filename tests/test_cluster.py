@@ -25,17 +25,22 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import boto3
 import pytest
 import redis
-from conftest import PROJECT, MirrorProcess, RedisServer
+from conftest import BUCKET, KEYS, PROJECT, MirrorProcess, RedisServer
 from images import make_image
+from test_metrics import _value
 from upstream_sim import UpstreamSim
 
 from mirror.config import ClusterConfig, load_config
 from mirror.coordination.peering import authorization, blob_path
 from mirror.errors import ConfigError
+from mirror.oci.reference import parse_digest
+from mirror.store.layout import object_key
 
 REPLICAS = 3
 SECRET = "cluster-secret-0123456789abcdefghijkl"
@@ -570,3 +575,112 @@ async def test_an_owner_of_worker_processes_serves_its_fill_from_any_of_them(
         assert time.monotonic() < deadline, answered
         await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
     assert len(set(answered)) >= 2, "workers other than the filling one answered too"
+
+
+# -- the shared cold tier: object storage every replica reads --------------------------------
+
+
+def _shared_cold(endpoint: str, prefix: str) -> str:
+    """`[cold]` on moto's bucket: the same for every replica (they share one config file)."""
+    keys = "\n".join(f'{k} = "{v}"' for k, v in KEYS.items())
+    return (
+        f'[cold]\nurl = "s3://{BUCKET}/{prefix}"\nendpoint = "{endpoint}"\nallow_http = true\n'
+        f"{keys}\n"
+    )
+
+
+def _bucket(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=KEYS["access_key_id"],
+        aws_secret_access_key=KEYS["secret_access_key"],
+        region_name=KEYS["region"],
+    )
+
+
+async def _object_until(bucket: Any, key: str, want: bytes, timeout: float = 20) -> None:
+    """Poll the bucket until `key` holds `want` (an upload runs after the commit, off the
+    request path)."""
+    deadline = time.monotonic() + timeout
+    seen: bytes | None = None
+    while True:
+        try:
+            reply = await asyncio.to_thread(bucket.get_object, Bucket=BUCKET, Key=key)
+            seen = await asyncio.to_thread(reply["Body"].read)
+        except bucket.exceptions.NoSuchKey:
+            seen = None
+        if seen == want:
+            return
+        assert time.monotonic() < deadline, f"{key}: {None if seen is None else len(seen)} bytes"
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+
+
+async def _metric(proc: MirrorProcess, name: str, **labels: str) -> float:
+    _, text = await _get(f"{proc.url}/metrics")
+    return _value(text.decode(), name, **labels)
+
+
+async def test_a_blob_one_replica_fetched_is_promoted_from_cold_by_the_others(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    s3_endpoint: str,
+    tmp_path: Path,
+) -> None:
+    """Replica A fills a blob from upstream and uploads it to the shared bucket once it has
+    committed it (its lease is gone by then); B and C, which never saw it, each miss it and
+    promote it from the bucket: one upstream GET for the whole cluster, the right bytes
+    everywhere, and B and C count their answer as a cold lookup and upload nothing."""
+    blob = os.urandom(4 * MiB)
+    digest = sim.add_blob(blob)
+    prefix = tmp_path.name
+    cold = _shared_cold(s3_endpoint, prefix)
+    a, b, c = await _replicas(mirror_process, sim, redis_server, tmp_path, cold)
+    path = f"/v2/c/shared/blobs/{digest}"
+    assert await _pull(a.url + path, len(blob)) == blob
+    assert sim.requests[("GET", path)] == 1
+    key = f"{prefix}/{object_key(parse_digest(digest))}"
+    await _object_until(_bucket(s3_endpoint), key, blob)
+    for proc in (b, c):
+        status, headers, body = await _fetch(proc.url + path)
+        assert (status, headers["X-Mirror-Cache"], body == blob) == (200, "miss", True)
+        assert f"promoting {digest} from cold" in proc.log.read_text()
+        assert await _metric(proc, "mirror_blob_lookups_total", source="cold") == 1
+        assert await _metric(proc, "mirror_blob_lookups_total", source="upstream") == 0
+        assert hashlib.sha256(_blob_file(proc, digest).read_bytes()).hexdigest() == digest[7:]
+    assert sim.requests[("GET", path)] == 1, "a blob in cold costs no replica an upstream GET"
+    assert await _metric(a, "mirror_cold_uploads_total", result="ok") == 1
+    for proc in (b, c):
+        assert await _metric(proc, "mirror_cold_uploads_total", result="ok") == 0
+
+
+async def test_a_corrupt_object_in_the_shared_cold_tier_is_dropped_for_upstream_bytes(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    s3_endpoint: str,
+    tmp_path: Path,
+) -> None:
+    """The bucket holds, under a blob's key, bytes that are not that blob (no replica's
+    index knows of it). A replica that misses the blob promotes it from there, the digest
+    check fails, the object is dropped and the client's next try is filled from upstream:
+    the right bytes, one upstream GET, and the upload puts the right bytes in the bucket."""
+    blob = os.urandom(2 * MiB)
+    digest = sim.add_blob(blob)
+    prefix = tmp_path.name
+    key = f"{prefix}/{object_key(parse_digest(digest))}"
+    bucket = _bucket(s3_endpoint)
+    bad = bytearray(blob)
+    bad[1000] ^= 0xFF
+    await asyncio.to_thread(bucket.put_object, Bucket=BUCKET, Key=key, Body=bytes(bad))
+    procs = await _replicas(
+        mirror_process, sim, redis_server, tmp_path, _shared_cold(s3_endpoint, prefix)
+    )
+    path = f"/v2/c/corrupt/blobs/{digest}"
+    assert await _pull(procs[1].url + path, len(blob)) == blob
+    assert sim.requests[("GET", path)] == 1
+    assert await _metric(procs[1], "mirror_digest_mismatches_total", source="cold") == 1
+    assert "does not match its digest: dropped" in procs[1].log.read_text()
+    await _object_until(bucket, key, blob)
+    assert hashlib.sha256(_blob_file(procs[1], digest).read_bytes()).hexdigest() == digest[7:]

@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import boto3
 import pytest
-from conftest import MakeMirror, Mirror
+from conftest import BUCKET, KEYS, MakeMirror, Mirror
 from registry import free_port
 from test_metrics import _value
 from upstream_sim import UpstreamSim
@@ -31,40 +25,6 @@ from mirror.store.cold import ColdStore
 from mirror.store.layout import object_key
 
 MiB = 1024 * 1024
-BUCKET = "mirror-cold"
-KEYS = {"access_key_id": "testing", "secret_access_key": "testing-secret", "region": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 server on a free loopback port, with one bucket."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
-    server = Path(sys.executable).with_name("moto_server")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "S3 server did not start"
-            time.sleep(0.05)  # ok: polling a condition with a deadline
-    boto3.client(
-        "s3",
-        endpoint_url=url,
-        aws_access_key_id=KEYS["access_key_id"],
-        aws_secret_access_key=KEYS["secret_access_key"],
-        region_name=KEYS["region"],
-    ).create_bucket(Bucket=BUCKET)
-    yield url
-    proc.terminate()
-    proc.wait(10)
 
 
 def _s3(endpoint: str, prefix: str) -> ColdConfig:
