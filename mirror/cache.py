@@ -95,9 +95,9 @@ def open_cache(
     )
     blobs = BlobStore(layout, pool)
     usage = Usage(config.warm, index, blobs)
-    cold = ColdStore.from_config(config.cold)
     # a cluster's replicas share the cold tier (admin commands keep to their host's index)
     shared = serving and config.cluster.enabled
+    cold = ColdStore.from_config(config.cold, quick=shared)
     tiers = Tiers(config.hot, blobs, hot, index, usage, metrics, events, cold, shared=shared)
     manifests = ManifestStore(meta, pool, hot)
     host = HostCoordinator(

@@ -33,6 +33,7 @@ import pytest
 import redis
 from conftest import BUCKET, KEYS, PROJECT, MirrorProcess, RedisServer
 from images import make_image
+from registry import free_port
 from test_metrics import _value
 from upstream_sim import UpstreamSim
 
@@ -684,3 +685,30 @@ async def test_a_corrupt_object_in_the_shared_cold_tier_is_dropped_for_upstream_
     assert "does not match its digest: dropped" in procs[1].log.read_text()
     await _object_until(bucket, key, blob)
     assert hashlib.sha256(_blob_file(procs[1], digest).read_bytes()).hexdigest() == digest[7:]
+
+
+async def test_with_the_object_store_down_replicas_go_on_with_warm_and_upstream(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """The bucket's endpoint does not answer: every pull still gets the right bytes, from the
+    replica's warm tier or from upstream (one GET per replica that misses after the owner's
+    commit); the failed uploads are logged and counted."""
+    blob = os.urandom(2 * MiB)
+    digest = sim.add_blob(blob)
+    dead = _shared_cold(f"http://127.0.0.1:{free_port()}", "down")
+    a, b, _ = await _replicas(mirror_process, sim, redis_server, tmp_path, dead)
+    path = f"/v2/c/nostore/blobs/{digest}"
+    assert await _pull(a.url + path, len(blob)) == blob
+    deadline = time.monotonic() + 20
+    while await _metric(a, "mirror_cold_uploads_total", result="failed") < 1:
+        assert time.monotonic() < deadline, a.log.read_text()[-2000:]
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+    assert "uploading " + digest in a.log.read_text()
+    assert await _pull(b.url + path, len(blob)) == blob
+    assert "cold tier unreadable for " + digest in b.log.read_text()
+    assert sim.requests[("GET", path)] == 2, "no shared copy: B fetched it itself"
+    status, headers, body = await _fetch(a.url + path)
+    assert (status, headers["X-Mirror-Cache"], body == blob) == (200, "hit", True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
 CHUNK = 1024 * 1024
 #: Seconds an object-store request may take (a whole multi-GiB transfer included).
 TIMEOUT = "3600s"
+#: A shared cold tier's lookups, asked on every miss before upstream: an unreachable store
+#: must not hold the miss for object_store's default retries (ten, over up to 3 minutes).
+QUICK_LOOKUPS: dict[str, Any] = {
+    "retry_config": {"max_retries": 1, "retry_timeout": timedelta(seconds=5)},
+}
+QUICK_CONNECT = "2s"
 
 
 @contextlib.contextmanager
@@ -66,16 +73,20 @@ class ColdObject:
 
 
 class ColdStore:
-    def __init__(self, store: ObjectStore, where: str) -> None:
+    def __init__(self, store: ObjectStore, where: str, lookups: ObjectStore | None = None) -> None:
         self._store = store
+        #: What opens and sizes go through (uploads and deletes keep the patient `_store`).
+        self._lookups = lookups or store
         self._where = where
 
     def __repr__(self) -> str:  # the URL only: credentials never reach logs
         return f"ColdStore({self._where})"
 
     @classmethod
-    def from_config(cls, cold: ColdConfig) -> ColdStore | None:
-        """None when no cold tier is configured. A local directory is created if missing."""
+    def from_config(cls, cold: ColdConfig, quick: bool = False) -> ColdStore | None:
+        """None when no cold tier is configured. A local directory is created if missing.
+        `quick`: lookups give up soon on a store that does not answer (a shared tier, asked
+        on every miss, must not delay the upstream fetch that replaces it)."""
         if not cold.url:
             return None
         parts = urlsplit(cold.url)
@@ -95,9 +106,15 @@ class ColdStore:
             }
         if parts.scheme != "file":
             options["client_options"] = {"allow_http": cold.allow_http, "timeout": TIMEOUT}
+        lookups = None
         with _translate("configuration"):
             store = from_url(cold.url, **options)
-        return cls(store, f"{parts.scheme}://{parts.netloc}{parts.path}")
+            if quick and parts.scheme != "file":
+                client = {**options["client_options"], "connect_timeout": QUICK_CONNECT}
+                lookups = from_url(
+                    cold.url, **{**options, **QUICK_LOOKUPS, "client_options": client}
+                )
+        return cls(store, f"{parts.scheme}://{parts.netloc}{parts.path}", lookups)
 
     async def put_file(self, digest: Digest, path: Path) -> None:
         """Upload a verified warm file, streaming (multipart for large ones)."""
@@ -105,22 +122,24 @@ class ColdStore:
             await obstore.put_async(self._store, object_key(digest), path)
 
     async def open(self, digest: Digest) -> ColdObject | None:
-        result = await self._call("read", digest, obstore.get_async)
+        result = await self._call("read", digest, obstore.get_async, self._lookups)
         return None if result is None else ColdObject(int(result.meta["size"]), result, digest)
 
     async def size(self, digest: Digest) -> int | None:
-        meta = await self._call("head", digest, obstore.head_async)
+        meta = await self._call("head", digest, obstore.head_async, self._lookups)
         return None if meta is None else int(meta["size"])
 
     async def delete(self, digest: Digest) -> None:
         """Remove a blob; one that is not there is fine."""
         await self._call("delete", digest, obstore.delete_async)
 
-    async def _call(self, what: str, digest: Digest, fn: Any) -> Any:
+    async def _call(
+        self, what: str, digest: Digest, fn: Any, store: ObjectStore | None = None
+    ) -> Any:
         """`fn(store, key)`, None when the object is not there."""
         try:
             with _translate(what, digest):
-                return await fn(self._store, object_key(digest))
+                return await fn(store or self._store, object_key(digest))
         except errors.StoreUnavailable as e:
             if isinstance(e.__cause__, FileNotFoundError):
                 return None

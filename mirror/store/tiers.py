@@ -47,6 +47,9 @@ UPLOADS = 4
 #: Uploads waiting for their turn at most; past it one is skipped (logged and counted):
 #: eviction's demotion puts the blob there later, or a miss on another replica fetches it.
 UPLOADS_WAITING = 1000
+#: Seconds a shared cold tier that failed a lookup is left alone: every miss would ask it,
+#: and an unreachable store can take seconds to say so (its connect timeout) on each.
+COLD_PAUSE = 10.0
 
 
 class ColdBackend(Protocol):
@@ -93,6 +96,8 @@ class Tiers:
         self.shared = shared and cold is not None
         self._uploads: set[asyncio.Task[None]] = set()
         self._upload_turn = asyncio.Semaphore(UPLOADS)
+        #: Until when (monotonic) a shared cold tier that failed is not asked.
+        self._cold_paused = 0.0
         self._metrics = metrics
         self.events = events
         self._clock = clock
@@ -141,8 +146,9 @@ class Tiers:
         A cold tier of this mirror's own is asked only for what the index says it holds (a
         miss costs no object-store request). A shared one is asked every time: another
         replica may have put the blob there, and one GET that finds nothing costs far less
-        than the upstream transfer it may save."""
-        if self.cold is None:
+        than the upstream transfer it may save. One that failed is not asked again for
+        COLD_PAUSE seconds: misses go upstream meanwhile, without waiting on it."""
+        if self.cold is None or time.monotonic() < self._cold_paused:
             yield None
             return
         try:
@@ -152,6 +158,8 @@ class Tiers:
                 held = await self.index.call(self.index.tiers_of, digest)
                 found = await self.cold.open(digest) if "cold" in held else None
         except errors.StoreUnavailable as e:
+            if self.shared:
+                self._cold_paused = time.monotonic() + COLD_PAUSE
             log.warning("cold tier unreadable for %s, going upstream: %s", digest, e)
             found = None
         yield found
