@@ -10,6 +10,9 @@ refuses whatever its secret did not sign; a pull budget below its floor told to 
 spares the others' revalidations; Redis killed mid-traffic leaves every replica serving
 standalone (logged, `/readyz`, `mirror_cluster_up`), and Redis started again, empty, is joined
 again with one HEAD per TTL again; bad `[cluster]` values stop the start naming the key.
+With `[cold]` on moto's S3 server, the bucket is the replicas' shared tier: a blob one replica
+fetched is promoted from it by the others with no upstream request, a corrupt object there is
+dropped for upstream's bytes, and a dead endpoint leaves every replica on warm and upstream.
 """
 
 from __future__ import annotations
