@@ -43,11 +43,11 @@ PIPE_BUF = select.PIPE_BUF
 
 #: A value logfmt writes as it is: not empty, no space, quote, equals sign, newline or tab.
 _PLAIN = re.compile(r'[^ "=\n\t]+').fullmatch
+_QUOTED = re.compile(r'[ "=\n\t]').search
 
 #: One request, as the loop gathers it: time (epoch s), method, path and query, status, body
-#: bytes (None: unknown), duration ms, cache outcome, upstream, client address.
+#: bytes (None: unknown), duration (s), cache outcome, upstream, client address.
 Access = tuple[float, str, str, int, int | None, float, str | None, str | None, str | None]
-_ACCESS_KEYS = ("method", "path", "status", "bytes", "duration_ms", "outcome", "upstream")
 
 
 def render(entry: dict[str, Any], as_json: bool) -> str:
@@ -64,19 +64,27 @@ def _logfmt(value: object) -> str:
     return text if _PLAIN(text) else json.dumps(text)
 
 
-#: The last whole second `_stamp` formatted, and its text (one tuple: threads swap it whole).
+#: The last millisecond `_stamp` formatted and its text, and the same for the whole second
+#: (tuples: the writer threads swap them whole). A busy server logs many lines a millisecond.
+_milli: tuple[int, str] = (-1, "")
 _second: tuple[int, str] = (-1, "")
 
 
 def _stamp(created: float) -> str:
-    """ISO 8601 UTC with milliseconds; the seconds' text is kept while the second lasts."""
-    global _second
-    whole = int(created)
-    at, text = _second
+    """ISO 8601 UTC with milliseconds."""
+    global _milli, _second
+    ms = int(created * 1000)
+    at, text = _milli
+    if at == ms:
+        return text
+    whole = ms // 1000
+    at, prefix = _second
     if at != whole:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-        _second = (whole, text)
-    return f"{text}.{int(created % 1 * 1000):03d}Z"
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, prefix)
+    text = f"{prefix}.{ms % 1000:03d}Z"
+    _milli = (ms, text)
+    return text
 
 
 class Lines:
@@ -200,19 +208,45 @@ class AccessLog:
         self._out.write(map(line, entries))
 
     def _logfmt_line(self, e: Access) -> str:
-        at, method, path, status, nbytes, duration, outcome, upstream, remote = e
+        at, method, path, status, nbytes, took, outcome, upstream, remote = e
+        texts = (
+            method,
+            path,
+            "-" if outcome is None else outcome,
+            "-" if upstream is None else upstream,
+            "-" if remote is None else remote,
+        )
+        # one search over all the values instead of one per value: they rarely need quotes
+        if "" in texts or _QUOTED("\0".join(texts)):
+            texts = (
+                _logfmt(method),
+                _logfmt(path),
+                _logfmt(outcome),
+                _logfmt(upstream),
+                _logfmt(remote),
+            )
+        method, path, outcome, upstream, remote = texts
         return (
-            f"ts={_stamp(at)}{self._head} method={_logfmt(method)} path={_logfmt(path)}"
-            f" status={status} bytes={'-' if nbytes is None else nbytes} duration_ms={duration}"
-            f" outcome={_logfmt(outcome)} upstream={_logfmt(upstream)} remote={_logfmt(remote)}"
+            f"ts={_stamp(at)}{self._head} method={method} path={path} status={status}"
+            f" bytes={'-' if nbytes is None else nbytes} duration_ms={round(took * 1000, 2)}"
+            f" outcome={outcome} upstream={upstream} remote={remote}"
         )
 
     def _json_line(self, e: Access) -> str:
-        entry: dict[str, Any] = {"ts": _stamp(e[0]), "level": "info", "logger": "mirror.access"}
+        at, method, path, status, nbytes, took, outcome, upstream, remote = e
+        entry: dict[str, Any] = {"ts": _stamp(at), "level": "info", "logger": "mirror.access"}
         if self._worker is not None:
             entry["worker"] = self._worker
-        entry.update(zip(_ACCESS_KEYS, e[1:8], strict=True))
-        entry["remote"] = e[8]
+        entry.update(
+            method=method,
+            path=path,
+            status=status,
+            bytes=nbytes,
+            duration_ms=round(took * 1000, 2),
+            outcome=outcome,
+            upstream=upstream,
+            remote=remote,
+        )
         return json.dumps(entry, default=str)
 
     def stop(self) -> None:

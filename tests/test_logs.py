@@ -30,7 +30,7 @@ for i in range(count):
     log.info("seq=%d size=%d pad=%s", i, size, "p" * size)
     assert logs.access is not None
     logs.access.add(
-        (time.time(), "GET", f"/v2/w{worker}/{i}/" + "a" * size, 200, size, 1.5, "hit",
+        (time.time(), "GET", f"/v2/w{worker}/{i}/" + "a" * size, 200, size, 0.0015, "hit",
          "docker.io", "127.0.0.1")
     )
 running.stop()

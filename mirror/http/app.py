@@ -22,7 +22,7 @@ from mirror.eviction.evictor import Evictor
 from mirror.http import admin as admin_api
 from mirror.http import status
 from mirror.http.access import PASSWORD_THREADS, Access
-from mirror.http.middleware import make_middleware
+from mirror.http.middleware import make_answer, make_middleware
 from mirror.http.routes import Routes
 from mirror.http.sendfile import Pace
 from mirror.metrics import Metrics
@@ -81,7 +81,8 @@ def build_app(config: Config) -> web.Application:
     admin = Admin(cache)
     deliveries = Deliveries(config.events, events, metrics)
 
-    app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
+    answer = make_answer(metrics)
+    app = web.Application(middlewares=[make_middleware(answer)], client_max_size=64 * 1024)
     app[SERVICE] = service
     app[METRICS] = metrics
     app[CACHE] = cache
@@ -90,7 +91,7 @@ def build_app(config: Config) -> web.Application:
     pace = Pace(t.read, t.client_min_rate, t.rate_window)
     access = Access(config.auth, password_pool, metrics)
     routes = Routes(service, Router(config), sender_pool, pace, metrics, access, events)
-    routes.install(app)
+    routes.install(app, answer)
 
     async def metrics_handler(_: web.Request) -> web.Response:
         fds = await asyncio.to_thread(lambda: len(os.listdir("/proc/self/fd")))
