@@ -115,11 +115,11 @@ class Lines:
             view = memoryview(data)
             while view:
                 try:
-                    written = os.write(self._fd, view)
-                except InterruptedError:
-                    continue
+                    written = os.write(self._fd, view)  # retried on EINTR (PEP 475)
                 except BlockingIOError:  # a non-blocking standard error: wait until it takes more
-                    select.select([], [self._fd], [])
+                    waiting = select.poll()
+                    waiting.register(self._fd, select.POLLOUT)
+                    waiting.poll()
                     continue
                 except OSError:
                     return  # a closed or full standard error: the line is lost, not the process
