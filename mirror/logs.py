@@ -96,23 +96,28 @@ class Lines:
         self._lock = threading.Lock()
 
     def write(self, lines: Iterable[str]) -> None:
-        chunk: list[bytes] = []
-        size = 0
-        for line in lines:
-            data = (line + "\n").encode("utf-8", "backslashreplace")
-            if size + len(data) > PIPE_BUF and chunk:
-                self._write(b"".join(chunk))
-                chunk, size = [], 0
-            chunk.append(data)
-            size += len(data)
-        if chunk:
-            self._write(b"".join(chunk))
+        """The lines (none holding a newline: render escapes them), encoded at once and cut at
+        the last newline within each PIPE_BUF bytes."""
+        text = "\n".join(lines)
+        if not text:
+            return
+        data = (text + "\n").encode("utf-8", "backslashreplace")
+        view = memoryview(data)
+        start, end = 0, len(data)
+        while start < end:
+            cut = end
+            if end - start > PIPE_BUF:
+                cut = data.rfind(b"\n", start, start + PIPE_BUF) + 1
+                if cut <= start:  # one line longer than PIPE_BUF: alone, to its end
+                    cut = data.find(b"\n", start + PIPE_BUF) + 1
+            self._write(view[start:cut])
+            start = cut
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: memoryview) -> None:
         """All of `data` in one write; only a signal or a full disk makes the kernel take part
         of it, and then the rest follows (the best there is)."""
         with self._lock:  # the writers of one process take turns, a whole chunk each
-            view = memoryview(data)
+            view = data
             while view:
                 try:
                     written = os.write(self._fd, view)  # retried on EINTR (PEP 475)
