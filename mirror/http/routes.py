@@ -96,7 +96,8 @@ class Routes:
         """The routes, and the front door every connection's requests come in by."""
         app.router.add_get("/v2", self.base)
         app.router.add_get("/v2/", self.base)
-        app.router.add_route("*", "/v2/{tail:.+}", self.dispatch)
+        self._route = app.router.add_route("*", "/v2/{tail:.+}", self.dispatch)
+        self._app = app
         self._answer = answer
         app[FRONT_DOOR] = self.front_door
 
@@ -105,10 +106,12 @@ class Routes:
         through `answer` at once, anything else to `routed` (aiohttp's router, then the same
         `answer` as its middleware). aiohttp would resolve the path against every route, build
         the match info and wrap the middleware, a tenth of a manifest hit's time, only to find
-        the `/v2/{tail:.+}` route again. A path with a newline in it (which that route does
-        not match) or a request with `Expect` (which aiohttp's route answers) takes the router,
-        so either door gives the same answer."""
-        answer, dispatch = self._answer, self.dispatch
+        the `/v2/{tail:.+}` route again. The request gets the match info that route would give
+        it (what `request.app`, `request.match_info` and the app's `on_response_prepare`
+        signal go by). A path with a newline in it (which that route does not match) or a
+        request with `Expect` (which aiohttp's route answers) takes the router, so either door
+        gives the same answer."""
+        answer, dispatch, route, app = self._answer, self.dispatch, self._route, self._app
 
         async def handle(request: web.Request) -> web.StreamResponse:
             path = request.path
@@ -118,6 +121,10 @@ class Routes:
                 and "\n" not in path
                 and hdrs.EXPECT not in request.headers
             ):
+                found = web.UrlMappingMatchInfo({"tail": path[4:]}, route)
+                found.add_app(app)
+                found.freeze()
+                request._match_info = found  # what aiohttp's Application._handle sets
                 return await answer(request, dispatch)
             return await routed(request)
 
