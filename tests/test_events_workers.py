@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -324,7 +325,7 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     assert max(_unique(delivered).values()) == 1, "an event was delivered twice"
     assert sorted(e["data"]["tag"] for e in delivered) == sorted(tags)
     workers_seen = {
-        line.rsplit("worker=", 1)[1]
+        re.search(r"\bworker=(\d+)", line)[1]  # type: ignore[index]
         for line in proc.log.read_text().splitlines()
         if "logger=mirror.access" in line and "/manifests/t" in line
     }

@@ -27,7 +27,7 @@ from mirror.http import admin as admin_api
 from mirror.http import status
 from mirror.http.access import PASSWORD_THREADS, Access
 from mirror.http.cluster import ClusterRoutes
-from mirror.http.middleware import make_middleware
+from mirror.http.middleware import make_answer, make_middleware
 from mirror.http.routes import Routes
 from mirror.http.sendfile import Pace
 from mirror.metrics import Metrics
@@ -114,7 +114,8 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
     admin = Admin(cache)
     deliveries = Deliveries(config.events, events, metrics, cache.layout.events_deliver)
 
-    app = web.Application(middlewares=[make_middleware(metrics)], client_max_size=64 * 1024)
+    answer = make_answer(metrics)
+    app = web.Application(middlewares=[make_middleware(answer)], client_max_size=64 * 1024)
     app[SERVICE] = service
     app[METRICS] = metrics
     app[CACHE] = cache
@@ -123,7 +124,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
     pace = Pace(t.read, t.client_min_rate, t.rate_window)
     access = Access(config.auth, password_pool, metrics)
     routes = Routes(service, Router(config), sender_pool, pace, metrics, access, events)
-    routes.install(app)
+    routes.install(app, answer)
     if config.cluster.enabled:
         ClusterRoutes(routes, service.blobs, config.cluster.secret).install(app)
 

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from mirror import errors
 from mirror.coordination.peering import PREFIX, authentic
-from mirror.http.middleware import BASE_HEADERS, OUTCOME, ROUTE
+from mirror.http.middleware import BASE_HEADERS, LEDGER, Ledger
 from mirror.http.routes import Routes, Served
 from mirror.http.sendfile import SocketSender
 from mirror.oci.reference import Digest, parse_digest
@@ -47,7 +47,7 @@ class ClusterRoutes:
         app.router.add_route("*", PREFIX + "{tail:.*}", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        request[ROUTE] = "cluster"
+        request[LEDGER] = Ledger("cluster")
         header = request.headers.get("Authorization")
         m = _BLOB.fullmatch(request.match_info["tail"])
         signed = authentic(self._secret, request.method, request.path, header, self._clock())
@@ -60,7 +60,7 @@ class ClusterRoutes:
             raise errors.InvalidRequest("a replica asks for bytes=<n>- only")
         start = int(start_m["start"]) if start_m is not None else 0
         async with self._blobs.for_peer(digest) as answer:
-            request[OUTCOME] = answer.outcome.value
+            request[LEDGER].outcome = answer.outcome.value
             if answer.stored is not None:
                 blob = answer.stored
                 try:

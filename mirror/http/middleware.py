@@ -100,12 +100,31 @@ ANSWERS: dict[str, Answer] = {
 #: For a code the table lacks: a bug, answered as one.
 UNMAPPED = Answer(500, "UNKNOWN")
 
-#: Key under which handlers leave their route name and cache outcome for the bookkeeping.
-ROUTE = web.RequestKey("route", str)
-OUTCOME = web.RequestKey("outcome", str)
-UPSTREAM = web.RequestKey("upstream", str)
+
+class Ledger:
+    """What the bookkeeping learns of a request while it is answered: its route (for the
+    metrics), the cache outcome and the upstream (for the metrics and the access line). Put on
+    the request once, then written as plain attributes: each request-mapping access is Python
+    code in aiohttp, and the hit path made seven of them."""
+
+    __slots__ = ("outcome", "route", "upstream")
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self.outcome: str | None = None
+        self.upstream: str | None = None
+
+
+#: Where a handler leaves the request's Ledger (a request without one counts as "other").
+LEDGER = web.RequestKey("ledger", Ledger)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: `answer(request, handler)`, see make_answer.
+Answering = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+#: Given the request handler aiohttp gives a connection (its router and the middleware), the
+#: one the connection uses instead (http/server.py; routes.py `Routes.front_door`).
+FrontDoor = Callable[[Handler], Handler]
+FRONT_DOOR: web.AppKey[FrontDoor] = web.AppKey("front_door")
 
 
 def answer(err: errors.MirrorError) -> Answer:
@@ -150,14 +169,19 @@ def _from_http_exception(exc: web.HTTPException) -> errors.MirrorError:
     return errors.EndpointUnknown()
 
 
-def make_middleware(metrics: Metrics) -> Middleware:
-    @web.middleware
-    async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Turn every domain error (and router 404/405) into error JSON; count and time the
-        request."""
+def make_answer(metrics: Metrics) -> Answering:
+    """`answer(request, handler)`: the handler's response, every domain error (and router
+    404/405) turned into error JSON by the table, the request counted and timed. The app's one
+    middleware, and what the registry API's requests go through when they skip aiohttp's
+    router (routes.py, `Routes.front_door`)."""
+    request_counted = metrics.request
+    took = metrics.took
+
+    async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
+        over_cap = getattr(request.protocol, "over_cap", False)  # see http/server.py
         try:
-            if getattr(request.protocol, "over_cap", False):  # see http/server.py
+            if over_cap:
                 metrics.refused("connections_per_client")
                 raise errors.TooManyRequests(
                     "too many connections from this client", retry_after="1"
@@ -172,12 +196,27 @@ def make_middleware(metrics: Metrics) -> Middleware:
         except Exception:
             log.exception("unexpected error on %s %s", request.method, request.path)
             response = error_response(errors.MirrorError("internal error"))
-        if isinstance(response, web.Response) and getattr(request.protocol, "over_cap", False):
+        if over_cap and isinstance(response, web.Response):
             response.force_close()
-        route = request.get(ROUTE, "other")
-        metrics.request(route, request.method, response.status, request.get(OUTCOME, "none"))
-        metrics.took(route, time.monotonic() - started)
+        try:
+            ledger = request[LEDGER]
+        except KeyError:  # no handler of the registry API's got it
+            route, outcome = "other", "none"
+        else:
+            route, outcome = ledger.route, ledger.outcome or "none"
+        request_counted(route, request.method, response.status, outcome)
+        took(route, time.monotonic() - started)
         return response
+
+    return answer
+
+
+def make_middleware(answer: Answering) -> Middleware:
+    """The app's middleware: every answer aiohttp's router finds goes through `answer`."""
+
+    @web.middleware
+    async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await answer(request, handler)
 
     return registry_errors
 
@@ -185,21 +224,26 @@ def make_middleware(metrics: Metrics) -> Middleware:
 class AccessLogger(AbstractAccessLogger):
     """One structured line per request (see mirror/logs.py): method, path, status, bytes,
     duration, cache outcome, upstream, client. Headers are never logged, so credentials and
-    tokens cannot leak here. The line is formatted and written in batches by a writer thread."""
+    tokens cannot leak here. The loop only gathers the fields in a tuple; the line is
+    formatted and written in batches by a writer thread."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         sink = logs.access
         if sink is not None:
+            try:
+                ledger: Ledger | None = request[LEDGER]
+            except KeyError:
+                ledger = None
             sink.add(
-                {
-                    "at": _now(),
-                    "method": request.method,
-                    "path": request.path_qs,
-                    "status": response.status,
-                    "bytes": response.content_length,
-                    "duration_ms": round(time * 1000, 2),
-                    "outcome": request.get(OUTCOME),
-                    "upstream": request.get(UPSTREAM),
-                    "remote": request.remote,
-                }
+                (
+                    _now(),
+                    request.method,
+                    request.path_qs,
+                    response.status,
+                    response.content_length,
+                    time,
+                    None if ledger is None else ledger.outcome,
+                    None if ledger is None else ledger.upstream,
+                    request.remote,
+                )
             )

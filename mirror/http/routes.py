@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror import errors
+from mirror.bounded import Bounded
 from mirror.events import Events
 from mirror.http.access import USER, Access
-from mirror.http.middleware import BASE_HEADERS, OUTCOME, ROUTE, UPSTREAM
+from mirror.http.middleware import BASE_HEADERS, FRONT_DOOR, LEDGER, Answering, Handler, Ledger
 from mirror.http.sendfile import ClientGone, ClientStalled, Pace, SocketSender, abort
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import parse_accept
@@ -47,17 +48,17 @@ log = logging.getLogger("mirror.http")
 #: miscellaneous persistent warning).
 STALE_WARNING = '299 - "response is stale: upstream could not be reached"'
 
+#: Manifest answers whose headers are kept built (a few hundred bytes each).
+MANIFEST_HEADERS = 4096
+
 #: Blob bytes sent in one answer, by where they came from (the metrics' `source`).
 Served = Counter[str]
 #: Sends bytes [start, end) of the blob and counts them in `served`.
 Part = Callable[[SocketSender, int, int, Served], Awaitable[None]]
 
-_ENDPOINTS = (
-    ("manifest", re.compile(r"(?P<name>.+)/manifests/(?P<ref>[^/]+)")),
-    ("blob", re.compile(r"(?P<name>.+)/blobs/(?P<ref>[^/]+)")),
-    ("tags", re.compile(r"(?P<name>.+)/tags/list")),
-    ("referrers", re.compile(r"(?P<name>.+)/referrers/(?P<ref>[^/]+)")),
-)
+#: The endpoint by the path's last but one segment: `<name>/manifests/<reference>`,
+#: `<name>/blobs/<digest>`, `<name>/tags/list`, `<name>/referrers/<digest>`.
+_ENDPOINTS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
 
 
 class Routes:
@@ -80,37 +81,83 @@ class Routes:
         self._pool = sender_pool
         self._pace = pace
         self._metrics = metrics
+        #: Manifest answers' headers by (digest, media type, outcome, namespace).
+        self._manifest_headers: Bounded[
+            tuple[Digest, str, str, str | None], CIMultiDictProxy[str]
+        ] = Bounded(MANIFEST_HEADERS)
+        self._handlers: dict[str, Callable[..., Awaitable[web.StreamResponse]]] = {
+            "manifest": self.manifest,
+            "blob": self.blob,
+            "tags": self.tags,
+            "referrers": self.referrers,
+        }
 
-    def install(self, app: web.Application) -> None:
+    def install(self, app: web.Application, answer: Answering) -> None:
+        """The routes, and the front door every connection's requests come in by."""
         app.router.add_get("/v2", self.base)
         app.router.add_get("/v2/", self.base)
-        app.router.add_route("*", "/v2/{tail:.+}", self.dispatch)
+        self._route = app.router.add_route("*", "/v2/{tail:.+}", self.dispatch)
+        self._app = app
+        self._answer = answer
+        app[FRONT_DOOR] = self.front_door
+
+    def front_door(self, routed: Handler) -> Handler:
+        """A connection's request handler: a request for `/v2/<something>` goes to `dispatch`
+        through `answer` at once, anything else to `routed` (aiohttp's router, then the same
+        `answer` as its middleware). aiohttp would resolve the path against every route, build
+        the match info and wrap the middleware, a tenth of a manifest hit's time, only to find
+        the `/v2/{tail:.+}` route again. The request gets the match info that route would give
+        it (what `request.app`, `request.match_info` and the app's `on_response_prepare`
+        signal go by). A path with a newline in it (which that route does not match) or a
+        request with `Expect` (which aiohttp's route answers) takes the router, so either door
+        gives the same answer."""
+        answer, dispatch, route, app = self._answer, self.dispatch, self._route, self._app
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            path = request.path
+            if (
+                len(path) > 4
+                and path.startswith("/v2/")
+                and "\n" not in path
+                and hdrs.EXPECT not in request.headers
+            ):
+                found = web.UrlMappingMatchInfo({"tail": path[4:]}, route)
+                found.add_app(app)
+                found.freeze()
+                request._match_info = found  # what aiohttp's Application._handle sets
+                return await answer(request, dispatch)
+            return await routed(request)
+
+        return handle
 
     async def base(self, request: web.Request) -> web.Response:
-        request[ROUTE] = "base"
+        request[LEDGER] = Ledger("base")
         if self._access.enabled:
             await self._access.check(request, None)
         return web.json_response({}, headers=BASE_HEADERS)
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        """Find the endpoint by the path's last segments (a name may itself contain them)."""
-        tail = request.match_info["tail"]
-        for route, pattern in _ENDPOINTS:
-            m = pattern.fullmatch(tail)
-            if m is not None:
-                request[ROUTE] = route
-                if request.method not in ("GET", "HEAD"):
-                    raise errors.Unsupported()
-                ns = request.query.get("ns") if request.query_string else None
-                target = self._router.route(m["name"], ns)
-                request[UPSTREAM] = target.upstream.name
-                if self._access.enabled:
-                    await self._access.check(request, target)
-                handler: Callable[..., Awaitable[web.StreamResponse]] = getattr(self, route)
-                return await handler(request, target, m.groupdict().get("ref"))
+        """Find the endpoint by the path's last segments (a name may itself contain them):
+        what follows `/v2/` is `<name>/<endpoint>/<reference>`, the name at least one
+        character, the reference (`list` for tags) none of them a `/`."""
+        name, _, rest = request.path[4:].rpartition("/")
+        name, _, kind = name.rpartition("/")
+        route = _ENDPOINTS.get(kind) if name and rest and kind else None
+        if route == "tags" and rest != "list":
+            route = None
         if request.method not in ("GET", "HEAD"):
+            if route is not None:
+                request[LEDGER] = Ledger(route)
             raise errors.Unsupported()
-        raise errors.EndpointUnknown()
+        if route is None:
+            raise errors.EndpointUnknown()
+        request[LEDGER] = ledger = Ledger(route)
+        ns = request.query.get("ns") if request.query_string else None
+        target = self._router.route(name, ns)
+        ledger.upstream = target.upstream.name
+        if self._access.enabled:
+            await self._access.check(request, target)
+        return await self._handlers[route](request, target, None if route == "tags" else rest)
 
     # -- manifests ---------------------------------------------------------------------------
 
@@ -118,7 +165,11 @@ class Routes:
         reference = parse_reference(ref)
         accept = parse_accept(request.headers.getall("Accept", []))
         service = self._service
-        hot = service.manifests.hot(target, reference.tag) if reference.tag is not None else None
+        if reference.digest is not None:
+            hot = service.manifests.hot_digest(reference.digest)
+        else:
+            assert reference.tag is not None
+            hot = service.manifests.hot(target, reference.tag)
         if hot is not None and accept.allows(hot.media_type):
             m, outcome = hot, Outcome.HIT
         else:
@@ -151,20 +202,33 @@ class Routes:
     def _manifest_response(
         self, request: web.Request, target: Target, m: StoredManifest, outcome: Outcome
     ) -> web.Response:
-        request[OUTCOME] = outcome.value
-        etag = f'"{m.digest}"'
+        value = outcome.value
+        request[LEDGER].outcome = value
+        key = (m.digest, m.media_type, value, target.namespace)
+        headers = self._manifest_headers.get(key)
+        if headers is None:
+            headers = self._manifest_headers.remember(key, self._headers_of(m, target, outcome))
+        match = request.headers.get("If-None-Match", "")
+        if headers["ETag"] in match or match.strip() == "*":  # RFC 9110 §13.1.2: not modified
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=m.data, headers=headers)
+
+    def _headers_of(
+        self, m: StoredManifest, target: Target, outcome: Outcome
+    ) -> CIMultiDictProxy[str]:
+        """A manifest answer's headers: the same for every answer of that manifest with that
+        outcome under that namespace, so they are built once. aiohttp copies them into each
+        response, and copies a multidict four times faster than a dict; the proxy keeps
+        anything from changing the one kept."""
         headers = {
             **BASE_HEADERS,
             "Content-Type": m.media_type,
             "Docker-Content-Digest": str(m.digest),
-            "ETag": etag,
+            "ETag": f'"{m.digest}"',
             "X-Mirror-Cache": outcome.value,
         }
         self._annotate(headers, target, outcome)
-        match = request.headers.get("If-None-Match", "")
-        if etag in match or match.strip() == "*":  # RFC 9110 §13.1.2: not modified
-            return web.Response(status=304, headers=headers)
-        return web.Response(body=m.data, headers=headers)
+        return CIMultiDictProxy(CIMultiDict(headers))
 
     @staticmethod
     def _annotate(headers: dict[str, str], target: Target, outcome: Outcome) -> None:
@@ -186,7 +250,7 @@ class Routes:
         if answer.outcome is Outcome.PASS_THROUGH:
             self._metrics.lookup("pass-through")
             return await self._send_through(request, target, digest)
-        request[OUTCOME] = answer.outcome.value
+        request[LEDGER].outcome = answer.outcome.value
         if answer.stored is not None:
             self._metrics.lookup(answer.tier)
             return await self._send_stored(
@@ -204,7 +268,7 @@ class Routes:
         self, request: web.Request, target: Target, digest: Digest
     ) -> web.StreamResponse:
         size, outcome = await self._service.blobs.size(target, digest)
-        request[OUTCOME] = outcome.value
+        request[LEDGER].outcome = outcome.value
         response = web.StreamResponse(headers=self._blob_headers(target, digest, outcome))
         if size is not None:
             response.content_length = size
@@ -295,7 +359,7 @@ class Routes:
             lazy = any(fill.behind(end) for _, end in spans)
             if lazy:
                 outcome = Outcome.PASS_THROUGH
-                request[OUTCOME] = outcome.value
+                request[LEDGER].outcome = outcome.value
             self._metrics.lookup("range" if lazy else fill.source)
 
             async def part(sender: SocketSender, start: int, end: int, served: Served) -> None:
@@ -348,7 +412,7 @@ class Routes:
     ) -> web.StreamResponse:
         """No room on disk: this client gets the blob straight from upstream (whole: a Range
         may be ignored, RFC 9110 §14.2), verified on the way, and nothing is kept."""
-        request[OUTCOME] = Outcome.PASS_THROUGH.value
+        request[LEDGER].outcome = Outcome.PASS_THROUGH.value
         async with self._service.blobs.pass_through(target, digest) as body:
             response = web.StreamResponse(
                 headers=self._blob_headers(target, digest, Outcome.PASS_THROUGH)
@@ -449,7 +513,7 @@ class Routes:
         self, request: web.Request, target: Target, suffix: str, query: dict[str, str]
     ) -> web.Response:
         cached, outcome = await self._service.manifests.listing(target, suffix, query)
-        request[OUTCOME] = outcome.value
+        request[LEDGER].outcome = outcome.value
         headers = {
             **BASE_HEADERS,
             "Content-Type": cached.content_type,

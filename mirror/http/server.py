@@ -7,6 +7,8 @@
   sets that deadline when a connection opens and after each answer, and a request head that
   arrives byte by byte does not push it back: it bounds slowloris as well as idle keep-alives.
   (A client that stops reading a body is the sender's business: `timeouts.read`.)
+- Requests come in by the app's front door (`FRONT_DOOR`, routes.py): the registry API's
+  straight to its dispatch, the rest through aiohttp's router.
 - `limits.max_connections_per_client`: a request on a connection past it from one address
   gets 429 with Retry-After and the connection is closed (counted in
   `mirror_client_refusals_total`). It is answered, not dropped at accept, so the client
@@ -19,15 +21,25 @@ import asyncio
 import logging
 import ssl
 from collections import Counter
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from aiohttp import web
 
 from mirror import errors
 from mirror.config import Config
-from mirror.http.middleware import BASE_HEADERS, AccessLogger, error_body
+from mirror.http.middleware import (
+    BASE_HEADERS,
+    FRONT_DOOR,
+    AccessLogger,
+    FrontDoor,
+    error_body,
+)
 
 log = logging.getLogger("mirror.http")
+
+#: What aiohttp's protocol calls with each request.
+_Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class ClientCounter:
@@ -48,12 +60,22 @@ class ClientCounter:
 
 
 class MirrorConnection(web.RequestHandler):
-    """aiohttp's HTTP/1.1 protocol, with our error page and the per-client count."""
+    """aiohttp's HTTP/1.1 protocol, with our error page, the per-client count and the app's
+    front door."""
 
     __slots__ = ("_clients", "_peer", "over_cap")
 
-    def __init__(self, manager: web.Server, clients: ClientCounter, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: web.Server,
+        clients: ClientCounter,
+        front_door: FrontDoor | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(manager, **kwargs)
+        if front_door is not None and self._request_handler is not None:
+            # the app's request factory makes every request a web.Request
+            self._request_handler = cast(_Handler, front_door(self._request_handler))
         self._clients = clients
         self._peer: str | None = None
         #: Past the per-client cap: every request on it gets 429 (see the middleware).
@@ -124,6 +146,7 @@ class MirrorSite(web.BaseSite):
         self._host, self.port = host, port
         self._tls = ssl_context
         self.clients = ClientCounter(config.limits.max_connections_per_client)
+        self._front_door = runner.app.get(FRONT_DOOR)
         self._settings: dict[str, Any] = {
             "keepalive_timeout": config.timeouts.client_idle,
             "access_log_class": AccessLogger,
@@ -139,7 +162,11 @@ class MirrorSite(web.BaseSite):
         server = self._app_runner.server
         assert server is not None, "runner.setup() first"
         return MirrorConnection(
-            server, self.clients, loop=asyncio.get_running_loop(), **self._settings
+            server,
+            self.clients,
+            self._front_door,
+            loop=asyncio.get_running_loop(),
+            **self._settings,
         )
 
     async def start(self) -> None:

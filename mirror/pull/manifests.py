@@ -130,6 +130,11 @@ class Manifests:
             self._accesses.tag_pulled(key)
         return found
 
+    def hot_digest(self, digest: Digest) -> StoredManifest | None:
+        """The fast path by digest: the manifest in memory, no await; None when it is not
+        there or a holdings check is due (which `get` makes)."""
+        return None if self._holdings.enabled else self._manifests.cached(digest)
+
     async def by_digest(self, target: Target, digest: Digest) -> ManifestAnswer:
         found = await self._manifests.get(digest)
         if found is not None:
