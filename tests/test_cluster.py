@@ -572,7 +572,7 @@ async def test_an_owner_of_worker_processes_serves_its_fill_from_any_of_them(
     deadline = time.monotonic() + 10
     while True:  # each worker writes its access lines a batch at a time
         answered = re.findall(
-            rf"path={internal} status=200 .*?worker=(\d+)", procs[0].log.read_text()
+            rf"\bworker=(\d+) method=GET path={internal} status=200 ", procs[0].log.read_text()
         )
         if len(answered) >= 9:
             break
