@@ -23,7 +23,7 @@ Everything runs on loopback ports 5500-5520 with data under /tmp/bench-cluster:
   with `limit_rate` (`--rate`, nginx syntax) to a remote-like bandwidth; its access log
   counts the requests;
 * redis (5502): Debian's `redis-server`, no persistence;
-* lb (5510): nginx round-robin over the replicas, no buffering;
+* lb (5510): nginx round-robin over the replicas, as deploy/nginx-cluster.conf;
 * replicas (5511-5513), single (5520): `$PYTHON -m mirror serve` (default: the project's
   .venv/bin/python), run from the project root.
 
@@ -169,7 +169,12 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;
-            proxy_buffering off;
+            # read the replica in large pieces into memory, never spool a blob to disk
+            proxy_buffering on;
+            proxy_buffer_size 64k;
+            proxy_buffers 8 256k;
+            proxy_busy_buffers_size 512k;
+            proxy_max_temp_file_size 0;
             proxy_request_buffering off;
             proxy_read_timeout 900s;
             proxy_send_timeout 900s;

@@ -669,7 +669,7 @@ def test_compose_cluster_replicas_each_join_with_their_own_disk(tmp_path: Path) 
 def test_compose_cluster_lb_round_robins_over_the_three_replicas(tmp_path: Path) -> None:
     """nginx's config is mounted where the image reads it; its one upstream names the three
     replicas on the mirror's port with no balancing directive (round-robin); the server
-    proxies everything to it without buffering, on the port compose publishes."""
+    proxies everything to it without spooling to disk, on the port compose publishes."""
     lb = compose_cluster()["services"]["lb"]
     (conf_file,) = [src for src, dst in binds(lb) if dst == "/etc/nginx/nginx.conf"]
     conf = conf_file.read_text()
@@ -679,6 +679,6 @@ def test_compose_cluster_lb_round_robins_over_the_three_replicas(tmp_path: Path)
     assert re.findall(r"^\s*server\s+(\S+)", body, re.M) == [f"{n}:{port}" for n in REPLICAS]
     assert not re.search(r"\b(least_conn|ip_hash|hash|random)\b", body)
     assert re.findall(r"proxy_pass\s+http://([^;/]+);", conf) == [upstream]
-    assert re.search(r"proxy_buffering\s+off;", conf)
+    assert re.search(r"proxy_max_temp_file_size\s+0;", conf)  # no blob spooled to disk
     listen = re.findall(r"^\s*listen\s+(\d+);", conf, re.M)
     assert published(lb) == {int(listen[0]): 5000}
