@@ -400,3 +400,285 @@ def test_systemd_unit_sandbox_and_command() -> None:
     argv = shlex.split(u["ExecStart"][0])
     assert Path(argv[0]).name == "mirror"
     serve_args(argv[1:])
+
+
+# -- cluster mode: the Kubernetes overlay ------------------------------------------------------
+
+CLUSTER_K8S = DEPLOY / "k8s" / "cluster"
+#: Stand-ins for what the pod is given at run time (its IP, the Secrets' values).
+POD_IP = "10.42.0.17"
+SECRET_VALUES = {
+    ("mirror-cold", "access-key-id"): "AKIAEXAMPLE",
+    ("mirror-cold", "secret-access-key"): "example-secret-access-key",
+}
+
+
+def merge_patch(base: Any, patch: Any) -> Any:
+    """A strategic merge patch as kustomize applies the ones of the overlay: maps merge key by
+    key, lists of maps merge item by item on their merge key (`name`, or `mountPath` for
+    volume mounts), anything else is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for key, value in patch.items():
+            out[key] = merge_patch(base[key], value) if key in base else value
+        return out
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(i, dict) for i in base + patch)
+    ):
+        merge_key = "mountPath" if any("mountPath" in i for i in base + patch) else "name"
+        out_list = list(base)
+        for item in patch:
+            at = [i for i, old in enumerate(out_list) if old.get(merge_key) == item[merge_key]]
+            if at:
+                out_list[at[0]] = merge_patch(out_list[at[0]], item)
+            else:
+                out_list.append(item)
+        return out_list
+    return patch
+
+
+def overlay() -> list[dict[str, Any]]:
+    """The overlay rendered: the base's resources, the overlay's own, then its patches, each
+    of which must name a resource (kind and name) that exists."""
+    kustomization = load_yaml(CLUSTER_K8S / "kustomization.yaml")
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        path = (CLUSTER_K8S / resource).resolve()
+        if path.is_dir():
+            assert path == DEPLOY / "k8s", resource
+            docs += manifests()
+        else:
+            with path.open() as f:
+                docs += [d for d in yaml.safe_load_all(f) if d]
+    for entry in kustomization["patches"]:
+        patch = load_yaml(CLUSTER_K8S / entry["path"])
+        ident = (patch["kind"], patch["metadata"]["name"])
+        at = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) == ident]
+        assert len(at) == 1, (entry, ident)
+        docs[at[0]] = merge_patch(docs[at[0]], patch)
+    return docs
+
+
+def overlay_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for d in overlay() if d["kind"] == kind]
+
+
+def pod_env(container: dict[str, Any]) -> dict[str, str]:
+    """The environment the container gets: downward-API fields, Secret keys, and `$(VAR)`
+    expanded as Kubernetes does it, only from variables defined before it."""
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        source = var.get("valueFrom")
+        if source is None:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+        elif "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "status.podIP", var
+            value = POD_IP
+        else:
+            ref = source["secretKeyRef"]
+            value = SECRET_VALUES[ref["name"], ref["key"]]
+        env[var["name"]] = value
+    return env
+
+
+def cluster_pod() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(StatefulSet, its pod spec, the mirror container) of the overlay."""
+    (sts,) = overlay_kind("StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return sts, pod, container
+
+
+def cluster_config(tmp_path: Path) -> tuple[Config, dict[str, str]]:
+    """The overlay ConfigMap's config.toml loaded by the mirror's loader with the pod's
+    environment, every mounted Secret put at a stand-in of its mount path; and those paths."""
+    _, pod, container = cluster_pod()
+    args = serve_args(container["args"])
+    (configmap,) = [
+        c for c in overlay_kind("ConfigMap") if c["metadata"]["name"] == "mirror-config"
+    ]
+    text = configmap["data"][Path(args.config).name]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secret_files = {}
+    for volume in pod["volumes"]:
+        if "secret" not in volume:
+            continue
+        where = tmp_path / volume["name"]
+        where.mkdir()
+        for item in volume["secret"]["items"]:
+            (where / item["path"]).write_text("s" * 64 + "\n")
+            secret_files[f"{mounts[volume['name']]}/{item['path']}"] = (
+                f"{volume['secret']['secretName']}/{item['key']}"
+            )
+        text = text.replace(mounts[volume["name"]] + "/", f"{where}/")
+    (tmp_path / "config.toml").write_text(text)
+    return load_config(tmp_path / "config.toml", env=pod_env(container)), secret_files
+
+
+def test_cluster_overlay_runs_three_replicas_of_the_base() -> None:
+    """The overlay is the base plus Redis: the same StatefulSet (its PVC per replica, probes,
+    non-root container, no service links) with 3 replicas."""
+    assert load_yaml(CLUSTER_K8S / "kustomization.yaml")["resources"][0] == "../"
+    sts, pod, container = cluster_pod()
+    assert sts["spec"]["replicas"] == 3
+    assert pod["enableServiceLinks"] is False
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] in {
+        m["name"] for m in container["volumeMounts"]
+    }
+    assert container["readinessProbe"]["httpGet"]["path"] == READINESS
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    spread = pod["topologySpreadConstraints"][0]
+    assert matches(
+        spread["labelSelector"]["matchLabels"], sts["spec"]["template"]["metadata"]["labels"]
+    )
+
+
+def test_cluster_overlay_redis_is_what_redis_url_names(tmp_path: Path) -> None:
+    """The Redis Service is redis_url's host and port, selects the Redis pods (the official
+    redis:7 image, persistence off) and not the mirror's; the mirror's Services do not select
+    Redis; the NetworkPolicy lets only the mirror's pods reach it."""
+    config, _ = cluster_config(tmp_path)
+    url = urlsplit(config.cluster.redis_url)
+    services = {s["metadata"]["name"]: s for s in overlay_kind("Service")}
+    redis_service = services[url.hostname]
+    assert [p["port"] for p in redis_service["spec"]["ports"]] == [url.port]
+    (redis,) = overlay_kind("Deployment")
+    redis_pod = redis["spec"]["template"]
+    (server,) = redis_pod["spec"]["containers"]
+    assert server["image"] == "redis:7"
+    assert redis_pod["spec"]["enableServiceLinks"] is False
+    args = server["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert "persistentVolumeClaim" not in str(redis_pod["spec"]["volumes"])
+    assert {p["name"] for p in server["ports"]} >= {redis_service["spec"]["ports"][0]["targetPort"]}
+    assert matches(redis_service["spec"]["selector"], redis_pod["metadata"]["labels"])
+    mirror_labels = cluster_pod()[0]["spec"]["template"]["metadata"]["labels"]
+    for name, service in services.items():
+        if name != url.hostname:
+            assert not matches(service["spec"]["selector"], redis_pod["metadata"]["labels"]), name
+            assert matches(service["spec"]["selector"], mirror_labels), name
+    assert not matches(redis_service["spec"]["selector"], mirror_labels)
+    (policy,) = overlay_kind("NetworkPolicy")
+    assert matches(policy["spec"]["podSelector"]["matchLabels"], redis_pod["metadata"]["labels"])
+    (rule,) = policy["spec"]["ingress"]
+    assert matches(rule["from"][0]["podSelector"]["matchLabels"], mirror_labels)
+    assert [p["port"] for p in rule["ports"]] == [url.port]
+
+
+def test_cluster_overlay_config_loads_with_what_the_pod_gets(tmp_path: Path) -> None:
+    """With the pod's environment the config loads: advertise is the pod's IP (status.podIP
+    through the downward API, defined before the variable that uses it) on the container
+    port; the secret is read from the mounted Secret's file; the shared cold bucket is S3 with
+    its credentials from Secret keys, and no cold eviction of its own."""
+    _, _, container = cluster_pod()
+    env = [v["name"] for v in container["env"]]
+    assert env.index("POD_IP") < env.index("MIRROR_CLUSTER__ADVERTISE")
+    config, secret_files = cluster_config(tmp_path)
+    port = [p["containerPort"] for p in container["ports"]]
+    assert [config.host_port[1]] == port
+    assert config.cluster.enabled
+    assert config.cluster.advertise == f"http://{POD_IP}:{port[0]}"
+    assert config.cluster.secret == "s" * 64
+    original = load_yaml(CLUSTER_K8S / "configmap.yaml")["data"]["config.toml"]
+    secret_file = re.search(r'secret_file = "([^"]+)"', original)
+    assert secret_file is not None
+    assert secret_files == {secret_file[1]: "mirror-cluster/secret"}
+    assert urlsplit(config.cold.url).scheme == "s3"
+    assert (config.cold.access_key_id, config.cold.secret_access_key) == (
+        SECRET_VALUES["mirror-cold", "access-key-id"],
+        SECRET_VALUES["mirror-cold", "secret-access-key"],
+    )
+    assert (config.cold.max_bytes, config.cold.max_idle) == (0, 0)
+    documented = (CLUSTER_K8S / "kustomization.yaml").read_text()
+    for secret, key in [*SECRET_VALUES, secret_files[secret_file[1]].split("/")]:
+        assert f'"{secret}"' in documented and f'"{key}"' in documented, (secret, key)
+    assert {u.name for u in config.upstreams} >= {"docker.io", "ghcr.io", "quay.io"}
+
+
+# -- cluster mode: compose ---------------------------------------------------------------------
+
+REPLICAS = ("mirror-1", "mirror-2", "mirror-3")
+
+
+def compose_cluster() -> dict[str, Any]:
+    doc = load_yaml(DEPLOY / "compose.cluster.yaml")
+    assert isinstance(doc, dict)
+    return doc
+
+
+def replica_config(name: str, tmp_path: Path) -> Config:
+    """A replica's configuration from its environment and the image's command, its secret
+    at a stand-in path."""
+    doc = compose_cluster()
+    service = doc["services"][name]
+    env = {k: str(v) for k, v in service["environment"].items()}
+    (secret,) = service["secrets"]
+    assert secret in doc["secrets"]
+    assert env["MIRROR_CLUSTER__SECRET_FILE"] == f"/run/secrets/{secret}"  # compose's target
+    stand_in = tmp_path / f"{name}.secret"
+    stand_in.write_text("s" * 64 + "\n")
+    image = serve_args(json.loads(one("CMD")))  # compose runs the image's own command
+    return load_config(
+        env={**env, "MIRROR_CLUSTER__SECRET_FILE": str(stand_in)},
+        flags={"listen": image.listen, "data_dir": image.data_dir},
+    )
+
+
+def test_compose_cluster_replicas_each_join_with_their_own_disk(tmp_path: Path) -> None:
+    """Three replicas of the image, each with [cluster] on through its environment:
+    advertising its own service name on the mirror's port, the Redis service of the file as
+    redis_url, its own data volume, the one shared cold volume as its file:// cold tier."""
+    doc = compose_cluster()
+    services = doc["services"]
+    assert set(services) == {"lb", "redis", *REPLICAS}
+    data_volumes = set()
+    for name in REPLICAS:
+        service = services[name]
+        build = service["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+        config = replica_config(name, tmp_path)
+        assert config.cluster.enabled
+        assert config.cluster.advertise == f"http://{name}:{config.host_port[1]}"
+        redis = urlsplit(config.cluster.redis_url)
+        assert redis.hostname in services and services[redis.hostname]["image"] == "redis:7"
+        volumes = dict(v.split(":")[::-1] for v in service["volumes"])
+        data_volumes.add(volumes[config.data_dir])
+        cold = urlsplit(config.cold.url)
+        assert cold.scheme == "file" and volumes[cold.path] == "mirror-cold"
+        assert config.limits.max_connections_per_client == 0  # all clients come from the LB
+        assert "ports" not in service  # reached through the load balancer only
+    assert len(data_volumes) == len(REPLICAS)
+    named = {
+        v.split(":")[0]
+        for s in services.values()
+        for v in s.get("volumes", [])
+        if not v.startswith(".")
+    }
+    assert named == set(doc["volumes"])
+    redis_command = services["redis"]["command"]
+    assert redis_command[redis_command.index("--save") + 1] == ""
+    dockerfile_text = (DEPLOY / "Dockerfile").read_text()
+    assert (
+        f"/var/lib/mirror {urlsplit(replica_config(REPLICAS[0], tmp_path).cold.url).path}"
+        in dockerfile_text
+    )
+
+
+def test_compose_cluster_lb_round_robins_over_the_three_replicas(tmp_path: Path) -> None:
+    """nginx's config is mounted where the image reads it; its one upstream names the three
+    replicas on the mirror's port with no balancing directive (round-robin); the server
+    proxies everything to it without spooling to disk, on the port compose publishes."""
+    lb = compose_cluster()["services"]["lb"]
+    (conf_file,) = [src for src, dst in binds(lb) if dst == "/etc/nginx/nginx.conf"]
+    conf = conf_file.read_text()
+    conf = "\n".join(re.sub(r"#.*", "", line) for line in conf.splitlines())
+    ((upstream, body),) = re.findall(r"upstream\s+(\S+)\s*\{([^}]*)\}", conf)
+    port = replica_config(REPLICAS[0], tmp_path).host_port[1]
+    assert re.findall(r"^\s*server\s+(\S+)", body, re.M) == [f"{n}:{port}" for n in REPLICAS]
+    assert not re.search(r"\b(least_conn|ip_hash|hash|random)\b", body)
+    assert re.findall(r"proxy_pass\s+http://([^;/]+);", conf) == [upstream]
+    assert re.search(r"proxy_max_temp_file_size\s+0;", conf)  # no blob spooled to disk
+    listen = re.findall(r"^\s*listen\s+(\d+);", conf, re.M)
+    assert published(lb) == {int(listen[0]): 5000}
