@@ -88,6 +88,12 @@ async def test_twenty_clients_over_three_workers_cost_one_upstream_get(
     assert all(status == 200 and body == blob for status, body in answers)
     assert sim.requests[("GET", path)] == 1, sim.requests
     assert len(await _workers_seen(proc, path, 20)) >= 2, "the clients reached several workers"
+    outcomes = [
+        re.search(r"\boutcome=(\w+)", line)[1]  # type: ignore[index]
+        for line in proc.log.read_text().splitlines()
+        if "logger=mirror.access" in line and f"path={path} " in line
+    ]
+    assert outcomes.count("miss") == 1, outcomes  # the others followed that one fetch
     # afterwards every worker has it as a hit, with no upstream request
     again = await asyncio.gather(*(_get(proc.url + path) for _ in range(12)))
     assert all(status == 200 and body == blob for status, body in again)

@@ -262,7 +262,11 @@ class Routes:
         except errors.DiskFull:
             self._metrics.lookup("pass-through")
             return await self._send_through(request, target, digest)
-        return await self._send_filling(request, target, digest, answer.fill, answer.outcome, specs)
+        outcome = answer.outcome
+        if outcome is Outcome.MISS and not answer.fill.fetched:  # another process fetches it
+            outcome = Outcome.COALESCED
+            request[LEDGER].outcome = outcome.value
+        return await self._send_filling(request, target, digest, answer.fill, outcome, specs)
 
     async def _blob_head(
         self, request: web.Request, target: Target, digest: Digest
