@@ -42,7 +42,10 @@ class BudgetStore:
         return value
 
     async def told(self, upstream: str, remaining: int) -> int | None:
-        """Upstream said `remaining` pulls are left; what was known before (None: nothing)."""
+        """Upstream said `remaining` pulls are left; what was known before (None: nothing).
+        This process knows it at once, before the disk does: its next request, which may come
+        before the write lands, must not act on what it read earlier."""
+        self._read[("budget", upstream)] = (remaining, self._clock())
         return await offload(self._executor, self._swap, ("budget", upstream), remaining)
 
     def _swap(self, key: tuple[str, str], value: int) -> int | None:
