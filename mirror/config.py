@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from redis.connection import parse_url as parse_redis_url
-
 from mirror import signing
 from mirror.errors import ConfigError
 from mirror.policies import POLICIES
+from mirror.redis_url import redis_shown, redis_target
 
 DOCKER_HUB = "docker.io"
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -383,8 +382,11 @@ class ClusterConfig:
     questions through one Redis (mirror/coordination/cluster.py). Off while `redis_url` is
     empty: the mirror is then exactly a standalone one."""
 
-    #: redis://[[user]:password@]host[:port][/db], rediss:// (TLS) or unix:///path/to/socket,
-    #: with the query options redis-py's URL parsing takes.
+    #: One Redis (redis://[[user]:password@]host[:port][/db], rediss:// over TLS, or
+    #: unix:///path/to/socket), a Sentinel service's master
+    #: (redis+sentinel://[[user]:password@]host:port[,host:port…]/<service_name>[/<db>]) or a
+    #: Redis Cluster (redis+cluster://[[user]:password@]host:port[,host:port…]); with the query
+    #: options redis-py's URL parsing takes (mirror/redis_url.py).
     redis_url: str = ""
     #: This replica's URL as the other replicas reach it: http(s)://host:port.
     advertise: str = ""
@@ -402,14 +404,6 @@ class ClusterConfig:
             f"advertise={self.advertise!r}, secret={'***' if self.secret else ''!r}, "
             f"secret_file={self.secret_file!r})"
         )
-
-
-def redis_shown(url: str) -> str:
-    """A Redis URL fit for logs: its password (and user) left out."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
 #: Shortest cluster secret taken.
@@ -919,18 +913,10 @@ def _cluster(cluster: ClusterConfig) -> ClusterConfig:
         if cluster.advertise or cluster.secret or cluster.secret_file:
             raise ConfigError("cluster.redis_url: needed by the other [cluster] keys")
         return cluster
-    parts = urlsplit(cluster.redis_url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            "cluster.redis_url: a redis://, rediss:// or unix:// URL, got one of scheme "
-            f"{parts.scheme!r}"
-        )
     try:
-        parse_redis_url(cluster.redis_url)  # type: ignore[no-untyped-call]
+        redis_target(cluster.redis_url)
     except ValueError as e:
         raise ConfigError(f"cluster.redis_url: {e}") from None
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError("cluster.redis_url: names no host")
     advertised = urlsplit(cluster.advertise)
     try:
         port = advertised.port

@@ -1,4 +1,5 @@
-"""Coordination among replicas on several hosts, through one Redis (`[cluster]`).
+"""Coordination among replicas on several hosts, through one Redis (`[cluster]`): one
+instance, the master of a Sentinel service, or a Redis Cluster (topology.py opens the client).
 
 A replica is a host's mirror (one process, or worker processes sharing a data directory) that
 shares with the other replicas what is small and must be the same for all of them:
@@ -52,18 +53,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterat
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError, RedisClusterException, RedisError
 
-from mirror.config import ClusterConfig, redis_shown
+from mirror.config import ClusterConfig
 from mirror.coordination import FillLease, Joined, PullBudgets, TagRecords
 from mirror.coordination.claims import Claim
 from mirror.coordination.host import HostCoordinator, MemoryTokens
+from mirror.coordination.topology import Client, open_client
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, parse_digest
+from mirror.redis_url import redis_shown
 from mirror.store.keys import AnyTagKey, TagKey
 from mirror.store.tags import TagRecord
 
@@ -107,8 +107,9 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-#: What a call to Redis fails with when Redis is down, restarting, unreachable or slow.
-FAILURES = (RedisError, OSError, TimeoutError)
+#: What a call to Redis fails with when Redis is down, restarting, unreachable or slow (a
+#: Redis Cluster none of whose nodes answers: RedisClusterException, no RedisError).
+FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class Standalone(Exception):
@@ -121,7 +122,8 @@ class Link:
     def __init__(self, config: ClusterConfig, metrics: Metrics) -> None:
         self._config = config
         self._metrics = metrics
-        self.client: Redis | None = None
+        self.client: Client | None = None
+        self._close: Callable[[], Awaitable[None]] | None = None
         self.joined = False
         #: Whether the log has told of this replica's state yet.
         self._told = False
@@ -129,17 +131,14 @@ class Link:
     def open(self) -> None:
         """The client, made in the process that uses it (each worker after its fork); it
         connects on its first call."""
-        self.client = Redis.from_url(
+        self.client, self._close = open_client(
             self._config.redis_url,
-            socket_timeout=CALL_TIMEOUT,
-            socket_connect_timeout=CALL_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
             # CLIENT LIST tells which replica and process each connection is
-            client_name=f"mirror@{self._config.advertise}#{os.getpid()}",
+            f"mirror@{self._config.advertise}#{os.getpid()}",
+            CALL_TIMEOUT,
         )
 
-    async def call(self, op: Callable[[Redis], Awaitable[T]]) -> T:
+    async def call(self, op: Callable[[Client], Awaitable[T]]) -> T:
         """`op` on Redis while joined; Standalone when not joined, or when this call fails
         (which leaves the cluster until the probe finds Redis again)."""
         client = self.client
@@ -188,10 +187,10 @@ class Link:
         self.found()
 
     async def close(self) -> None:
-        if self.client is not None:
+        close, self._close, self.client = self._close, None, None
+        if close is not None:
             with contextlib.suppress(*FAILURES):
-                await self.client.aclose()
-            self.client = None
+                await close()
 
 
 def _tag(key: TagKey) -> str:
@@ -319,7 +318,7 @@ class ClusterBudgets:
 class Scripts:
     """The lease scripts, registered on this process's client once it is made."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Client) -> None:
         self.extend: AsyncScript = client.register_script(EXTEND)
         self.release: AsyncScript = client.register_script(RELEASE)
 
@@ -427,7 +426,7 @@ class ClusterCoordinator:
         """The advertised URLs of the replicas that renewed their membership lately."""
         found: list[str] = []
 
-        async def scan(r: Redis) -> None:
+        async def scan(r: Client) -> None:
             async for name in r.scan_iter(match=f"{PREFIX}member:*", count=100):
                 found.append(name.decode()[len(f"{PREFIX}member:") :])
 
