@@ -14,9 +14,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import aiohttp
 import boto3
@@ -507,23 +508,41 @@ def ext4_disk(tmp_path: Path) -> Iterator[Callable[[int], Ext4Disk]]:
         subprocess.run(["umount", "-l", str(disk.where)], check=False)
 
 
+class RedisEngine(Protocol):
+    """Whatever a cluster's replicas are pointed at: `url` is their `redis_url`."""
+
+    url: str
+
+
 class RedisServer:
     """Debian's `redis-server` on a free loopback port, nothing saved to disk; `stop` and
-    `start` again keep the port (a Redis that restarts empty)."""
+    `start` again keep the port (a Redis that restarts empty). `args` are more of its
+    options (`--replicaof …`, `--cluster-enabled yes`, `--sentinel`), `conf` a config file
+    it reads first (a Sentinel's, which it rewrites), `password` its `requirepass`."""
 
-    def __init__(self, where: Path) -> None:
+    def __init__(
+        self,
+        where: Path,
+        args: Sequence[str] = (),
+        conf: Path | None = None,
+        password: str = "",
+    ) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
         self._where = where
+        self._args = [*args, *(["--requirepass", password] if password else [])]
+        self._conf = conf
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self._where.mkdir(parents=True, exist_ok=True)
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self._where)]
+        command = ["redis-server", *([str(self._conf)] if self._conf else [])]
+        command += ["--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self._where), *self._args]
         with (self._where / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=log)
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        client = self.client()
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -543,6 +562,25 @@ class RedisServer:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def client(self) -> redis.Redis:
+        """A client of this server for the test's own looks (close it)."""
+        return redis.Redis(
+            port=self.port,
+            password=self.password or None,
+            socket_timeout=1,
+            socket_connect_timeout=1,
+        )
+
+    def ask(self, *command: str | int) -> Any:
+        """One command's answer, or None while the server does not answer it."""
+        client = self.client()
+        try:
+            return client.execute_command(*command)
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
@@ -550,6 +588,163 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+def until(what: str, ok: Callable[[], object], timeout: float = 30.0) -> None:
+    """`wait_until`'s blocking twin, for the fixtures that start engines: poll `ok` until it
+    is true, failing naming `what` past the deadline."""
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, f"not in {timeout} s: {what}"
+        time.sleep(0.05)  # ok: polling a condition with a deadline
+
+
+class RedisClusterNodes:
+    """A Redis Cluster of `count` primaries (`redis-server --cluster-enabled yes`, their bus
+    ports free loopback ports too, each with `password`), the 16384 slots split among them,
+    each met by the first; `url` is the mirror's redis+cluster:// URL of them all."""
+
+    SLOTS = 16384
+    OPTIONS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+
+    def __init__(self, where: Path, count: int = 3, password: str = "") -> None:
+        self.buses = [free_port() for _ in range(count)]
+        self.nodes = [
+            RedisServer(
+                where / f"node{i}",
+                [*self.OPTIONS, "--cluster-port", str(bus)],
+                password=password,
+            )
+            for i, bus in enumerate(self.buses)
+        ]
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        self.url = (
+            f"redis+cluster://:{password}@{hosts}" if password else f"redis+cluster://{hosts}"
+        )
+
+    def start(self) -> RedisClusterNodes:
+        for node in self.nodes:
+            node.start()
+        share = self.SLOTS // len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            last = self.SLOTS - 1 if i == len(self.nodes) - 1 else (i + 1) * share - 1
+            assert node.ask("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+            if i:
+                assert node.ask("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port, self.buses[0])
+
+        def formed() -> bool:
+            infos = [node.ask("CLUSTER INFO") or {} for node in self.nodes]  # parsed
+            return all(
+                i.get("cluster_state") == "ok" and i.get("cluster_known_nodes") == str(len(infos))
+                for i in infos
+            )
+
+        until("cluster_state:ok on every node", formed)
+        return self
+
+    def holders(self, pattern: str) -> dict[int, set[str]]:
+        """Each node's port → its keys matching `pattern`: where the slots put them."""
+        held: dict[int, set[str]] = {}
+        for node in self.nodes:
+            client = node.client()
+            try:
+                held[node.port] = {k.decode() for k in client.scan_iter(match=pattern)}
+            finally:
+                client.close()
+        return held
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
+    """A running Redis Cluster of three primaries of the test's own, stopped at the end."""
+    cluster = RedisClusterNodes(tmp_path / "redis-cluster", password="cluster-pw-4d9a1f")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+class RedisSentinelSet:
+    """A master, its replica (`--replicaof`) and one Sentinel watching them as `SERVICE`, quick
+    to fail over (a master silent for DOWN_AFTER ms is down, and one Sentinel is the quorum).
+    The data nodes require `password`, the Sentinel `sentinel_password`; `url` is the mirror's
+    redis+sentinel:// URL with both, naming the Sentinel only."""
+
+    SERVICE = "mirror-redis"
+    DOWN_AFTER = 1000
+
+    def __init__(self, where: Path, password: str, sentinel_password: str) -> None:
+        self.master = RedisServer(where / "master", ["--masterauth", password], password=password)
+        self.replica = RedisServer(
+            where / "replica",
+            ["--replicaof", "127.0.0.1", str(self.master.port), "--masterauth", password],
+            password=password,
+        )
+        self._conf = where / "sentinel" / "sentinel.conf"
+        self.sentinel = RedisServer(
+            where / "sentinel", ["--sentinel"], conf=self._conf, password=sentinel_password
+        )
+        self.url = (
+            f"redis+sentinel://:{password}@127.0.0.1:{self.sentinel.port}/{self.SERVICE}"
+            f"?sentinel_password={sentinel_password}"
+        )
+
+    def start(self) -> RedisSentinelSet:
+        self.master.start()
+        self.replica.start()
+        until(
+            "the replica in sync with the master",
+            lambda: (
+                (self.replica.ask("INFO", "replication") or {}).get("master_link_status") == "up"
+            ),
+        )
+        self._conf.parent.mkdir(parents=True, exist_ok=True)
+        self._conf.write_text(
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 1\n"
+            f"sentinel auth-pass {self.SERVICE} {self.master.password}\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} {self.DOWN_AFTER}\n"
+            f"sentinel failover-timeout {self.SERVICE} 10000\n"
+        )
+        self.sentinel.start()
+        until("the Sentinel knows the replica", lambda: self.replica.port in self._replicas())
+        return self
+
+    def _replicas(self) -> set[int]:
+        """The ports of the replicas the Sentinel sees up."""
+        client = self.sentinel.client()
+        try:
+            return {
+                int(r["port"])
+                for r in client.sentinel_slaves(self.SERVICE)
+                if not r["is_sdown"] and not r["is_odown"]
+            }
+        except redis.RedisError:
+            return set()
+        finally:
+            client.close()
+
+    def master_port(self) -> int | None:
+        """The port of the master the Sentinel names now."""
+        found = self.sentinel.ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+        return int(found[1]) if found else None
+
+    def stop(self) -> None:
+        for server in (self.sentinel, self.replica, self.master):
+            server.stop()
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelSet]:
+    """A running master, replica and Sentinel of the test's own, stopped at the end."""
+    sentinel = RedisSentinelSet(tmp_path / "redis-sentinel", "master-pw-7c21e0", "sentinel-pw-93b5")
+    try:
+        yield sentinel.start()
+    finally:
+        sentinel.stop()
 
 
 def lock_holder(path: Path) -> int | None:

@@ -34,7 +34,7 @@ import aiohttp
 import boto3
 import pytest
 import redis
-from conftest import BUCKET, KEYS, PROJECT, MirrorProcess, RedisServer
+from conftest import BUCKET, KEYS, PROJECT, MirrorProcess, RedisEngine, RedisServer
 from images import make_image
 from registry import free_port
 from test_metrics import _value
@@ -44,6 +44,7 @@ from mirror.config import ClusterConfig, load_config
 from mirror.coordination.peering import authorization, blob_path
 from mirror.errors import ConfigError
 from mirror.oci.reference import parse_digest
+from mirror.redis_url import redis_shown
 from mirror.store.layout import object_key
 
 REPLICAS = 3
@@ -62,14 +63,15 @@ async def _get(url: str) -> tuple[int, bytes]:
 async def _replicas(
     make: Callable[..., MirrorProcess],
     sim: UpstreamSim,
-    redis_server: RedisServer,
+    redis_server: RedisEngine,
     tmp_path: Path,
     extra: str = "",
     workers: int = 1,
     count: int = REPLICAS,
 ) -> list[MirrorProcess]:
     """Three replicas (or `count`), each with its data directory and its advertised URL, one
-    Redis; the first with `workers` worker processes."""
+    Redis (an instance, a Sentinel service or a Redis Cluster: `redis_server.url`); the first
+    with `workers` worker processes."""
     config = tmp_path / "cluster.toml"
     config.write_text(
         f'[upstreams."docker.io"]\ntag_ttl = 1\n{extra}\n'
@@ -321,22 +323,39 @@ def test_a_bad_cluster_value_stops_the_server_naming_the_key(tmp_path: Path) -> 
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize(
+    ("url", "where"),
+    [
+        ("rediss://mirror:hunter2-pw@r.example:6380/1", "r.example:6380"),
+        ("redis://r.example:6380/1?password=hunter2-pw", "r.example:6380"),
+        (
+            "redis+sentinel://mirror:hunter2-pw@s1.example:26379,s2.example/svc/2"
+            "?sentinel_password=hunter2-sentinel",
+            "s1.example:26379,s2.example/svc/2",
+        ),
+        (
+            "rediss+cluster://:hunter2-pw@n1.example:7000,n2.example:7001?ssl_cert_reqs=none",
+            "n1.example:7000,n2.example:7001",
+        ),
+    ],
+)
 def test_the_secret_comes_from_its_file_and_no_repr_shows_it_or_redis_password(
-    tmp_path: Path,
+    tmp_path: Path, url: str, where: str
 ) -> None:
     secret = tmp_path / "secret"
     secret.write_text(SECRET + "\n")
     good = tmp_path / "good.toml"
     good.write_text(
-        '[cluster]\nredis_url = "rediss://mirror:hunter2-pw@r.example:6380/1"\n'
+        f'[cluster]\nredis_url = "{url}"\n'
         f'advertise = "https://a.example:5000/"\nsecret_file = "{secret}"\n'
     )
     config = load_config(good, env={})
     assert config.cluster.secret == SECRET and config.cluster.enabled
+    assert config.cluster.redis_url == url
     assert config.cluster.advertise == "https://a.example:5000"
-    for shown in (repr(config), repr(config.cluster)):
+    for shown in (repr(config), repr(config.cluster), redis_shown(url)):
         assert SECRET not in shown and "hunter2" not in shown
-        assert "r.example:6380" in shown
+        assert where in shown
     assert load_config(env={}).cluster == ClusterConfig()
 
 
