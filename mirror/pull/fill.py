@@ -225,7 +225,10 @@ class Fill:
         try:
             claim = await claims()
             try:
-                if claim.owned:
+                if claim.owned:  # no process fills it now: committed since looked for?
+                    if await store.run(store.exists, self.digest):
+                        self._finish()
+                        return
                     raise errors.BlobUnknown(detail={"digest": str(self.digest)})
                 if not await self._follow(store, claim):
                     raise errors.UpstreamUnavailable("the process filling it went away")
