@@ -68,13 +68,14 @@ async def _replicas(
     extra: str = "",
     workers: int = 1,
     count: int = REPLICAS,
+    ttl: int = 1,
 ) -> list[MirrorProcess]:
     """Three replicas (or `count`), each with its data directory and its advertised URL, one
     Redis (an instance, a Sentinel service or a Redis Cluster: `redis_server.url`); the first
-    with `workers` worker processes."""
+    with `workers` worker processes. Tags live `ttl` seconds."""
     config = tmp_path / "cluster.toml"
     config.write_text(
-        f'[upstreams."docker.io"]\ntag_ttl = 1\n{extra}\n'
+        f'[upstreams."docker.io"]\ntag_ttl = {ttl}\n{extra}\n'
         f'[cluster]\nredis_url = "{redis_server.url}"\nsecret = "{SECRET}"\n'
     )
     procs = []
@@ -166,6 +167,73 @@ async def test_a_tag_past_its_ttl_through_three_replicas_costs_one_head(
     for proc in procs:
         assert await _cluster_up(proc) == 1
         assert SECRET not in proc.log.read_text(), "the secret is never logged"
+
+
+async def test_hits_within_the_ttl_ask_redis_nothing(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """A tag hit within its TTL, a manifest by digest and a blob hit consult Redis not at
+    all: over 50 hits of each through a replica of worker processes, Redis's MONITOR shows no
+    command of the mirror but the renewals of its membership, and INFO commandstats counts no
+    other command than those."""
+    image = make_image(23, [4096, 8192])
+    sim.add_image("c/hits", "v1", image)
+    procs = await _replicas(
+        mirror_process, sim, redis_server, tmp_path, workers=2, count=1, ttl=3600
+    )
+    url = procs[0].url
+    paths = ["/v2/c/hits/manifests/v1", f"/v2/c/hits/manifests/{image.digest}"]
+    paths += [f"/v2/c/hits/blobs/{d}" for d in image.blobs]
+    for path in paths:  # misses, each of which may ask Redis
+        status, _, _ = await _fetch(url + path)
+        assert status == 200
+    client = redis.Redis(port=redis_server.port)
+    own = client.client_info()["addr"]  # the test's own connection, left out below
+    deadline = time.monotonic() + 10
+    while any(client.scan_iter(match="mirror:fill:*")):  # each fill lets its lease go
+        assert time.monotonic() < deadline, "a fill lease outlived its fill"
+        await asyncio.sleep(0.02)  # ok: polling a condition with a deadline
+    watch = tmp_path / "monitor.log"
+    with watch.open("wb") as out:
+        monitor = subprocess.Popen(
+            ["redis-cli", "-p", str(redis_server.port), "monitor"], stdout=out
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while not watch.read_bytes().startswith(b"OK"):
+            assert time.monotonic() < deadline, "redis-cli monitor did not attach"
+            await asyncio.sleep(0.02)  # ok: polling a condition with a deadline
+        before = client.info("commandstats")
+        for _ in range(50):
+            for path in paths:
+                status, headers, _ = await _fetch(url + path)
+                assert (status, headers["X-Mirror-Cache"]) == (200, "hit"), path
+        after = client.info("commandstats")
+        client.echo("end-of-hits")
+        while b"end-of-hits" not in watch.read_bytes():
+            assert time.monotonic() < deadline + 60, "MONITOR did not show the marker"
+            await asyncio.sleep(0.02)  # ok: polling a condition with a deadline
+    finally:
+        monitor.terminate()
+        monitor.wait()
+        client.close()
+    lines = watch.read_text().splitlines()[1:]
+    mirror_said = [line.split('"')[1::2] for line in lines if f" {own}]" not in line]
+    assert all(
+        words[0].lower() == "set" and words[1].startswith("mirror:member:") for words in mirror_said
+    ), mirror_said
+    grew = {
+        name: stats["calls"] - before.get(name, {}).get("calls", 0)
+        for name, stats in after.items()
+        if stats["calls"] != before.get(name, {}).get("calls", 0)
+    }
+    grew.pop("cmdstat_info", None)
+    renewals = sum(1 for words in mirror_said)
+    assert set(grew) <= {"cmdstat_set"}, grew
+    assert grew.get("cmdstat_set", 0) <= renewals, (grew, renewals)
 
 
 async def test_worker_processes_each_join_the_cluster_after_their_fork(
@@ -644,6 +712,19 @@ async def _metric(proc: MirrorProcess, name: str, **labels: str) -> float:
     return _value(text.decode(), name, **labels)
 
 
+async def _lease_gone(redis_server: RedisServer, digest: str) -> None:
+    """Poll Redis until no replica holds the lease of `digest`: a replica answers its client
+    as it promotes a blob, and lets the lease go only once it committed its copy."""
+    client = redis.Redis(port=redis_server.port)
+    try:
+        deadline = time.monotonic() + 10
+        while client.exists(f"mirror:fill:{digest}"):
+            assert time.monotonic() < deadline, "the lease outlived the fill"
+            await asyncio.sleep(0.02)  # ok: polling a condition with a deadline
+    finally:
+        client.close()
+
+
 async def test_a_blob_one_replica_fetched_is_promoted_from_cold_by_the_others(
     sim: UpstreamSim,
     mirror_process: Callable[..., MirrorProcess],
@@ -672,6 +753,7 @@ async def test_a_blob_one_replica_fetched_is_promoted_from_cold_by_the_others(
         assert await _metric(proc, "mirror_blob_lookups_total", source="cold") == 1
         assert await _metric(proc, "mirror_blob_lookups_total", source="upstream") == 0
         assert hashlib.sha256(_blob_file(proc, digest).read_bytes()).hexdigest() == digest[7:]
+        await _lease_gone(redis_server, digest)  # else the next replica streams this one's
     assert sim.requests[("GET", path)] == 1, "a blob in cold costs no replica an upstream GET"
     assert await _metric(a, "mirror_cold_uploads_total", result="ok") == 1
     for proc in (b, c):

@@ -211,11 +211,15 @@ class ClusterTags:
         return self._local.cached(key)
 
     async def get(self, key: AnyTagKey) -> TagRecord | None:
-        found = self._local.cached(key)
+        """The host's record first (memory, then the data directory, where another worker of
+        this host may have put it): a hit within the TTL asks Redis nothing; Redis for a tag
+        this host does not hold (another replica may). A stale record of the host's is
+        revalidated through `confirmed`, which asks Redis first."""
+        found = await self._local.get(key)
         if found is None and isinstance(key, TagKey):
             with contextlib.suppress(Standalone):
                 found = await self._shared(key)
-        return found if found is not None else await self._local.get(key)
+        return found
 
     async def confirmed(self, key: AnyTagKey) -> TagRecord | None:
         """The record as the cluster has it now; the data directory's when Redis has none
