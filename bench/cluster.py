@@ -10,6 +10,9 @@ Each repetition, with empty caches and an empty Redis:
   three processes), nginx round-robin in front; 30 clients at once GET the blob through nginx.
 * **single**: one `mirror serve --workers 1` without `[cluster]`; the same 30 clients GET the
   blob from it directly (a single mirror has no load balancer).
+* **cluster+kernel** (with `--phases`; root and iptables): the same replicas behind the
+  kernel's NAT instead of nginx, round-robin per connection as kube-proxy's iptables mode
+  balances a Service (bodies never pass through user space on their way to the client).
 * **single+lb** (with `--phases`): the single mirror behind the same nginx, to tell the load
   balancer's cost from the cluster's.
 
@@ -183,6 +186,46 @@ http {{
     }}
 }}
 """
+
+
+#: The iptables chain of the in-kernel balancer (`cluster+kernel`).
+CHAIN = "MIRROR_BENCH_LB"
+
+
+def iptables(*args: str, check: bool = True) -> None:
+    subprocess.run(["iptables", "-t", "nat", *args], check=check, capture_output=True)
+
+
+def kernel_lb(behind: tuple[str, ...] = REPLICAS) -> None:
+    """Round-robin over `behind` by connection in the kernel's NAT, as kube-proxy's iptables
+    mode does for a Service: each new connection to the lb port is DNATed to the next
+    replica (`statistic --mode nth`), and no byte of a body passes through user space."""
+    kernel_lb_off()
+    iptables("-N", CHAIN)
+    for i, r in enumerate(behind):
+        left = len(behind) - i
+        match = ["-m", "statistic", "--mode", "nth", "--every", str(left), "--packet", "0"]
+        to = ["-j", "DNAT", "--to-destination", f"{HOST}:{PORTS[r]}"]
+        iptables("-A", CHAIN, "-p", "tcp", *(match if left > 1 else []), *to)
+    iptables("-A", "OUTPUT", "-p", "tcp", "-d", HOST, "--dport", str(PORTS["lb"]), "-j", CHAIN)
+
+
+def kernel_lb_off() -> None:
+    iptables(
+        "-D",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        HOST,
+        "--dport",
+        str(PORTS["lb"]),
+        "-j",
+        CHAIN,
+        check=False,
+    )
+    iptables("-F", CHAIN, check=False)
+    iptables("-X", CHAIN, check=False)
 
 
 def mirror_conf(name: str, cluster: bool) -> str:
@@ -389,6 +432,13 @@ def phase(procs: Procs, which: str, path: str, clients: int, hexd: str, size: in
         start_nginx(procs, "lb", lb_conf())
         wait_for(procs, "lb", lambda: get(PORTS["lb"], "/v2/")[0] == 200)
         port = PORTS["lb"]
+    elif which == "cluster+kernel":
+        start_redis(procs)
+        for r in REPLICAS:
+            start_mirror(procs, r, cluster=True)
+        kernel_lb()
+        wait_for(procs, "r1", lambda: get(PORTS["lb"], "/v2/")[0] == 200)
+        port = PORTS["lb"]
     elif which == "single+lb":
         start_mirror(procs, "single", cluster=False)
         start_nginx(procs, "lb", lb_conf(("single",)))
@@ -403,6 +453,7 @@ def phase(procs: Procs, which: str, path: str, clients: int, hexd: str, size: in
     out["upstream_gets"] = upstream_gets(offset, path)
     out["load1_before"] = load
     out["phase"] = which
+    kernel_lb_off()
     for name in ("lb", *REPLICAS, "redis", "single"):
         procs.stop(name)
     return out
@@ -424,13 +475,18 @@ def table(result: dict) -> str:
         )
     walls = {
         w: statistics.median([p["wall_s"] for p in result["phases"] if p["phase"] == w] or [0])
-        for w in ("cluster", "single", "single+lb")
+        for w in ("cluster", "cluster+kernel", "single", "single+lb")
     }
     lines.append("")
     if walls["cluster"] and walls["single"]:
         lines.append(
             f"Cluster wall / single wall (medians): {walls['cluster'] / walls['single']:.2f}× "
             "(goal ≤ 1.2×)."
+        )
+    if walls["cluster+kernel"] and walls["single"]:
+        lines.append(
+            f"Cluster behind the kernel's NAT / single wall (medians): "
+            f"{walls['cluster+kernel'] / walls['single']:.2f}× (goal ≤ 1.2×)."
         )
     if walls["single+lb"] and walls["single"]:
         lines.append(
@@ -454,7 +510,7 @@ def report(result: dict) -> str:
         f"# Cluster mode: {result['clients']} cold clients of a {result['size'] >> 20} MiB blob "
         f"({result['started']})\n\n"
         f"cluster: 3 replicas (`--workers 1` each) with one redis-server, nginx round-robin in "
-        f"front; single: one mirror (`--workers 1`), clients direct. Upstream: nginx static, "
+        f"front (cluster+kernel: the kernel's NAT round-robin instead); single: one mirror (`--workers 1`), clients direct. Upstream: nginx static, "
         f"limit_rate {result['rate']}. {result['cpus']} CPUs, load average {load[0]:.2f} at the "
         f"start, {load[1]:.2f} at the end.\n\n" + table(result) + "\n"
     )
@@ -469,7 +525,9 @@ def main() -> int:
     parser.add_argument(
         "--phases",
         default="cluster,single",
-        help="of cluster, single, single+lb (one mirror behind the same nginx), in order",
+        help="of cluster, cluster+kernel (the replicas behind the kernel's NAT instead of "
+        "nginx; needs root and iptables), single, single+lb (one mirror behind the same "
+        "nginx), in order",
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--report", type=Path, default=None, help="print a results JSON again")
@@ -537,6 +595,7 @@ def main() -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        kernel_lb_off()
         procs.stop_all()
         for name in (*REPLICAS, "single"):
             shutil.rmtree(BASE / name, ignore_errors=True)
