@@ -46,6 +46,7 @@ from mirror.errors import ConfigError
 from mirror.oci.reference import parse_digest
 from mirror.redis_url import redis_shown
 from mirror.store.layout import object_key
+from mirror.upstream.auth import EXPIRY_MARGIN
 
 REPLICAS = 3
 SECRET = "cluster-secret-0123456789abcdefghijkl"
@@ -287,6 +288,91 @@ async def test_a_pull_budget_below_its_floor_told_to_one_replica_spares_the_othe
     await _ttl_passes()
     await _pull_through_all(procs[1:], path, image.data, 20)
     assert sim.requests[("HEAD", path)] == 1, sim.requests
+
+
+TOKEN_KEY = "mirror:token:docker.io:repository:c/tok:pull"
+
+
+async def _pulled_with_one_token(
+    sim: UpstreamSim, procs: list[MirrorProcess], redis_server: RedisServer
+) -> bytes:
+    """`c/tok:v1` pulled through each replica in turn, its manifest and blobs, from an
+    upstream that demands Bearer tokens: each replica asks upstream (the manifest by digest at
+    least), yet the realm issues one token, the one Redis holds for its scope; returned."""
+    image = make_image(24, [4096, 8192])
+    sim.add_image("c/tok", "v1", image)
+    for proc in procs:
+        assert await _get(proc.url + "/v2/c/tok/manifests/v1") == (200, image.data)
+        for digest in image.blobs:
+            status, _ = await _get(f"{proc.url}/v2/c/tok/blobs/{digest}")
+            assert status == 200
+    assert sim.requests[("GET", f"/v2/c/tok/manifests/{image.digest}")] >= REPLICAS - 1
+    assert sim.tokens_issued == 1, "one token for the scope, whichever replica asked"
+    client = redis_server.client()
+    try:
+        token = client.get(TOKEN_KEY)
+    finally:
+        client.close()
+    assert token is not None and token.decode() in sim.tokens
+    return token
+
+
+async def test_a_token_one_replica_fetched_is_the_others_within_its_life(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Replica A fetches the scope's token from the realm; B and C, asking upstream for the
+    same repository, use it from Redis: one token issued, not three. Redis keeps it no longer
+    than the token lives (less the margin), and no replica logs it."""
+    sim.require_bearer()
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path, ttl=3600)
+    token = await _pulled_with_one_token(sim, procs, redis_server)
+    client = redis_server.client()
+    try:
+        left = client.pttl(TOKEN_KEY)
+    finally:
+        client.close()
+    assert 0 < left <= (sim.token_ttl - EXPIRY_MARGIN) * 1000, left
+    for proc in procs:
+        assert token.decode() not in proc.log.read_text(), "a token is never logged"
+
+
+async def test_a_token_upstream_refuses_leaves_redis_for_a_fresh_one(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """Upstream revokes the cluster's token. Replica B, refused, drops it from Redis (its
+    realm fails it once, so nothing takes its place); C, refused too, fetches a fresh one,
+    which Redis then holds; A, still holding the revoked one in memory, is refused and takes
+    C's from Redis, as B does: two tokens issued in all, the revoked one never handed out."""
+    sim.require_bearer()
+    procs = await _replicas(mirror_process, sim, redis_server, tmp_path, ttl=3600)
+    a, b, c = procs
+    revoked = await _pulled_with_one_token(sim, procs, redis_server)
+    image = make_image(25, [4096])
+    sim.add_image("c/tok", "v2", image)
+    path = "/v2/c/tok/manifests/v2"
+    sim.revoke_tokens()
+    sim.fault("token", "status", status=503, times=1)
+    status, _ = await _get(b.url + path)
+    assert status != 200, "the realm failed B's fetch"
+    client = redis_server.client()
+    try:
+        assert client.get(TOKEN_KEY) is None, "the refused token left Redis"
+        assert await _get(c.url + path) == (200, image.data)
+        assert sim.tokens_issued == 2
+        fresh = client.get(TOKEN_KEY)
+        assert fresh is not None and fresh != revoked and fresh.decode() in sim.tokens
+        for proc in (a, b):
+            assert await _get(proc.url + path) == (200, image.data)
+        assert sim.tokens_issued == 2, "A and B took C's token from Redis"
+        assert client.get(TOKEN_KEY) == fresh, "A's refusal of its old token left C's"
+    finally:
+        client.close()
 
 
 async def test_redis_killed_mid_traffic_leaves_replicas_standalone_until_it_is_back(

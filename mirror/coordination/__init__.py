@@ -15,11 +15,11 @@ Everything that serves one cache shares four decisions:
 directory (worker processes, admin commands): single-flight tasks within a process, and
 across processes advisory locks on files that the kernel frees when a holder dies (claims.py
 for fills); the tag store of the data directory; tokens in memory. `ClusterCoordinator`
-(cluster.py) wraps it for replicas across hosts (`[cluster]`): tag records, pull budgets and
-each tag's turn to ask upstream in Redis, the rest the host's, and the host's alone whenever
-Redis does not answer; and each fill's lease, so that one replica of the cluster fetches a
-blob while the others stream its fill (peering.py: the internal endpoint). Callers do not
-change; `mirror.cache.open_cache` is where the answer is chosen.
+(cluster.py) wraps it for replicas across hosts (`[cluster]`): tag records, upstream tokens,
+pull budgets and each tag's turn to ask upstream in Redis, the rest the host's, and the
+host's alone whenever Redis does not answer; and each fill's lease, so that one replica of the
+cluster fetches a blob while the others stream its fill (peering.py: the internal endpoint).
+Callers do not change; `mirror.cache.open_cache` is where the answer is chosen.
 """
 
 from __future__ import annotations
@@ -64,11 +64,16 @@ class TagRecords(Protocol):
 class TokenCache(Protocol):
     """Bearer tokens from upstream token realms, per upstream and scope, until they expire."""
 
-    def get(self, upstream: str, scope: str) -> str | None: ...
+    async def get(self, upstream: str, scope: str) -> str | None:
+        """A live token; from memory without a wait when this process holds one."""
+        ...
 
-    def put(self, upstream: str, scope: str, token: str, ttl: float) -> None: ...
+    async def put(self, upstream: str, scope: str, token: str, ttl: float) -> None: ...
 
-    def drop(self, upstream: str, scope: str) -> None: ...
+    async def drop(self, upstream: str, scope: str, token: str) -> None:
+        """`token` was refused upstream: forgotten where it is still the one kept (another
+        process may have put a fresh one in its place meanwhile, which stays)."""
+        ...
 
 
 class PullBudgets(Protocol):

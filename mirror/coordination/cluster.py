@@ -6,6 +6,11 @@ shares with the other replicas what is small and must be the same for all of the
 
     mirror:tag:<upstream>/<repo>:<tag>   a tag record: {"digest", "media_type", "checked"}
                                          (a client Accept's own view of a tag stays local)
+    mirror:token:<name>:<scope>          an upstream's Bearer token for one scope (`<name>`: the
+                                         upstream, or "<upstream> via <origin>" for a host it
+                                         redirected to, percent-encoded, so it holds no `:`),
+                                         expiring (PX) when the replica that fetched it stops
+                                         using it: EXPIRY_MARGIN (auth.py) before the token does
     mirror:budget:<upstream>             the pulls upstream last said are left
     mirror:backoff:<upstream>            until when (wall clock) to leave it alone after a 429,
                                          expiring then
@@ -26,11 +31,19 @@ the replica, not the process: a lease that names this very replica was left by o
 processes that no longer fills (this one holds the host's claim), and is taken over.
 
 Everything else stays the host's (`HostCoordinator`, which this wraps): the fill claims of its
-processes, eviction, who leads, tokens, and `once` for anything but a tag. A tag's `once` is
+processes, eviction, who leads, and `once` for anything but a tag. A tag's `once` is
 the host's single flight and host lock first, then the tag's turn in Redis: one replica asks
 upstream while the others wait, then re-read the record it stored (`tags.confirmed`): one HEAD
 per tag TTL per cluster.
 Each tag record is written to the data directory too, so a replica on its own still has it.
+
+An upstream token is looked up in the process's memory first (a live one there asks Redis
+nothing), then in Redis, where the replica that fetched it from the realm put it: one token
+fetch per scope per token lifetime for the cluster, but for two replicas that miss at once,
+which may both fetch one (there is no turn for it; the later one's stays). A token upstream
+refuses is deleted from Redis if it is still the one there (compare-and-delete), so a fresh
+one another replica put meanwhile stays. Tokens are secrets: never logged; whoever reads Redis
+may pull, for each token's scope and until it expires, what the upstream's credentials may.
 
 Redis down or unreachable: the first failure of any call turns the replica standalone (a
 warning in the log, `mirror_cluster_up` 0, `/readyz` says so) and from then on nothing on
@@ -52,14 +65,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from redis.commands.core import AsyncScript
 from redis.exceptions import LockError, RedisClusterException, RedisError
 
 from mirror.config import ClusterConfig
-from mirror.coordination import FillLease, Joined, PullBudgets, TagRecords
+from mirror.coordination import FillLease, Joined, PullBudgets, TagRecords, TokenCache
 from mirror.coordination.claims import Claim
-from mirror.coordination.host import HostCoordinator, MemoryTokens
+from mirror.coordination.host import HostCoordinator
 from mirror.coordination.topology import Client, open_client
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest, parse_digest
@@ -107,6 +121,10 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+#: A token and the milliseconds it has left, in one call (false and -2 when there is none).
+PEEK = """
+return {redis.call('get', KEYS[1]), redis.call('pttl', KEYS[1])}
+"""
 #: What a call to Redis fails with when Redis is down, restarting, unreachable or slow (a
 #: Redis Cluster none of whose nodes answers: RedisClusterException, no RedisError).
 FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
@@ -123,6 +141,7 @@ class Link:
         self._config = config
         self._metrics = metrics
         self.client: Client | None = None
+        self.scripts: Scripts | None = None
         self._close: Callable[[], Awaitable[None]] | None = None
         self.joined = False
         #: Whether the log has told of this replica's state yet.
@@ -137,6 +156,7 @@ class Link:
             f"mirror@{self._config.advertise}#{os.getpid()}",
             CALL_TIMEOUT,
         )
+        self.scripts = Scripts(self.client)
 
     async def call(self, op: Callable[[Client], Awaitable[T]]) -> T:
         """`op` on Redis while joined; Standalone when not joined, or when this call fails
@@ -187,7 +207,7 @@ class Link:
         self.found()
 
     async def close(self) -> None:
-        close, self._close, self.client = self._close, None, None
+        close, self._close, self.client, self.scripts = self._close, None, None, None
         if close is not None:
             with contextlib.suppress(*FAILURES):
                 await close()
@@ -320,11 +340,63 @@ class ClusterBudgets:
 
 
 class Scripts:
-    """The lease scripts, registered on this process's client once it is made."""
+    """The Lua scripts, registered on this process's client once it is made."""
 
     def __init__(self, client: Client) -> None:
         self.extend: AsyncScript = client.register_script(EXTEND)
         self.release: AsyncScript = client.register_script(RELEASE)
+        self.peek: AsyncScript = client.register_script(PEEK)
+
+
+def _token(upstream: str, scope: str) -> str:
+    """A token's key in Redis. The name is percent-encoded (a redirect target's, "<upstream>
+    via <origin>", holds `:` and `/`), so the first `:` after `token:` ends it and no two
+    (name, scope) share a key."""
+    return f"{PREFIX}token:{quote(upstream, safe='')}:{scope}"
+
+
+class ClusterTokens:
+    """Upstream tokens in Redis, each also kept in this process's memory (`local`), which
+    stays the hot path: a live token in memory asks Redis nothing. Not joined: memory only."""
+
+    def __init__(self, local: TokenCache, link: Link) -> None:
+        self._local = local
+        self._link = link
+
+    async def get(self, upstream: str, scope: str) -> str | None:
+        """Memory, then Redis (another replica's token, kept in memory for what Redis says it
+        has left)."""
+        found = await self._local.get(upstream, scope)
+        scripts = self._link.scripts
+        if found is not None or scripts is None:
+            return found
+        key = _token(upstream, scope)
+        try:
+            raw, left = await self._link.call(lambda r: scripts.peek(keys=[key]))
+        except Standalone:
+            return None
+        if not isinstance(raw, (bytes, str)) or not isinstance(left, int) or left <= 0:
+            return None  # none, or one without an expiry, which the mirror never writes
+        token = raw.decode() if isinstance(raw, bytes) else raw
+        await self._local.put(upstream, scope, token, left / 1000)
+        return token
+
+    async def put(self, upstream: str, scope: str, token: str, ttl: float) -> None:
+        """A token fetched from the realm, good for `ttl` seconds: kept in memory and, for
+        as long, in Redis."""
+        await self._local.put(upstream, scope, token, ttl)
+        key, ms = _token(upstream, scope), max(int(ttl * 1000), 1)
+        with contextlib.suppress(Standalone):
+            await self._link.call(lambda r: r.set(key, token, px=ms))
+
+    async def drop(self, upstream: str, scope: str, token: str) -> None:
+        await self._local.drop(upstream, scope, token)
+        scripts = self._link.scripts
+        if scripts is None:
+            return
+        key = _token(upstream, scope)
+        with contextlib.suppress(Standalone):
+            await self._link.call(lambda r: scripts.release(keys=[key], args=[token]))
 
 
 class ClusterLease:
@@ -387,7 +459,8 @@ class ClusterLease:
 
 class ClusterCoordinator:
     """The coordination seam for one replica of a cluster: the host's, with tag records,
-    pull budgets and tag revalidation shared through Redis (see the module's docstring)."""
+    upstream tokens, pull budgets and tag revalidation shared through Redis (see the module's
+    docstring)."""
 
     def __init__(self, host: HostCoordinator, config: ClusterConfig, metrics: Metrics) -> None:
         self._host = host
@@ -395,9 +468,8 @@ class ClusterCoordinator:
         self._link = Link(config, metrics)
         self.tags = ClusterTags(host.tags, self._link)
         self.budgets = ClusterBudgets(host.budgets, self._link)
-        self.tokens: MemoryTokens = host.tokens
+        self.tokens = ClusterTokens(host.tokens, self._link)
         self._probing: asyncio.Task[None] | None = None
-        self._scripts: Scripts | None = None
         metrics.cluster(False)
 
     @property
@@ -408,8 +480,6 @@ class ClusterCoordinator:
         """Open this process's Redis client, try Redis once (so a replica whose Redis answers
         serves joined from its first request) and keep probing it in the background."""
         self._link.open()
-        assert self._link.client is not None
-        self._scripts = Scripts(self._link.client)
         await self._link.probe()
         self._probing = asyncio.create_task(self._probe_forever())
 
@@ -457,7 +527,7 @@ class ClusterCoordinator:
 
     @contextlib.asynccontextmanager
     async def _fill_lease(self, digest: Digest) -> AsyncIterator[FillLease]:
-        lease = ClusterLease(self._link, self._scripts, digest, self._config.advertise)
+        lease = ClusterLease(self._link, self._link.scripts, digest, self._config.advertise)
         try:
             yield lease
         finally:

@@ -16,7 +16,7 @@ processes, the kernel decides with advisory locks it frees when a holder dies:
 
 Tag records and pull budgets live in the data directory's diskcache (store/tags.py,
 store/budgets.py), which every process reads; upstream tokens stay in each process's memory
-(a token request costs no pull).
+(a token request costs no pull; a cluster's replicas share them through Redis, cluster.py).
 """
 
 from __future__ import annotations
@@ -52,23 +52,26 @@ LOCK_WAITERS = 32
 
 
 class MemoryTokens:
-    """Tokens in process memory, each until its expiry (monotonic clock)."""
+    """Tokens in process memory, each until its expiry (monotonic clock). Async to be one
+    `TokenCache` with the cluster's (cluster.py, which may ask Redis); nothing here awaits."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._tokens: Bounded[tuple[str, str], tuple[str, float]] = Bounded(TOKENS_KEPT)
 
-    def get(self, upstream: str, scope: str) -> str | None:
+    async def get(self, upstream: str, scope: str) -> str | None:
         entry = self._tokens.get((upstream, scope))
         if entry is None or entry[1] <= self._clock():
             return None
         return entry[0]
 
-    def put(self, upstream: str, scope: str, token: str, ttl: float) -> None:
+    async def put(self, upstream: str, scope: str, token: str, ttl: float) -> None:
         self._tokens.remember((upstream, scope), (token, self._clock() + ttl))
 
-    def drop(self, upstream: str, scope: str) -> None:
-        self._tokens.forget((upstream, scope))
+    async def drop(self, upstream: str, scope: str, token: str) -> None:
+        entry = self._tokens.get((upstream, scope))
+        if entry is not None and entry[0] == token:
+            self._tokens.forget((upstream, scope))
 
     def __len__(self) -> int:
         return len(self._tokens)

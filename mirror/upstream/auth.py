@@ -4,9 +4,12 @@ Flow (https://distribution.github.io/distribution/spec/auth/token/): a request a
 with `WWW-Authenticate: Bearer realm=…,service=…,scope=…` is retried once with a token from
 the realm: asked anonymously, with Basic credentials, or, for an identity token, by an OAuth2
 refresh-token grant POSTed to the realm. Tokens are kept per (upstream, scope) until shortly
-before they expire, in the coordinator's token cache (memory for one process), and concurrent
-fetches of the same token are coalesced. `Basic` challenges are answered with the upstream's
-credentials (credentials.py says where they come from).
+before they expire, in the coordinator's token cache (memory for one process; memory, then
+Redis, for a cluster's replicas), and concurrent fetches of the same token are coalesced. The
+cache is asked only for an upstream that has challenged with Bearer in this process: an
+upstream that never does costs no lookup. A 401 is answered with a token the cache holds that
+is not the refused one (another replica's) before the realm is asked. `Basic` challenges are
+answered with the upstream's credentials (credentials.py says where they come from).
 
 A host the upstream redirects to that challenges on its own (a registry keeping blobs, or its
 whole API, behind a second host) gets a token from the realm it names, kept apart from the
@@ -105,6 +108,8 @@ class Authenticator:
         self._fetch = fetch
         self._tokens = tokens
         self._basic: set[str] = set()
+        #: Token cache names (upstreams, hosts they redirected to) that challenged with Bearer.
+        self._bearer: set[str] = set()
         self._flights: Flights[tuple[str, str], None, str] = Flights()
 
     async def credentials(self, up: UpstreamConfig) -> Credentials | None:
@@ -116,8 +121,7 @@ class Authenticator:
     async def header(self, up: UpstreamConfig, scope: str) -> str | None:
         """The Authorization header to send first: a live cached token, or Basic if the
         registry asked for Basic before."""
-        token = self._tokens.get(up.name, scope)
-        if token is not None:
+        if up.name in self._bearer and (token := await self._tokens.get(up.name, scope)):
             return f"Bearer {token}"
         if up.name in self._basic:
             creds = await self.credentials(up)
@@ -125,8 +129,11 @@ class Authenticator:
                 return creds.basic()
         return None
 
-    async def answer(self, up: UpstreamConfig, scope: str, www_authenticate: str) -> str | None:
-        """The header that answers a 401's challenge, or None when we have nothing to offer."""
+    async def answer(
+        self, up: UpstreamConfig, scope: str, www_authenticate: str, sent: str | None
+    ) -> str | None:
+        """The header that answers a 401's challenge to a request that carried `sent` (its
+        Authorization, if any), or None when we have nothing to offer."""
         challenge = parse_challenge(www_authenticate)
         if challenge is None:
             return None
@@ -143,38 +150,72 @@ class Authenticator:
             return creds.basic()
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return None
-        self._tokens.drop(up.name, scope)  # it was refused, if we sent it
-        token, _ = await self._flights.run(
-            (up.name, scope), lambda: self._token(up, up.name, scope, challenge, elsewhere=False)
-        )
+        token = await self._renewed(up, up.name, scope, challenge, sent, elsewhere=False)
         return f"Bearer {token}"
 
-    def redirect_header(self, up: UpstreamConfig, origin: str, scope: str) -> str | None:
+    async def redirect_header(self, up: UpstreamConfig, origin: str, scope: str) -> str | None:
         """A live token for `origin`, a host `up` redirected to, got from that host's own
         challenge; None when there is none."""
-        token = self._tokens.get(_elsewhere(up, origin), scope)
-        return None if token is None else f"Bearer {token}"
+        key = _elsewhere(up, origin)
+        if key in self._bearer and (token := await self._tokens.get(key, scope)):
+            return f"Bearer {token}"
+        return None
 
     async def answer_redirect(
-        self, up: UpstreamConfig, origin: str, scope: str, www_authenticate: str
+        self, up: UpstreamConfig, origin: str, scope: str, www_authenticate: str, sent: str | None
     ) -> str:
         """The header that answers the challenge of `origin`, a host `up` redirected to (a
         registry that keeps blobs, or its whole API, behind a second host): a token from the
-        realm that host names. The upstream's credentials go to that realm only when they may
-        go to it anyway (`realm_refusal`); otherwise the token is asked for anonymously. The
-        upstream's own Authorization never goes to that host."""
+        realm that host names, in place of `sent` (the token it refused, if any). The upstream's
+        credentials go to that realm only when they may go to it anyway (`realm_refusal`);
+        otherwise the token is asked for anonymously. The upstream's own Authorization never
+        goes to that host."""
         challenge = parse_challenge(www_authenticate)
         if challenge is None or challenge.scheme != "bearer" or "realm" not in challenge.params:
             raise UpstreamDenied(
                 "a host the upstream redirected to asks for credentials, and the upstream's "
                 "are never sent to another host"
             )
-        key = _elsewhere(up, origin)
-        self._tokens.drop(key, scope)  # it was refused, if we sent it
-        token, _ = await self._flights.run(
-            (key, scope), lambda: self._token(up, key, scope, challenge, elsewhere=True)
+        token = await self._renewed(
+            up, _elsewhere(up, origin), scope, challenge, sent, elsewhere=True
         )
         return f"Bearer {token}"
+
+    async def _renewed(
+        self,
+        up: UpstreamConfig,
+        key: str,
+        scope: str,
+        challenge: Challenge,
+        sent: str | None,
+        elsewhere: bool,
+    ) -> str:
+        """A token under `key` in place of the one `sent` carried, which was refused: dropped
+        from the cache, then one fetch for the concurrent callers (`_fetched`)."""
+        self._bearer.add(key)
+        refused = sent.removeprefix("Bearer ") if sent and sent.startswith("Bearer ") else None
+        if refused is not None:
+            await self._tokens.drop(key, scope, refused)
+        token, _ = await self._flights.run(
+            (key, scope), lambda: self._fetched(up, key, scope, challenge, refused, elsewhere)
+        )
+        return token
+
+    async def _fetched(
+        self,
+        up: UpstreamConfig,
+        key: str,
+        scope: str,
+        challenge: Challenge,
+        refused: str | None,
+        elsewhere: bool,
+    ) -> str:
+        """The cache's token when it holds one other than `refused` (another replica fetched
+        it since, or this process's lookup missed it), else the realm's (`_token`)."""
+        found = await self._tokens.get(key, scope)
+        if found is not None and found != refused:
+            return found
+        return await self._token(up, key, scope, challenge, elsewhere)
 
     async def _token(
         self, up: UpstreamConfig, key: str, scope: str, challenge: Challenge, elsewhere: bool
@@ -206,7 +247,7 @@ class Authenticator:
             if isinstance(expires_in, (int, float)) and expires_in > 0
             else DEFAULT_EXPIRES_IN
         )
-        self._tokens.put(key, scope, token, max(ttl - EXPIRY_MARGIN, 1.0))
+        await self._tokens.put(key, scope, token, max(ttl - EXPIRY_MARGIN, 1.0))
         return token
 
 

@@ -419,7 +419,7 @@ class UpstreamClient:
                 challenge = resp.headers["WWW-Authenticate"]
                 resp.release()
                 with translated():
-                    answer = await self.auth.answer(up, scope, challenge)
+                    answer = await self.auth.answer(up, scope, challenge, auth)
                 if answer is not None:
                     resp = await self._tries(
                         up,
@@ -556,10 +556,11 @@ class UpstreamClient:
             # compress them (aiohttp would ask for gzip and, not decoding, keep it so)
             send = {"Accept-Encoding": "identity", **headers}
             here = _origin_of(url)
+            token: str | None = None
             if _same_origin(url, up.url):
                 if auth is not None:
                     send["Authorization"] = auth
-            elif (token := self.auth.redirect_header(up, here, scope)) is not None:
+            elif (token := await self.auth.redirect_header(up, here, scope)) is not None:
                 send["Authorization"] = token
             with translated():
                 resp = await self.session.request(
@@ -579,7 +580,7 @@ class UpstreamClient:
                     )
                 answered.add(here)
                 with translated():
-                    await self.auth.answer_redirect(up, here, scope, challenge)
+                    await self.auth.answer_redirect(up, here, scope, challenge, token)
                 continue
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:
                 return resp
