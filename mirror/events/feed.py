@@ -1,0 +1,251 @@
+"""The journals read forward: each consumer (a webhook, the audit log) has a cursor, its
+place in every journal (journal.py), and takes the lines of the kinds it wants from there,
+in big chunks, off the request path.
+
+Order: within a journal, the order it was written in; across journals, by when each event
+was emitted (the lines read so far of each journal merged by that time), so events of two
+processes close in time may come in either order, and a line a process had not yet written
+when the others' were taken comes after them.
+
+A consumer moves its cursor past what it took once that is done with (a webhook's 2xx, an
+audit write), and past the oldest of what it wants when more than `max_queue` wait
+(`trim`): so each webhook keeps at most its newest `max_queue` events. What waits is counted
+in the bytes (the kind leads every line) from where the last count ended, not line by line.
+Files wholly behind every cursor are deleted (`collect`), so the journals hold at most about
+`max_queue` lines per journal behind the slowest consumer, and one file's bytes
+(FILE_BYTES) more.
+
+Every method is blocking: the deliver thread's (delivery.py), or an admin command's.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from operator import itemgetter
+from pathlib import Path
+
+from mirror.events.journal import (
+    COMMAND_PREFIX,
+    Position,
+    delete_files,
+    directory_of,
+    file_numbers,
+    journal_names,
+    remove_journal,
+    try_hold,
+)
+
+log = logging.getLogger("mirror.events")
+
+#: Most bytes read from one journal at a time.
+CHUNK = 1024 * 1024
+START: Position = (0, 0)
+
+#: A wanted line read: (emitted at, journal, its end, the line without its newline).
+Wanted = tuple[float, str, Position, bytes]
+_at = itemgetter(0)
+
+
+@dataclass
+class Taken:
+    """Lines a consumer took, oldest first, and where its cursor goes once they are done
+    with (past lines it does not want, too)."""
+
+    lines: list[Wanted]
+    after: dict[str, Position] = field(default_factory=dict)
+
+
+class Journals:
+    """The journals under `root`, listed afresh by `refresh`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[str, list[int]] = {}
+
+    def refresh(self) -> None:
+        self.files = {
+            name: file_numbers(directory_of(self.root, name)) for name in journal_names(self.root)
+        }
+
+    def chunk(self, name: str, place: Position, limit: int = CHUNK) -> tuple[Position, bytes]:
+        """Whole lines from `place` on (at most `limit` bytes, unless one line is longer), and
+        where they start: past a file's end when a later file follows it (its writer left it;
+        a line cut short there is skipped)."""
+        file, offset = place
+        directory = directory_of(self.root, name)
+        for number in self.files.get(name, ()):
+            if number < file:
+                continue
+            start = offset if number == file else 0
+            try:
+                with open(directory / str(number), "rb") as f:
+                    f.seek(start)
+                    data = f.read(limit)
+                    while data and b"\n" not in data and len(data) % limit == 0:
+                        more = f.read(limit)  # a line longer than a chunk
+                        if not more:
+                            break
+                        data += more
+            except FileNotFoundError:
+                continue
+            cut = data.rfind(b"\n") + 1
+            if cut:
+                return (number, start), data[:cut]
+            place = (number, start)
+        return place, b""
+
+
+class Consumer:
+    """One consumer's cursor over every journal, and a count of what waits for it."""
+
+    def __init__(self, name: str, kinds: Iterable[str], cursor: dict[str, Position]) -> None:
+        self.name = name
+        self.kinds = frozenset(k.encode() for k in kinds)
+        self._patterns = [b"\n" + k + b"\t" for k in self.kinds]
+        self._heads = tuple(k + b"\t" for k in self.kinds)
+        self.cursor = dict(cursor)
+        #: Per journal: how far it was counted, and the wanted lines from the cursor to there.
+        self._counted: dict[str, tuple[Position, int]] = {}
+
+    def _wanted_in(self, data: bytes) -> int:
+        found = sum(data.count(p) for p in self._patterns)
+        return found + (1 if data.startswith(self._heads) else 0)
+
+    def depth(self, journals: Journals) -> int:
+        """The wanted lines from the cursor to the journals' ends (counting only the bytes
+        written since the last count)."""
+        total = 0
+        for name in journals.files:
+            place, ahead = self._counted.get(name, (self.cursor.get(name, START), 0))
+            while True:
+                start, data = journals.chunk(name, place)
+                if not data:
+                    place = max(place, start)
+                    break
+                ahead += self._wanted_in(data)
+                place = (start[0], start[1] + len(data))
+            self._counted[name] = (place, ahead)
+            total += ahead
+        return total
+
+    def take(self, journals: Journals, limit: int) -> Taken:
+        """The oldest `limit` lines wanted, merged across journals by when they were
+        emitted (see the module docstring); the cursor stays until `advance`."""
+        per: list[list[Wanted]] = []
+        taken = Taken([])
+        ends: dict[str, Position] = {}
+        for name in journals.files:
+            start, data = journals.chunk(name, self.cursor.get(name, START))
+            if not data:
+                if start > self.cursor.get(name, START):
+                    taken.after[name] = start  # past a finished file
+                continue
+            file, offset = start
+            mine: list[Wanted] = []
+            kinds = self.kinds
+            for raw in data.split(b"\n")[:-1]:
+                offset += len(raw) + 1
+                tab = raw.find(b"\t")
+                if raw[:tab] in kinds:
+                    second = raw.find(b"\t", tab + 1)
+                    try:
+                        at = float(raw[tab + 1 : second])
+                    except ValueError:
+                        at = 0.0  # a line cut short: taken, and refused when read
+                    mine.append((at, name, (file, offset), raw))
+                    if len(mine) == limit:
+                        break
+            ends[name] = (file, offset)
+            if mine:
+                per.append(mine)
+            else:
+                taken.after[name] = (file, offset)  # nothing wanted in it: skipped
+        merged = per[0] if len(per) == 1 else heapq.merge(*per, key=_at)
+        for line in merged:
+            taken.lines.append(line)
+            if len(taken.lines) == limit:
+                break
+        last: dict[str, Position] = {}
+        counts: dict[str, int] = {}
+        for _, name, end, _ in taken.lines:
+            last[name] = end
+            counts[name] = counts.get(name, 0) + 1
+        for mine in per:
+            name = mine[0][1]
+            # every wanted line read from it taken: the cursor may go past the rest read
+            taken.after[name] = ends[name] if counts.get(name) == len(mine) else last[name]
+        return taken
+
+    def advance(self, taken: Taken) -> int:
+        """Move the cursor past `taken` (never back: a trim may have passed it meanwhile);
+        returns how many wanted lines it passed that it had not passed before."""
+        passed = 0
+        for _, name, end, _ in taken.lines:
+            if end > self.cursor.get(name, START):
+                passed += 1
+                counted = self._counted.get(name)
+                if counted is not None and end <= counted[0]:
+                    self._counted[name] = (counted[0], counted[1] - 1)
+        for name, place in taken.after.items():
+            if place > self.cursor.get(name, START):
+                self.cursor[name] = place
+                counted = self._counted.get(name)
+                if counted is not None and counted[0] < place:
+                    self._counted[name] = (place, 0)  # counted again from here
+        return passed
+
+    def trim(self, journals: Journals, most: int) -> int:
+        """Pass the oldest wanted lines beyond the newest `most`; returns how many."""
+        dropped = 0
+        excess = self.depth(journals) - most
+        while excess > 0:
+            taken = self.take(journals, excess)
+            if not taken.lines:
+                break
+            passed = self.advance(taken)
+            dropped += passed
+            excess -= passed
+            if not passed:
+                break
+        return dropped
+
+    def forget(self, name: str) -> None:
+        """A journal removed: nothing of it waits any more."""
+        self.cursor.pop(name, None)
+        self._counted.pop(name, None)
+
+    def at_end(self, journals: Journals, name: str) -> bool:
+        start, data = journals.chunk(name, self.cursor.get(name, START))
+        return not data and start >= self.cursor.get(name, START)
+
+
+def collect(journals: Journals, consumers: list[Consumer]) -> list[str]:
+    """Delete the journal files wholly behind every cursor, and, once every consumer read it
+    to its end, the rest of a journal nobody writes any more (a finished command's goes
+    whole); returns the journals removed (their cursors are to be forgotten)."""
+    removed = []
+    for name, numbers in journals.files.items():
+        if not numbers:
+            continue
+        directory = directory_of(journals.root, name)
+        behind = min((c.cursor.get(name, START) for c in consumers), default=START)
+        old = [n for n in numbers if n < behind[0]]
+        if old:
+            delete_files(directory, old)
+        if not all(c.at_end(journals, name) for c in consumers):
+            continue
+        lock = try_hold(journals.root, name)
+        if lock is None:
+            continue  # its writer is alive: its file stays for what it appends next
+        try:
+            if name.startswith(COMMAND_PREFIX):
+                remove_journal(directory)  # no process takes its name again
+                removed.append(name)
+            else:  # the next writer of the name numbers its files above these
+                delete_files(directory, [n for n in numbers if n >= behind[0]])
+        finally:
+            lock.close()
+    return removed
