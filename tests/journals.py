@@ -20,7 +20,8 @@ def waiting(data: Path, consumer: str) -> list[record.Record]:
             if number < file:
                 continue
             data_ = (directory / str(number)).read_bytes()[offset if number == file else 0 :]
-            found += [record.decode(line) for line in data_.split(b"\n")[:-1]]
+            lines = data_.split(b"\n")[:-1]
+            found += [record.decode(line, "") for line in lines if not line.startswith(b"#\t")]
     return found
 
 

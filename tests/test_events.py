@@ -314,18 +314,20 @@ async def test_the_cursor_survives_a_restart_and_files_behind_it_are_deleted(
 
 def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
     """A pull's compact line, its odd values escaped and its None fields kept apart from
-    text; any other kind's data as JSON."""
-    fields = ("docker.io", "team/app", None, "sha256:" + "a" * 64, "x\ty\\N", "12", "GET")
-    fields += (None, "u\nv\\", "hit")
-    line = f"pull\t1.5\tid-1\t{record.pull_payload(fields)}".encode()
+    text; any other kind's data as JSON; a line cut short refused."""
+    digest = "sha256:" + "a" * 64
+    odd = record.pull_payload(
+        "docker.io", "team/app", None, digest, "x\ty\\N", 12, "GET", None, "u\nv\\", "hit"
+    )
+    line = f"pull\t1500000000000000000\t{odd}".encode()
     assert b"\n" not in line
-    pull = record.decode(line)
-    assert (pull.kind, pull.at, pull.id) == ("pull", 1.5, "id-1")
+    pull = record.decode(line, "id-1")
+    assert (pull.kind, pull.at, pull.id) == ("pull", 1.5e9, "id-1")
     assert pull.data == {
         "upstream": "docker.io",
         "repository": "team/app",
         "tag": None,
-        "digest": "sha256:" + "a" * 64,
+        "digest": digest,
         "media_type": "x\ty\\N",
         "size": 12,
         "method": "GET",
@@ -333,15 +335,25 @@ def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
         "user": "u\nv\\",
         "outcome": "hit",
     }
-    assert pull.subject == "docker.io/team/app@sha256:" + "a" * 64
-    plain = ("docker.io", "team/app", "1.0", "sha256:" + "b" * 64, "m", "1", "HEAD", "::1")
-    fast = record.pull_payload((*plain, None, "miss"))
-    assert fast == "\t".join((*plain, record.NONE, "miss"))
-    assert record.decode(f"pull\t2.0\ti\t{fast}".encode()).data["user"] is None  # type: ignore[index]
-    other = record.decode(f"tag.moved\t3.0\ti\t{record.payload('s', {'a': [1]})}".encode())
+    assert pull.subject == f"docker.io/team/app@{digest}"
+    plain = record.pull_payload("d", "r", "1.0", digest, "m", 1, "HEAD", "::1", None, "miss")
+    assert plain == "\t".join(("d", "r", "1.0", digest, "m", "1", "HEAD", "::1", "\\N", "miss"))
+    assert record.decode(f"pull\t2\t{plain}".encode(), "i").data == {
+        **dict.fromkeys(record.PULL),
+        "upstream": "d",
+        "repository": "r",
+        "tag": "1.0",
+        "digest": digest,
+        "media_type": "m",
+        "size": 1,
+        "method": "HEAD",
+        "client": "::1",
+        "outcome": "miss",
+    }
+    other = record.decode(f"tag.moved\t3\t{record.payload('s', {'a': [1]})}".encode(), "i")
     assert (other.subject, other.data) == ("s", {"a": [1]})
     with pytest.raises(ValueError):
-        record.decode(b"pull\t4.0\ti\tcut sho")
+        record.decode(b"pull\t4\tcut sho", "i")
 
 
 async def test_the_audit_log_has_every_pull_and_admin_action(

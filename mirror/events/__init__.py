@@ -39,7 +39,7 @@ from mirror.config import EVENT_KINDS, EventsConfig, webhook_name
 from mirror.errors import ConfigError
 from mirror.events import cursors, record
 from mirror.events.audit import AuditFile
-from mirror.events.cloudevents import Envelope, Ids
+from mirror.events.cloudevents import Envelope
 from mirror.events.feed import Consumer, Journals, Taken
 from mirror.events.journal import SINGLE, Journal, command_name, journal_name
 from mirror.events.kinds import Kinds
@@ -92,7 +92,6 @@ class Events(Kinds):
         #: Held while the audit log is written or reopened (the deliver thread, SIGHUP).
         self.audit_lock = threading.Lock()
         self.envelope = Envelope(config.source or f"urn:mirror:{socket.gethostname()}")
-        self._ids = Ids()
         #: Lines appended since the last tally, by kind.
         self._appended: dict[str, int] = dict.fromkeys(self._routes, 0)
         #: Whether the last append failed (logged once, until one succeeds).
@@ -127,29 +126,22 @@ class Events(Kinds):
 
     def emit(self, kind: str, data: dict[str, Any], subject: str | None = None) -> None:
         """Journal the event now (see the module docstring)."""
-        route = self._routes.get(kind)
-        if route is not None:
-            self._append(kind, route, record.payload(subject, data))
+        if kind in self._routes:
+            self._append(kind, record.payload(subject, data))
 
-    def emit_pull(self, fields: tuple[str | None, ...]) -> None:
-        route = self._routes.get("pull")
-        if route is not None:
-            self._append("pull", route, record.pull_payload(fields))
-
-    def _append(self, kind: str, route: Route, payload: str) -> None:
+    def _append(self, kind: str, payload: str) -> None:
         """One write(2) of one line; a disk that will not take it costs this event (logged
         once until the journal takes one again, counted per webhook), never the caller."""
         journal = self._journal
         if journal is None:
             return
-        line = f"{kind}\t{time.time()!r}\t{self._ids.next()}\t{payload}\n"
         try:
-            journal.append(line.encode())
+            journal.append(f"{kind}\t{time.time_ns()}\t{payload}\n".encode())
         except OSError as e:
             if not self._failing:
                 self._failing = True
                 log.error("the event journal cannot be written (%s): events are lost", e)
-            for name in route.endpoints:
+            for name in self._routes[kind].endpoints:
                 self._metrics.events_lost(name, "unwritable", 1)
             return
         self._failing = False
@@ -239,10 +231,11 @@ class Events(Kinds):
     def audit_kinds(self) -> list[str]:
         return [kind for kind, route in self._routes.items() if route.audit]
 
-    def encode(self, line: bytes) -> str | None:
-        """A journal line as its CloudEvents text; None for a line cut short (logged)."""
+    def encode(self, line: bytes, ident: str) -> str | None:
+        """A journal line as its CloudEvents text (its id `ident`); None for a line cut short
+        (logged)."""
         try:
-            r = record.decode(line)
+            r = record.decode(line, ident)
         except (ValueError, UnicodeDecodeError):
             log.error("a line of the event journal is cut short: skipped (%r)", line[:80])
             return None
@@ -258,7 +251,10 @@ class Events(Kinds):
         if not taken.lines:
             consumer.advance(taken)
             return False
-        bodies = [b for b in (self.encode(line) for *_, line in taken.lines) if b is not None]
+        texts = (
+            self.encode(line, journals.ident(name, end, line)) for _, name, end, line in taken.lines
+        )
+        bodies = [b for b in texts if b is not None]
         audit = self.audit
         assert audit is not None
         with self.audit_lock:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
-import secrets
 import time
 from typing import Any
 
@@ -29,8 +27,9 @@ SIGNATURE_HEADER = "Mirror-Signature"
 class Envelope:
     """Encodes the events of one source.
 
-    Ids come with the event (`Ids`). Times are UTC, RFC 3339 with milliseconds; the part up
-    to the second is formatted once per second, since most events of a batch share it."""
+    Ids come with the event (where its journal line is: record.py). Times are UTC, RFC 3339
+    with milliseconds; the part up to the second is formatted once per second, since most
+    events of a batch share it."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -43,7 +42,8 @@ class Envelope:
         self, kind: str, ident: str, data: dict[str, Any], subject: str | None, now: float
     ) -> str:
         """The event as JSON text. Built from pieces (the constant ones encoded once);
-        `kind` is one of the known kinds and `ident` an `Ids` id (no escaping)."""
+        `kind` is one of the known kinds and `ident` a journal line's id (no
+        escaping)."""
         about = "" if subject is None else ',"subject":' + _json(subject)
         return (
             f'{self._head}{ident}","source":{self._source},'
@@ -57,18 +57,6 @@ class Envelope:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._stamp}.{int(now % 1 * 1000):03d}Z"
-
-
-class Ids:
-    """Event ids, unique without a lookup: a random 64-bit prefix chosen when the process
-    starts and a counter (`<16 hex>-<hex>`); a receiver dedupes redeliveries by them."""
-
-    def __init__(self) -> None:
-        self._prefix = f"{secrets.token_hex(8)}-"
-        self._numbers = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._numbers):x}"
 
 
 #: Compact JSON; anything that is no JSON type (a Digest) as its str.

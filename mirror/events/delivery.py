@@ -175,8 +175,8 @@ class Deliveries:
         kept: list[str] = []
         ats: list[float] = []
         size, cut = 0, len(taken.lines)
-        for i, (at, _, _, line) in enumerate(taken.lines):
-            body = self._events.encode(line)
+        for i, (at, name, end, line) in enumerate(taken.lines):
+            body = self._events.encode(line, self._journals.ident(name, end, line))
             if body is None:
                 self._metrics.events_lost(endpoint, "unwritable", 1)
                 continue

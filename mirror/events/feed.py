@@ -20,8 +20,11 @@ Every method is blocking: the deliver thread's (delivery.py), or an admin comman
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from mirror.events.journal import (
     COMMAND_PREFIX,
+    HEADER,
     Position,
     delete_files,
     directory_of,
@@ -37,6 +41,7 @@ from mirror.events.journal import (
     remove_journal,
     try_hold,
 )
+from mirror.events.record import seconds
 
 log = logging.getLogger("mirror.events")
 
@@ -47,6 +52,7 @@ START: Position = (0, 0)
 #: A wanted line read: (emitted at, journal, its end, the line without its newline).
 Wanted = tuple[float, str, Position, bytes]
 _at = itemgetter(0)
+_HEAD = HEADER.encode() + b"\t"
 
 
 @dataclass
@@ -64,16 +70,40 @@ class Journals:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.files: dict[str, list[int]] = {}
+        #: (journal, file number) → the token its events' ids start with.
+        self._tokens: dict[tuple[str, int], str] = {}
 
     def refresh(self) -> None:
         self.files = {
             name: file_numbers(directory_of(self.root, name)) for name in journal_names(self.root)
         }
+        for key in [k for k in self._tokens if k[1] not in self.files.get(k[0], ())]:
+            del self._tokens[key]
+
+    def ident(self, name: str, end: Position, line: bytes) -> str:
+        """The id of the event whose line (without its newline) ends at `end`: its file's
+        token and where the line starts there."""
+        key = (name, end[0])
+        token = self._tokens.get(key)
+        if token is None:
+            token = self._tokens[key] = self._token(name, end[0])
+        return f"{token}-{end[1] - len(line) - 1:x}"
+
+    def _token(self, name: str, number: int) -> str:
+        try:
+            with open(directory_of(self.root, name) / str(number), "rb") as f:
+                first = f.readline()
+        except FileNotFoundError:
+            first = b""
+        kind, _, token = first.rstrip(b"\n").partition(b"\t")
+        if kind == HEADER.encode() and token:
+            return token.decode()
+        return f"{number:x}"  # a file with no token (cut short at its start)
 
     def chunk(self, name: str, place: Position, limit: int = CHUNK) -> tuple[Position, bytes]:
         """Whole lines from `place` on (at most `limit` bytes, unless one line is longer), and
         where they start: past a file's end when a later file follows it (its writer left it;
-        a line cut short there is skipped)."""
+        a line cut short there is skipped), and past a file's first line (its token)."""
         file, offset = place
         directory = directory_of(self.root, name)
         for number in self.files.get(name, ()):
@@ -91,6 +121,12 @@ class Journals:
                         data += more
             except FileNotFoundError:
                 continue
+            if start == 0 and data.startswith(_HEAD):
+                skip = data.find(b"\n") + 1
+                if not skip:
+                    place = (number, 0)
+                    continue
+                start, data = skip, data[skip:]
             cut = data.rfind(b"\n") + 1
             if cut:
                 return (number, start), data[:cut]
@@ -152,7 +188,7 @@ class Consumer:
                 if raw[:tab] in kinds:
                     second = raw.find(b"\t", tab + 1)
                     try:
-                        at = float(raw[tab + 1 : second])
+                        at = seconds(raw[tab + 1 : second])
                     except ValueError:
                         at = 0.0  # a line cut short: taken, and refused when read
                     mine.append((at, name, (file, offset), raw))
@@ -202,15 +238,102 @@ class Consumer:
         dropped = 0
         excess = self.depth(journals) - most
         while excess > 0:
-            taken = self.take(journals, excess)
-            if not taken.lines:
-                break
-            passed = self.advance(taken)
-            dropped += passed
-            excess -= passed
+            passed = self._drop(journals, excess)
             if not passed:
                 break
+            dropped += passed
+            excess -= passed
         return dropped
+
+    def _drop(self, journals: Journals, excess: int) -> int:
+        """Pass the oldest of `excess` wanted lines, merged across journals by when they were
+        emitted, reading a share of the excess from each journal (a journal read in part caps
+        the time dropped up to: what follows in it is later). Balanced journals are done in one
+        go, reading each line once; the caller goes on for what is left. The times are
+        compared as their text (19 digits: nanoseconds since the epoch), with nothing made per
+        line but its slice."""
+        read: dict[str, tuple[Position, bytes, list[bytes], list[int] | None]] = {}
+        cap = b"~"  # above every time
+        chunks = {}
+        for name in journals.files:
+            start, data = journals.chunk(name, self.cursor.get(name, START))
+            if data:
+                chunks[name] = (start, data)
+        share = -(-excess // max(len(chunks), 1))
+        for name, (start, data) in chunks.items():
+            ats, ends, whole = self._times(data, share)
+            if not ats:
+                continue
+            read[name] = (start, data, ats, ends)
+            if not whole:
+                cap = min(cap, ats[-1])
+        candidates = sorted(
+            itertools.chain.from_iterable(
+                ats[: bisect.bisect_right(ats, cap)] for _, _, ats, _ in read.values()
+            )
+        )
+        take = min(excess, len(candidates))
+        if not take:
+            return 0
+        threshold = candidates[take - 1]
+        counts = {name: bisect.bisect_left(r[2], threshold) for name, r in read.items()}
+        rest = take - sum(counts.values())
+        for name, r in read.items():  # lines emitted at the very same time: in turn
+            more = min(rest, bisect.bisect_right(r[2], threshold) - counts[name])
+            counts[name] += more
+            rest -= more
+        passed = 0
+        for name, (start, data, _, ends) in read.items():
+            k = counts[name]
+            if not k:
+                continue
+            end = len(data) - len(data.split(b"\n", k)[-1]) if ends is None else ends[k - 1]
+            place = (start[0], start[1] + end)
+            counted = self._counted.get(name)
+            if counted is not None:
+                self._counted[name] = (
+                    (counted[0], counted[1] - k) if counted[0] >= place else (place, 0)
+                )
+            self.cursor[name] = place
+            passed += k
+        return passed
+
+    def _times(self, data: bytes, most: int) -> tuple[list[bytes], list[int] | None, bool]:
+        """The emitted-at (as 19 digits) of the first `most` wanted lines of `data`, where
+        each ends (None: every line is wanted, the n-th ends at the n-th newline), and whether
+        that is all `data` holds."""
+        lines = data.split(b"\n", most)
+        whole = (len(lines) <= most or lines[most] == b"") and len(data) < CHUNK // 2
+        size = len(data) - len(lines[-1]) if len(lines) > most else len(data)
+        lines = lines[:most] if len(lines) > most else lines[:-1]
+        for kind in self.kinds:  # every line of one kind: the time at a fixed place
+            w = len(kind) + 1
+            if lines and lines[0][w + 19 : w + 20] == b"\t" and self._all(data, size, kind):
+                return [line[w : w + 19] for line in lines], None, whole
+        ats, ends = [], []
+        offset = 0
+        kinds = self.kinds
+        for raw in data.split(b"\n")[:-1]:
+            offset += len(raw) + 1
+            tab = raw.find(b"\t")
+            if raw[:tab] in kinds:
+                at = raw[tab + 1 : raw.find(b"\t", tab + 1)]
+                if len(at) != 19 or not at.isdigit():
+                    try:  # an older version's seconds, or a line cut short
+                        at = b"%019d" % int(seconds(at) * 1e9)
+                    except ValueError:
+                        at = b"0" * 19
+                ats.append(at)
+                ends.append(offset)
+                if len(ats) == most:
+                    return ats, ends, False
+        return ats, ends, len(data) < CHUNK // 2
+
+    @staticmethod
+    def _all(data: bytes, size: int, kind: bytes) -> bool:
+        """Whether every line of `data`'s first `size` bytes is of `kind`."""
+        head = data.startswith(kind + b"\t")
+        return data.count(b"\n" + kind + b"\t", 0, size) + head == data.count(b"\n", 0, size)
 
     def forget(self, name: str) -> None:
         """A journal removed: nothing of it waits any more."""
@@ -218,8 +341,17 @@ class Consumer:
         self._counted.pop(name, None)
 
     def at_end(self, journals: Journals, name: str) -> bool:
-        start, data = journals.chunk(name, self.cursor.get(name, START))
-        return not data and start >= self.cursor.get(name, START)
+        """Whether the cursor is at the end of the journal's last file (by its size)."""
+        numbers = journals.files.get(name)
+        if not numbers:
+            return True
+        file, offset = self.cursor.get(name, START)
+        if file != numbers[-1]:
+            return file > numbers[-1]
+        try:
+            return os.path.getsize(directory_of(journals.root, name) / str(file)) <= offset
+        except FileNotFoundError:
+            return True
 
 
 def collect(journals: Journals, consumers: list[Consumer]) -> list[str]:

@@ -14,7 +14,8 @@ journal's lock within CLAIM_SECONDS stops, since another process serves as that.
 
 A file is numbered by when it was opened (nanoseconds since the epoch, and always above
 the numbers there already), so numbers only grow, whoever writes the journal next and
-whatever was deleted: a cursor's place stays true across restarts. The writer leaves a file
+whatever was deleted: a cursor's place stays true across restarts. Its first line is
+`#\t<random token>`: an event's id is that token and its line's offset (record.py). The writer leaves a file
 for a new one past FILE_BYTES; files wholly behind every cursor are deleted (feed.py), the
 one being written only once its writer is gone.
 
@@ -46,6 +47,8 @@ WORKER_PREFIX = "worker-"
 #: An admin command's journal: its pid and a random part after this (never reused).
 COMMAND_PREFIX = "command-"
 LOCK_NAME = "lock"
+#: The kind field of a file's first line, which no event has.
+HEADER = "#"
 #: How long a start waits for its own journal's lock (a deliverer may be deleting a dead
 #: writer's consumed files under it, a matter of milliseconds) before it gives up.
 CLAIM_SECONDS = 5.0
@@ -127,7 +130,8 @@ class Journal:
         number = max(time.time_ns(), self._number + 1)
         path = self.directory / str(number)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._number, self._size = number, 0
+        self._number = number
+        self._size = os.write(self._fd, header())
 
     def close(self) -> None:
         """Close the file and release the journal (the next writer of this name may start)."""
@@ -135,6 +139,11 @@ class Journal:
             os.close(self._fd)
             self._fd = -1
         self._lock.close()
+
+
+def header() -> bytes:
+    """A new file's first line: the token its events' ids start with (16 random hex)."""
+    return f"{HEADER}\t{secrets.token_hex(8)}\n".encode()
 
 
 def try_hold(root: Path, name: str) -> FileLock | None:

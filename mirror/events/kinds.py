@@ -1,7 +1,7 @@
 """Every kind of event and what its data holds: one method per kind, which returns at its
 first line when nothing wants the kind (so an emitter with events off builds nothing), and
-otherwise hands the data to `emit` (a pull, the common one, its fields to `emit_pull`, which
-journals them without building a dict: record.py). `Events` (the package's emitter) is a
+otherwise hands the data to `emit` (a pull, the common one, its fields joined, with no dict
+built: record.py). `Events` (the package's emitter) is a
 `Kinds`. Nothing is returned, nothing awaited: an event is in the journal when its method
 returns.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from mirror.events.record import pull_payload
 from mirror.events.routes import Route
 
 
@@ -29,8 +30,8 @@ class Kinds:
         """Emit one event of `kind`."""
         raise NotImplementedError
 
-    def emit_pull(self, fields: tuple[str | None, ...]) -> None:
-        """Emit a pull, its fields in record.PULL order."""
+    def _append(self, kind: str, payload: str) -> None:
+        """Journal an event of `kind` whose payload is built (record.py)."""
         raise NotImplementedError
 
     def pull(
@@ -51,19 +52,11 @@ class Kinds:
         if "pull" not in self._routes:
             return
         tag = None if ":" in reference else reference  # a digest has one, a tag never
-        self.emit_pull(
-            (
-                upstream,
-                repository,
-                tag,
-                str(digest),
-                media_type,
-                str(size),
-                method,
-                client,
-                user,
-                outcome,
-            )
+        self._append(
+            "pull",
+            pull_payload(
+                upstream, repository, tag, digest, media_type, size, method, client, user, outcome
+            ),
         )
 
     def blob_cached(

@@ -1,15 +1,17 @@
 """A journal line: what an emitter appends for one event (on the loop, nothing encoded) and
 what delivery reads back, encoding (cloudevents.py) only what it sends.
 
-    <kind>\\t<emitted at>\\t<id>\\t<payload>\\n
+    <kind>\\t<emitted at, ns since the epoch>\\t<payload>\\n
 
 A `pull`, one per manifest answered, is the common line: its payload is its fields in `PULL`
 order, joined with tabs, a None as `\\N`, a tab, newline or backslash in a value escaped
 (`\\t`, `\\n`, `\\\\`); joining ten strings costs about a microsecond where JSON costs five.
 Every other kind's payload is the JSON of `[subject, data]` (JSON text holds no raw tab or
 newline). The kind leads the line, so what a consumer wants is counted in the bytes
-(`b"\\n<kind>\\t"`) without reading a line. A line an older version journaled
-(`<kind>\\t<emitted at>\\t<CloudEvents text>`) is read as the text it holds. Pure.
+(`b"\\n<kind>\\t"`) without reading a line. An event's id is no part of its line: it is
+where the line is, the random token of its file (journal.py) and the line's byte offset in
+it, the same each time it is read. A line an older version journaled (`<kind>\\t<emitted
+at, seconds>\\t<CloudEvents text>`) is read as the text it holds. Pure.
 """
 
 from __future__ import annotations
@@ -54,14 +56,37 @@ class Record:
     text: str = ""
 
 
-def pull_payload(fields: tuple[str | None, ...]) -> str:
-    """A pull's payload (see the module docstring): the fields joined, escaped only when a
-    value needs it (checked on the joined text, once)."""
-    nones = fields.count(None)
-    text = "\t".join([NONE if f is None else f for f in fields])
-    if text.count("\t") == len(PULL) - 1 and "\n" not in text and text.count("\\") == nones:
+def pull_payload(
+    upstream: str,
+    repository: str,
+    tag: str | None,
+    digest: object,
+    media_type: str,
+    size: int,
+    method: str,
+    client: str | None,
+    user: str | None,
+    outcome: str,
+) -> str:
+    """A pull's payload (see the module docstring). Built on the loop for every pull, so as
+    cheaply as can be: one f-string, and a check of the values that may hold a tab, newline
+    or backslash (the rest are what the router matched against the OCI grammar, a method,
+    an outcome, a configured upstream's name; anything unprintable counts), escaped only when
+    one does."""
+    if isinstance(digest, tuple):  # a Digest: its text without a call of its __str__
+        algorithm, encoded = digest
+    else:
+        algorithm, _, encoded = str(digest).partition(":")
+    text = (
+        f"{upstream}\t{repository}\t{NONE if tag is None else tag}\t{algorithm}:{encoded}\t"
+        f"{media_type}\t{size}\t{method}\t{NONE if client is None else client}\t"
+        f"{NONE if user is None else user}\t{outcome}"
+    )
+    risky = f"{media_type}{client}{user}"
+    if risky.isprintable() and "\\" not in risky:
         return text
-    return "\t".join([NONE if f is None else _escape(f) for f in fields])
+    fields = (upstream, repository, tag, f"{algorithm}:{encoded}", media_type, str(size), method)
+    return "\t".join([NONE if f is None else _escape(f) for f in (*fields, client, user, outcome)])
 
 
 def payload(subject: str | None, data: dict[str, Any]) -> str:
@@ -79,28 +104,33 @@ def _unescape(value: str) -> str | None:
     return _ESCAPED.sub(lambda m: _UNESCAPES.get(m[1], m[1]), value)
 
 
-def decode(line: bytes) -> Record:
-    """A line (without its newline) read back; ValueError when it is no line of ours (cut
-    short by a full disk)."""
+def seconds(at: bytes | str) -> float:
+    """An emitted-at field as seconds (a line of an older version's holds seconds already)."""
+    value = float(at)
+    return value / 1e9 if value > 1e11 else value
+
+
+def decode(line: bytes, ident: str) -> Record:
+    """A line (without its newline) read back, its id `ident`; ValueError when it is no line
+    of ours (cut short by a full disk)."""
     text = line.decode()
-    kind, at, rest = text.split("\t", 2)
-    if rest.startswith("{"):  # an older version's: the CloudEvents text itself
-        return Record(kind, float(at), "", None, None, rest)
-    ident, body = rest.split("\t", 1)
+    kind, at, body = text.split("\t", 2)
+    if body.startswith("{"):  # an older version's: the CloudEvents text itself
+        return Record(kind, seconds(at), "", None, None, body)
     if kind != "pull":
         subject, data = json.loads(body)
         if not isinstance(data, dict):
             raise ValueError("an event's data is an object")
-        return Record(kind, float(at), ident, subject, data)
+        return Record(kind, seconds(at), ident, subject, data)
     parts = body.split("\t")
     if len(parts) != len(PULL):
         raise ValueError("a pull line holds every field")
     values = (
         [None if p == NONE else p for p in parts]
-        if "\\" not in body or body.count("\\") == parts.count(NONE)
+        if body.count("\\") == parts.count(NONE)
         else [_unescape(p) for p in parts]
     )
     data = dict(zip(PULL, values, strict=True))
     data["size"] = int(values[5] or 0)
     subject = f"{data['upstream']}/{data['repository']}@{data['digest']}"
-    return Record(kind, float(at), ident, subject, data)
+    return Record(kind, seconds(at), ident, subject, data)
