@@ -31,7 +31,6 @@ import asyncio
 import logging
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -127,16 +126,16 @@ class Events(Kinds):
     def emit(self, kind: str, data: dict[str, Any], subject: str | None = None) -> None:
         """Journal the event now (see the module docstring)."""
         if kind in self._routes:
-            self._append(kind, record.payload(subject, data))
+            self._append(kind, record.line(kind, record.payload(subject, data)))
 
-    def _append(self, kind: str, payload: str) -> None:
+    def _append(self, kind: str, line: bytes) -> None:
         """One write(2) of one line; a disk that will not take it costs this event (logged
         once until the journal takes one again, counted per webhook), never the caller."""
         journal = self._journal
         if journal is None:
             return
         try:
-            journal.append(f"{kind}\t{time.time_ns()}\t{payload}\n".encode())
+            journal.append(line)
         except OSError as e:
             if not self._failing:
                 self._failing = True

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from mirror.events.record import pull_payload
+from mirror.events.record import pull_line
 from mirror.events.routes import Route
 
 
@@ -30,8 +30,8 @@ class Kinds:
         """Emit one event of `kind`."""
         raise NotImplementedError
 
-    def _append(self, kind: str, payload: str) -> None:
-        """Journal an event of `kind` whose payload is built (record.py)."""
+    def _append(self, kind: str, line: bytes) -> None:
+        """Journal an event of `kind`, its line built (record.py)."""
         raise NotImplementedError
 
     def pull(
@@ -54,7 +54,7 @@ class Kinds:
         tag = None if ":" in reference else reference  # a digest has one, a tag never
         self._append(
             "pull",
-            pull_payload(
+            pull_line(
                 upstream, repository, tag, digest, media_type, size, method, client, user, outcome
             ),
         )

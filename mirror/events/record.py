@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ class Record:
     text: str = ""
 
 
-def pull_payload(
+def pull_line(
     upstream: str,
     repository: str,
     tag: str | None,
@@ -67,9 +68,9 @@ def pull_payload(
     client: str | None,
     user: str | None,
     outcome: str,
-) -> str:
-    """A pull's payload (see the module docstring). Built on the loop for every pull, so as
-    cheaply as can be: one f-string, and a check of the values that may hold a tab, newline
+) -> bytes:
+    """A pull's whole line, emitted now (see the module docstring). Built on the loop for
+    every pull, so as cheaply as can be: one f-string, and a check of the values that may hold a tab, newline
     or backslash (the rest are what the router matched against the OCI grammar, a method,
     an outcome, a configured upstream's name; anything unprintable counts), escaped only when
     one does."""
@@ -77,16 +78,21 @@ def pull_payload(
         algorithm, encoded = digest
     else:
         algorithm, _, encoded = str(digest).partition(":")
-    text = (
-        f"{upstream}\t{repository}\t{NONE if tag is None else tag}\t{algorithm}:{encoded}\t"
-        f"{media_type}\t{size}\t{method}\t{NONE if client is None else client}\t"
-        f"{NONE if user is None else user}\t{outcome}"
-    )
     risky = f"{media_type}{client}{user}"
     if risky.isprintable() and "\\" not in risky:
-        return text
+        return (
+            f"pull\t{time.time_ns()}\t{upstream}\t{repository}\t{NONE if tag is None else tag}\t"
+            f"{algorithm}:{encoded}\t{media_type}\t{size}\t{method}\t"
+            f"{NONE if client is None else client}\t{NONE if user is None else user}\t{outcome}\n"
+        ).encode()
     fields = (upstream, repository, tag, f"{algorithm}:{encoded}", media_type, str(size), method)
-    return "\t".join([NONE if f is None else _escape(f) for f in (*fields, client, user, outcome)])
+    escaped = [NONE if f is None else _escape(f) for f in (*fields, client, user, outcome)]
+    return line("pull", "\t".join(escaped))
+
+
+def line(kind: str, payload: str) -> bytes:
+    """A line of `kind` with its payload, emitted now."""
+    return f"{kind}\t{time.time_ns()}\t{payload}\n".encode()
 
 
 def payload(subject: str | None, data: dict[str, Any]) -> str:
