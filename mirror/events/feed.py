@@ -211,8 +211,9 @@ class Consumer:
             counts[name] = counts.get(name, 0) + 1
         for mine in per:
             name = mine[0][1]
-            # every wanted line read from it taken: the cursor may go past the rest read
-            taken.after[name] = ends[name] if counts.get(name) == len(mine) else last[name]
+            if name in counts:
+                # every wanted line read from it taken: the cursor may go past the rest read
+                taken.after[name] = ends[name] if counts[name] == len(mine) else last[name]
         return taken
 
     def advance(self, taken: Taken) -> int:
@@ -308,7 +309,7 @@ class Consumer:
         lines = lines[:most] if len(lines) > most else lines[:-1]
         for kind in self.kinds:  # every line of one kind: the time at a fixed place
             w = len(kind) + 1
-            if lines and lines[0][w + 19 : w + 20] == b"\t" and self._all(data, size, kind):
+            if lines and lines[0][w + 19 : w + 20] == b"\t" and self._all(data, size, kind, lines):
                 return [line[w : w + 19] for line in lines], None, whole
         ats, ends = [], []
         offset = 0
@@ -330,10 +331,10 @@ class Consumer:
         return ats, ends, len(data) < CHUNK // 2
 
     @staticmethod
-    def _all(data: bytes, size: int, kind: bytes) -> bool:
-        """Whether every line of `data`'s first `size` bytes is of `kind`."""
+    def _all(data: bytes, size: int, kind: bytes, lines: list[bytes]) -> bool:
+        """Whether every one of `lines`, `data`'s first `size` bytes, is of `kind`."""
         head = data.startswith(kind + b"\t")
-        return data.count(b"\n" + kind + b"\t", 0, size) + head == data.count(b"\n", 0, size)
+        return data.count(b"\n" + kind + b"\t", 0, size) + head == len(lines)
 
     def forget(self, name: str) -> None:
         """A journal removed: nothing of it waits any more."""
