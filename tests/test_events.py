@@ -412,6 +412,8 @@ async def test_the_audit_log_has_every_pull_and_admin_action(
     assert admin[2]["action"] == "cache pin" and admin[2]["via"] == "cli"
     assert admin[2]["params"] == {"pattern": "docker.io/team/app:a"}
     assert admin[2]["result"] == "ok" and admin[2]["uid"] >= 0
+    # the command's journal, read to its end by the one consumer, is gone
+    await wait_until(lambda: not list((data / "events.journal").glob("command-*")))
 
 
 async def test_the_audit_log_rotates_by_size_and_reopens_on_sighup(

@@ -244,7 +244,7 @@ class Deliveries:
                 sender = _Sender(hook, session, self, self._metrics)
                 task = asyncio.create_task(sender.run(), name=f"webhook {sender.name}")
                 self._tasks.append(task)
-            self._tasks.append(asyncio.create_task(self._keep_forever(), name="event queues"))
+        self._tasks.append(asyncio.create_task(self._keep_forever(), name="event journals"))
         if AUDIT in self._consumers:
             self._tasks.append(asyncio.create_task(self._audit_forever(), name="audit log"))
 
