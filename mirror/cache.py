@@ -72,7 +72,7 @@ def open_cache(
     share: int = 1,
 ) -> Cache:
     """The cache of `config.data_dir` (blocking work runs in `pool`); `serving` for the
-    server's own (its events go through a journal, which only it writes); `worker` for one
+    server's own (its events go to a journal named for it, which only it writes); `worker` for one
     of several serving processes on this data directory (its index, 0…N-1, the same for the
     process started in a dead one's place), None for the only one. `share`: the worker
     processes that serve it, which split the hot tier's budget (each keeps its own copy in
@@ -84,8 +84,10 @@ def open_cache(
     events = Events(
         config.events,
         metrics,
-        layout.events,
-        layout.events_journal if serving else None,
+        layout.events_journal,
+        layout.events_cursors,
+        layout.events_deliver,
+        serving,
         worker,
     )
     hot = HotTier(config.hot.max_bytes // share)

@@ -79,8 +79,8 @@ _LATENCY_BUCKETS = (
     60,
 )
 #: Why events left a webhook's queue undelivered: the queue was full (the oldest go), the
-#: receiver refused a batch with a 4xx that another try would not mend, or the queue could not
-#: be written.
+#: receiver refused a batch with a 4xx that another try would not mend, or the journal could
+#: not be written (or a line of it was found cut short).
 EVENT_DROP_REASONS = ("queue_full", "rejected", "unwritable")
 #: Seconds from an event to its delivery: milliseconds while the receiver is up, the length of
 #: an outage while it is not.
@@ -365,7 +365,8 @@ class Metrics:
         )
         self.events_emitted = Counter(
             "mirror_events_emitted",
-            "Events emitted (committed to every queue and audit log that wants them), by kind.",
+            "Events emitted (appended to the journal for every webhook and audit log that wants "
+            "them), by kind.",
             ["kind"],
             registry=self.registry,
         )
@@ -500,7 +501,7 @@ class Metrics:
     # -- named helpers: every update goes through one of these ---------------------------------
 
     def event_emitted(self, kind: str, count: int = 1) -> None:
-        """Events committed to their queues and audit log (from the events thread)."""
+        """Events appended to their journal (added up by the emitter: events/__init__.py)."""
         child = self._emitted_children.get(kind)
         if child is None:
             child = self._emitted_children[kind] = self.events_emitted.labels(kind)

@@ -22,12 +22,13 @@ import aiohttp
 import pytest
 from conftest import PROJECT, MirrorProcess, wait_until
 from images import Image, make_image
+from journals import journal_files, waiting
 from upstream_sim import UpstreamSim
 from webhooks import Attempt, Receiver
 
 from mirror.config import load_config
 from mirror.errors import ConfigError
-from mirror.events.queue import EventQueue
+from mirror.events import record
 
 SECRET = "receiver-shared-secret-0123"
 ADMIN_TOKEN = "admin-token-for-events-0123"
@@ -210,7 +211,11 @@ async def test_a_receiver_that_never_answers_costs_pulls_nothing(
         for _ in range(20):
             await _pull_manifest(client, proc.url, "team/app", "1.0")
         await wait_until(lambda: bool(receiver.attempts))
-        depth = await _metric(client, proc.url, "mirror_events_queue_depth", endpoint="receiver")
+
+        async def depth() -> float:
+            return await _metric(client, proc.url, "mirror_events_queue_depth", endpoint="receiver")
+
+        await _until(lambda: depth(), 5)
         dropped = await _metric(
             client,
             proc.url,
@@ -218,14 +223,139 @@ async def test_a_receiver_that_never_answers_costs_pulls_nothing(
             endpoint="receiver",
             reason="queue_full",
         )
-        assert depth == 5 and dropped == 15
+        assert dropped == 15
         assert await _metric(client, proc.url, "mirror_events_emitted_total", kind="pull") == 20
-        queue = EventQueue(tmp_path / "data" / "events.sqlite", ["receiver"], 5)
-        waiting = await asyncio.to_thread(queue.peek, "receiver", 100)
-        queue.close()
-        assert len(waiting) == 5
+        kept = waiting(tmp_path / "data", "webhook:receiver")
+        assert [r.kind for r in kept] == ["pull"] * 5
     finally:
         await receiver.stop()
+
+
+async def _until(value: Callable[[], Any], expected: float, timeout: float = 10.0) -> None:
+    """Poll an async reading until it is `expected`, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (seen := await value()) != expected:
+        assert time.monotonic() < deadline, f"still {seen}, not {expected}"
+        await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
+
+
+async def test_past_max_queue_the_oldest_are_dropped_and_the_newest_delivered(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The receiver is down for twelve pulls with max_queue = 5: seven are dropped and
+    counted, and once it is up it gets the newest five, in order, and nothing else."""
+    tags = [f"q{i}" for i in range(12)]
+    for tag in tags:
+        sim.add_image("team/app", tag, make_image(74, [1000]))
+    receiver = Receiver()  # not listening yet
+    env = _config(tmp_path, "[events]\nmax_queue = 5\n" + _webhook(receiver, '["pull"]'))
+    proc = await _start(mirror_process, sim, tmp_path / "data", env)
+    for tag in tags:
+        await _pull_manifest(client, proc.url, "team/app", tag)
+
+    async def dropped() -> float:
+        return await _metric(
+            client,
+            proc.url,
+            "mirror_events_dropped_total",
+            endpoint="receiver",
+            reason="queue_full",
+        )
+
+    await _until(dropped, 7)
+    await receiver.start()
+    try:
+        await wait_until(lambda: len(receiver.of("pull")) >= 5, timeout=15)
+        assert [e["data"]["tag"] for e in receiver.of("pull")] == tags[-5:]
+        assert (
+            await _metric(client, proc.url, "mirror_events_queue_depth", endpoint="receiver") == 0
+        )
+    finally:
+        await receiver.stop()
+
+
+async def test_the_cursor_survives_a_restart_and_files_behind_it_are_deleted(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """Five pulls delivered, the mirror stopped and started again, three more: the receiver
+    gets each of the eight once (what it acknowledged is not sent again), and the journal
+    file of the first run, behind every cursor, is deleted."""
+    tags = [f"r{i}" for i in range(8)]
+    for tag in tags:
+        sim.add_image("team/app", tag, make_image(75, [1000]))
+    receiver = await Receiver().start()
+    try:
+        env = _config(tmp_path, _webhook(receiver, '["pull"]'))
+        data = tmp_path / "data"
+        proc = await _start(mirror_process, sim, data, env)
+        for tag in tags[:5]:
+            await _pull_manifest(client, proc.url, "team/app", tag)
+        await wait_until(lambda: len(receiver.of("pull")) == 5)
+        first = journal_files(data)
+        assert len(first) == 1
+        await asyncio.to_thread(proc.stop)
+        proc = await _start(mirror_process, sim, data, env)
+        for tag in tags[5:]:
+            await _pull_manifest(client, proc.url, "team/app", tag)
+        await wait_until(lambda: len(receiver.of("pull")) >= 8)
+        await wait_until(lambda: not set(first) & set(journal_files(data)))
+        assert [e["data"]["tag"] for e in receiver.of("pull")] == tags
+        assert len(journal_files(data)) == 1, "the running mirror's own file stays"
+        assert not waiting(data, "webhook:receiver")
+    finally:
+        await receiver.stop()
+
+
+def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
+    """A pull's compact line, its odd values escaped and its None fields kept apart from
+    text; any other kind's data as JSON; a line cut short refused."""
+    digest = "sha256:" + "a" * 64
+    before = time.time()
+    line = record.pull_line(
+        "docker.io", "team/app", None, digest, "x\ty\\N", 12, "GET", None, "u\nv\\", "hit"
+    )
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    pull = record.decode(line[:-1], "id-1")
+    assert (pull.kind, pull.id) == ("pull", "id-1")
+    assert before <= pull.at <= time.time()
+    assert pull.data == {
+        "upstream": "docker.io",
+        "repository": "team/app",
+        "tag": None,
+        "digest": digest,
+        "media_type": "x\ty\\N",
+        "size": 12,
+        "method": "GET",
+        "client": None,
+        "user": "u\nv\\",
+        "outcome": "hit",
+    }
+    assert pull.subject == f"docker.io/team/app@{digest}"
+    plain = record.pull_line("d", "r", "1.0", digest, "m", 1, "HEAD", "::1", None, "miss")
+    fields = plain.decode().split("\t")[2:]
+    assert fields == ["d", "r", "1.0", digest, "m", "1", "HEAD", "::1", "\\N", "miss\n"]
+    assert record.decode(plain[:-1], "i").data == {
+        **dict.fromkeys(record.PULL),
+        "upstream": "d",
+        "repository": "r",
+        "tag": "1.0",
+        "digest": digest,
+        "media_type": "m",
+        "size": 1,
+        "method": "HEAD",
+        "client": "::1",
+        "outcome": "miss",
+    }
+    other = record.decode(record.line("tag.moved", record.payload("s", {"a": [1]}))[:-1], "i")
+    assert (other.subject, other.data) == ("s", {"a": [1]})
+    with pytest.raises(ValueError):
+        record.decode(b"pull\t4\tcut sho", "i")
 
 
 async def test_the_audit_log_has_every_pull_and_admin_action(
@@ -234,9 +364,9 @@ async def test_the_audit_log_has_every_pull_and_admin_action(
     client: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    """With `audit_log` and no webhook: one JSON line per pull (written before the answer),
-    per admin API request (a refused one too) and per `mirror cache` command, the same
-    CloudEvents a webhook would get."""
+    """With `audit_log` and no webhook: one JSON line per pull (written from the journal
+    shortly after the answer), per admin API request (a refused one too) and per `mirror
+    cache` command, the same CloudEvents a webhook would get."""
     audit = tmp_path / "audit.jsonl"
     digests = {}
     for i, tag in enumerate(("a", "b", "c")):
@@ -249,6 +379,7 @@ async def test_the_audit_log_has_every_pull_and_admin_action(
     proc = await _start(mirror_process, sim, data, env)
     for tag in digests:
         await _pull_manifest(client, proc.url, "team/app", tag)
+    await wait_until(lambda: _lines(audit) >= 3)
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [(e["type"], e["data"]["tag"], e["data"]["digest"]) for e in lines] == [
         ("io.mirror.pull", tag, digest) for tag, digest in digests.items()
@@ -267,6 +398,7 @@ async def test_the_audit_log_has_every_pull_and_admin_action(
         text=True,
     )
     assert done.returncode == 0, done.stderr
+    await wait_until(lambda: _lines(audit) >= 6)
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     admin = [e["data"] for e in lines if e["type"] == "io.mirror.admin"]
     assert admin[0] == {
@@ -280,6 +412,8 @@ async def test_the_audit_log_has_every_pull_and_admin_action(
     assert admin[2]["action"] == "cache pin" and admin[2]["via"] == "cli"
     assert admin[2]["params"] == {"pattern": "docker.io/team/app:a"}
     assert admin[2]["result"] == "ok" and admin[2]["uid"] >= 0
+    # the command's journal, read to its end by the one consumer, is gone
+    await wait_until(lambda: not list((data / "events.journal").glob("command-*")))
 
 
 async def test_the_audit_log_rotates_by_size_and_reopens_on_sighup(
@@ -296,6 +430,7 @@ async def test_the_audit_log_rotates_by_size_and_reopens_on_sighup(
     proc = await _start(mirror_process, sim, tmp_path / "data", env)
     for _ in range(20):
         await _pull_manifest(client, proc.url, "team/app", "1.0")
+    await wait_until(lambda: not waiting(tmp_path / "data", "audit"))
     kept = [audit, *(tmp_path / f"audit.jsonl.{n}" for n in range(1, 6))]
     assert all(p.exists() for p in kept) and not (tmp_path / "audit.jsonl.6").exists()
     assert all(p.stat().st_size <= 1500 for p in kept)
@@ -305,11 +440,15 @@ async def test_the_audit_log_rotates_by_size_and_reopens_on_sighup(
     audit.rename(moved)
     assert proc.proc is not None
     proc.proc.send_signal(signal.SIGHUP)
-    await wait_until(audit.exists)
+    await wait_until(lambda: audit.exists() and "audit log reopened" in proc.log.read_text())
     before = len(moved.read_text().splitlines())
     await _pull_manifest(client, proc.url, "team/app", "1.0")
-    assert len(audit.read_text().splitlines()) == 1
+    await wait_until(lambda: _lines(audit) == 1)
     assert len(moved.read_text().splitlines()) == before
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 async def _cli(env: dict[str, str], data: Path, *args: str) -> str:

@@ -6,24 +6,23 @@ commands). Each kind has a method (kinds.py) that says what its data holds; with
 and no audit log wanting a kind (routes.py), that method returns at its first line and
 builds nothing.
 
-What "emitted" means: an event is emitted once it is on disk for every webhook that wants it
-and written to the audit log if that keeps its kind. The loop only appends its data to a
-list; the events thread (group.py) encodes (cloudevents.py) and writes everything gathered
-since its last write at once: the audit lines (audit.py), then, in a serving process, its
-journal (journal.py), one write(2) each; in an admin command, which has no journal, the
-queues' SQLite commit. Either is in the kernel once it returns, so it survives a kill -9 (a
-power loss may take what was not yet flushed). The queue thread (enqueue.py) then commits
-the journaled events to their queues (queue.py), off the path of any pull.
+What "emitted" means: an event is emitted once its line is in this process's journal
+(journal.py): one write(2) of one compact line (record.py), made by the emitter itself, on
+the loop, before it returns; nothing is encoded, no thread woken, nothing awaited. Since
+the pull handler emits before it answers, a pull a client saw answered is in the kernel and
+survives a kill -9. `mirror_events_emitted_total` counts the lines appended (kept in plain
+integers and added to the counter every second and before each scrape, since a Prometheus
+increment per pull would cost more than the append).
 
-A method returns a future that is done once its event is emitted; the pull handler awaits it
-before the answer goes out, so a pull a client saw answered is on disk. Other emitters do
-not wait: what a kill -9 can lose is an event of theirs still in the list, the few
-milliseconds before its write.
+The journals are the queues: delivery (delivery.py), in whichever serving process holds the
+delivery lock, reads every process's journal forward from each consumer's cursor (feed.py:
+one per webhook, one for the audit log), encodes (cloudevents.py) what it sends or writes,
+and moves the cursor once that is done with: at least once, in order per journal, merged
+across journals by when the events were emitted. The audit log is written so, shortly after
+the pull, off the loop; nothing is lost meanwhile, since the journal holds it.
 
-Several serving processes (workers) may share one data directory: each writes a journal of
-its own (its index's) and commits it to the one set of queues; delivery (delivery.py) runs
-in whichever process holds the delivery lock, reads the queues in order, in batches, and
-removes what a webhook acknowledged: at least once, in order per webhook.
+An admin command writes a journal of its own, which the serving deliverer reads; at its
+close, when no mirror delivers (the delivery lock is free), it writes the audit log itself.
 """
 
 from __future__ import annotations
@@ -31,181 +30,236 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections import Counter
+import threading
 from pathlib import Path
 from typing import Any
 
 from mirror.config import EVENT_KINDS, EventsConfig, webhook_name
 from mirror.errors import ConfigError
+from mirror.events import cursors, record
 from mirror.events.audit import AuditFile
 from mirror.events.cloudevents import Envelope
-from mirror.events.enqueue import Enqueuer, Rows, unwritable
-from mirror.events.group import Encoded, GroupCommit
-from mirror.events.journal import Journal, Line, journal_name
-from mirror.events.kinds import Emitted, Kinds
-from mirror.events.queue import EventQueue, Queued
+from mirror.events.feed import Consumer, Journals, Taken
+from mirror.events.journal import SINGLE, Journal, command_name, journal_name
+from mirror.events.kinds import Kinds
 from mirror.events.routes import Route, routes
+from mirror.locks import FileLock
 from mirror.metrics import Metrics
 
-__all__ = ["Emitted", "Events"]
+__all__ = ["AUDIT", "Events"]
 
 log = logging.getLogger("mirror.events")
 
+#: The audit log's cursor, among the webhooks' (`webhook:<name>`).
+AUDIT = "audit"
+#: Most lines the audit log takes from the journals in one write.
+AUDIT_LINES = 1000
+#: Seconds between the additions of what was appended to `mirror_events_emitted_total`.
+TALLY_SECONDS = 1.0
+
 
 class Events(Kinds):
-    """The emitter (see the module docstring). Emit on the event loop it is attached to, or,
-    unattached (the admin commands), from one thread; `close` writes what is left.
+    """The emitter (see the module docstring). Emit on the event loop, or, in an admin
+    command, from its threads; `close` releases the journal.
 
-    `journals`: the directory of the serving processes' journals (None for a command);
-    `worker`: this process's index among several serving processes (None: the only one)."""
+    `journals`: the directory of every process's journal; `cursors_path`: the consumers'
+    cursors file; `deliver_lock`: the delivery lock (delivery.py); `serving`: a serving
+    process's (its journal named by `worker`, this process's index among several, None: the
+    only one), else an admin command's."""
 
     def __init__(
         self,
         config: EventsConfig,
         metrics: Metrics,
-        queue_path: Path,
-        journals: Path | None = None,
+        journals: Path,
+        cursors_path: Path,
+        deliver_lock: Path,
+        serving: bool = False,
         worker: int | None = None,
     ) -> None:
         self._metrics = metrics
+        self.config = config
         self.endpoints = tuple(webhook_name(h) for h in config.webhooks)
         self._routes: dict[str, Route] = routes(config)
+        self.journals = journals
+        self.cursors_path = cursors_path
+        self.deliver_lock = deliver_lock
+        self.serving = serving
         metrics.prefill_events(EVENT_KINDS, self.endpoints)
-        self._enqueuer: Enqueuer | None = None
         self._journal: Journal | None = None
-        self._audit: AuditFile | None = None
-        self._group: GroupCommit | None = None
+        self.audit: AuditFile | None = None
+        #: Held while the audit log is written or reopened (the deliver thread, SIGHUP).
+        self.audit_lock = threading.Lock()
+        self.envelope = Envelope(config.source or f"urn:mirror:{socket.gethostname()}")
+        #: Lines appended since the last tally, by kind.
+        self._appended: dict[str, int] = dict.fromkeys(self._routes, 0)
+        #: Whether the last append failed (logged once, until one succeeds).
+        self._failing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tally: asyncio.TimerHandle | None = None
         if not self._routes:
             return
-        if self.endpoints:
-            queue = EventQueue(queue_path, self.endpoints, config.max_queue)
-            self._enqueuer = Enqueuer(queue, self.endpoints, metrics)
-            self._enqueuer.open()
-            if journals is not None:
-                name = journal_name(worker)
-                self._journal = self._enqueuer.start_journal(journals, name, self._rows_of)
         if config.audit_log:
             try:
-                self._audit = AuditFile(config.audit_log, config.audit_max_bytes, config.audit_keep)
+                self.audit = AuditFile(config.audit_log, config.audit_max_bytes, config.audit_keep)
             except OSError as e:
                 raise ConfigError(f"events.audit_log: cannot open it: {e.strerror}") from e
-        envelope = Envelope(config.source or f"urn:mirror:{socket.gethostname()}")
-        self._group = GroupCommit(envelope.encode, self._write)
+        self._journal = self._claim(journal_name(worker) if serving else command_name())
 
-    def _rows_of(self, lines: list[Line]) -> Rows:
-        """Journaled lines for the queues of the webhooks that want their kinds now."""
-        rows: Rows = {}
-        for kind, at, body in lines:
-            route = self._routes.get(kind)
-            for name in route.endpoints if route is not None else ():
-                rows.setdefault(name, []).append((at, body))
-        return rows
+    def _claim(self, name: str) -> Journal:
+        """Blocking, at start: this process's journal, or a ConfigError naming who has it."""
+        try:
+            journal = Journal(self.journals, name)
+            claimed = journal.claim()
+        except OSError as e:
+            raise ConfigError(f"events: cannot open the event journal {self.journals}: {e}") from e
+        if not claimed:
+            where = "a single mirror" if name == SINGLE else name
+            raise ConfigError(
+                f"events: another process writes the event journal {journal.directory} "
+                f"({where}): only one may serve this data directory as that"
+            )
+        return journal
 
     # -- the emitter -----------------------------------------------------------------------
 
-    def emit(self, kind: str, data: dict[str, Any], subject: str | None = None) -> Emitted:
-        """Hand the event to the events thread, which encodes and writes it; see the module
-        docstring. `data` is the event's own: nothing may change it afterwards."""
-        route = self._routes.get(kind)
-        if route is None or self._group is None:
-            return None
-        return self._group.add(kind, data, subject, route)
+    def emit(self, kind: str, data: dict[str, Any], subject: str | None = None) -> None:
+        """Journal the event now (see the module docstring)."""
+        if kind in self._routes:
+            self._append(kind, record.line(kind, record.payload(subject, data)))
 
-    def attach(self) -> None:
-        """Make futures on the running loop from now on (the server, at start)."""
-        loop = asyncio.get_running_loop()
-        if self._group is not None:
-            self._group.attach(loop)
-        if self._enqueuer is not None:
-            self._enqueuer.attach(loop)
-
-    def detach(self) -> None:
-        """Stop making futures; release those still waiting (the server, at stop)."""
-        if self._group is not None:
-            self._group.detach()
-        if self._enqueuer is not None:
-            self._enqueuer.detach()
-
-    def reopen(self) -> None:
-        """Reopen the audit log on the events thread (SIGHUP, after logrotate)."""
-        audit, group = self._audit, self._group
-        if audit is not None and group is not None:
-            group.run(lambda: _reopen(audit))
-
-    def close(self) -> None:
-        """Blocking: write what is still pending, commit the journaled events to their
-        queues, then close the queues, the journal and the audit log."""
-        group = self._group
-        if group is None:
+    def _append(self, kind: str, line: bytes) -> None:
+        """One write(2) of one line; a disk that will not take it costs this event (logged
+        once until the journal takes one again, counted per webhook), never the caller."""
+        journal = self._journal
+        if journal is None:
             return
-        self._routes = {}
-        group.close()
-        if self._enqueuer is not None:
-            self._enqueuer.close()
-        if self._audit is not None:
-            self._audit.close()
+        try:
+            journal.append(line)
+        except OSError as e:
+            if not self._failing:
+                self._failing = True
+                log.error("the event journal cannot be written (%s): events are lost", e)
+            for name in self._routes[kind].endpoints:
+                self._metrics.events_lost(name, "unwritable", 1)
+            return
+        self._failing = False
+        self._appended[kind] += 1
 
-    # -- the events thread -----------------------------------------------------------------
-
-    def _write(self, batch: list[Encoded]) -> None:
-        """Audit lines, then the journal (or, in a command, the queues), then the counts.
-        Never raises: a disk that will not take them costs those events (logged, counted),
-        not the pull."""
-        lines = [p.body for p in batch if p.route.audit]
-        if lines and self._audit is not None:
-            try:
-                self._audit.write(lines)
-            except OSError as e:
-                log.error("the audit log cannot be written (%s): %d lines lost", e, len(lines))
-        rows: Rows = {}
-        for p in batch:
-            for name in p.route.endpoints:
-                rows.setdefault(name, []).append((p.at, p.body))
-        written = True
-        if rows and self._enqueuer is not None:
-            if self._journal is not None:
-                journaled = [(p.kind, p.at, p.body) for p in batch if p.route.endpoints]
-                try:
-                    position = self._journal.write(journaled)
-                except OSError as e:
-                    written = False
-                    unwritable(self._metrics, rows, "journal", e)
-                else:
-                    self._enqueuer.journaled(rows, position)
-            else:
-                written = self._enqueuer.commit(rows)
-        if written:
-            for kind, count in Counter(p.kind for p in batch).items():
+    def tally(self) -> None:
+        """Add what was appended since the last tally to `mirror_events_emitted_total`."""
+        appended = self._appended
+        for kind, count in appended.items():
+            if count:
+                appended[kind] = 0
                 self._metrics.event_emitted(kind, count)
 
-    # -- for delivery ----------------------------------------------------------------------
+    def attach(self) -> None:
+        """Tally every TALLY_SECONDS on the running loop (the server, at start)."""
+        self._loop = asyncio.get_running_loop()
+        self._tick()
 
-    @property
-    def _queues(self) -> Enqueuer:
-        assert self._enqueuer is not None, "no webhook is configured"
-        return self._enqueuer
+    def _tick(self) -> None:
+        self.tally()
+        if self._loop is not None:
+            self._tally = self._loop.call_later(TALLY_SECONDS, self._tick)
 
-    async def peek(self, endpoint: str, limit: int) -> list[Queued]:
-        """The oldest events waiting for `endpoint`."""
-        return await self._queues.peek(endpoint, limit)
+    def detach(self) -> None:
+        """Stop tallying on the loop (the server, at stop); `close` tallies the rest."""
+        self._loop = None
+        if self._tally is not None:
+            self._tally.cancel()
+            self._tally = None
 
-    async def ack(self, endpoint: str, upto: int) -> None:
-        """Remove `endpoint`'s events up to `upto` from its queue (delivered, or refused)."""
-        await self._queues.ack(endpoint, upto)
+    def reopen(self) -> None:
+        """Reopen the audit log (SIGHUP, after logrotate), on a thread of its own: it waits
+        for a write of the deliverer's in progress."""
+        if self.audit is not None:
+            threading.Thread(target=self._reopen, name="audit-reopen", daemon=True).start()
 
-    async def synced(self) -> None:
-        """Wait until every acknowledgement handed to the queue thread is committed."""
-        await self._queues.synced()
+    def _reopen(self) -> None:
+        audit = self.audit
+        assert audit is not None
+        with self.audit_lock:
+            try:
+                audit.reopen()
+                log.info("audit log reopened: %s", audit.path)
+            except OSError as e:
+                log.error(
+                    "cannot reopen the audit log %s, writing on to the old file: %s", audit.path, e
+                )
 
-    async def arrival(self, endpoint: str, seconds: float) -> None:
-        """Wait until events are queued for `endpoint` in this process, or `seconds` passed
-        (another process may have queued some: the caller looks again)."""
-        await self._queues.arrival(endpoint, seconds)
+    def close(self) -> None:
+        """Blocking: tally, write the audit log from the journals if this is a command and
+        no mirror delivers, and release the journal and the audit log."""
+        self.tally()
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            journal.close()
+            if not self.serving and self.audit is not None:
+                self._audit_alone()
+        if self.audit is not None:
+            self.audit.close()
 
+    def _audit_alone(self) -> None:
+        """A command's audit lines, when no serving process is there to write them: under the
+        delivery lock, as the deliverer would (what a mirror that starts later would write)."""
+        lock = FileLock(self.deliver_lock)
+        try:
+            if not lock.try_take():
+                return  # a mirror delivers: it writes them within a second
+            places = cursors.load(self.cursors_path)
+            consumer = Consumer(AUDIT, self.audit_kinds(), places.get(AUDIT, {}))
+            journals = Journals(self.journals)
+            journals.refresh()
+            while self.write_audit(journals, consumer):
+                pass
+            places[AUDIT] = consumer.cursor
+            cursors.save(self.cursors_path, places)
+        except OSError as e:
+            log.error("the audit log cannot be written from the event journals: %s", e)
+        finally:
+            lock.close()
 
-def _reopen(audit: AuditFile) -> None:
-    try:
-        audit.reopen()
-        log.info("audit log reopened: %s", audit.path)
-    except OSError as e:
-        log.error("cannot reopen the audit log %s, writing on to the old file: %s", audit.path, e)
+    # -- for delivery (blocking: the deliver thread's) --------------------------------------
+
+    def wanted(self, endpoint: str) -> list[str]:
+        """The kinds a webhook wants."""
+        return [kind for kind, route in self._routes.items() if endpoint in route.endpoints]
+
+    def audit_kinds(self) -> list[str]:
+        return [kind for kind, route in self._routes.items() if route.audit]
+
+    def encode(self, line: bytes, ident: str) -> str | None:
+        """A journal line as its CloudEvents text (its id `ident`); None for a line cut short
+        (logged)."""
+        try:
+            r = record.decode(line, ident)
+        except (ValueError, UnicodeDecodeError):
+            log.error("a line of the event journal is cut short: skipped (%r)", line[:80])
+            return None
+        if r.data is None:
+            return r.text
+        return self.envelope.encode(r.kind, r.id, r.data, r.subject, r.at)
+
+    def write_audit(self, journals: Journals, consumer: Consumer) -> bool:
+        """Write the next lines the audit log wants and move its cursor past them (lines the
+        disk will not take are lost, logged: never blocking the journals behind them);
+        whether there were any."""
+        taken: Taken = consumer.take(journals, AUDIT_LINES)
+        if not taken.lines:
+            consumer.advance(taken)
+            return False
+        texts = (
+            self.encode(line, journals.ident(name, end, line)) for _, name, end, line in taken.lines
+        )
+        bodies = [b for b in texts if b is not None]
+        audit = self.audit
+        assert audit is not None
+        with self.audit_lock:
+            try:
+                audit.write(bodies)
+            except OSError as e:
+                log.error("the audit log cannot be written (%s): %d lines lost", e, len(bodies))
+        consumer.advance(taken)
+        return True

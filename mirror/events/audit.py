@@ -1,10 +1,11 @@
 """The audit log: one JSON line per pull and per administrative action (the event's own
-CloudEvents text), appended by the events thread, never on the event loop.
+CloudEvents text), written from the journals by the deliverer's thread (feed.py), never on
+the event loop.
 
-Several processes append to the one file: every serving process (worker) of the mirror, and
-the admin commands run meanwhile. The file is opened with O_APPEND and each batch of whole
-lines goes out in one write(2), which the kernel appends whole, so lines of two processes
-never interleave inside a line.
+One process writes it at a time, the holder of the delivery lock (a command writes it only
+while no mirror holds that lock), and the holder changes when one dies; the file is opened
+with O_APPEND and each batch of whole lines goes out in one write(2), so even two writers
+of a moment would never interleave inside a line.
 
 It is rotated by size (`audit_max_bytes`: `<path>` → `<path>.1` → … → `<path>.<audit_keep>`,
 the oldest removed), or left to logrotate, after which SIGHUP reopens it (`reopen`). With
@@ -13,8 +14,8 @@ finds the path naming another file than the one it has open (another process rot
 reopens it before it writes, and only the writer that finds the file full rotates it. So no
 line goes to a file already rotated away (or removed as the oldest), no file is rotated
 twice for one fill, and no file grows past `audit_max_bytes` (unless one batch alone is
-bigger). The lock is held for one write and a stat; with `audit_max_bytes = 0` none is
-taken.
+bigger: a write of many lines is cut where the file fills). The lock is held for one write
+and a stat; with `audit_max_bytes = 0` none is taken.
 """
 
 from __future__ import annotations
@@ -46,20 +47,31 @@ class AuditFile:
             os.close(old)
 
     def write(self, lines: list[str]) -> None:
-        """Append the lines in one write; with rotation by size, under the lock, to the file
-        the path names now, rotated first when they would take it past its size."""
-        data = ("\n".join(lines) + "\n").encode()
+        """Append the lines; with rotation by size, under the lock, to the file the path names
+        now, rotated first whenever the next lines would take it past its size (each part
+        one write)."""
+        if not lines:
+            return
         if self._lock is None:
-            _write_all(self._fd, data)
+            _write_all(self._fd, ("\n".join(lines) + "\n").encode())
             return
         self._lock.take()
         try:
             if not self._current():
                 self.reopen()  # another process rotated it
             size = os.fstat(self._fd).st_size
-            if size and size + len(data) > self._max:
-                self._rotate()
-            _write_all(self._fd, data)
+            part: list[bytes] = []
+            length = 0
+            for line in lines:
+                data = line.encode() + b"\n"
+                if size + length + len(data) > self._max and (size or part):
+                    if part:
+                        _write_all(self._fd, b"".join(part))
+                    self._rotate()
+                    size, part, length = 0, [], 0
+                part.append(data)
+                length += len(data)
+            _write_all(self._fd, b"".join(part))
         finally:
             self._lock.release()
 

@@ -3,17 +3,16 @@ attributes (`specversion`, `id`, `source`, `type`, `time`, `datacontenttype`, `s
 `data`; a delivery is a batch, a JSON array of them sent as
 `application/cloudevents-batch+json`. And the signature a delivery carries. Pure.
 
-An event is encoded once, when it is emitted: the same text goes to every queue, into the
-audit log and into each batch, so what a receiver checks a signature over is what was kept.
+An event is encoded when it is read from the journal to be sent or written (feed.py), from
+what its line holds (its id, time, subject and data), so every webhook, every retry and the
+audit log get the same text; the emitter, on the loop, encodes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
-import secrets
 import time
 from typing import Any
 
@@ -28,25 +27,26 @@ SIGNATURE_HEADER = "Mirror-Signature"
 class Envelope:
     """Encodes the events of one source.
 
-    Ids are unique without a lookup: a random 64-bit prefix chosen when the process starts
-    and a counter (`<16 hex>-<hex>`); a receiver dedupes redeliveries by them. Times are UTC,
-    RFC 3339 with milliseconds; the part up to the second is formatted once per second, since
-    the loop encodes every pull."""
+    Ids come with the event (where its journal line is: record.py). Times are UTC, RFC 3339
+    with milliseconds; the part up to the second is formatted once per second, since most
+    events of a batch share it."""
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self._head = f'{{"specversion":"{SPECVERSION}","id":"{secrets.token_hex(8)}-'
+        self._head = f'{{"specversion":"{SPECVERSION}","id":"'
         self._source = _json(source)
-        self._numbers = itertools.count(1)
         self._second = -1
         self._stamp = ""
 
-    def encode(self, kind: str, data: dict[str, Any], subject: str | None, now: float) -> str:
-        """The event as JSON text. Built from pieces (the constant ones encoded once), since
-        the loop encodes one per pull; `kind` is one of the known kinds (no escaping)."""
+    def encode(
+        self, kind: str, ident: str, data: dict[str, Any], subject: str | None, now: float
+    ) -> str:
+        """The event as JSON text. Built from pieces (the constant ones encoded once);
+        `kind` is one of the known kinds and `ident` a journal line's id (no
+        escaping)."""
         about = "" if subject is None else ',"subject":' + _json(subject)
         return (
-            f'{self._head}{next(self._numbers):x}","source":{self._source},'
+            f'{self._head}{ident}","source":{self._source},'
             f'"type":"{TYPE_PREFIX}{kind}","time":"{self._time(now)}",'
             f'"datacontenttype":"{DATA_CONTENT_TYPE}"{about},"data":{_json(data)}}}'
         )

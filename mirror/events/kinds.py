@@ -1,6 +1,9 @@
 """Every kind of event and what its data holds: one method per kind, which returns at its
 first line when nothing wants the kind (so an emitter with events off builds nothing), and
-otherwise hands the data to `emit`. `Events` (the package's emitter) is a `Kinds`.
+otherwise hands the data to `emit` (a pull, the common one, its fields joined, with no dict
+built: record.py). `Events` (the package's emitter) is a
+`Kinds`. Nothing is returned, nothing awaited: an event is in the journal when its method
+returns.
 
 Data is plain JSON: digests as their strings, times in seconds; `subject` names the image,
 digest or upstream an event is about. The README's Events table lists the same.
@@ -8,15 +11,11 @@ digest or upstream an event is about. The README's Events table lists the same.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from mirror.events.record import pull_line
 from mirror.events.routes import Route
-
-#: What an emitter hands back: done once the event is emitted; None when no future is made
-#: (no sink wants the kind, or no loop is attached: an admin command).
-Emitted = asyncio.Future[None] | None
 
 
 class Kinds:
@@ -27,9 +26,12 @@ class Kinds:
     def wants(self, kind: str) -> bool:
         return kind in self._routes
 
-    def emit(self, kind: str, data: dict[str, Any], subject: str | None = None) -> Emitted:
-        """Emit one event of `kind`; `data` is the event's own: nothing may change it
-        afterwards."""
+    def emit(self, kind: str, data: dict[str, Any], subject: str | None = None) -> None:
+        """Emit one event of `kind`."""
+        raise NotImplementedError
+
+    def _append(self, kind: str, line: bytes) -> None:
+        """Journal an event of `kind`, its line built (record.py)."""
         raise NotImplementedError
 
     def pull(
@@ -45,26 +47,16 @@ class Kinds:
         client: str | None,
         user: str | None,
         outcome: str,
-    ) -> Emitted:
+    ) -> None:
         """A manifest answered (GET or HEAD), by tag or by digest."""
         if "pull" not in self._routes:
-            return None
+            return
         tag = None if ":" in reference else reference  # a digest has one, a tag never
-        return self.emit(
+        self._append(
             "pull",
-            {
-                "upstream": upstream,
-                "repository": repository,
-                "tag": tag,
-                "digest": str(digest),
-                "media_type": media_type,
-                "size": size,
-                "method": method,
-                "client": client,
-                "user": user,
-                "outcome": outcome,
-            },
-            f"{upstream}/{repository}@{digest}",
+            pull_line(
+                upstream, repository, tag, digest, media_type, size, method, client, user, outcome
+            ),
         )
 
     def blob_cached(
@@ -76,10 +68,10 @@ class Kinds:
         seconds: float,
         upstream: str,
         repository: str,
-    ) -> Emitted:
+    ) -> None:
         """A fill committed a verified blob to warm (from `upstream` or `cold`)."""
         if "blob.cached" not in self._routes:
-            return None
+            return
         data = {
             "digest": str(digest),
             "size": size,
@@ -89,15 +81,15 @@ class Kinds:
             "upstream": upstream,
             "repository": repository,
         }
-        return self.emit("blob.cached", data, str(digest))
+        self.emit("blob.cached", data, str(digest))
 
     def blob_evicted(
         self, *, tier: str, reason: str, digests: Sequence[object], nbytes: int, to: str | None
-    ) -> Emitted:
+    ) -> None:
         """Blobs left `tier` for `reason` (metrics.EVICTION_REASONS); `to` is "cold" for a
         demotion, None when they were deleted."""
         if "blob.evicted" not in self._routes or not digests:
-            return None
+            return
         data = {
             "tier": tier,
             "reason": reason,
@@ -106,7 +98,7 @@ class Kinds:
             "bytes": nbytes,
             "to": to,
         }
-        return self.emit("blob.evicted", data)
+        self.emit("blob.evicted", data)
 
     def digest_mismatch(
         self,
@@ -118,11 +110,11 @@ class Kinds:
         expected: object,
         actual: object | None,
         detail: str,
-    ) -> Emitted:
+    ) -> None:
         """A `manifest` or `blob` from `upstream` (or `cold`) that is not what its digest names;
         `actual` is what its bytes hash to, when they all arrived."""
         if "digest.mismatch" not in self._routes:
-            return None
+            return
         data = {
             "what": what,
             "source": source,
@@ -132,14 +124,14 @@ class Kinds:
             "actual": None if actual is None else str(actual),
             "detail": detail,
         }
-        return self.emit("digest.mismatch", data, str(expected))
+        self.emit("digest.mismatch", data, str(expected))
 
     def tag_moved(
         self, *, upstream: str, repository: str, tag: str, old: object, new: object
-    ) -> Emitted:
+    ) -> None:
         """Revalidation found a tag naming another digest than the one cached."""
         if "tag.moved" not in self._routes:
-            return None
+            return
         data = {
             "upstream": upstream,
             "repository": repository,
@@ -147,22 +139,22 @@ class Kinds:
             "old": str(old),
             "new": str(new),
         }
-        return self.emit("tag.moved", data, f"{upstream}/{repository}:{tag}")
+        self.emit("tag.moved", data, f"{upstream}/{repository}:{tag}")
 
-    def upstream_state(self, upstream: str, up: bool, reason: str = "") -> Emitted:
+    def upstream_state(self, upstream: str, up: bool, reason: str = "") -> None:
         """An upstream started failing (`upstream.down`: no answer, or 5xx) or answered again."""
         kind = "upstream.up" if up else "upstream.down"
         if kind not in self._routes:
-            return None
+            return
         data = {"upstream": upstream} if up else {"upstream": upstream, "reason": reason}
-        return self.emit(kind, data, upstream)
+        self.emit(kind, data, upstream)
 
     def ratelimit_low(
         self, *, upstream: str, credential: str, remaining: int, limit: int, floor: int
-    ) -> Emitted:
+    ) -> None:
         """The upstream's pull budget fell below `pull_budget_floor`."""
         if "ratelimit.low" not in self._routes:
-            return None
+            return
         data = {
             "upstream": upstream,
             "credential": credential,
@@ -170,13 +162,13 @@ class Kinds:
             "limit": limit,
             "floor": floor,
         }
-        return self.emit("ratelimit.low", data, upstream)
+        self.emit("ratelimit.low", data, upstream)
 
-    def exported(self, *, images: Iterable[str], signed: bool) -> Emitted:
+    def exported(self, *, images: Iterable[str], signed: bool) -> None:
         """`mirror export` wrote a bundle of these images (`<upstream>/<repository>:<tag>`)."""
         if "export.done" not in self._routes:
-            return None
-        return self.emit("export.done", {"images": list(images), "signed": signed})
+            return
+        self.emit("export.done", {"images": list(images), "signed": signed})
 
     def imported(
         self,
@@ -187,11 +179,11 @@ class Kinds:
         signature: str,
         refused: str | None,
         failed: Iterable[str],
-    ) -> Emitted:
+    ) -> None:
         """`mirror import` read a bundle: what it took, what the signature said, and what it
         refused (the whole bundle) or failed (single tags)."""
         if "import.done" not in self._routes:
-            return None
+            return
         data = {
             "blobs": blobs,
             "manifests": manifests,
@@ -200,7 +192,7 @@ class Kinds:
             "refused": refused,
             "failed": list(failed),
         }
-        return self.emit("import.done", data)
+        self.emit("import.done", data)
 
     def admin(
         self,
@@ -210,10 +202,10 @@ class Kinds:
         who: Mapping[str, Any],
         params: Mapping[str, Any],
         result: str,
-    ) -> Emitted:
+    ) -> None:
         """An administrative action, through the admin API (`via` "api", `who` the client's
         address) or a command (`via` "cli", `who` the local user), and how it ended."""
         if "admin" not in self._routes:
-            return None
+            return
         data = {"action": action, "via": via, **who, "params": dict(params), "result": result}
-        return self.emit("admin", data, action)
+        self.emit("admin", data, action)

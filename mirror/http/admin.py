@@ -60,15 +60,13 @@ def install(app: web.Application, admin: Admin, config: AdminConfig, events: Eve
                 result = "error"
                 raise
             finally:
-                emitted = events.admin(
+                events.admin(
                     action=f"{request.method} {request.path[len(config.prefix) + 1 :]}",
                     via="api",
                     who={"client": request.remote},
                     params=body if isinstance(body, dict) else {"body": body},
                     result=result,
                 )
-                if emitted is not None:
-                    await emitted
 
         return handler
 

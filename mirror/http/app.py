@@ -112,7 +112,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
         lambda: cache.coordinator.leads("evictor"),
     )
     admin = Admin(cache)
-    deliveries = Deliveries(config.events, events, metrics, cache.layout.events_deliver)
+    deliveries = Deliveries(config.events, events, metrics, events.deliver_lock)
 
     answer = make_answer(metrics)
     app = web.Application(middlewares=[make_middleware(answer)], client_max_size=64 * 1024)
@@ -131,6 +131,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
     async def sample() -> None:
         """The gauges no update keeps current, brought up to date: this process's fills,
         descriptors and tasks, its memory tier, and warm's and cold's usage (the host's)."""
+        events.tally()
         fds = await asyncio.to_thread(lambda: len(os.listdir("/proc/self/fd")))
         metrics.process(len(cache.coordinator.filling()), fds, len(asyncio.all_tasks()))
         for tier, (nbytes, count) in (await admin.tiers()).items():

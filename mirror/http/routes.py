@@ -177,14 +177,14 @@ class Routes:
             m, outcome = answer.manifest, answer.outcome
         service.ahead.after(target, m)
         if self._events.wants("pull"):
-            await self._pulled(request, target, ref, m, outcome)
+            self._pulled(request, target, ref, m, outcome)
         return self._manifest_response(request, target, m, outcome)
 
-    async def _pulled(
+    def _pulled(
         self, request: web.Request, target: Target, ref: str, m: StoredManifest, outcome: Outcome
     ) -> None:
-        """The pull event, on disk before the answer goes out (events/__init__.py)."""
-        emitted = self._events.pull(
+        """The pull event, in the journal before the answer goes out (events/__init__.py)."""
+        self._events.pull(
             upstream=target.upstream.name,
             repository=target.repo,
             reference=ref,
@@ -196,8 +196,6 @@ class Routes:
             user=request.get(USER),
             outcome=outcome.value,
         )
-        if emitted is not None:
-            await emitted
 
     def _manifest_response(
         self, request: web.Request, target: Target, m: StoredManifest, outcome: Outcome

@@ -23,14 +23,16 @@
       index.sqlite           blob metadata: tier, size, stored, last access, hits; run-time
                              pins; when each tag was last pulled; which repository holds
                              which digest, with [auth] on (store/index.py)
-      events.sqlite          events waiting for each webhook, with [events] webhooks
-                             (events/queue.py)
-      events.journal/<n>     a single serving process's events, written ahead of
-                             events.sqlite (events/journal.py)
+      events.journal/<n>     a single serving process's events, one line each: the
+                             webhooks' and the audit log's queue (events/journal.py)
       events.journal/worker-<i>/<n>
                              worker i's, with several serving processes
-      events.deliver.lock    flock: held by the one process delivering webhooks
-                             (events/delivery.py)
+      events.journal/command-<pid>-<r>/<n>
+                             an admin command's, until every consumer read it
+      events.cursors         how far each webhook and the audit log got in each journal
+                             (events/cursors.py)
+      events.deliver.lock    flock: held by the one process delivering webhooks and
+                             writing the audit log (events/delivery.py)
 
     <cold tier URL>/         object storage or a directory (store/cold.py)
       blobs/sha256/ab/ab12…ef
@@ -58,7 +60,7 @@ class Layout:
         self.tmp = self.root / "tmp"
         self.meta = self.root / "meta"
         self.index = self.root / "index.sqlite"
-        self.events = self.root / "events.sqlite"
+        self.events_cursors = self.root / "events.cursors"
         self.events_journal = self.root / "events.journal"
         self.run = self.root / "run"
         self.fills = self.run / "fills"

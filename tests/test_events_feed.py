@@ -1,0 +1,52 @@
+"""The journals read forward (events/feed.py), on real files: two processes' journals merged
+by when each event was emitted, taken in batches across them, trimmed oldest first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mirror.events import record
+from mirror.events.feed import Consumer, Journals
+from mirror.events.journal import Journal
+
+
+def _write(journal: Journal, tags: list[str]) -> None:
+    for tag in tags:
+        journal.append(record.line("pull" if tag[0] != "x" else "tag.moved", tag))
+
+
+def _tags(journals: Journals, consumer: Consumer, limit: int) -> list[str]:
+    taken = consumer.take(journals, limit)
+    consumer.advance(taken)
+    return [line.split(b"\t", 2)[2].decode() for _, _, _, line in taken.lines]
+
+
+def test_two_journals_are_taken_in_emission_order_and_trimmed_oldest_first(
+    tmp_path: Path,
+) -> None:
+    """150 pulls in one journal, then 150 in another with a kind nobody wants between them:
+    batches of 100 come in the order they were emitted, across both, what the consumer does
+    not want passed over; a trim to 30 drops the oldest and says how many."""
+    root = tmp_path / "events.journal"
+    first, second = Journal(root, "worker-0"), Journal(root, "worker-1")
+    assert first.claim() and second.claim()
+    a = [f"a{i}" for i in range(150)]
+    b = [f"b{i}" for i in range(150)]
+    _write(first, a)
+    _write(second, [t if i % 10 else f"x{t}" for i, t in enumerate(b)])
+    journals = Journals(root)
+    journals.refresh()
+    pulls = Consumer("webhook:one", ["pull"], {})
+    assert pulls.depth(journals) == 150 + 135
+    got = _tags(journals, pulls, 100) + _tags(journals, pulls, 100)
+    assert got == a[:100] + a[100:] + [t for i, t in enumerate(b[:56]) if i % 10]
+    assert pulls.depth(journals) == 135 - 50
+
+    everything = Consumer("webhook:two", ["pull", "tag.moved"], {})
+    assert everything.trim(journals, 30) == 300 - 30
+    assert everything.depth(journals) == 30
+    rest = _tags(journals, everything, 100)
+    assert rest == [t if i % 10 else f"x{t}" for i, t in enumerate(b)][-30:]
+    assert everything.trim(journals, 30) == 0, "nothing more to drop"
+    first.close()
+    second.close()
