@@ -10,6 +10,9 @@ Each repetition, with empty caches and an empty Redis:
   three processes), nginx round-robin in front; 30 clients at once GET the blob through nginx.
 * **single**: one `mirror serve --workers 1` without `[cluster]`; the same 30 clients GET the
   blob from it directly (a single mirror has no load balancer).
+* **cluster+l4** (with `--phases`; Debian's libnginx-mod-stream): the same replicas behind
+  nginx's `stream` module, TCP round-robin per connection: nginx still, but no HTTP parsing
+  or buffering of bodies.
 * **cluster+kernel** (with `--phases`; root and iptables): the same replicas behind the
   kernel's NAT instead of nginx, round-robin per connection as kube-proxy's iptables mode
   balances a Service (bodies never pass through user space on their way to the client).
@@ -187,6 +190,33 @@ http {{
 }}
 """
 
+
+def lb_stream_conf(behind: tuple[str, ...] = REPLICAS) -> str:
+    """nginx as a TCP (L4) balancer: its `stream` module, round-robin per connection; it
+    still copies every byte through its process, but parses no HTTP and buffers nothing."""
+    servers = "\n".join(f"        server {HOST}:{PORTS[r]};" for r in behind)
+    return f"""{nginx_user()}worker_processes 1;
+load_module {STREAM_MODULE};
+daemon off;
+pid {RUN}/lb/nginx.pid;
+error_log {RUN}/lb/error.log warn;
+events {{ worker_connections 4096; }}
+stream {{
+    upstream mirror {{
+{servers}
+    }}
+    server {{
+        listen {HOST}:{PORTS["lb"]} backlog=1024;
+        proxy_pass mirror;
+        proxy_buffer_size 256k;
+        proxy_timeout 900s;
+    }}
+}}
+"""
+
+
+#: Debian's dynamic module for nginx's `stream` (package libnginx-mod-stream).
+STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 #: The iptables chain of the in-kernel balancer (`cluster+kernel`).
 CHAIN = "MIRROR_BENCH_LB"
@@ -432,6 +462,13 @@ def phase(procs: Procs, which: str, path: str, clients: int, hexd: str, size: in
         start_nginx(procs, "lb", lb_conf())
         wait_for(procs, "lb", lambda: get(PORTS["lb"], "/v2/")[0] == 200)
         port = PORTS["lb"]
+    elif which == "cluster+l4":
+        start_redis(procs)
+        for r in REPLICAS:
+            start_mirror(procs, r, cluster=True)
+        start_nginx(procs, "lb", lb_stream_conf())
+        wait_for(procs, "lb", lambda: get(PORTS["lb"], "/v2/")[0] == 200)
+        port = PORTS["lb"]
     elif which == "cluster+kernel":
         start_redis(procs)
         for r in REPLICAS:
@@ -475,13 +512,18 @@ def table(result: dict) -> str:
         )
     walls = {
         w: statistics.median([p["wall_s"] for p in result["phases"] if p["phase"] == w] or [0])
-        for w in ("cluster", "cluster+kernel", "single", "single+lb")
+        for w in ("cluster", "cluster+l4", "cluster+kernel", "single", "single+lb")
     }
     lines.append("")
     if walls["cluster"] and walls["single"]:
         lines.append(
             f"Cluster wall / single wall (medians): {walls['cluster'] / walls['single']:.2f}× "
             "(goal ≤ 1.2×)."
+        )
+    if walls["cluster+l4"] and walls["single"]:
+        lines.append(
+            f"Cluster behind nginx's stream (L4) balancer / single wall (medians): "
+            f"{walls['cluster+l4'] / walls['single']:.2f}× (goal ≤ 1.2×)."
         )
     if walls["cluster+kernel"] and walls["single"]:
         lines.append(
@@ -525,7 +567,9 @@ def main() -> int:
     parser.add_argument(
         "--phases",
         default="cluster,single",
-        help="of cluster, cluster+kernel (the replicas behind the kernel's NAT instead of "
+        help="of cluster, cluster+l4 (the replicas behind nginx's stream module, TCP "
+        "round-robin; needs libnginx-mod-stream), cluster+kernel (the replicas behind the "
+        "kernel's NAT instead of "
         "nginx; needs root and iptables), single, single+lb (one mirror behind the same "
         "nginx), in order",
     )
