@@ -12,16 +12,13 @@ Needs wrk and redis-server.
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from events import CONNECTIONS, PROJECT, UPSTREAM, _free_port, _get, _serve, _wrk
+from events import _free_port, _get, arguments, interleaved, start_upstream, table
 
 SECRET = "bench-cluster-secret-0123456789abcdef"
 
@@ -42,18 +39,15 @@ def _redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=CONNECTIONS[0])
-    args = parser.parse_args()
-    CONNECTIONS[0] = args.connections
-    upstream = subprocess.Popen(
-        [sys.executable, "-c", UPSTREAM], cwd=PROJECT, stdout=subprocess.PIPE, text=True
-    )
-    assert upstream.stdout is not None
-    upstream_url = upstream.stdout.readline().strip()
+    args = arguments()
+    upstream, upstream_url = start_upstream()
     ttl = '[upstreams."docker.io"]\ntag_ttl = 3600\n'
+
+    def joined(name: str, url: str, manifest: str) -> None:
+        if name == "cluster":
+            ready = json.loads(_get(f"{url}/readyz"))
+            assert ready["cluster"] == "joined", ready
+
     with tempfile.TemporaryDirectory(prefix="bench-cluster-hits-") as tmp:
         work = Path(tmp)
         redis, redis_url = _redis(work)
@@ -62,36 +56,14 @@ def main() -> None:
             "cluster": f'{ttl}[cluster]\nredis_url = "{redis_url}"\nsecret = "{SECRET}"\n'
             'advertise = "http://127.0.0.1:9"\n',
         }
-        results: dict[str, list[float]] = {k: [] for k in configs}
         try:
-            for rep in range(args.reps):
-                for name, toml in configs.items():
-                    proc, url = _serve(work, upstream_url, toml)
-                    try:
-                        manifest = f"{url}/v2/team/app/manifests/1.0"
-                        _get(manifest)
-                        _wrk(manifest, 3)  # warm up: every worker has served the tag
-                        if name == "cluster":
-                            ready = json.loads(_get(f"{url}/readyz"))
-                            assert ready["cluster"] == "joined", ready
-                        results[name].append(_wrk(manifest, args.seconds))
-                    finally:
-                        proc.terminate()
-                        proc.wait()
-                print(
-                    f"rep {rep + 1}: { ({k: v[-1] for k, v in results.items()}) }", file=sys.stderr
-                )
+            results = interleaved(work, upstream_url, configs, args, joined)
         finally:
             redis.terminate()
             redis.wait()
             upstream.terminate()
             upstream.wait()
-    off = statistics.median(results["off"])
-    print("| cluster | manifest by tag req/s (median) | runs | vs off |\n|---|---|---|---|")
-    for name, runs in results.items():
-        med = statistics.median(runs)
-        shown = ", ".join(f"{r:.0f}" for r in runs)
-        print(f"| {name} | {med:.0f} | {shown} | {med / off:.3f} |")
+    table("cluster", results)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -106,19 +107,87 @@ def _metric(url: str, name: str) -> float:
     raise AssertionError(name)
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
+    """--reps, --seconds, --connections (wrk's, for every run after it)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=CONNECTIONS[0])
     args = parser.parse_args()
     CONNECTIONS[0] = args.connections
+    return args
+
+
+def start_upstream() -> tuple[subprocess.Popen[str], str]:
+    """The simulator holding team/app:1.0, in a process of its own, and its URL."""
     upstream = subprocess.Popen(
         [sys.executable, "-c", UPSTREAM], cwd=PROJECT, stdout=subprocess.PIPE, text=True
     )
     assert upstream.stdout is not None
-    upstream_url = upstream.stdout.readline().strip()
+    return upstream, upstream.stdout.readline().strip()
+
+
+#: Readies a mirror for its measured run: (configuration name, mirror URL, manifest URL).
+Prepare = Callable[[str, str, str], None]
+
+
+def interleaved(
+    work: Path,
+    upstream_url: str,
+    configs: dict[str, str],
+    args: argparse.Namespace,
+    prepare: Prepare,
+    after: Prepare | None = None,
+) -> dict[str, list[float]]:
+    """wrk against the manifest by tag on a fresh `mirror serve` of each configuration in
+    turn, `args.reps` times round: req/s per configuration, in run order. `prepare` runs
+    before each measured run, `after` (a check of what it measured) after it."""
+    results: dict[str, list[float]] = {k: [] for k in configs}
+    for rep in range(args.reps):
+        for name, toml in configs.items():
+            proc, url = _serve(work, upstream_url, toml)
+            try:
+                manifest = f"{url}/v2/team/app/manifests/1.0"
+                _get(manifest)
+                _wrk(manifest, 3)  # warm up: every worker has served the tag
+                prepare(name, url, manifest)
+                results[name].append(_wrk(manifest, args.seconds))
+                if after is not None:
+                    after(name, url, manifest)
+            finally:
+                proc.terminate()
+                proc.wait()
+        print(f"rep {rep + 1}: { ({k: v[-1] for k, v in results.items()}) }", file=sys.stderr)
+    return results
+
+
+def table(what: str, results: dict[str, list[float]]) -> None:
+    """The markdown table: median req/s, every run, and the ratio to the first row's."""
+    first = statistics.median(next(iter(results.values())))
+    print(f"| {what} | manifest by tag req/s (median) | runs | vs off |\n|---|---|---|---|")
+    for name, runs in results.items():
+        med = statistics.median(runs)
+        shown = ", ".join(f"{r:.0f}" for r in runs)
+        print(f"| {name} | {med:.0f} | {shown} | {med / first:.3f} |")
+
+
+def main() -> None:
+    args = arguments()
+    upstream, upstream_url = start_upstream()
     dead = f"http://127.0.0.1:{_free_port()}/hook"  # nothing listens there
+
+    def fill_queue(name: str, url: str, manifest: str) -> None:
+        if name != "off":  # with a webhook: its queue full before the measurement
+            while _metric(url, "mirror_events_queue_depth") < MAX_QUEUE:
+                _wrk(manifest, 2)
+
+    def was_full(name: str, url: str, manifest: str) -> None:
+        if name != "off":
+            dropped = _metric(
+                url, 'mirror_events_dropped_total{endpoint="dead",reason="queue_full"}'
+            )
+            assert dropped > 0, "the queue was full while measured"
+
     with tempfile.TemporaryDirectory(prefix="bench-events-") as tmp:
         work = Path(tmp)
         hook = f'[[events.webhooks]]\nurl = "{dead}"\nname = "dead"\nevents = ["pull"]\n'
@@ -127,40 +196,12 @@ def main() -> None:
             "dead": f"[events]\nmax_queue = {MAX_QUEUE}\n{hook}",
             "audit": f'[events]\nmax_queue = {MAX_QUEUE}\naudit_log = "{work}/audit.log"\n{hook}',
         }
-        results: dict[str, list[float]] = {k: [] for k in configs}
         try:
-            for rep in range(args.reps):
-                for name, toml in configs.items():
-                    proc, url = _serve(work, upstream_url, toml)
-                    try:
-                        manifest = f"{url}/v2/team/app/manifests/1.0"
-                        _get(manifest)
-                        _wrk(manifest, 3)  # warm up; with a webhook: fill its queue
-                        if name != "off":
-                            while _metric(url, "mirror_events_queue_depth") < MAX_QUEUE:
-                                _wrk(manifest, 2)
-                        results[name].append(_wrk(manifest, args.seconds))
-                        if name != "off":
-                            dropped = _metric(
-                                url,
-                                'mirror_events_dropped_total{endpoint="dead",reason="queue_full"}',
-                            )
-                            assert dropped > 0, "the queue was full while measured"
-                    finally:
-                        proc.terminate()
-                        proc.wait()
-                print(
-                    f"rep {rep + 1}: { ({k: v[-1] for k, v in results.items()}) }", file=sys.stderr
-                )
+            results = interleaved(work, upstream_url, configs, args, fill_queue, was_full)
         finally:
             upstream.terminate()
             upstream.wait()
-    off = statistics.median(results["off"])
-    print("| events | manifest by tag req/s (median) | runs | vs off |\n|---|---|---|---|")
-    for name, runs in results.items():
-        med = statistics.median(runs)
-        shown = ", ".join(f"{r:.0f}" for r in runs)
-        print(f"| {name} | {med:.0f} | {shown} | {med / off:.3f} |")
+    table("events", results)
 
 
 if __name__ == "__main__":
