@@ -455,26 +455,16 @@ def settle_upstream(path: str, offset: int, timeout: float = 120.0) -> None:
 def phase(procs: Procs, which: str, path: str, clients: int, hexd: str, size: int) -> dict:
     offset = log_size()
     load = os.getloadavg()[0]
-    if which == "cluster":
+    if which.startswith("cluster"):
         start_redis(procs)
         for r in REPLICAS:
             start_mirror(procs, r, cluster=True)
-        start_nginx(procs, "lb", lb_conf())
-        wait_for(procs, "lb", lambda: get(PORTS["lb"], "/v2/")[0] == 200)
-        port = PORTS["lb"]
-    elif which == "cluster+l4":
-        start_redis(procs)
-        for r in REPLICAS:
-            start_mirror(procs, r, cluster=True)
-        start_nginx(procs, "lb", lb_stream_conf())
-        wait_for(procs, "lb", lambda: get(PORTS["lb"], "/v2/")[0] == 200)
-        port = PORTS["lb"]
-    elif which == "cluster+kernel":
-        start_redis(procs)
-        for r in REPLICAS:
-            start_mirror(procs, r, cluster=True)
-        kernel_lb()
-        wait_for(procs, "r1", lambda: get(PORTS["lb"], "/v2/")[0] == 200)
+        if which == "cluster+kernel":
+            kernel_lb()
+        else:
+            start_nginx(procs, "lb", lb_stream_conf() if which == "cluster+l4" else lb_conf())
+        watched = "r1" if which == "cluster+kernel" else "lb"
+        wait_for(procs, watched, lambda: get(PORTS["lb"], "/v2/")[0] == 200)
         port = PORTS["lb"]
     elif which == "single+lb":
         start_mirror(procs, "single", cluster=False)
