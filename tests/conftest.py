@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from registry import LOCAL_OPENER, Registry, free_port
 from upstream_sim import UpstreamSim
 
 from mirror.config import DEFAULT_UPSTREAMS, DOCKER_HUB, load_config
-from mirror.http.app import CACHE, build_app
+from mirror.http.app import CACHE, DRAIN_SECONDS, build_app
 from mirror.http.server import MirrorSite
 from mirror.oci.reference import parse_digest
 from mirror.pull.fill import Fill
@@ -301,7 +302,12 @@ class MirrorProcess:
         self.upstream_url = upstream_url
         extra = extra_env or {}
         config = Path(extra["MIRROR_CONFIG"]).read_text() if "MIRROR_CONFIG" in extra else ""
-        self.env = {**os.environ, **offline_builtins(config + " ".join(extra)), **extra}
+        self.env = {
+            **os.environ,
+            **offline_builtins(config + " ".join(extra)),
+            "PYTHONFAULTHANDLER": "1",
+            **extra,
+        }
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = f"127.0.0.1:{self.port}"
@@ -345,7 +351,16 @@ class MirrorProcess:
     def stop(self, sig: int = 15) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(timeout=15)
+            try:
+                # a stop lets fills and uploads in flight finish for at most DRAIN_SECONDS
+                self.proc.wait(timeout=DRAIN_SECONDS + 15)
+            except subprocess.TimeoutExpired:
+                # PYTHONFAULTHANDLER: SIGABRT writes where every thread of it is to the log
+                self.proc.send_signal(signal.SIGABRT)
+                self.proc.wait(timeout=15)
+                raise AssertionError(
+                    f"the mirror did not stop on signal {sig}: {self.log.read_text()[-6000:]}"
+                ) from None
         self.proc = None
         # logging's own report of a call whose arguments did not fit its format
         assert "--- Logging error ---" not in self.log.read_text(errors="replace"), self.log

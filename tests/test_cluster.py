@@ -621,7 +621,7 @@ async def test_the_owner_killed_mid_fill_is_carried_on_by_a_survivor_from_its_by
     assert sim.sent[path] <= 1.2 * len(blob), sim.sent[path]
     for proc in survivors:
         assert hashlib.sha256(_blob_file(proc, digest).read_bytes()).hexdigest() == digest[7:]
-    took = [p for p in survivors if "carrying the fill of " + digest in p.log.read_text()]
+    took = [p for p in survivors if "cluster: carrying the fill of " + digest in p.log.read_text()]
     assert len(took) == 1, "one survivor took the lease and asked upstream"
     (other,) = [p for p in survivors if p is not took[0]]
     assert f"streaming {digest} from {took[0].url}" in other.log.read_text(), (

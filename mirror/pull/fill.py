@@ -216,7 +216,6 @@ class Fill:
                 return False
             finally:
                 await store.run(claim.release)
-            log.warning("the process filling %s went away; carrying the fill on", self.digest)
 
     async def watch(self, store: BlobStore, claims: Claims) -> None:
         """Follow another process's fill of the host without ever carrying it on (what a
@@ -305,6 +304,12 @@ class Fill:
                     raise errors.DiskFull(detail={"digest": str(self.digest), "size": stream.size})
                 verifier = Verifier(self.digest, stream.size, max_size or None)
                 if held:
+                    log.warning(
+                        "carrying the fill of %s on from byte %d, where a process that went "
+                        "away left it",
+                        self.digest,
+                        held,
+                    )
                     await store.run(_rehash, self._read_fd, held, verifier)
                 await store.run(claim.announce, self.size, self.source)
                 if not self._ready.done():
