@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import boto3
+import image_base
 import pytest
 import redis
 from aiohttp import web
@@ -285,6 +287,19 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     """A plain aiohttp client (no proxy from the environment)."""
     async with aiohttp.ClientSession(trust_env=False) as session:
         yield session
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """With test_image.py among the tests to run, its base (debootstrap and the wheels, a
+    minute or more, no dockerd) is begun now on a thread, under the tests before it."""
+    if image_base.ready_tools() and any(i.path.name == "test_image.py" for i in session.items):
+        work = Path(tempfile.mkdtemp(prefix="mirror-test-image-"))
+        image_base.PREPARED.append(image_base.Preparation(work))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for preparation in image_base.PREPARED:
+        preparation.close()
 
 
 class MirrorProcess:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+#: The most an in-memory data root may hold (a tmpfs takes only what it holds).
+TMPFS_SIZE = "8g"
 #: Nothing listens on the discard port: the proxy any non-mirror registry traffic is sent to.
 CLOSED_PROXY = "http://127.0.0.1:9"
 MISSING = (
@@ -52,8 +54,11 @@ class Dockerd:
     """One dockerd. `mirrors` are `registry-mirrors` URLs, `insecure` the host:ports it may
     talk plain HTTP to."""
 
-    def __init__(self, mirrors: list[str], insecure: list[str]) -> None:
+    def __init__(self, mirrors: list[str], insecure: list[str], in_memory: bool = False) -> None:
         self.dockerd, self.docker_cli = binaries()
+        #: Its data root on a tmpfs of its own: vfs copies an image's whole root for every
+        #: container, and the classic builder makes one per Dockerfile step (test_image.py).
+        self.in_memory = in_memory
         self.root = Path(tempfile.mkdtemp(prefix="d", dir="/tmp"))
         self.socket = self.root / "docker.sock"
         self.log = self.root / "dockerd.log"
@@ -76,6 +81,20 @@ class Dockerd:
         }
 
     def start(self, timeout: float = 60.0) -> Dockerd:
+        if self.in_memory:
+            data = self.root / "data"
+            data.mkdir()
+            mount = [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                f"size={TMPFS_SIZE},mode=0700",
+                "dockerd",
+                str(data),
+            ]
+            done = subprocess.run(mount, capture_output=True, text=True, check=False)
+            assert done.returncode == 0, f"{' '.join(mount)}: {done.stderr}"
         cmd = [
             self.dockerd,
             "--config-file",
@@ -187,7 +206,7 @@ class Dockerd:
                     _signal_group(containerd, signal.SIGKILL)
                     self._wait_gone(containerd, timeout)
         finally:
-            unmount_under(self.root)
+            unmount_under(self.root)  # the in-memory data root too
             shutil.rmtree(self.root, ignore_errors=True)
 
     def _containerd_pid(self) -> int | None:

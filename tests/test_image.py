@@ -31,13 +31,9 @@ import json
 import os
 import re
 import shlex
-import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -46,7 +42,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dockerd import Dockerd, binaries, unmount_under
+from dockerd import Dockerd, binaries
+from image_base import (
+    KEYRING,
+    PREPARED,
+    Preparation,
+    dependencies,
+    remove_root,
+    requirement_name,
+    tail,
+    tool,
+)
 from images import (
     OCI_MANIFEST,
     Pushed,
@@ -61,23 +67,9 @@ from registry import LOCAL_OPENER, REGISTRY_BINARY, Registry, free_port
 PROJECT = Path(__file__).resolve().parent.parent
 DOCKERFILE = PROJECT / "deploy" / "Dockerfile"
 
-#: The base: Debian bookworm, whose python3 is 3.11 as python:3.11-slim's is.
-SUITE, PYTHON_VERSION = "bookworm", "3.11"
-BASE_PACKAGES = ("python3", "python3-venv")
 BASE_REF = "localbase:bookworm"
-#: What a Debian image needs no copy of (vfs copies the whole root for every container).
-BASE_PRUNE = (
-    "var/cache/apt/archives/*.deb",
-    "var/cache/apt/*.bin",
-    "var/lib/apt/lists/*",
-    "usr/share/doc/*",
-    "usr/share/man/*",
-    "usr/share/locale/*",
-)
 #: The PATH official images set (`docker import` sets no environment).
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-DEFAULT_ARCHIVE = "http://deb.debian.org/debian"
 
 IMAGE_REF = "mirror-test:image"
 UID = 10001
@@ -85,20 +77,16 @@ DATA_DIR = "/var/lib/mirror"
 #: The image the upstream registry holds: small, two layers.
 REPO, TAG = "test/image", "1"
 
-#: debootstrap (about 50 s) and the build (1 to 3 minutes: on vfs every step of the classic
-#: builder copies the whole root) happen in the first test that asks for the image; each step
-#: has a timeout of its own, and all of them fit in this one.
+#: debootstrap (about a minute, begun with the session: image_base.py) and the build (1 to 3
+#: minutes: on vfs every step of the classic builder copies the whole root) are waited for by
+#: the first test that asks for the image; each step has a timeout of its own, and all of them
+#: fit in this one.
 pytestmark = pytest.mark.timeout(2400)
 
 _names = itertools.count()
 
 
 # -- tools -------------------------------------------------------------------------------------
-
-
-def tool(name: str) -> str | None:
-    """`name` on PATH, or in the sbin directories a non-login root shell may lack."""
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
 def require_tools() -> None:
@@ -127,103 +115,7 @@ def require_tools() -> None:
         pytest.fail("tests/test_image.py runs debootstrap and dockerd: run it as root (as CI does)")
 
 
-def tail(path: Path, chars: int = 6000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return "(no log)"
-
-
-def run_logged(cmd: list[str], log: Path, timeout: float) -> None:
-    """Run `cmd` in a session of its own with its output in `log`; kill the whole session if
-    it outlives `timeout` (or the test is interrupted); fail with the log's tail if it fails."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        code = proc.wait(timeout=timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        raise
-    assert code == 0, f"{shlex.join(cmd)} exited with {code}:\n{tail(log)}"
-
-
 # -- the base image ----------------------------------------------------------------------------
-
-
-def debian_archive() -> str:
-    """The Debian archive this machine's apt uses for `SUITE` (deb822 `*.sources` or one-line
-    `*.list`), else deb.debian.org."""
-    apt = Path("/etc/apt")
-    for path in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*"))]:
-        try:
-            text = path.read_text()
-        except OSError:
-            continue
-        if path.suffix == ".sources":
-            for stanza in re.split(r"\n\s*\n", text):
-                fields: dict[str, list[str]] = {}
-                for line in stanza.splitlines():
-                    key, colon, value = line.partition(":")
-                    if colon and not line.startswith(("#", " ", "\t")):
-                        fields[key.strip().lower()] = value.split()
-                uris = [u for u in fields.get("uris", []) if u.startswith(("http://", "https://"))]
-                if (
-                    "deb" in fields.get("types", [])
-                    and SUITE in fields.get("suites", [])
-                    and fields.get("enabled", ["yes"]) != ["no"]
-                    and uris
-                ):
-                    return uris[0]
-        elif path.name == "sources.list" or path.suffix == ".list":
-            for line in text.splitlines():
-                found = re.match(r"deb\s+(?:\[[^\]]*\]\s+)?(https?://\S+)\s+(\S+)", line.strip())
-                if found and found.group(2) == SUITE:
-                    return found.group(1)
-    return DEFAULT_ARCHIVE
-
-
-def debootstrap(target: Path, log: Path) -> None:
-    """A minimal Debian `SUITE` root with `BASE_PACKAGES` at `target`, checked against the
-    Debian archive keyring, without what an image needs no copy of."""
-    debootstrap = tool("debootstrap")
-    assert debootstrap is not None
-    run_logged(
-        [
-            debootstrap,
-            "--variant=minbase",
-            f"--include={','.join(BASE_PACKAGES)}",
-            f"--keyring={KEYRING}",
-            SUITE,
-            str(target),
-            debian_archive(),
-        ],
-        log,
-        timeout=600,
-    )
-    for pattern in BASE_PRUNE:
-        for path in target.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-
-
-def remove_root(root: Path) -> None:
-    """Remove a debootstrapped root: first whatever debootstrap left mounted in it (it mounts
-    /proc and /sys there, and may bind /dev), and never while anything is still mounted."""
-    unmount_under(root)
-    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-    left = [m.split()[4] for m in mounts if m.split()[4].startswith(f"{root}/")]
-    assert not left, f"still mounted under {root}, not removed: {left}"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def import_root(daemon: Dockerd, root: Path, log: Path) -> None:
@@ -257,59 +149,6 @@ def import_root(daemon: Dockerd, root: Path, log: Path) -> None:
 
 
 # -- the package index the build installs from ------------------------------------------------
-
-
-def normalized(project: str) -> str:
-    """A project's name as a simple index spells its directory (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", project).lower()
-
-
-def requirement_name(requirement: str) -> str:
-    found = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
-    assert found, requirement
-    return normalized(found.group(0))
-
-
-def dependencies() -> list[str]:
-    """What `pip install .` needs from an index: the build backend and the project's
-    dependencies."""
-    meta = tomllib.loads((PROJECT / "pyproject.toml").read_text())
-    return [*meta["build-system"]["requires"], *meta["project"]["dependencies"]]
-
-
-def wheelhouse(work: Path, log: Path) -> Path:
-    """`dependencies()` as wheels for the base's Python, downloaded by the host's pip (nothing
-    cached outside `work`), laid out as a simple index: a directory per project, whose
-    listing (as http.server serves it) is the project's page."""
-    wheels = work / "wheels"
-    run_logged(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-cache-dir",
-            "--disable-pip-version-check",
-            "--only-binary=:all:",
-            "--python-version",
-            PYTHON_VERSION,
-            "--dest",
-            str(wheels),
-            *dependencies(),
-            "wheel",  # what setuptools before 70.1 asks for to build a wheel
-            # what redis needs below Python 3.11.3 (bookworm's is 3.11.2): pip decides a
-            # dependency's markers by the host's own interpreter, not by --python-version
-            "async-timeout>=4.0.3",
-        ],
-        log,
-        timeout=300,
-    )
-    index = work / "index"
-    for wheel in sorted(wheels.glob("*.whl")):
-        project = index / normalized(wheel.name.split("-")[0])
-        project.mkdir(parents=True, exist_ok=True)
-        wheel.rename(project / wheel.name)
-    return index
 
 
 @contextlib.contextmanager
@@ -355,20 +194,19 @@ def built_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     repository root; the images and the dockerd (its whole data root) removed at the end.
     Asked for through `image()`, from the test body."""
     require_tools()
-    work = tmp_path_factory.mktemp("image")
-    daemon = Dockerd([], [])
+    # debootstrap and the wheels began with the session (conftest.py); made here otherwise
+    preparation = PREPARED[0] if PREPARED else Preparation(tmp_path_factory.mktemp("image"))
+    daemon = Dockerd([], [], in_memory=True)
     daemon.cli_env["DOCKER_BUILDKIT"] = "0"  # the classic builder (see the module docstring)
     try:
         daemon.start()
-        root = work / "root"
-        started = time.monotonic()
+        base = preparation.result(timeout=900)
+        debootstrap_seconds = base.debootstrap_seconds
         try:
-            debootstrap(root, work / "debootstrap.log")
-            debootstrap_seconds = time.monotonic() - started
-            import_root(daemon, root, work / "import.log")
+            import_root(daemon, base.root, base.work / "import.log")
         finally:
-            remove_root(root)
-        index = wheelhouse(work / "wheelhouse", work / "pip.log")
+            remove_root(base.root)
+        index = base.index
         with serve_directory(index) as (index_url, served):
             started = time.monotonic()
             done = daemon.docker(
@@ -396,6 +234,8 @@ def built_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
             daemon.docker("rmi", "--force", IMAGE_REF, BASE_REF)
             daemon.docker("image", "prune", "--force")  # the build stage's image
         daemon.stop()
+        if not PREPARED:
+            preparation.close()
 
 
 def image(request: pytest.FixtureRequest) -> Built:
