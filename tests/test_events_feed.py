@@ -50,3 +50,43 @@ def test_two_journals_are_taken_in_emission_order_and_trimmed_oldest_first(
     assert everything.trim(journals, 30) == 0, "nothing more to drop"
     first.close()
     second.close()
+
+
+def test_a_trim_keeps_the_newest_across_journals_whatever_their_sizes_and_ties(
+    tmp_path: Path,
+) -> None:
+    """Three journals written at different rates (one more than a read chunk), lines of the
+    very same nanosecond among them, a kind the consumer does not want between: trimmed to
+    `most`, exactly `most` wanted lines wait, and none of those dropped is newer than one
+    kept. A journal that ended long ago caps nothing."""
+    root = tmp_path / "events.journal"
+    names = ["worker-0", "worker-1", "worker-2"]
+    writers = {name: Journal(root, name) for name in names}
+    assert all(w.claim() for w in writers.values())
+    base = 1_700_000_000_000_000_000
+    wanted: list[tuple[int, str]] = []
+    writers["worker-2"].append(f"pull\t{base - 10**9}\told\n".encode())  # long before the rest
+    wanted.append((base - 10**9, "old"))
+    for i in range(40_000):
+        at = base + (i // 3) * 1000  # three lines share each time
+        name = names[0] if i % 4 else names[1]
+        kind = "tag.moved" if i % 7 == 0 else "pull"
+        writers[name].append(f"{kind}\t{at}\t{name}-{i}\n".encode())
+        if kind == "pull":
+            wanted.append((at, f"{name}-{i}"))
+    journals = Journals(root)
+    journals.refresh()
+    consumer = Consumer("webhook:one", ["pull"], {})
+    assert consumer.depth(journals) == len(wanted)
+    most = 5_000
+    assert consumer.trim(journals, most) == len(wanted) - most
+    assert consumer.depth(journals) == most
+    kept = []
+    while taken := _tags(journals, consumer, 1000):
+        kept += taken
+    assert len(kept) == most
+    times = {tag: at for at, tag in wanted}
+    dropped = set(times) - set(kept)
+    assert max(times[t] for t in dropped) <= min(times[t] for t in kept)
+    for writer in writers.values():
+        writer.close()

@@ -47,6 +47,8 @@ log = logging.getLogger("mirror.events")
 
 #: Most bytes read from one journal at a time.
 CHUNK = 1024 * 1024
+#: Bytes per wanted line a trim reckons with before it counted any (a pull's are about 250).
+SPACING = 512.0
 START: Position = (0, 0)
 
 #: A wanted line read: (emitted at, journal, its end, the line without its newline).
@@ -100,6 +102,18 @@ class Journals:
             return token.decode()
         return f"{number:x}"  # a file with no token (cut short at its start)
 
+    def ends_with(self, name: str, start: Position, data: bytes) -> bool:
+        """Whether `data`, read from `start`, reaches the end of what the journal holds now
+        (its last file's size)."""
+        numbers = self.files.get(name)
+        if not numbers or start[0] != numbers[-1]:
+            return False
+        try:
+            size = os.path.getsize(directory_of(self.root, name) / str(start[0]))
+        except FileNotFoundError:
+            return True
+        return start[1] + len(data) >= size
+
     def chunk(self, name: str, place: Position, limit: int = CHUNK) -> tuple[Position, bytes]:
         """Whole lines from `place` on (at most `limit` bytes, unless one line is longer), and
         where they start: past a file's end when a later file follows it (its writer left it;
@@ -145,6 +159,8 @@ class Consumer:
         self.cursor = dict(cursor)
         #: Per journal: how far it was counted, and the wanted lines from the cursor to there.
         self._counted: dict[str, tuple[Position, int]] = {}
+        #: Per journal: its bytes per wanted line, as last counted (what a trim reads).
+        self._spacing: dict[str, float] = {}
 
     def _wanted_in(self, data: bytes) -> int:
         found = sum(data.count(p) for p in self._patterns)
@@ -161,7 +177,10 @@ class Consumer:
                 if not data:
                     place = max(place, start)
                     break
-                ahead += self._wanted_in(data)
+                found = self._wanted_in(data)
+                if found:
+                    self._spacing[name] = len(data) / found
+                ahead += found
                 place = (start[0], start[1] + len(data))
             self._counted[name] = (place, ahead)
             total += ahead
@@ -252,17 +271,20 @@ class Consumer:
         the time dropped up to: what follows in it is later). Balanced journals are done in one
         go, reading each line once; the caller goes on for what is left. The times are
         compared as their text (19 digits: nanoseconds since the epoch), with nothing made per
-        line but its slice."""
+        line but its slice. Each journal is read for about its share of the excess (by its
+        bytes per wanted line as counted), not a whole chunk: a pass reads what it drops."""
         read: dict[str, tuple[Position, bytes, list[bytes], list[int] | None]] = {}
         cap = b"~"  # above every time
+        names = [n for n in journals.files if not self.at_end(journals, n)]
+        share = -(-excess // max(len(names), 1))
         chunks = {}
-        for name in journals.files:
-            start, data = journals.chunk(name, self.cursor.get(name, START))
+        for name in names:
+            want = int(share * self._spacing.get(name, SPACING) * 1.25) + 4096
+            start, data = journals.chunk(name, self.cursor.get(name, START), min(want, CHUNK))
             if data:
-                chunks[name] = (start, data)
-        share = -(-excess // max(len(chunks), 1))
-        for name, (start, data) in chunks.items():
-            ats, ends, whole = self._times(data, share)
+                chunks[name] = (start, data, journals.ends_with(name, start, data))
+        for name, (start, data, at_end) in chunks.items():
+            ats, ends, whole = self._times(data, share, at_end)
             if not ats:
                 continue
             read[name] = (start, data, ats, ends)
@@ -299,12 +321,14 @@ class Consumer:
             passed += k
         return passed
 
-    def _times(self, data: bytes, most: int) -> tuple[list[bytes], list[int] | None, bool]:
+    def _times(
+        self, data: bytes, most: int, at_end: bool
+    ) -> tuple[list[bytes], list[int] | None, bool]:
         """The emitted-at (as 19 digits) of the first `most` wanted lines of `data`, where
         each ends (None: every line is wanted, the n-th ends at the n-th newline), and whether
-        that is all `data` holds."""
+        that is all the journal holds (`data` being all of it, `at_end`)."""
         lines = data.split(b"\n", most)
-        whole = (len(lines) <= most or lines[most] == b"") and len(data) < CHUNK // 2
+        whole = (len(lines) <= most or lines[most] == b"") and at_end
         size = len(data) - len(lines[-1]) if len(lines) > most else len(data)
         lines = lines[:most] if len(lines) > most else lines[:-1]
         for kind in self.kinds:  # every line of one kind: the time at a fixed place
@@ -328,7 +352,7 @@ class Consumer:
                 ends.append(offset)
                 if len(ats) == most:
                     return ats, ends, False
-        return ats, ends, len(data) < CHUNK // 2
+        return ats, ends, at_end
 
     @staticmethod
     def _all(data: bytes, size: int, kind: bytes, lines: list[bytes]) -> bool:
