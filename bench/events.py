@@ -85,6 +85,19 @@ def _serve(work: Path, upstream: str, toml: str) -> tuple[subprocess.Popen[bytes
 CONNECTIONS = [16]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system, every thread) of `pid` and its children so far."""
+    ticks = 0
+    pids = [pid]
+    while pids:
+        each = pids.pop()
+        for task in Path(f"/proc/{each}/task").iterdir():
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _wrk(url: str, seconds: int) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f'wrk.headers["Accept"] = "{ACCEPT}"\n')
@@ -138,9 +151,12 @@ def interleaved(
     args: argparse.Namespace,
     prepare: Prepare,
     after: Prepare | None = None,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """wrk against the manifest by tag on a fresh `mirror serve` of each configuration in
-    turn, `args.reps` times round: req/s per configuration, in run order. `prepare` runs
+    turn, `args.reps` times round: req/s per configuration, in run order, and into `cpu` the
+    mirror's CPU microseconds per request (every process and thread: a measure that does not
+    hang on how the kernel spread wrk's connections over the workers). `prepare` runs
     before each measured run, `after` (a check of what it measured) after it."""
     results: dict[str, list[float]] = {k: [] for k in configs}
     for rep in range(args.reps):
@@ -151,7 +167,12 @@ def interleaved(
                 _get(manifest)
                 _wrk(manifest, 3)  # warm up: every worker has served the tag
                 prepare(name, url, manifest)
-                results[name].append(_wrk(manifest, args.seconds))
+                used = _cpu_seconds(proc.pid)
+                rate = _wrk(manifest, args.seconds)
+                used = _cpu_seconds(proc.pid) - used
+                results[name].append(rate)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(used / (rate * args.seconds) * 1e6)
                 if after is not None:
                     after(name, url, manifest)
             finally:
@@ -161,14 +182,28 @@ def interleaved(
     return results
 
 
-def table(what: str, results: dict[str, list[float]]) -> None:
-    """The markdown table: median req/s, every run, and the ratio to the first row's."""
+def table(
+    what: str, results: dict[str, list[float]], cpu: dict[str, list[float]] | None = None
+) -> None:
+    """The markdown table: median req/s, every run, and the ratio to the first row's; with
+    `cpu`, the median CPU µs per request, every run, and the first row's over it."""
     first = statistics.median(next(iter(results.values())))
-    print(f"| {what} | manifest by tag req/s (median) | runs | vs off |\n|---|---|---|---|")
+    head = f"| {what} | manifest by tag req/s (median) | runs | vs off |"
+    line = "|---|---|---|---|"
+    if cpu:
+        head += " CPU µs/req (median) | runs | off's CPU over it |"
+        line += "---|---|---|"
+        first_cpu = statistics.median(next(iter(cpu.values())))
+    print(f"{head}\n{line}")
     for name, runs in results.items():
         med = statistics.median(runs)
         shown = ", ".join(f"{r:.0f}" for r in runs)
-        print(f"| {name} | {med:.0f} | {shown} | {med / first:.3f} |")
+        row = f"| {name} | {med:.0f} | {shown} | {med / first:.3f} |"
+        if cpu:
+            used = statistics.median(cpu[name])
+            each = ", ".join(f"{c:.1f}" for c in cpu[name])
+            row += f" {used:.1f} | {each} | {first_cpu / used:.3f} |"
+        print(row)
 
 
 def main() -> None:
@@ -197,11 +232,12 @@ def main() -> None:
             "audit": f'[events]\nmax_queue = {MAX_QUEUE}\naudit_log = "{work}/audit.log"\n{hook}',
         }
         try:
-            results = interleaved(work, upstream_url, configs, args, fill_queue, was_full)
+            cpu: dict[str, list[float]] = {}
+            results = interleaved(work, upstream_url, configs, args, fill_queue, was_full, cpu)
         finally:
             upstream.terminate()
             upstream.wait()
-    table("events", results)
+    table("events", results, cpu)
 
 
 if __name__ == "__main__":

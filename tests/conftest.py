@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,6 +303,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         preparation.close()
 
 
+#: A stop slower than this is told as a warning (nothing in flight should take it so long).
+SLOW_STOP = 10.0
+
+
 class MirrorProcess:
     """`python -m mirror serve` as a real process (uvloop, CLI, signals, restarts)."""
 
@@ -366,9 +371,16 @@ class MirrorProcess:
     def stop(self, sig: int = 15) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
+            asked = time.monotonic()
             try:
                 # a stop lets fills and uploads in flight finish for at most DRAIN_SECONDS
                 self.proc.wait(timeout=DRAIN_SECONDS + 15)
+                if time.monotonic() - asked > SLOW_STOP:  # told in the run's summary
+                    warnings.warn(
+                        f"the mirror took {time.monotonic() - asked:.0f}s to stop: "
+                        f"{self.log.read_text(errors='replace')[-3000:]}",
+                        stacklevel=2,
+                    )
             except subprocess.TimeoutExpired:
                 # PYTHONFAULTHANDLER: SIGABRT writes where every thread of it is to the log
                 self.proc.send_signal(signal.SIGABRT)

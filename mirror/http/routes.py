@@ -25,7 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from mirror import errors
 from mirror.bounded import Bounded
 from mirror.events import Events
-from mirror.http.access import USER, Access
+from mirror.http.access import Access
 from mirror.http.middleware import BASE_HEADERS, FRONT_DOOR, LEDGER, Answering, Handler, Ledger
 from mirror.http.sendfile import ClientGone, ClientStalled, Pace, SocketSender, abort
 from mirror.metrics import Metrics
@@ -193,7 +193,7 @@ class Routes:
             size=len(m.data),
             method=request.method,
             client=request.remote,
-            user=request.get(USER),
+            user=self._access.user(request),
             outcome=outcome.value,
         )
 
