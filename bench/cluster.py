@@ -55,13 +55,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from procs import HOST, Procs, nginx_user, port_free
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 BASE = Path("/tmp/bench-cluster")
 RUN = BASE / "run"
 BLOB_ROOT = BASE / "upstream"
 REPO = "bench/cluster"
-HOST = "127.0.0.1"
 PORTS = {
     "upstream": 5501,
     "redis": 5502,
@@ -73,55 +74,6 @@ PORTS = {
 }
 REPLICAS = ("r1", "r2", "r3")
 SECRET = "bench-cluster-secret-0123456789abcdef"
-
-
-# --- processes (as bench/lazy.py, with this script's own run directory) ----------------------
-
-
-def nginx_user() -> str:
-    return "user root;\n" if os.geteuid() == 0 else ""
-
-
-class Procs:
-    """The processes this script started, by name; each in its own process group."""
-
-    def __init__(self) -> None:
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> None:
-        out = open(RUN / f"{name}.out", "ab")
-        self.procs[name] = subprocess.Popen(
-            argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        out.close()
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-    def alive(self, name: str) -> bool:
-        proc = self.procs.get(name)
-        return proc is not None and proc.poll() is None
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((HOST, port)) != 0
 
 
 def upstream_conf(rate: str) -> str:
@@ -578,7 +530,7 @@ def main() -> int:
         print(f"ports in use: {', '.join(busy)}", file=sys.stderr)
         return 2
     RUN.mkdir(parents=True, exist_ok=True)
-    procs = Procs()
+    procs = Procs(RUN)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from procs import HOST, Procs, nginx_user, port_free
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 BASE = Path("/tmp/bench-lazy")
@@ -50,7 +51,6 @@ RUN = BASE / "run"
 BLOB_ROOT = BASE / "upstream"
 REPO = "lazy/x"
 READ = 65536
-HOST = "127.0.0.1"
 PORTS = {"upstream": 5401, "peerA": 5402, "peerB": 5403, "mirror": 5404}
 TARGETS = ("peerA", "peerB", "mirror")
 WHAT = {
@@ -58,10 +58,6 @@ WHAT = {
     "peerB": "nginx proxy_cache, proxy_cache_lock on",
     "mirror": "mirror serve, default workers",
 }
-
-
-def nginx_user() -> str:
-    return "user root;\n" if os.geteuid() == 0 else ""
 
 
 def upstream_conf(rate: str) -> str:
@@ -159,51 +155,6 @@ http:
 proxy:
   remoteurl: http://{HOST}:{PORTS["upstream"]}
 """
-
-
-# --- processes -------------------------------------------------------------------------------
-
-
-class Procs:
-    """The processes this script started, by name; each in its own process group."""
-
-    def __init__(self) -> None:
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> None:
-        out = open(RUN / f"{name}.out", "ab")
-        self.procs[name] = subprocess.Popen(
-            argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        out.close()
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-
-    def alive(self, name: str) -> bool:
-        proc = self.procs.get(name)
-        return proc is not None and proc.poll() is None
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((HOST, port)) != 0
 
 
 def wait_ping(procs: Procs, name: str, timeout: float = 30.0) -> None:
@@ -565,7 +516,7 @@ def main() -> int:
             print(f"port {PORTS[name]} ({name}) is in use", file=sys.stderr)
             return 2
     RUN.mkdir(parents=True, exist_ok=True)
-    procs = Procs()
+    procs = Procs(RUN)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
