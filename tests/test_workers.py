@@ -202,6 +202,41 @@ async def test_sighup_reaches_every_worker_and_sigterm_stops_them_all(
     assert "all workers have exited" in proc.log.read_text()
 
 
+async def test_a_fill_followed_by_every_worker_counts_once_in_flight(
+    sim: UpstreamSim, mirror_process: Callable[..., MirrorProcess], tmp_path: Path
+) -> None:
+    """`mirror_fills_in_flight` is the host's fills: one fill, held part-way upstream and
+    streamed by clients of several workers, is 1 once each worker has sampled itself (as it
+    answers a scrape), not one per worker that follows it."""
+    data = tmp_path / "data"
+    blob = os.urandom(16 * MiB)
+    digest = sim.add_blob(blob)
+    hold = sim.fault(digest, "slow", part=4 * MiB, times=1)
+    proc = await _started(mirror_process, sim.url, data)
+    url = f"{proc.url}/v2/w/x/blobs/{digest}"
+    pulls = [asyncio.create_task(_get(url)) for _ in range(12)]
+    await hold.reached.wait()
+    partial = data / "tmp" / f"{digest.split(':')[1]}.partial"
+    assert proc.proc is not None
+    pids = {proc.proc.pid} | _children(proc.proc.pid)
+    deadline = time.monotonic() + 10
+    while sum(_holds(pid, partial) for pid in pids) < 2:  # the filler and a follower
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
+    scrapes, body = 0, b""
+    deadline = time.monotonic() + 20
+    while len(await _workers_seen(proc, "/metrics", scrapes)) < WORKERS:
+        assert time.monotonic() < deadline
+        answers = await asyncio.gather(*(_get(f"{proc.url}/metrics") for _ in range(6)))
+        scrapes += len(answers)
+        body = answers[-1][1]
+    found = re.search(rb"^mirror_fills_in_flight (\S+)$", body, re.MULTILINE)
+    assert found is not None and float(found[1]) == 1.0, found
+    hold.gate.set()
+    assert all(answer == (200, blob) for answer in await asyncio.gather(*pulls))
+    assert sim.requests[("GET", f"/v2/w/x/blobs/{digest}")] == 1
+
+
 def _holds(pid: int, path: Path) -> bool:
     """Whether process `pid` has `path` open."""
     try:

@@ -133,7 +133,7 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
         descriptors and tasks, its memory tier, and warm's and cold's usage (the host's)."""
         events.tally()
         fds = await asyncio.to_thread(lambda: len(os.listdir("/proc/self/fd")))
-        metrics.process(len(cache.coordinator.filling()), fds, len(asyncio.all_tasks()))
+        metrics.process(service.blobs.fetching(), fds, len(asyncio.all_tasks()))
         for tier, (nbytes, count) in (await admin.tiers()).items():
             metrics.tier_usage(tier, nbytes, count)
 

@@ -124,6 +124,17 @@ class Blobs:
             fill.wanted = True
         return BlobAnswer(Outcome.MISS if started else Outcome.COALESCED, fill=fill)
 
+    def fetching(self) -> int:
+        """The fills this process fetches now (it holds their host claim). A fill another
+        worker fetches and this one follows is that worker's to count: summed over the
+        workers, each fill of the host counts once."""
+        coordinator = self._coordinator
+        return sum(
+            1
+            for digest in coordinator.filling()
+            if isinstance(state := coordinator.fill_state(digest), Fill) and state.fetched
+        )
+
     def _admit(self, digest: Digest, client: str) -> None:
         """429 for a miss that would start a fill past the limits (joining one never is)."""
         filling = self._coordinator.filling()
