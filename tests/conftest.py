@@ -808,13 +808,10 @@ BUCKET = "mirror-cold"
 KEYS = {"access_key_id": "testing", "secret_access_key": "testing-secret", "region": "us-east-1"}
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 server on a free loopback port, with one bucket."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
+def start_s3(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """moto's S3 server on `port`, once it answers, with the bucket made."""
     server = Path(sys.executable).with_name("moto_server")
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         proc = subprocess.Popen(
             [str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
         )
@@ -835,6 +832,14 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         aws_secret_access_key=KEYS["secret_access_key"],
         region_name=KEYS["region"],
     ).create_bucket(Bucket=BUCKET)
-    yield url
+    return proc
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with one bucket."""
+    port = free_port()
+    proc = start_s3(port, tmp_path_factory.mktemp("s3") / "moto.log")
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)

@@ -34,7 +34,7 @@ import aiohttp
 import boto3
 import pytest
 import redis
-from conftest import BUCKET, KEYS, PROJECT, MirrorProcess, RedisEngine, RedisServer
+from conftest import BUCKET, KEYS, PROJECT, MirrorProcess, RedisEngine, RedisServer, start_s3
 from images import make_image
 from registry import free_port
 from test_metrics import _value
@@ -885,10 +885,13 @@ async def test_with_the_object_store_down_replicas_go_on_with_warm_and_upstream(
 ) -> None:
     """The bucket's endpoint does not answer: every pull still gets the right bytes, from the
     replica's warm tier or from upstream (one GET per replica that misses after the owner's
-    commit); the failed uploads are logged and counted."""
+    commit); the failed uploads are logged and counted. Once the store answers again, the
+    owner's upload is tried again and lands."""
     blob = os.urandom(2 * MiB)
     digest = sim.add_blob(blob)
-    dead = _shared_cold(f"http://127.0.0.1:{free_port()}", "down")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    dead = _shared_cold(endpoint, "down")
     a, b, _ = await _replicas(mirror_process, sim, redis_server, tmp_path, dead)
     path = f"/v2/c/nostore/blobs/{digest}"
     assert await _pull(a.url + path, len(blob)) == blob
@@ -902,3 +905,13 @@ async def test_with_the_object_store_down_replicas_go_on_with_warm_and_upstream(
     assert sim.requests[("GET", path)] == 2, "no shared copy: B fetched it itself"
     status, headers, body = await _fetch(a.url + path)
     assert (status, headers["X-Mirror-Cache"], body == blob) == (200, "hit", True)
+    store = await asyncio.to_thread(start_s3, port, tmp_path / "moto.log")
+    try:
+        # A's upload, tried again (2 s after its failure, then 4, 8…), lands in the bucket
+        key = f"down/{object_key(parse_digest(digest))}"
+        await _object_until(_bucket(endpoint), key, blob, timeout=60)
+        assert await _metric(a, "mirror_cold_uploads_total", result="ok") >= 1
+        assert "trying again in" in a.log.read_text()
+    finally:
+        store.terminate()
+        store.wait(10)

@@ -50,6 +50,10 @@ UPLOADS_WAITING = 1000
 #: Seconds a shared cold tier that failed a lookup is left alone: every miss would ask it,
 #: and an unreachable store can take seconds to say so (its connect timeout) on each.
 COLD_PAUSE = 10.0
+#: A failed upload is tried again after this many seconds, doubling, UPLOAD_TRIES times in all
+#: (2 s to 4 min: an object store restarted or a network cut mended is caught up on).
+UPLOAD_RETRY_FIRST = 2.0
+UPLOAD_TRIES = 8
 
 
 class ColdBackend(Protocol):
@@ -95,6 +99,8 @@ class Tiers:
         #: Cold is the tier every replica of a cluster reads (and writes).
         self.shared = shared and cold is not None
         self._uploads: set[asyncio.Task[None]] = set()
+        #: Failed uploads waiting for their next try, by digest.
+        self._retrying: dict[Digest, asyncio.TimerHandle] = {}
         self._upload_turn = asyncio.Semaphore(UPLOADS)
         #: Until when (monotonic) a shared cold tier that failed is not asked.
         self._cold_paused = 0.0
@@ -189,10 +195,12 @@ class Tiers:
         elif source == "upstream":
             self.upload_soon(digest, size)
 
-    def upload_soon(self, digest: Digest, size: int) -> None:
+    def upload_soon(self, digest: Digest, size: int, attempt: int = 0) -> None:
         """Copy a committed warm blob to cold off the request path, at most UPLOADS at once.
-        A failed upload is logged and counted, and not tried again: the blob stays warm, and
-        eviction's demotion (or a later miss's fill elsewhere) puts it in cold later."""
+        A failed upload is logged and counted and tried again later (UPLOAD_RETRY_FIRST,
+        doubling, while this process runs and the blob is warm); after UPLOAD_TRIES the blob
+        stays warm only, and eviction's demotion (or a later miss's fill elsewhere) puts it in
+        cold later."""
         if len(self._uploads) >= UPLOADS_WAITING:
             log.warning(
                 "cold tier: %d uploads waiting, not uploading %s", len(self._uploads), digest
@@ -200,28 +208,52 @@ class Tiers:
             self._metrics.cold_upload("skipped")
             return
         self._serving[digest] += 1  # no eviction pass takes the file while it is read
-        task = asyncio.ensure_future(self._upload(digest, size))
+        task = asyncio.ensure_future(self._upload(digest, size, attempt))
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
 
-    async def _upload(self, digest: Digest, size: int) -> None:
+    async def _upload(self, digest: Digest, size: int, attempt: int) -> None:
         try:
             async with self._upload_turn:
                 assert self.cold is not None
+                if attempt and not await self.blobs.run(self.blobs.exists, digest):
+                    return  # evicted from warm while it waited: nothing left to copy
                 await self.cold.put_file(digest, self.blobs.path(digest))
         except errors.StoreUnavailable as e:
-            log.warning("cold tier: uploading %s failed, it stays in warm only: %s", digest, e)
-            self._metrics.cold_upload("failed")
+            self._upload_failed(digest, size, attempt, str(e))
             return
-        except Exception:  # a background task: nobody else would hear of it
-            log.exception("cold tier: uploading %s failed, it stays in warm only", digest)
-            self._metrics.cold_upload("failed")
+        except Exception as e:  # a background task: nobody else would hear of it
+            log.exception("cold tier: uploading %s failed", digest)
+            self._upload_failed(digest, size, attempt, type(e).__name__)
             return
         finally:
             self._release(digest)
         await self._record_cold(digest, size)
         self._metrics.cold_upload("ok")
         log.info("uploaded %s to the shared cold tier", digest)
+
+    def _upload_failed(self, digest: Digest, size: int, attempt: int, reason: str) -> None:
+        """Counted, and tried again later unless this was the last try."""
+        self._metrics.cold_upload("failed")
+        if attempt + 1 >= UPLOAD_TRIES:
+            log.warning(
+                "cold tier: uploading %s failed %d times, it stays in warm only: %s",
+                digest,
+                UPLOAD_TRIES,
+                reason,
+            )
+            return
+        delay = UPLOAD_RETRY_FIRST * 2**attempt
+        log.warning(
+            "cold tier: uploading %s failed, trying again in %.0fs: %s", digest, delay, reason
+        )
+        self._retrying[digest] = asyncio.get_running_loop().call_later(
+            delay, self._retry, digest, size, attempt + 1
+        )
+
+    def _retry(self, digest: Digest, size: int, attempt: int) -> None:
+        self._retrying.pop(digest, None)
+        self.upload_soon(digest, size, attempt)
 
     async def _record_cold(self, digest: Digest, size: int) -> None:
         try:
@@ -231,7 +263,11 @@ class Tiers:
 
     async def finish_uploads(self, seconds: float) -> None:
         """At shutdown: let uploads in flight finish for at most `seconds`, then cancel the
-        rest (those blobs stay warm; eviction demotes them later)."""
+        rest (those blobs stay warm; eviction demotes them later), and those waiting to be
+        tried again with them."""
+        for handle in self._retrying.values():
+            handle.cancel()
+        self._retrying.clear()
         pending = set(self._uploads)
         if not pending:
             return
