@@ -910,7 +910,12 @@ async def test_with_the_object_store_down_replicas_go_on_with_warm_and_upstream(
         # A's upload, tried again (2 s after its failure, then 4, 8…), lands in the bucket
         key = f"down/{object_key(parse_digest(digest))}"
         await _object_until(_bucket(endpoint), key, blob, timeout=60)
-        assert await _metric(a, "mirror_cold_uploads_total", result="ok") >= 1
+        # counted once the PUT's answer is back and the index holds it: a moment after the
+        # object is visible in the bucket
+        deadline = time.monotonic() + 20
+        while await _metric(a, "mirror_cold_uploads_total", result="ok") < 1:
+            assert time.monotonic() < deadline, a.log.read_text()[-2000:]
+            await asyncio.sleep(0.05)  # ok: polling a condition with a deadline
         assert "trying again in" in a.log.read_text()
     finally:
         store.terminate()
