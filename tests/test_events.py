@@ -317,9 +317,8 @@ def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
     text; any other kind's data as JSON; a line cut short refused."""
     digest = "sha256:" + "a" * 64
     before = time.time()
-    line = record.pull_line(
-        "docker.io", "team/app", None, digest, "x\ty\\N", 12, "GET", None, "u\nv\\", "hit"
-    )
+    head = record.pull_head("docker.io", "team/app", None, digest, "x\ty\\N", 12)
+    line = record.pull_line(head, "GET", None, "u\nv\\", "hit")
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     pull = record.decode(line[:-1], "id-1")
     assert (pull.kind, pull.id) == ("pull", "id-1")
@@ -337,7 +336,9 @@ def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
         "outcome": "hit",
     }
     assert pull.subject == f"docker.io/team/app@{digest}"
-    plain = record.pull_line("d", "r", "1.0", digest, "m", 1, "HEAD", "::1", None, "miss")
+    plain = record.pull_line(
+        record.pull_head("d", "r", "1.0", digest, "m", 1), "HEAD", "::1", None, "miss"
+    )
     fields = plain.decode().split("\t")[2:]
     assert fields == ["d", "r", "1.0", digest, "m", "1", "HEAD", "::1", "\\N", "miss\n"]
     assert record.decode(plain[:-1], "i").data == {

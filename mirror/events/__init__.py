@@ -34,6 +34,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from mirror.bounded import Bounded
 from mirror.config import EVENT_KINDS, EventsConfig, webhook_name
 from mirror.errors import ConfigError
 from mirror.events import cursors, record
@@ -41,7 +42,7 @@ from mirror.events.audit import AuditFile
 from mirror.events.cloudevents import Envelope
 from mirror.events.feed import Consumer, Journals, Taken
 from mirror.events.journal import SINGLE, Journal, command_name, journal_name
-from mirror.events.kinds import Kinds
+from mirror.events.kinds import PULL_HEADS, Kinds
 from mirror.events.routes import Route, routes
 from mirror.locks import FileLock
 from mirror.metrics import Metrics
@@ -81,6 +82,7 @@ class Events(Kinds):
         self.config = config
         self.endpoints = tuple(webhook_name(h) for h in config.webhooks)
         self._routes: dict[str, Route] = routes(config)
+        self._pull_heads = Bounded(PULL_HEADS)
         self.journals = journals
         self.cursors_path = cursors_path
         self.deliver_lock = deliver_lock

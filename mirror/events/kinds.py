@@ -14,14 +14,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from mirror.events.record import pull_line
+from mirror.bounded import Bounded
+from mirror.events.record import pull_head, pull_line
 from mirror.events.routes import Route
+
+#: Most pull-line heads kept (one per manifest and reference pulled: record.pull_head).
+PULL_HEADS = 4096
 
 
 class Kinds:
     """The kinds; a subclass says where events go (`_routes`) and how they leave (`emit`)."""
 
     _routes: Mapping[str, Route]
+    #: (upstream, repository, reference, digest, media type, size) → its pull lines' head.
+    _pull_heads: Bounded[tuple[str, str, str, object, str, int], str]
 
     def wants(self, kind: str) -> bool:
         return kind in self._routes
@@ -51,13 +57,13 @@ class Kinds:
         """A manifest answered (GET or HEAD), by tag or by digest."""
         if "pull" not in self._routes:
             return
-        tag = None if ":" in reference else reference  # a digest has one, a tag never
-        self._append(
-            "pull",
-            pull_line(
-                upstream, repository, tag, digest, media_type, size, method, client, user, outcome
-            ),
-        )
+        key = (upstream, repository, reference, digest, media_type, size)
+        head = self._pull_heads.get(key)
+        if head is None:
+            tag = None if ":" in reference else reference  # a digest has one, a tag never
+            head = pull_head(upstream, repository, tag, digest, media_type, size)
+            head = self._pull_heads.remember(key, head)
+        self._append("pull", pull_line(head, method, client, user, outcome))
 
     def blob_cached(
         self,

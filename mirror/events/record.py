@@ -57,37 +57,39 @@ class Record:
     text: str = ""
 
 
-def pull_line(
+def pull_head(
     upstream: str,
     repository: str,
     tag: str | None,
     digest: object,
     media_type: str,
     size: int,
-    method: str,
-    client: str | None,
-    user: str | None,
-    outcome: str,
-) -> bytes:
-    """A pull's whole line, emitted now (see the module docstring). Built on the loop for
-    every pull, so as cheaply as can be: one f-string, and a check of the values that may hold a tab, newline
-    or backslash (the rest are what the router matched against the OCI grammar, a method,
-    an outcome, a configured upstream's name; anything unprintable counts), escaped only when
-    one does."""
+) -> str:
+    """The fields a pull line starts with, escaped, each followed by its tab: the same for
+    every pull of one manifest by one reference, so the emitter keeps them (kinds.py) and
+    builds only the rest per pull."""
     if isinstance(digest, tuple):  # a Digest: its text without a call of its __str__
         algorithm, encoded = digest
     else:
         algorithm, _, encoded = str(digest).partition(":")
-    risky = f"{media_type}{client}{user}"
-    if risky.isprintable() and "\\" not in risky:
-        return (
-            f"pull\t{time.time_ns()}\t{upstream}\t{repository}\t{NONE if tag is None else tag}\t"
-            f"{algorithm}:{encoded}\t{media_type}\t{size}\t{method}\t"
-            f"{NONE if client is None else client}\t{NONE if user is None else user}\t{outcome}\n"
-        ).encode()
-    fields = (upstream, repository, tag, f"{algorithm}:{encoded}", media_type, str(size), method)
-    escaped = [NONE if f is None else _escape(f) for f in (*fields, client, user, outcome)]
-    return line("pull", "\t".join(escaped))
+    fields = (upstream, repository, tag, f"{algorithm}:{encoded}", media_type, str(size))
+    return "".join(f"{NONE if f is None else _escape(f)}\t" for f in fields)
+
+
+def pull_line(head: str, method: str, client: str | None, user: str | None, outcome: str) -> bytes:
+    """A pull's whole line, emitted now (see the module docstring), after its `pull_head`.
+    Built on the loop for every pull, so as cheaply as can be: one f-string, the client and
+    the user escaped only when they hold a tab, newline or backslash (the method and the
+    outcome are the mirror's own words)."""
+    if client is None:
+        client = NONE
+    elif "\\" in client or not client.isprintable():
+        client = _escape(client)
+    if user is None:
+        user = NONE
+    elif "\\" in user or not user.isprintable():
+        user = _escape(user)
+    return f"pull\t{time.time_ns()}\t{head}{method}\t{client}\t{user}\t{outcome}\n".encode()
 
 
 def line(kind: str, payload: str) -> bytes:
