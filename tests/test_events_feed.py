@@ -90,3 +90,40 @@ def test_a_trim_keeps_the_newest_across_journals_whatever_their_sizes_and_ties(
     assert max(times[t] for t in dropped) <= min(times[t] for t in kept)
     for writer in writers.values():
         writer.close()
+
+
+def test_a_trim_reads_past_what_the_consumer_does_not_want_and_an_older_versions_lines(
+    tmp_path: Path,
+) -> None:
+    """One journal opens with lines of an older version (seconds, not nanoseconds), then
+    more lines of a kind the consumer does not want than one read holds, then pulls; another
+    holds pulls all along. A trim goes on past the unwanted lines to the pulls behind them
+    and keeps exactly the newest `most`."""
+    root = tmp_path / "events.journal"
+    first, second = Journal(root, "worker-0"), Journal(root, "worker-1")
+    assert first.claim() and second.claim()
+    base = 1_700_000_000_000_000_000
+    wanted: list[tuple[int, str]] = []
+    for i in range(3):
+        first.append(f"pull\t{base / 1e9 - 10 + i:.3f}\t{{}}\n".encode())
+        wanted.append((base - (10 - i) * 10**9, f"old-{i}"))
+    for i in range(30_000):
+        first.append(f"tag.moved\t{base + i * 1000}\tmoved-{i}\n".encode())
+    for i in range(4_000):  # a microsecond apart: what a take's merge tells apart
+        at = base + 30_000_000 + 2000 * i
+        first.append(f"pull\t{at}\tfirst-{i}\n".encode())
+        second.append(f"pull\t{at + 1000}\tsecond-{i}\n".encode())
+        wanted += [(at, f"first-{i}"), (at + 1000, f"second-{i}")]
+    journals = Journals(root)
+    journals.refresh()
+    consumer = Consumer("webhook:one", ["pull"], {})
+    assert consumer.depth(journals) == len(wanted)
+    most = 1_000
+    assert consumer.trim(journals, most) == len(wanted) - most
+    assert consumer.depth(journals) == most
+    kept = []
+    while taken := _tags(journals, consumer, 500):
+        kept += taken
+    assert kept == [tag for _, tag in sorted(wanted)[-most:]]
+    first.close()
+    second.close()

@@ -20,9 +20,7 @@ Every method is blocking: the deliver thread's (delivery.py), or an admin comman
 
 from __future__ import annotations
 
-import bisect
 import heapq
-import itertools
 import logging
 import os
 from collections.abc import Iterable
@@ -258,107 +256,94 @@ class Consumer:
         dropped = 0
         excess = self.depth(journals) - most
         while excess > 0:
-            passed = self._drop(journals, excess)
-            if not passed:
+            passed, moved = self._drop(journals, excess)
+            if not moved:
                 break
             dropped += passed
             excess -= passed
         return dropped
 
-    def _drop(self, journals: Journals, excess: int) -> int:
+    def _drop(self, journals: Journals, excess: int) -> tuple[int, bool]:
         """Pass the oldest of `excess` wanted lines, merged across journals by when they were
-        emitted, reading a share of the excess from each journal (a journal read in part caps
-        the time dropped up to: what follows in it is later). Balanced journals are done in one
-        go, reading each line once; the caller goes on for what is left. The times are
-        compared as their text (19 digits: nanoseconds since the epoch), with nothing made per
-        line but its slice. Each journal is read for about its share of the excess (by its
-        bytes per wanted line as counted), not a whole chunk: a pass reads what it drops."""
-        read: dict[str, tuple[Position, bytes, list[bytes], list[int] | None]] = {}
-        cap = b"~"  # above every time
+        emitted: every line up to a time T, T the latest that passes no more than `excess`,
+        and of the lines emitted at the very next nanosecond, in turn, what makes up the rest.
+        Each journal is read for about its share of the excess (by its bytes per wanted line
+        as counted); one read in part caps T at its last line's time (what follows in it is
+        later), and the caller goes on for what is left. T is found by bisection over time,
+        each journal's place for a time by bisection over its bytes (a journal's lines are in
+        the order of their times), and what a place passes counted in the bytes: nothing is
+        made per line. Returns how many wanted lines it passed, and whether a cursor moved."""
         names = [n for n in journals.files if not self.at_end(journals, n)]
         share = -(-excess // max(len(names), 1))
-        chunks = {}
+        spans: dict[str, _Span] = {}
+        cap: int | None = None
         for name in names:
             want = int(share * self._spacing.get(name, SPACING) * 1.25) + 4096
             start, data = journals.chunk(name, self.cursor.get(name, START), min(want, CHUNK))
-            if data:
-                chunks[name] = (start, data, journals.ends_with(name, start, data))
-        for name, (start, data, at_end) in chunks.items():
-            ats, ends, whole = self._times(data, share, at_end)
-            if not ats:
+            if not data:
                 continue
-            read[name] = (start, data, ats, ends)
-            if not whole:
-                cap = min(cap, ats[-1])
-        candidates = sorted(
-            itertools.chain.from_iterable(
-                ats[: bisect.bisect_right(ats, cap)] for _, _, ats, _ in read.values()
-            )
-        )
-        take = min(excess, len(candidates))
-        if not take:
-            return 0
-        threshold = candidates[take - 1]
-        counts = {name: bisect.bisect_left(r[2], threshold) for name, r in read.items()}
-        rest = take - sum(counts.values())
-        for name, r in read.items():  # lines emitted at the very same time: in turn
-            more = min(rest, bisect.bisect_right(r[2], threshold) - counts[name])
-            counts[name] += more
-            rest -= more
-        passed = 0
-        for name, (start, data, _, ends) in read.items():
-            k = counts[name]
-            if not k:
+            spans[name] = _Span(start, data)
+            if not journals.ends_with(name, start, data):
+                last = _time_at(data, data.rfind(b"\n", 0, len(data) - 1) + 1)
+                cap = last if cap is None else min(cap, last)
+        if not spans:
+            return 0, False
+        for span in spans.values():
+            span.first = _time_at(span.data, 0)
+        low = min(span.first for span in spans.values()) - 1  # passes nothing
+        high = cap if cap is not None else max(_time_at(s.data, s.last()) for s in spans.values())
+        for span in spans.values():
+            span.hi = _after(span.data, high, 0, len(span.data))
+            span.hi_n = self._wanted_between(span.data, 0, span.hi)
+        if sum(span.hi_n for span in spans.values()) <= excess:
+            for span in spans.values():
+                span.lo, span.lo_n = span.hi, span.hi_n
+        else:  # low passes at most `excess`, high more
+            while high - low > 1:
+                mid = (low + high) // 2
+                probes = []
+                for span in spans.values():
+                    cut = _after(span.data, mid, span.lo, span.hi)
+                    probes.append((cut, span.lo_n + self._wanted_between(span.data, span.lo, cut)))
+                if sum(n for _, n in probes) <= excess:
+                    low = mid
+                    for span, (cut, n) in zip(spans.values(), probes, strict=True):
+                        span.lo, span.lo_n = cut, n
+                else:
+                    high = mid
+                    for span, (cut, n) in zip(spans.values(), probes, strict=True):
+                        span.hi, span.hi_n = cut, n
+            rest = excess - sum(span.lo_n for span in spans.values())
+            for span in spans.values():  # lines emitted at the very same time: in turn
+                while rest and span.lo_n < span.hi_n:
+                    wanted = span.data.startswith(self._heads, span.lo)
+                    span.lo = span.data.index(b"\n", span.lo) + 1
+                    if wanted:
+                        span.lo_n += 1
+                        rest -= 1
+        passed, moved = 0, False
+        for name, span in spans.items():
+            if not span.lo:
                 continue
-            end = len(data) - len(data.split(b"\n", k)[-1]) if ends is None else ends[k - 1]
-            place = (start[0], start[1] + end)
+            place = (span.start[0], span.start[1] + span.lo)
             counted = self._counted.get(name)
             if counted is not None:
                 self._counted[name] = (
-                    (counted[0], counted[1] - k) if counted[0] >= place else (place, 0)
+                    (counted[0], counted[1] - span.lo_n) if counted[0] >= place else (place, 0)
                 )
             self.cursor[name] = place
-            passed += k
-        return passed
+            passed += span.lo_n
+            moved = True
+        return passed, moved
 
-    def _times(
-        self, data: bytes, most: int, at_end: bool
-    ) -> tuple[list[bytes], list[int] | None, bool]:
-        """The emitted-at (as 19 digits) of the first `most` wanted lines of `data`, where
-        each ends (None: every line is wanted, the n-th ends at the n-th newline), and whether
-        that is all the journal holds (`data` being all of it, `at_end`)."""
-        lines = data.split(b"\n", most)
-        whole = (len(lines) <= most or lines[most] == b"") and at_end
-        size = len(data) - len(lines[-1]) if len(lines) > most else len(data)
-        lines = lines[:most] if len(lines) > most else lines[:-1]
-        for kind in self.kinds:  # every line of one kind: the time at a fixed place
-            w = len(kind) + 1
-            if lines and lines[0][w + 19 : w + 20] == b"\t" and self._all(data, size, kind, lines):
-                return [line[w : w + 19] for line in lines], None, whole
-        ats, ends = [], []
-        offset = 0
-        kinds = self.kinds
-        for raw in data.split(b"\n")[:-1]:
-            offset += len(raw) + 1
-            tab = raw.find(b"\t")
-            if raw[:tab] in kinds:
-                at = raw[tab + 1 : raw.find(b"\t", tab + 1)]
-                if len(at) != 19 or not at.isdigit():
-                    try:  # an older version's seconds, or a line cut short
-                        at = b"%019d" % int(seconds(at) * 1e9)
-                    except ValueError:
-                        at = b"0" * 19
-                ats.append(at)
-                ends.append(offset)
-                if len(ats) == most:
-                    return ats, ends, False
-        return ats, ends, at_end
-
-    @staticmethod
-    def _all(data: bytes, size: int, kind: bytes, lines: list[bytes]) -> bool:
-        """Whether every one of `lines`, `data`'s first `size` bytes, is of `kind`."""
-        head = data.startswith(kind + b"\t")
-        return data.count(b"\n" + kind + b"\t", 0, size) + head == len(lines)
+    def _wanted_between(self, data: bytes, start: int, end: int) -> int:
+        """The wanted lines of `data` that begin in [start, end) (both where lines begin): a
+        line's pattern (its newline before, its kind, a tab) lies within, a line being longer
+        than its kind."""
+        if start >= end:
+            return 0
+        found = sum(data.count(p, start - 1 if start else 0, end) for p in self._patterns)
+        return found + (1 if start == 0 and data.startswith(self._heads) else 0)
 
     def forget(self, name: str) -> None:
         """A journal removed: nothing of it waits any more."""
@@ -377,6 +362,55 @@ class Consumer:
             return os.path.getsize(directory_of(journals.root, name) / str(file)) <= offset
         except FileNotFoundError:
             return True
+
+
+@dataclass
+class _Span:
+    """What a trim read of one journal: from `start`, `data` (whole lines); `lo`, `hi` where
+    lines begin in it, with the wanted lines before each (`lo_n`, `hi_n`), bracketing the
+    place of the time sought."""
+
+    start: Position
+    data: bytes
+    first: int = 0
+    lo: int = 0
+    lo_n: int = 0
+    hi: int = 0
+    hi_n: int = 0
+
+    def last(self) -> int:
+        """Where its last line begins."""
+        return self.data.rfind(b"\n", 0, len(self.data) - 1) + 1
+
+
+def _time_at(data: bytes, start: int) -> int:
+    """The emitted-at (ns) of the line beginning at `start`; 0 for a line cut short (the
+    oldest: passed first)."""
+    end = data.find(b"\n", start)
+    tab = data.find(b"\t", start, end)
+    second = data.find(b"\t", tab + 1, end)
+    if tab < 0 or second < 0:
+        return 0
+    field = data[tab + 1 : second]
+    if len(field) == 19 and field.isdigit():
+        return int(field)
+    try:  # an older version's seconds
+        return int(seconds(field) * 1e9)
+    except ValueError:
+        return 0
+
+
+def _after(data: bytes, at: int, lo: int, hi: int) -> int:
+    """Where the first line emitted after `at` begins among the lines of `data` that begin
+    in [lo, hi) (`hi` if none is), lines being in the order of their times."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = data.rfind(b"\n", lo, mid) + 1 or lo  # the line holding byte `mid`
+        if _time_at(data, start) <= at:
+            lo = data.index(b"\n", start) + 1
+        else:
+            hi = start
+    return lo
 
 
 def collect(journals: Journals, consumers: list[Consumer]) -> list[str]:
