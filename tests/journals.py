@@ -28,3 +28,11 @@ def waiting(data: Path, consumer: str) -> list[record.Record]:
 def journal_files(data: Path) -> list[Path]:
     """Every journal file there is, of every process."""
     return sorted(p for p in (data / "events.journal").rglob("*") if p.name.isdigit())
+
+
+def journaled(data: Path, repository: str, tags: list[str]) -> bool:
+    """Whether the journals hold a pull line for each of `tags` (a tag twice: two): a busy
+    process writes the lines of the last 10 ms together, so a test that kills it waits for
+    them first."""
+    held = b"".join(f.read_bytes() for f in journal_files(data))
+    return all(held.count(f"\t{repository}\t{tag}\t".encode()) >= tags.count(tag) for tag in tags)

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from conftest import PROJECT, MirrorProcess, wait_until
 from images import Image, make_image
-from journals import journal_files, waiting
+from journals import journal_files, journaled, waiting
 from upstream_sim import UpstreamSim
 from webhooks import Attempt, Receiver
 
@@ -148,6 +148,7 @@ async def test_events_survive_a_dead_receiver_and_a_kill_9_in_order(
     proc = await _start(mirror_process, sim, data, env)
     for tag in tags:
         await _pull_manifest(client, proc.url, "team/app", tag)
+    await wait_until(lambda: journaled(data, "team/app", tags))  # what a kill -9 keeps
     await asyncio.to_thread(proc.stop, signal.SIGKILL)
     await _start(mirror_process, sim, data, env)
     await receiver.start()
@@ -310,6 +311,31 @@ async def test_the_cursor_survives_a_restart_and_files_behind_it_are_deleted(
         assert not waiting(data, "webhook:receiver")
     finally:
         await receiver.stop()
+
+
+async def test_a_burst_of_pulls_is_journaled_line_by_line_and_a_stop_writes_what_waits(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    """Eighty pulls at once (their lines come closer together than a write per line: they
+    wait and go in a few writes), then SIGTERM at once: the journal holds one whole pull
+    line for each, none twice."""
+    sim.add_image("team/app", "burst", make_image(72, [1000]))
+    receiver = Receiver()  # never up: nothing delivered, nothing deleted
+    data = tmp_path / "data"
+    proc = await _start(mirror_process, sim, data, _config(tmp_path, _webhook(receiver)))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+        await asyncio.gather(
+            *(_pull_manifest(session, proc.url, "team/app", "burst") for _ in range(80))
+        )
+    await asyncio.to_thread(proc.stop)
+    lines = b"".join(f.read_bytes() for f in journal_files(data)).split(b"\n")[:-1]
+    pulls = [record.decode(line, "") for line in lines if line.startswith(b"pull\t")]
+    assert len(pulls) == 80
+    assert {p.data["tag"] for p in pulls if p.data} == {"burst"}
+    assert len({p.at for p in pulls}) == 80, "each line once"
 
 
 def test_a_journal_line_reads_back_as_the_event_it_was() -> None:

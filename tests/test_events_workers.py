@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 from conftest import MirrorProcess, lock_holder, wait_until
 from images import make_image
-from journals import waiting
+from journals import journaled, waiting
 from upstream_sim import UpstreamSim
 from webhooks import Receiver
 
@@ -127,8 +127,9 @@ async def test_workers_deliver_every_pull_once_from_one_process_across_a_kill_9(
     for tag in tags[8:]:
         await pull_from(pool[int(tag[1])], tag)
     last = next(t for t in reversed(tags) if int(t[1]) == deliverer.index)
-    await pull_from(deliverer, last)  # answered: its event is journaled; then killed at once
-    await asyncio.to_thread(deliverer.stop, signal.SIGKILL)
+    await pull_from(deliverer, last)
+    await wait_until(lambda: journaled(tmp_path / "data", "team/app", [*tags[8:], last]))
+    await asyncio.to_thread(deliverer.stop, signal.SIGKILL)  # its events journaled: killed
     await wait_until(lambda: lock_holder(lock) == other.pid, timeout=15)
     await asyncio.to_thread(deliverer.start)
     receiver.senders = {other.pid, deliverer.pid}
@@ -253,6 +254,7 @@ async def test_workers_deliver_what_a_killed_single_mirror_journaled(
     single = await asyncio.to_thread(mirror_process(sim.url, tmp_path / "data", env).start)
     for tag in tags:
         await _pull(client, single.url, tag)
+    await wait_until(lambda: journaled(tmp_path / "data", "team/app", tags))
     await asyncio.to_thread(single.stop, signal.SIGKILL)
     for index in (0, 1):
         await asyncio.to_thread(workers(index, sim.url, env).start)
@@ -301,6 +303,7 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
             connector=aiohttp.TCPConnector(force_close=True), trust_env=False
         ) as session:
             await _pull(session, proc.url, tag)
+    await wait_until(lambda: journaled(tmp_path / "data", "team/app", tags))
     deliverer = lock_holder(lock)
     assert deliverer is not None
     os.kill(deliverer, signal.SIGKILL)

@@ -19,11 +19,12 @@ whatever was deleted: a cursor's place stays true across restarts. Its first lin
 for a new one past FILE_BYTES; files wholly behind every cursor are deleted (feed.py), the
 one being written only once its writer is gone.
 
-The append is the deliberate syscall on the event loop: one write(2) of one line (a few
-hundred bytes) to a file opened O_APPEND, a copy into the page cache (about a microsecond),
-no fsync. Once it returns the line is in the kernel: it survives a kill -9 (a power loss may
-take what was not yet flushed). A disk that will not take it (full, gone read-only) costs
-that event (the caller logs and counts it), never the pull. The one way it could hold the
+The append is the deliberate syscall on the event loop: one write(2) of whole lines (one,
+or those that came close together: events/__init__.py) to a file opened O_APPEND, a copy
+into the page cache, no fsync. Once it returns the lines are in the kernel: they survive a
+kill -9 (a power loss may take what was not yet flushed). A disk that will not take them
+(full, gone read-only) costs those events (the caller logs and counts them), never the
+pull. The one way it could hold the
 loop is the kernel throttling a writer of too many dirty pages, which a journal's few
 megabytes a minute do not reach.
 """
@@ -113,7 +114,7 @@ class Journal:
         return True
 
     def append(self, line: bytes) -> None:
-        """Append one whole line in one write(2); OSError when the disk will not take it (a
+        """Append whole lines in one write(2); OSError when the disk will not take them (a
         short write, the disk full, is one too: the line cut short is skipped by readers)."""
         if self._fd < 0 or self._size >= FILE_BYTES:
             self._next_file()

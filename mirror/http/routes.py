@@ -183,7 +183,7 @@ class Routes:
     def _pulled(
         self, request: web.Request, target: Target, ref: str, m: StoredManifest, outcome: Outcome
     ) -> None:
-        """The pull event, in the journal before the answer goes out (events/__init__.py)."""
+        """The pull event, emitted before the answer goes out (events/__init__.py)."""
         self._events.pull(
             upstream=target.upstream.name,
             repository=target.repo,
