@@ -160,7 +160,9 @@ def interleaved(
     before each measured run, `after` (a check of what it measured) after it."""
     results: dict[str, list[float]] = {k: [] for k in configs}
     for rep in range(args.reps):
-        for name, toml in configs.items():
+        # every other rep the other way round: a machine's drift over a rep weighs on each
+        # configuration alike
+        for name, toml in list(configs.items())[:: -1 if rep % 2 else 1]:
             proc, url = _serve(work, upstream_url, toml)
             try:
                 manifest = f"{url}/v2/team/app/manifests/1.0"
@@ -185,24 +187,30 @@ def interleaved(
 def table(
     what: str, results: dict[str, list[float]], cpu: dict[str, list[float]] | None = None
 ) -> None:
-    """The markdown table: median req/s, every run, and the ratio to the first row's; with
+    """The markdown table: median req/s, every run, the ratio to the first row's (of the
+    medians, and the median of the ratios within each rep, which a machine's drift from one
+    rep to the next moves less); with
     `cpu`, the median CPU µs per request, every run, and the first row's over it."""
-    first = statistics.median(next(iter(results.values())))
-    head = f"| {what} | manifest by tag req/s (median) | runs | vs off |"
-    line = "|---|---|---|---|"
+    first_runs = next(iter(results.values()))
+    first = statistics.median(first_runs)
+    head = f"| {what} | manifest by tag req/s (median) | runs | vs off | vs off, rep by rep |"
+    line = "|---|---|---|---|---|"
     if cpu:
-        head += " CPU µs/req (median) | runs | off's CPU over it |"
-        line += "---|---|---|"
-        first_cpu = statistics.median(next(iter(cpu.values())))
+        head += " CPU µs/req (median) | runs | off's CPU over it | rep by rep |"
+        line += "---|---|---|---|"
+        first_cpus = next(iter(cpu.values()))
+        first_cpu = statistics.median(first_cpus)
     print(f"{head}\n{line}")
     for name, runs in results.items():
         med = statistics.median(runs)
         shown = ", ".join(f"{r:.0f}" for r in runs)
-        row = f"| {name} | {med:.0f} | {shown} | {med / first:.3f} |"
+        paired = statistics.median(r / f for r, f in zip(runs, first_runs, strict=True))
+        row = f"| {name} | {med:.0f} | {shown} | {med / first:.3f} | {paired:.3f} |"
         if cpu:
             used = statistics.median(cpu[name])
             each = ", ".join(f"{c:.1f}" for c in cpu[name])
-            row += f" {used:.1f} | {each} | {first_cpu / used:.3f} |"
+            over = statistics.median(f / c for f, c in zip(first_cpus, cpu[name], strict=True))
+            row += f" {used:.1f} | {each} | {first_cpu / used:.3f} | {over:.3f} |"
         print(row)
 
 
