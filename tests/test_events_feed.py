@@ -21,6 +21,22 @@ def _tags(journals: Journals, consumer: Consumer, limit: int) -> list[str]:
     return [line.split(b"\t", 2)[2].decode() for _, _, _, line in taken.lines]
 
 
+def _trimmed(root: Path, wanted: int, most: int) -> list[str]:
+    """Trim a consumer of pulls (at the journals' beginnings, `wanted` of them waiting) to
+    `most`, and what it then takes, in order: exactly `most` are kept."""
+    journals = Journals(root)
+    journals.refresh()
+    consumer = Consumer("webhook:one", ["pull"], {})
+    assert consumer.depth(journals) == wanted
+    assert consumer.trim(journals, most) == wanted - most
+    assert consumer.depth(journals) == most
+    kept = []
+    while taken := _tags(journals, consumer, 1000):
+        kept += taken
+    assert len(kept) == most
+    return kept
+
+
 def test_two_journals_are_taken_in_emission_order_and_trimmed_oldest_first(
     tmp_path: Path,
 ) -> None:
@@ -74,17 +90,7 @@ def test_a_trim_keeps_the_newest_across_journals_whatever_their_sizes_and_ties(
         writers[name].append(f"{kind}\t{at}\t{name}-{i}\n".encode())
         if kind == "pull":
             wanted.append((at, f"{name}-{i}"))
-    journals = Journals(root)
-    journals.refresh()
-    consumer = Consumer("webhook:one", ["pull"], {})
-    assert consumer.depth(journals) == len(wanted)
-    most = 5_000
-    assert consumer.trim(journals, most) == len(wanted) - most
-    assert consumer.depth(journals) == most
-    kept = []
-    while taken := _tags(journals, consumer, 1000):
-        kept += taken
-    assert len(kept) == most
+    kept = _trimmed(root, len(wanted), 5_000)
     times = {tag: at for at, tag in wanted}
     dropped = set(times) - set(kept)
     assert max(times[t] for t in dropped) <= min(times[t] for t in kept)
@@ -114,16 +120,6 @@ def test_a_trim_reads_past_what_the_consumer_does_not_want_and_an_older_versions
         first.append(f"pull\t{at}\tfirst-{i}\n".encode())
         second.append(f"pull\t{at + 1000}\tsecond-{i}\n".encode())
         wanted += [(at, f"first-{i}"), (at + 1000, f"second-{i}")]
-    journals = Journals(root)
-    journals.refresh()
-    consumer = Consumer("webhook:one", ["pull"], {})
-    assert consumer.depth(journals) == len(wanted)
-    most = 1_000
-    assert consumer.trim(journals, most) == len(wanted) - most
-    assert consumer.depth(journals) == most
-    kept = []
-    while taken := _tags(journals, consumer, 500):
-        kept += taken
-    assert kept == [tag for _, tag in sorted(wanted)[-most:]]
+    assert _trimmed(root, len(wanted), 1_000) == [tag for _, tag in sorted(wanted)[-1_000:]]
     first.close()
     second.close()

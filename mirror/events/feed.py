@@ -284,13 +284,11 @@ class Consumer:
                 continue
             spans[name] = _Span(start, data)
             if not journals.ends_with(name, start, data):
-                last = _time_at(data, data.rfind(b"\n", 0, len(data) - 1) + 1)
+                last = _time_at(data, spans[name].last())
                 cap = last if cap is None else min(cap, last)
         if not spans:
             return 0, False
-        for span in spans.values():
-            span.first = _time_at(span.data, 0)
-        low = min(span.first for span in spans.values()) - 1  # passes nothing
+        low = min(_time_at(span.data, 0) for span in spans.values()) - 1  # passes nothing
         high = cap if cap is not None else max(_time_at(s.data, s.last()) for s in spans.values())
         for span in spans.values():
             span.hi = _after(span.data, high, 0, len(span.data))
@@ -372,7 +370,6 @@ class _Span:
 
     start: Position
     data: bytes
-    first: int = 0
     lo: int = 0
     lo_n: int = 0
     hi: int = 0
