@@ -3,7 +3,7 @@ manifest by tag (a hit within its TTL) on a real `mirror serve` with `[cluster]`
 Redis), and the same without it. A hit within the TTL asks Redis nothing (tests/test_cluster.py
 counts it), so the two should be alike.
 
-  .venv/bin/python bench/cluster_hits.py [--reps 3] [--seconds 10] [--connections 16]
+  .venv/bin/python bench/cluster_hits.py [--reps 24] [--seconds 2] [--restart 4] [--connections 16]
 
 The upstream is the test suite's simulator and Redis is Debian's `redis-server`, each in a
 process of its own on a free port; the mirror runs its default workers; runs are interleaved.

@@ -1,15 +1,17 @@
 """Events and the pull path (run by hand; numbers go to the README): wrk against a manifest by
 tag (a hit: hot tier, no upstream request) on a real `mirror serve`, with
 
-    off     no [events]
-    dead    a webhook that refuses connections, for pulls, its queue full (max_queue events
-            on disk before the measurement: each pull appends one and drops the oldest)
-    audit   the same, and the audit log on
+    off        no [events]
+    off again  the same, a mirror of its own: how far apart two runs of one thing come out
+    dead       a webhook that refuses connections, for pulls, its queue full (max_queue events
+               on disk before the measurement: each pull appends one and drops the oldest)
+    audit      the same, and the audit log on
 
-  .venv/bin/python bench/events.py [--reps 3] [--seconds 10]
+  .venv/bin/python bench/events.py [--reps 24] [--seconds 2] [--restart 4]
 
 The upstream is the test suite's simulator, in a process of its own; every port is free at
-start; runs are interleaved. Needs wrk.
+start; the mirrors run side by side and are measured in turn, round by round, started afresh
+every few rounds (`interleaved`). Needs wrk.
 """
 
 from __future__ import annotations
@@ -121,10 +123,12 @@ def _metric(url: str, name: str) -> float:
 
 
 def arguments() -> argparse.Namespace:
-    """--reps, --seconds, --connections (wrk's, for every run after it)."""
+    """--reps (rounds), --seconds (of each run), --restart (rounds between fresh processes),
+    --connections (wrk's, for every run after it)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=24)
+    parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument("--restart", type=int, default=4)
     parser.add_argument("--connections", type=int, default=CONNECTIONS[0])
     args = parser.parse_args()
     CONNECTIONS[0] = args.connections
@@ -153,34 +157,46 @@ def interleaved(
     after: Prepare | None = None,
     cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """wrk against the manifest by tag on a fresh `mirror serve` of each configuration in
-    turn, `args.reps` times round: req/s per configuration, in run order, and into `cpu` the
-    mirror's CPU microseconds per request (every process and thread: a measure that does not
-    hang on how the kernel spread wrk's connections over the workers). `prepare` runs
-    before each measured run, `after` (a check of what it measured) after it."""
+    """wrk against the manifest by tag on a `mirror serve` of each configuration, measured in
+    turn, `args.reps` rounds of `args.seconds` each, the order reversed every other round:
+    req/s per configuration, in run order, and into `cpu` the mirror's CPU microseconds per
+    request (every process and thread: a measure that does not hang on how the kernel spread
+    wrk's connections over the workers). Every configuration's mirror runs side by side (the
+    ones not measured sit idle), readied by `prepare` once, and the whole set is started
+    afresh every `args.restart` rounds: this machine's speed drifts by a third from one
+    minute to the next and by little within seconds, so short runs side by side meet the same
+    machine; and two processes of one configuration differ by some percent between them
+    (where the hash seed and the memory layout fell), so each configuration is measured over
+    several. `after` (a check of what it measured) runs after each run."""
     results: dict[str, list[float]] = {k: [] for k in configs}
-    for rep in range(args.reps):
-        # every other rep the other way round: a machine's drift over a rep weighs on each
-        # configuration alike
-        for name, toml in list(configs.items())[:: -1 if rep % 2 else 1]:
-            proc, url = _serve(work, upstream_url, toml)
-            try:
+    rep = 0
+    while rep < args.reps:
+        running: dict[str, tuple[subprocess.Popen[bytes], str, str]] = {}
+        try:
+            for name, toml in configs.items():
+                proc, url = _serve(work, upstream_url, toml)
                 manifest = f"{url}/v2/team/app/manifests/1.0"
+                running[name] = (proc, url, manifest)
                 _get(manifest)
                 _wrk(manifest, 3)  # warm up: every worker has served the tag
                 prepare(name, url, manifest)
-                used = _cpu_seconds(proc.pid)
-                rate = _wrk(manifest, args.seconds)
-                used = _cpu_seconds(proc.pid) - used
-                results[name].append(rate)
-                if cpu is not None:
-                    cpu.setdefault(name, []).append(used / (rate * args.seconds) * 1e6)
-                if after is not None:
-                    after(name, url, manifest)
-            finally:
+            for _ in range(min(args.restart, args.reps - rep)):
+                for name in list(configs)[:: -1 if rep % 2 else 1]:
+                    proc, url, manifest = running[name]
+                    used = _cpu_seconds(proc.pid)
+                    rate = _wrk(manifest, args.seconds)
+                    used = _cpu_seconds(proc.pid) - used
+                    results[name].append(rate)
+                    if cpu is not None:
+                        cpu.setdefault(name, []).append(used / (rate * args.seconds) * 1e6)
+                    if after is not None:
+                        after(name, url, manifest)
+                rep += 1
+                print(f"rep {rep}: { ({k: v[-1] for k, v in results.items()}) }", file=sys.stderr)
+        finally:
+            for proc, _, _ in running.values():
                 proc.terminate()
                 proc.wait()
-        print(f"rep {rep + 1}: { ({k: v[-1] for k, v in results.items()}) }", file=sys.stderr)
     return results
 
 
@@ -220,12 +236,12 @@ def main() -> None:
     dead = f"http://127.0.0.1:{_free_port()}/hook"  # nothing listens there
 
     def fill_queue(name: str, url: str, manifest: str) -> None:
-        if name != "off":  # with a webhook: its queue full before the measurement
+        if not name.startswith("off"):  # with a webhook: its queue full before the measurement
             while _metric(url, "mirror_events_queue_depth") < MAX_QUEUE:
                 _wrk(manifest, 2)
 
     def was_full(name: str, url: str, manifest: str) -> None:
-        if name != "off":
+        if not name.startswith("off"):
             dropped = _metric(
                 url, 'mirror_events_dropped_total{endpoint="dead",reason="queue_full"}'
             )
@@ -236,6 +252,7 @@ def main() -> None:
         hook = f'[[events.webhooks]]\nurl = "{dead}"\nname = "dead"\nevents = ["pull"]\n'
         configs = {
             "off": "",
+            "off again": "",  # the same as off: what the method's own noise is
             "dead": f"[events]\nmax_queue = {MAX_QUEUE}\n{hook}",
             "audit": f'[events]\nmax_queue = {MAX_QUEUE}\naudit_log = "{work}/audit.log"\n{hook}',
         }

@@ -344,7 +344,8 @@ def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
     digest = "sha256:" + "a" * 64
     before = time.time()
     head = record.pull_head("docker.io", "team/app", None, digest, "x\ty\\N", 12)
-    line = record.pull_line(head, "GET", None, "u\nv\\", "hit")
+    text = record.pull_line(time.time_ns(), head, record.pull_tail("GET", None, "u\nv\\", "hit"))
+    line = text.encode()
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     pull = record.decode(line[:-1], "id-1")
     assert (pull.kind, pull.id) == ("pull", "id-1")
@@ -363,8 +364,10 @@ def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
     }
     assert pull.subject == f"docker.io/team/app@{digest}"
     plain = record.pull_line(
-        record.pull_head("d", "r", "1.0", digest, "m", 1), "HEAD", "::1", None, "miss"
-    )
+        1,
+        record.pull_head("d", "r", "1.0", digest, "m", 1),
+        record.pull_tail("HEAD", "::1", None, "miss"),
+    ).encode()
     fields = plain.decode().split("\t")[2:]
     assert fields == ["d", "r", "1.0", digest, "m", "1", "HEAD", "::1", "\\N", "miss\n"]
     assert record.decode(plain[:-1], "i").data == {
@@ -379,7 +382,9 @@ def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
         "client": "::1",
         "outcome": "miss",
     }
-    other = record.decode(record.line("tag.moved", record.payload("s", {"a": [1]}))[:-1], "i")
+    other = record.decode(
+        record.line("tag.moved", record.payload("s", {"a": [1]})).encode()[:-1], "i"
+    )
     assert (other.subject, other.data) == ("s", {"a": [1]})
     with pytest.raises(ValueError):
         record.decode(b"pull\t4\tcut sho", "i")

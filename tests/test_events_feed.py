@@ -12,7 +12,7 @@ from mirror.events.journal import Journal
 
 def _write(journal: Journal, tags: list[str]) -> None:
     for tag in tags:
-        journal.append(record.line("pull" if tag[0] != "x" else "tag.moved", tag))
+        journal.append(record.line("pull" if tag[0] != "x" else "tag.moved", tag).encode())
 
 
 def _tags(journals: Journals, consumer: Consumer, limit: int) -> list[str]:

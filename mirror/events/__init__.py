@@ -10,7 +10,11 @@ What "emitted" means: an event is emitted once its line is in this process's jou
 (journal.py), a compact line (record.py) written by the emitter itself, on the loop; nothing
 is encoded, no thread woken, nothing awaited. A line is written at once, before the emitter
 returns, unless the journal was written less than FLUSH_SECONDS (10 ms) ago: then it waits,
-with every line that comes meanwhile, for one write(2) 10 ms after the last. A process
+with every line that comes meanwhile, for one write(2) 10 ms after the last. A pull that
+waits so waits as what it is made of (kinds.Pull), and its line is built at that write, with
+the fields it shares with other pulls of the same manifest (its head) and of the same client
+(its tail) built once and kept: between two requests, building a line cost the pull path
+four times what it costs in a loop over a hundred. A process
 serving a few pulls a second so writes each pull's line before the pull is answered; one
 serving thousands writes a hundred times a second instead of thousands (each append to a
 file on ext4 cost the pull path ten times what its own microsecond suggests: a busy mirror
@@ -38,7 +42,8 @@ import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from time import time_ns
+from typing import TYPE_CHECKING, Any
 
 from mirror.bounded import Bounded
 from mirror.config import EVENT_KINDS, EventsConfig, webhook_name
@@ -48,10 +53,15 @@ from mirror.events.audit import AuditFile
 from mirror.events.cloudevents import Envelope
 from mirror.events.feed import Consumer, Journals, Taken
 from mirror.events.journal import SINGLE, Journal, command_name, journal_name
-from mirror.events.kinds import PULL_HEADS, Kinds
+from mirror.events.kinds import Kinds, Pull
 from mirror.events.routes import Route, routes
 from mirror.locks import FileLock
 from mirror.metrics import Metrics
+from mirror.oci.reference import Digest
+
+if TYPE_CHECKING:
+    from mirror.store.manifests import StoredManifest
+    from mirror.upstream.routing import Target
 
 __all__ = ["AUDIT", "Events"]
 
@@ -64,6 +74,8 @@ AUDIT_LINES = 1000
 #: Lines that come less than this many seconds after the last write of the journal wait and
 #: go together this long after it (a busy process: at most 1/FLUSH_SECONDS writes a second).
 FLUSH_SECONDS = 0.01
+#: Most pull-line heads kept (one per manifest and reference pulled: record.pull_head).
+PULL_HEADS = 4096
 #: Seconds between the additions of what was appended to `mirror_events_emitted_total`.
 TALLY_SECONDS = 1.0
 
@@ -91,7 +103,12 @@ class Events(Kinds):
         self.config = config
         self.endpoints = tuple(webhook_name(h) for h in config.webhooks)
         self._routes: dict[str, Route] = routes(config)
-        self._pull_heads = Bounded(PULL_HEADS)
+        #: (upstream, repository, reference, digest, media type) → its pull lines' head.
+        self._pull_heads: Bounded[tuple[str, str, str, Digest, str], str] = Bounded(PULL_HEADS)
+        #: (method, client, user, outcome) → its pull lines' tail.
+        self._pull_tails: Bounded[tuple[str, str | None, str | None, str], str] = Bounded(
+            PULL_HEADS
+        )
         self.journals = journals
         self.cursors_path = cursors_path
         self.deliver_lock = deliver_lock
@@ -108,9 +125,8 @@ class Events(Kinds):
         self._failing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        #: Lines waiting for their write, their kinds, when the last write was (loop time).
-        self._pending: list[bytes] = []
-        self._pending_kinds: list[str] = []
+        #: Lines (and pulls) waiting for their write, when the last write was (loop time).
+        self._pending: list[str | Pull] = []
         self._written_at = float("-inf")
         self._flushing: asyncio.TimerHandle | None = None
         self._tally: asyncio.TimerHandle | None = None
@@ -143,59 +159,130 @@ class Events(Kinds):
     def emit(self, kind: str, data: dict[str, Any], subject: str | None = None) -> None:
         """Journal the event now (see the module docstring)."""
         if kind in self._routes:
-            self._append(kind, record.line(kind, record.payload(subject, data)))
+            self._append(record.line(kind, record.payload(subject, data)))
 
-    def _append(self, kind: str, line: bytes) -> None:
-        """Journal one line: at once (one write(2)), unless the last write was less than
-        FLUSH_SECONDS ago on this loop; then with the others that come meanwhile, in one
-        write FLUSH_SECONDS after it (see the module docstring). A disk that will not take
-        it costs the events (logged once until the journal takes one again, counted per
-        webhook), never the caller."""
+    def pull(
+        self,
+        target: Target,
+        reference: str,
+        manifest: StoredManifest,
+        method: str,
+        client: str | None,
+        user: str | None,
+        outcome: str,
+    ) -> None:
+        """Journal a pull (kinds.py): on a busy loop, where lines wait already nearly always,
+        it waits as it is, and its line is built at the write."""
+        if "pull" not in self._routes:
+            return
+        pull = (time_ns(), target, reference, manifest, method, client, user, outcome)
+        if self._pending:
+            self._pending.append(pull)
+        else:
+            self._append(pull)
+
+    def _append(self, entry: str | Pull) -> None:
+        """Journal one line (or a pull, its line to build): at once (one write(2)), unless
+        the last write was less than FLUSH_SECONDS ago on this loop; then with the others
+        that come meanwhile, in one write FLUSH_SECONDS after it (see the module docstring).
+        A disk that will not take it costs the events (logged once until the journal takes
+        one again, counted per webhook), never the caller."""
         journal = self._journal
         if journal is None:
             return
         loop = self._loop
         if loop is not None and threading.get_ident() == self._loop_thread:
             if self._pending:
-                self._pending.append(line)
-                self._pending_kinds.append(kind)
+                self._pending.append(entry)
                 return
             now = loop.time()
             due = self._written_at + FLUSH_SECONDS
             if now < due:
-                self._pending.append(line)
-                self._pending_kinds.append(kind)
+                self._pending.append(entry)
                 self._flushing = loop.call_at(due, self._flush)
                 return
             self._written_at = now
-        self._write(journal, line, (kind,))
+        self._write(journal, [entry])
 
     def _flush(self) -> None:
         """Write what waits, in one write(2)."""
         self._flushing = None
-        lines, kinds = self._pending, self._pending_kinds
-        if not lines:
+        entries = self._pending
+        if not entries:
             return
-        self._pending, self._pending_kinds = [], []
+        self._pending = []
         if self._loop is not None:
             self._written_at = self._loop.time()
         if self._journal is not None:
-            self._write(self._journal, b"".join(lines), kinds)
+            self._write(self._journal, entries)
 
-    def _write(self, journal: Journal, data: bytes, kinds: Sequence[str]) -> None:
+    def _write(self, journal: Journal, entries: Sequence[str | Pull]) -> None:
+        """The lines of `entries` (each pull's built now, from the head and the tail it shares
+        with others: record.py) in one write(2)."""
+        texts: list[str] = []
+        add = texts.append
+        pulls = 0
+        tails = self._pull_tails
+        last_target: object = None
+        last_manifest: object = None
+        last_reference = head = tail = ""
+        last_tail: tuple[object, ...] = ()
+        for entry in entries:  # one pass, the shared parts looked up only when they change
+            if isinstance(entry, str):
+                add(entry)
+                continue
+            pulls += 1
+            at, target, reference, manifest, method, client, user, outcome = entry
+            if (
+                target is not last_target
+                or manifest is not last_manifest
+                or reference != last_reference
+            ):
+                head = self._pull_head(target, reference, manifest)
+                last_target, last_manifest, last_reference = target, manifest, reference
+            key = (method, client, user, outcome)
+            if key != last_tail:
+                found = tails.get(key)
+                tail = found if found is not None else tails.remember(key, record.pull_tail(*key))
+                last_tail = key
+            add(record.pull_line(at, head, tail))
+        kinds: dict[str, int] = {"pull": pulls} if pulls else {}
+        if len(texts) > pulls:
+            for text in texts:
+                if not text.startswith("pull\t"):
+                    kind = text.partition("\t")[0]
+                    kinds[kind] = kinds.get(kind, 0) + 1
         try:
-            journal.append(data)
+            journal.append("".join(texts).encode())
         except OSError as e:
             if not self._failing:
                 self._failing = True
                 log.error("the event journal cannot be written (%s): events are lost", e)
-            for kind in kinds:
+            for kind, count in kinds.items():
                 for name in self._routes[kind].endpoints:
-                    self._metrics.events_lost(name, "unwritable", 1)
+                    self._metrics.events_lost(name, "unwritable", count)
             return
         self._failing = False
-        for kind in kinds:
-            self._appended[kind] += 1
+        for kind, count in kinds.items():
+            self._appended[kind] += count
+
+    def _pull_head(self, target: Target, reference: str, manifest: StoredManifest) -> str:
+        """The fields every pull of `manifest` by `reference` shares (record.pull_head),
+        built once and kept."""
+        key = (target.upstream.name, target.repo, reference, manifest.digest, manifest.media_type)
+        head = self._pull_heads.get(key)
+        if head is None:
+            tag = None if ":" in reference else reference  # a digest has one, a tag never
+            head = record.pull_head(
+                target.upstream.name,
+                target.repo,
+                tag,
+                manifest.digest,
+                manifest.media_type,
+                len(manifest.data),
+            )
+            head = self._pull_heads.remember(key, head)
+        return head
 
     def tally(self) -> None:
         """Add what was appended since the last tally to `mirror_events_emitted_total`."""

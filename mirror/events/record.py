@@ -1,5 +1,6 @@
 """A journal line: what an emitter appends for one event (on the loop, nothing encoded) and
-what delivery reads back, encoding (cloudevents.py) only what it sends.
+what delivery reads back, encoding (cloudevents.py) only what it sends. Lines are built as
+text; the emitter writes them as UTF-8.
 
     <kind>\\t<emitted at, ns since the epoch>\\t<payload>\\n
 
@@ -66,8 +67,8 @@ def pull_head(
     size: int,
 ) -> str:
     """The fields a pull line starts with, escaped, each followed by its tab: the same for
-    every pull of one manifest by one reference, so the emitter keeps them (kinds.py) and
-    builds only the rest per pull."""
+    every pull of one manifest by one reference, so the emitter keeps them and builds only
+    the rest per pull (events/__init__.py)."""
     if isinstance(digest, tuple):  # a Digest: its text without a call of its __str__
         algorithm, encoded = digest
     else:
@@ -76,11 +77,11 @@ def pull_head(
     return "".join(f"{NONE if f is None else _escape(f)}\t" for f in fields)
 
 
-def pull_line(head: str, method: str, client: str | None, user: str | None, outcome: str) -> bytes:
-    """A pull's whole line, emitted now (see the module docstring), after its `pull_head`.
-    Built on the loop for every pull, so as cheaply as can be: one f-string, the client and
-    the user escaped only when they hold a tab, newline or backslash (the method and the
-    outcome are the mirror's own words)."""
+def pull_tail(method: str, client: str | None, user: str | None, outcome: str) -> str:
+    """The fields a pull line ends with, escaped, and its newline: the same for the pulls of
+    one client with one method and outcome, so the emitter keeps them too. The method and
+    the outcome are the mirror's own words; the client and the user are escaped only when
+    they hold a tab, newline or backslash."""
     if client is None:
         client = NONE
     elif "\\" in client or not client.isprintable():
@@ -89,12 +90,18 @@ def pull_line(head: str, method: str, client: str | None, user: str | None, outc
         user = NONE
     elif "\\" in user or not user.isprintable():
         user = _escape(user)
-    return f"pull\t{time.time_ns()}\t{head}{method}\t{client}\t{user}\t{outcome}\n".encode()
+    return f"{method}\t{client}\t{user}\t{outcome}\n"
 
 
-def line(kind: str, payload: str) -> bytes:
+def pull_line(at: int, head: str, tail: str) -> str:
+    """A pull's whole line, emitted at `at` (ns since the epoch): its `pull_head` and its
+    `pull_tail` around the time."""
+    return f"pull\t{at}\t{head}{tail}"
+
+
+def line(kind: str, payload: str) -> str:
     """A line of `kind` with its payload, emitted now."""
-    return f"{kind}\t{time.time_ns()}\t{payload}\n".encode()
+    return f"{kind}\t{time.time_ns()}\t{payload}\n"
 
 
 def payload(subject: str | None, data: dict[str, Any]) -> str:

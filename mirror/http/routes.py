@@ -76,6 +76,7 @@ class Routes:
     ) -> None:
         self._access = access
         self._events = events
+        self._pull_events = events.wants("pull")
         self._service = service
         self._router = router
         self._pool = sender_pool
@@ -176,26 +177,10 @@ class Routes:
             answer = await service.manifests.get(target, reference, accept)
             m, outcome = answer.manifest, answer.outcome
         service.ahead.after(target, m)
-        if self._events.wants("pull"):
-            self._pulled(request, target, ref, m, outcome)
+        if self._pull_events:  # emitted before the answer goes out (events/__init__.py)
+            user = self._access.user(request) if self._access.enabled else None
+            self._events.pull(target, ref, m, request.method, request.remote, user, outcome)
         return self._manifest_response(request, target, m, outcome)
-
-    def _pulled(
-        self, request: web.Request, target: Target, ref: str, m: StoredManifest, outcome: Outcome
-    ) -> None:
-        """The pull event, emitted before the answer goes out (events/__init__.py)."""
-        self._events.pull(
-            upstream=target.upstream.name,
-            repository=target.repo,
-            reference=ref,
-            digest=m.digest,
-            media_type=m.media_type,
-            size=len(m.data),
-            method=request.method,
-            client=request.remote,
-            user=self._access.user(request),
-            outcome=outcome.value,
-        )
 
     def _manifest_response(
         self, request: web.Request, target: Target, m: StoredManifest, outcome: Outcome
