@@ -13,8 +13,8 @@ returns, unless the journal was written less than FLUSH_SECONDS (10 ms) ago: the
 with every line that comes meanwhile, for one write(2) 10 ms after the last. A pull that
 waits so waits as what it is made of (kinds.Pull), and its line is built at that write, with
 the fields it shares with other pulls of the same manifest (its head) and of the same client
-(its tail) built once and kept: between two requests, building a line cost the pull path
-four times what it costs in a loop over a hundred. A process
+(its tail) built once and kept: built between two requests, a line cost a busy server's
+pull path some 7 µs; kept as a tuple it costs under 2, and built at the write about 1.3 more. A process
 serving a few pulls a second so writes each pull's line before the pull is answered; one
 serving thousands writes a hundred times a second instead of thousands (each append to a
 file on ext4 cost the pull path ten times what its own microsecond suggests: a busy mirror
