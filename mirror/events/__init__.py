@@ -43,7 +43,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from time import time_ns
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mirror.bounded import Bounded
 from mirror.config import EVENT_KINDS, EventsConfig, webhook_name
@@ -53,15 +53,11 @@ from mirror.events.audit import AuditFile
 from mirror.events.cloudevents import Envelope
 from mirror.events.feed import Consumer, Journals, Taken
 from mirror.events.journal import SINGLE, Journal, command_name, journal_name
-from mirror.events.kinds import Kinds, Pull
+from mirror.events.kinds import Answered, Kinds, Pull, Target
 from mirror.events.routes import Route, routes
 from mirror.locks import FileLock
 from mirror.metrics import Metrics
 from mirror.oci.reference import Digest
-
-if TYPE_CHECKING:
-    from mirror.store.manifests import StoredManifest
-    from mirror.upstream.routing import Target
 
 __all__ = ["AUDIT", "Events"]
 
@@ -165,7 +161,7 @@ class Events(Kinds):
         self,
         target: Target,
         reference: str,
-        manifest: StoredManifest,
+        manifest: Answered,
         method: str,
         client: str | None,
         user: str | None,
@@ -266,7 +262,7 @@ class Events(Kinds):
         for kind, count in kinds.items():
             self._appended[kind] += count
 
-    def _pull_head(self, target: Target, reference: str, manifest: StoredManifest) -> str:
+    def _pull_head(self, target: Target, reference: str, manifest: Answered) -> str:
         """The fields every pull of `manifest` by `reference` shares (record.pull_head),
         built once and kept."""
         key = (target.upstream.name, target.repo, reference, manifest.digest, manifest.media_type)

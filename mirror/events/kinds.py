@@ -16,18 +16,48 @@ digest or upstream an event is about. The README's Events table lists the same.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from mirror.events.routes import Route
+from mirror.oci.reference import Digest
 
-if TYPE_CHECKING:
-    from mirror.store.manifests import StoredManifest
-    from mirror.upstream.routing import Target
+
+class Named(Protocol):
+    """An upstream, as a pull names it."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class Target(Protocol):
+    """Where a pull was routed (upstream/routing.py's Target), as much of it as its line
+    holds: the events package takes what it is given and imports nothing above it."""
+
+    @property
+    def upstream(self) -> Named: ...
+
+    @property
+    def repo(self) -> str: ...
+
+
+class Answered(Protocol):
+    """The manifest a pull answered (store/manifests.py's StoredManifest), as its line
+    holds it."""
+
+    @property
+    def digest(self) -> Digest: ...
+
+    @property
+    def media_type(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
+
 
 #: A pull as its method keeps it until its line is built: (emitted at, ns since the epoch;
 #: the target, the reference as the client gave it, the manifest answered; the method, the
 #: client's address, the authenticated user, the outcome).
-Pull = tuple[int, "Target", str, "StoredManifest", str, "str | None", "str | None", str]
+Pull = tuple[int, Target, str, Answered, str, "str | None", "str | None", str]
 
 
 class Kinds:
@@ -46,7 +76,7 @@ class Kinds:
         self,
         target: Target,
         reference: str,
-        manifest: StoredManifest,
+        manifest: Answered,
         method: str,
         client: str | None,
         user: str | None,
