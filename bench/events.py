@@ -3,6 +3,8 @@ tag (a hit: hot tier, no upstream request) on a real `mirror serve`, with
 
     off        no [events]
     off again  the same, a mirror of its own: how far apart two runs of one thing come out
+    no pulls   a webhook that refuses connections and wants no pulls (blob.*): what having
+               events on costs a pull that journals nothing
     dead       a webhook that refuses connections, for pulls, its queue full (max_queue events
                on disk before the measurement: each pull appends one and drops the oldest)
     audit      the same, and the audit log on
@@ -83,6 +85,8 @@ def _serve(work: Path, upstream: str, toml: str) -> tuple[subprocess.Popen[bytes
     raise RuntimeError("mirror did not start")
 
 
+#: The configurations whose webhook wants pulls (its queue is full while measured).
+FULL = ("dead", "audit")
 #: wrk's connections (--connections).
 CONNECTIONS = [16]
 
@@ -236,12 +240,12 @@ def main() -> None:
     dead = f"http://127.0.0.1:{_free_port()}/hook"  # nothing listens there
 
     def fill_queue(name: str, url: str, manifest: str) -> None:
-        if not name.startswith("off"):  # with a webhook: its queue full before the measurement
+        if name in FULL:  # a webhook for pulls: its queue full before the measurement
             while _metric(url, "mirror_events_queue_depth") < MAX_QUEUE:
                 _wrk(manifest, 2)
 
     def was_full(name: str, url: str, manifest: str) -> None:
-        if not name.startswith("off"):
+        if name in FULL:
             dropped = _metric(
                 url, 'mirror_events_dropped_total{endpoint="dead",reason="queue_full"}'
             )
@@ -250,9 +254,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-events-") as tmp:
         work = Path(tmp)
         hook = f'[[events.webhooks]]\nurl = "{dead}"\nname = "dead"\nevents = ["pull"]\n'
+        blobs = hook.replace('["pull"]', '["blob.*"]')
         configs = {
             "off": "",
             "off again": "",  # the same as off: what the method's own noise is
+            "no pulls": f"[events]\nmax_queue = {MAX_QUEUE}\n{blobs}",
             "dead": f"[events]\nmax_queue = {MAX_QUEUE}\n{hook}",
             "audit": f'[events]\nmax_queue = {MAX_QUEUE}\naudit_log = "{work}/audit.log"\n{hook}',
         }
