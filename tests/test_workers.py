@@ -223,16 +223,20 @@ async def test_a_fill_followed_by_every_worker_counts_once_in_flight(
     while sum(_holds(pid, partial) for pid in pids) < 2:  # the filler and a follower
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)  # ok: polling a condition with a deadline
-    scrapes, body = 0, b""
-    deadline = time.monotonic() + 20
-    while len(await _workers_seen(proc, "/metrics", scrapes)) < WORKERS:
-        assert time.monotonic() < deadline
-        answers = await asyncio.gather(*(_get(f"{proc.url}/metrics") for _ in range(6)))
-        scrapes += len(answers)
-        body = answers[-1][1]
-    found = re.search(rb"^mirror_fills_in_flight (\S+)$", body, re.MULTILINE)
-    assert found is not None and float(found[1]) == 1.0, found
-    hold.gate.set()
+    try:
+        scrapes = 0
+        deadline = time.monotonic() + 20
+        while len(await _workers_seen(proc, "/metrics", scrapes)) < WORKERS:
+            assert time.monotonic() < deadline
+            answers = await asyncio.gather(*(_get(f"{proc.url}/metrics") for _ in range(6)))
+            scrapes += len(answers)
+        # every worker has sampled itself: a scrape from now on sums what each one set (one
+        # of the scrapes above may have been rendered before the filler's own sample)
+        _, body = await _get(f"{proc.url}/metrics")
+        found = re.search(rb"^mirror_fills_in_flight (\S+)$", body, re.MULTILINE)
+        assert found is not None and float(found[1]) == 1.0, found
+    finally:
+        hold.gate.set()  # a failed assertion leaves no fill for the stop to wait out
     assert all(answer == (200, blob) for answer in await asyncio.gather(*pulls))
     assert sim.requests[("GET", f"/v2/w/x/blobs/{digest}")] == 1
 
