@@ -28,7 +28,7 @@ from mirror.metrics import forget_process, prepare_multiprocess, use_multiproces
 from mirror.ops import commands, prefetch
 from mirror.store.layout import Layout
 from mirror.store.reconcile import reconcile
-from mirror.workers import cpus, supervisor
+from mirror.workers import cpus, deliverer, supervisor
 
 log = logging.getLogger("mirror")
 
@@ -87,15 +87,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve_here(
-    config: Config, worker: int | None = None, workers: int = 1, ready: int = -1
+    config: Config,
+    worker: int | None = None,
+    workers: int = 1,
+    ready: int = -1,
+    deliver: bool = True,
 ) -> int:
-    """Serve in this process (the only one, or worker number `worker`); the exit status."""
+    """Serve in this process (the only one, or worker number `worker`; delivering the events
+    unless a deliverer beside the workers does); the exit status."""
     listener = logs.start(config.log_level, config.log_format, worker)
     if worker is None:
         for var in ignored_variables(os.environ):
             log.debug("environment variable %s is not a configuration key: ignored", var)
     try:
-        uvloop.run(serve(config, worker, workers, ready))
+        uvloop.run(serve(config, worker, workers, ready, deliver))
     except ConfigError as e:  # found only when the app reads its files (the htpasswd file)
         print(f"mirror: configuration error: {e}", file=sys.stderr)
         return supervisor.CONFIG_ERROR
@@ -133,13 +138,20 @@ def _supervise(config: Config, count: int) -> int:
         )
         log.info("effective configuration (secrets masked): %r", config)
 
+        beside = deliverer.wanted(config)
+
         def work(index: int, ready: int) -> int:
             use_multiprocess(metrics_dir)
-            return _serve_here(config, index, count, ready)
+            return _serve_here(config, index, count, ready, deliver=not beside)
+
+        def deliver(_index: int, ready: int) -> int:
+            use_multiprocess(metrics_dir)
+            return deliverer.run(config, ready)
 
         return supervisor.Supervisor(
             count,
             work,
+            beside=deliver if beside else None,
             exited=lambda pid: forget_process(pid, metrics_dir),
             private=(reserved.fileno(),),
         ).run()
@@ -203,12 +215,16 @@ class ServingCertificate:
 
 
 async def serve(
-    config: Config, worker: int | None = None, workers: int = 1, ready: int = -1
+    config: Config,
+    worker: int | None = None,
+    workers: int = 1,
+    ready: int = -1,
+    deliver: bool = True,
 ) -> None:
     """Run until SIGINT or SIGTERM, then close connections and stores cleanly. A worker
     process (`worker` of `workers`) listens with SO_REUSEPORT and writes a byte to `ready`
-    once it serves."""
-    app = build_app(config, worker, workers)
+    once it serves; `deliver`: whether it may deliver the events (build_app)."""
+    app = build_app(config, worker, workers, deliver)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     host, port = config.host_port

@@ -286,9 +286,10 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     tmp_path: Path,
 ) -> None:
     """`mirror serve --workers 3`, the receiver down, twelve pulls spread over the workers
-    (each on a connection of its own), then the delivering worker killed with SIGKILL: the
-    supervisor starts another under its index and another worker delivers on from the
-    cursors; once the receiver is up it gets every pull exactly once."""
+    (each on a connection of its own), then the deliverer killed with SIGKILL: the
+    supervisor starts it again and it delivers on from the cursors; once the receiver is up
+    it gets every pull exactly once. The deliverer is a process of its own beside the
+    workers, not one of them."""
     tags = [f"t{i}" for i in range(12)]
     for tag in tags:
         sim.add_image("team/app", tag, make_image(300, [1000]))
@@ -297,6 +298,11 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     await asyncio.to_thread(proc.start)
     lock = tmp_path / "data" / "events.deliver.lock"
     await wait_until(lambda: lock_holder(lock) is not None)
+    assert proc.proc is not None
+    children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
+    assert len(children) == 4 and str(lock_holder(lock)) in children
+    holder = lock_holder(lock)
+    await wait_until(lambda: f"the deliverer (pid {holder}) delivering" in proc.log.read_text())
     await receiver.stop()
     for tag in tags:
         async with aiohttp.ClientSession(
@@ -308,6 +314,7 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     assert deliverer is not None
     os.kill(deliverer, signal.SIGKILL)
     await wait_until(lambda: lock_holder(lock) not in (None, deliverer), timeout=20)
+    assert f"the deliverer (pid {deliverer}) exited with signal 9" in proc.log.read_text()
     await receiver.start()
     await wait_until(lambda: len(receiver.of("pull")) >= len(tags), timeout=30)
     delivered = receiver.of("pull")

@@ -83,7 +83,9 @@ class Events(Kinds):
     `journals`: the directory of every process's journal; `cursors_path`: the consumers'
     cursors file; `deliver_lock`: the delivery lock (delivery.py); `serving`: a serving
     process's (its journal named by `worker`, this process's index among several, None: the
-    only one), else an admin command's."""
+    only one), else an admin command's; `emits`: False for the deliverer of worker processes
+    (a process of its own, which delivers and writes the audit log but emits nothing, and so
+    holds no journal)."""
 
     def __init__(
         self,
@@ -94,6 +96,7 @@ class Events(Kinds):
         deliver_lock: Path,
         serving: bool = False,
         worker: int | None = None,
+        emits: bool = True,
     ) -> None:
         self._metrics = metrics
         self.config = config
@@ -133,7 +136,8 @@ class Events(Kinds):
                 self.audit = AuditFile(config.audit_log, config.audit_max_bytes, config.audit_keep)
             except OSError as e:
                 raise ConfigError(f"events.audit_log: cannot open it: {e.strerror}") from e
-        self._journal = self._claim(journal_name(worker) if serving else command_name())
+        if emits:
+            self._journal = self._claim(journal_name(worker) if serving else command_name())
 
     def _claim(self, name: str) -> Journal:
         """Blocking, at start: this process's journal, or a ConfigError naming who has it."""

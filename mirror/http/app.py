@@ -89,9 +89,13 @@ def build_service(
     return MirrorService(manifests, blobs, Ahead(manifests, blobs, cache.blobs))
 
 
-def build_app(config: Config, worker: int | None = None, workers: int = 1) -> web.Application:
+def build_app(
+    config: Config, worker: int | None = None, workers: int = 1, deliver: bool = True
+) -> web.Application:
     """The whole mirror as an aiohttp Application (tests run it in-process); `worker` is
-    this process's index among `workers` worker processes, None for a single process."""
+    this process's index among `workers` worker processes, None for a single process;
+    `deliver`: whether this process may deliver the events (False for a supervisor's workers:
+    its deliverer, a process of its own, does)."""
     store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
     sender_pool = ThreadPoolExecutor(SENDER_THREADS, thread_name_prefix="sendfile")
     password_pool = ThreadPoolExecutor(PASSWORD_THREADS, thread_name_prefix="password")
@@ -170,7 +174,8 @@ def build_app(config: Config, worker: int | None = None, workers: int = 1) -> we
         if peers is not None:
             await peers.start()
         events.attach()
-        deliveries.start()
+        if deliver:
+            deliveries.start()
         evictor.start()
         syncer.start()
         flusher = cache.tiers.flush_forever(config.eviction.access_flush)

@@ -14,6 +14,9 @@ them running.
   (exit status 2) stops the whole server with status 2. SIGHUP is passed on to every worker
   (TLS and audit-log reopen); SIGTERM or SIGINT is passed on and the parent waits for every
   worker to drain (fills in flight finish), killing any still there after `STOP_SECONDS`.
+- With events to deliver, one more process runs beside the workers, kept running as they
+  are: the deliverer (events/delivery.py), which serves nothing, so that no serving loop
+  shares its interpreter (the GIL, the caches) with the reading of the journals.
 - Each worker is killed with its parent (PR_SET_PDEATHSIG, SIGKILL): a `kill -9` of the
   parent is a `kill -9` of the server, and never leaves workers serving the port behind it.
 """
@@ -43,6 +46,8 @@ YOUNG_SECONDS = 5.0
 MAX_PAUSE = 30.0
 #: Exit status of a worker whose start found a configuration error.
 CONFIG_ERROR = 2
+#: The index `beside` is run with.
+BESIDE = -1
 _SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 
@@ -53,6 +58,7 @@ Work = Callable[[int, int], int]
 
 @dataclass
 class _Worker:
+    #: The worker's index; BESIDE for the process beside the workers.
     index: int
     pid: int = 0
     started: float = 0.0
@@ -62,13 +68,19 @@ class _Worker:
     pause: float = 0.0
     due: float = 0.0
 
+    @property
+    def name(self) -> str:
+        return "the deliverer" if self.index == BESIDE else f"worker {self.index}"
+
 
 @dataclass
 class Supervisor:
-    """Forks `count` workers running `work` and keeps them running until told to stop."""
+    """Forks `count` workers running `work` (and `beside`, when given, as one process more)
+    and keeps them running until told to stop."""
 
     count: int
     work: Work
+    beside: Work | None = None
     #: Called with a worker's pid once it has exited (its metrics files are let go).
     exited: Callable[[int], None] = lambda _pid: None
     #: Descriptors of the parent's own that a worker closes (the reserved port).
@@ -89,6 +101,8 @@ class Supervisor:
         self._selector.register(wake_r, selectors.EVENT_READ, None)
         try:
             self._workers = [_Worker(i) for i in range(self.count)]
+            if self.beside is not None:
+                self._workers.append(_Worker(BESIDE))
             for worker in self._workers:
                 self._spawn(worker)
             while self._workers:
@@ -120,7 +134,7 @@ class Supervisor:
         if self._stopping and now > self._stopping:
             for worker in self._workers:
                 if worker.pid:
-                    log.error("worker %d (pid %d) still running: killed", worker.index, worker.pid)
+                    log.error("%s (pid %d) still running: killed", worker.name, worker.pid)
                     _signal(worker.pid, signal.SIGKILL)
 
     def _signals(self, got: bytes) -> None:
@@ -148,9 +162,10 @@ class Supervisor:
         if got:
             worker.serving = True
             worker.pause = 0.0
-            log.info("worker %d (pid %d) serving", worker.index, worker.pid)
+            what = "delivering" if worker.index == BESIDE else "serving"
+            log.info("%s (pid %d) %s", worker.name, worker.pid, what)
             if all(w.serving for w in self._workers):
-                log.info("%d workers serving", len(self._workers))
+                log.info("%d workers serving", self.count)
             return
         self._selector.unregister(worker.ready)
         os.close(worker.ready)
@@ -180,7 +195,7 @@ class Supervisor:
             self._workers = [w for w in self._workers if w.pid]
             return
         if code == CONFIG_ERROR and not worker.serving:
-            log.error("worker %d could not start (configuration error): stopping", worker.index)
+            log.error("%s could not start (configuration error): stopping", worker.name)
             self._status = CONFIG_ERROR
             self._stop(signal.SIGTERM)
             return
@@ -190,8 +205,8 @@ class Supervisor:
         worker.serving = False
         how = f"signal {-code}" if code < 0 else f"status {code}"
         log.warning(
-            "worker %d (pid %d) exited with %s after %.1fs; starting another in %.1fs",
-            worker.index,
+            "%s (pid %d) exited with %s after %.1fs; starting another in %.1fs",
+            worker.name,
             pid,
             how,
             lived,
@@ -209,11 +224,13 @@ class Supervisor:
             try:
                 os.close(ready_r)
                 self._child(parent)
-                code = self.work(worker.index, ready_w)
+                work = self.beside if worker.index == BESIDE else self.work
+                assert work is not None
+                code = work(worker.index, ready_w)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
             except BaseException:
-                logging.getLogger("mirror").exception("worker %d failed", worker.index)
+                logging.getLogger("mirror").exception("%s failed", worker.name)
             finally:
                 os._exit(code)
         os.close(ready_w)
