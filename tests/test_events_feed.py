@@ -3,7 +3,10 @@ by when each event was emitted, taken in batches across them, trimmed oldest fir
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+
+import pytest
 
 from mirror.events import record
 from mirror.events.feed import Consumer, Journals
@@ -123,3 +126,30 @@ def test_a_trim_reads_past_what_the_consumer_does_not_want_and_an_older_versions
     assert _trimmed(root, len(wanted), 1_000) == [tag for _, tag in sorted(wanted)[-1_000:]]
     first.close()
     second.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_trim_of_many_blocks_keeps_exactly_the_newest(tmp_path: Path, seed: int) -> None:
+    """One to three journals of megabytes (many of the blocks a count marks, which a trim
+    passes unread), lines of random lengths, ties and a kind nobody wants among them, trimmed
+    to a random `most`: exactly `most` are kept, none of those dropped newer than one kept."""
+    rnd = random.Random(seed)
+    root = tmp_path / "events.journal"
+    names = [f"worker-{i}" for i in range(rnd.randint(1, 3))]
+    writers = {name: Journal(root, name) for name in names}
+    assert all(w.claim() for w in writers.values())
+    times: dict[str, int] = {}
+    at = 1_700_000_000_000_000_000
+    for i in range(20_000):
+        at += rnd.choice((0, 0, 1000))  # each journal's lines in the order of their times
+        name = rnd.choice(names)
+        kind = "tag.moved" if rnd.random() < 0.15 else "pull"
+        writers[name].append(f"{kind}\t{at}\t{name}-{i}-{'x' * rnd.randint(0, 200)}\n".encode())
+        if kind == "pull":
+            times[f"{name}-{i}"] = at
+    most = rnd.randint(1, len(times) - 1)
+    kept = [tag.rstrip("x").rstrip("-") for tag in _trimmed(root, len(times), most)]
+    dropped = set(times) - set(kept)
+    assert max(times[t] for t in dropped) <= min(times[t] for t in kept)
+    for writer in writers.values():
+        writer.close()

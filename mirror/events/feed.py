@@ -10,7 +10,9 @@ when the others' were taken comes after them.
 A consumer moves its cursor past what it took once that is done with (a webhook's 2xx, an
 audit write), and past the oldest of what it wants when more than `max_queue` wait
 (`trim`): so each webhook keeps at most its newest `max_queue` events. What waits is counted
-in the bytes (the kind leads every line) from where the last count ended, not line by line.
+in the bytes (the kind leads every line) from where the last count ended, not line by line,
+with a mark left every MARK_BYTES: a trim passes the whole blocks of the oldest by the marks,
+unread, and reads only the last few to pass exactly what is left.
 Files wholly behind every cursor are deleted (`collect`), so the journals hold at most about
 `max_queue` lines per journal behind the slowest consumer, and one file's bytes
 (FILE_BYTES) more.
@@ -20,6 +22,7 @@ Every method is blocking: the deliver thread's (delivery.py), or an admin comman
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 import os
@@ -47,6 +50,9 @@ log = logging.getLogger("mirror.events")
 CHUNK = 1024 * 1024
 #: Bytes per wanted line a trim reckons with before it counted any (a pull's are about 250).
 SPACING = 512.0
+#: Bytes between the marks a count leaves in a journal, from which a trim passes whole
+#: blocks of the oldest lines without reading them again.
+MARK_BYTES = 64 * 1024
 START: Position = (0, 0)
 
 #: A wanted line read: (emitted at, journal, its end, the line without its newline).
@@ -159,10 +165,31 @@ class Consumer:
         self._counted: dict[str, tuple[Position, int]] = {}
         #: Per journal: its bytes per wanted line, as last counted (what a trim reads).
         self._spacing: dict[str, float] = {}
+        #: Per journal: the wanted lines counted in it so far, from wherever counting began.
+        self._seen: dict[str, int] = {}
+        #: Per journal, ahead of the cursor, oldest first: the place after each block the
+        #: count read, `_seen` there, and the latest time of a line before it.
+        self._marks: dict[str, list[tuple[Position, int, int]]] = {}
 
-    def _wanted_in(self, data: bytes) -> int:
-        found = sum(data.count(p) for p in self._patterns)
-        return found + (1 if data.startswith(self._heads) else 0)
+    def _count(self, name: str, start: Position, data: bytes) -> int:
+        """The wanted lines of `data` (read from `start`), counted block by block, with a
+        mark left after each block."""
+        marks = self._marks.setdefault(name, [])
+        seen = self._seen.get(name, 0)
+        latest = marks[-1][2] if marks else 0
+        found = at = 0
+        while at < len(data):
+            end = data.rfind(b"\n", at, at + MARK_BYTES) + 1
+            if end <= at:  # a line longer than a block, or the last block
+                end = data.find(b"\n", at + MARK_BYTES) + 1 or len(data)
+            count = self._wanted_between(data, at, end)
+            found += count
+            seen += count
+            latest = max(latest, _time_at(data, data.rfind(b"\n", at, end - 1) + 1))
+            marks.append(((start[0], start[1] + end), seen, latest))
+            at = end
+        self._seen[name] = seen
+        return found
 
     def depth(self, journals: Journals) -> int:
         """The wanted lines from the cursor to the journals' ends (counting only the bytes
@@ -170,12 +197,14 @@ class Consumer:
         total = 0
         for name in journals.files:
             place, ahead = self._counted.get(name, (self.cursor.get(name, START), 0))
+            cursor = self.cursor.get(name, START)
+            self._marks[name] = [m for m in self._marks.get(name, ()) if m[0] > cursor]
             while True:
                 start, data = journals.chunk(name, place)
                 if not data:
                     place = max(place, start)
                     break
-                found = self._wanted_in(data)
+                found = self._count(name, start, data)
                 if found:
                     self._spacing[name] = len(data) / found
                 ahead += found
@@ -255,6 +284,9 @@ class Consumer:
         """Pass the oldest wanted lines beyond the newest `most`; returns how many."""
         dropped = 0
         excess = self.depth(journals) - most
+        if excess > 0:
+            dropped = self._skip(excess)
+            excess -= dropped
         while excess > 0:
             passed, moved = self._drop(journals, excess)
             if not moved:
@@ -262,6 +294,55 @@ class Consumer:
             dropped += passed
             excess -= passed
         return dropped
+
+    def _skip(self, excess: int) -> int:
+        """Pass, by the marks the count left and reading nothing, the blocks of the oldest
+        wanted lines that the oldest `excess` surely hold: those whose lines are all no later
+        than T, T the latest time of a mark at which the lines that may be no later than it
+        (up to each journal's first mark past T) are at most `excess`. `_drop` then passes
+        the rest exactly, reading only from there. Returns how many it passed."""
+        ahead: dict[str, list[tuple[Position, int, int]]] = {}  # (place, lines to it, time)
+        for name, marks in self._marks.items():
+            counted = self._counted.get(name)
+            if counted is None:
+                continue
+            cursor = self.cursor.get(name, START)
+            behind = self._seen.get(name, 0) - counted[1]  # `_seen` at the cursor
+            live = [(m[0], m[1] - behind, m[2]) for m in marks if m[0] > cursor]
+            if live:
+                ahead[name] = live
+        if not ahead:
+            return 0
+        cap = min(marks[-1][2] for marks in ahead.values())  # later lines are not counted
+
+        def upper(at: int) -> int:
+            total = 0
+            for name, marks in ahead.items():
+                i = bisect.bisect_right([m[2] for m in marks], at)
+                total += marks[i][1] if i < len(marks) else self._counted[name][1]
+            return total
+
+        times = sorted({m[2] for marks in ahead.values() for m in marks if m[2] <= cap})
+        low, high = -1, len(times)  # upper(times[low]) <= excess < upper(times[high])
+        while high - low > 1:
+            mid = (low + high) // 2
+            if upper(times[mid]) <= excess:
+                low = mid
+            else:
+                high = mid
+        if low < 0:
+            return 0
+        passed = 0
+        for name, marks in ahead.items():
+            i = bisect.bisect_right([m[2] for m in marks], times[low])
+            if not i:
+                continue
+            place, lines, _ = marks[i - 1]
+            self.cursor[name] = place
+            counted = self._counted[name]
+            self._counted[name] = (counted[0], counted[1] - lines)
+            passed += lines
+        return passed
 
     def _drop(self, journals: Journals, excess: int) -> tuple[int, bool]:
         """Pass the oldest of `excess` wanted lines, merged across journals by when they were
@@ -347,6 +428,8 @@ class Consumer:
         """A journal removed: nothing of it waits any more."""
         self.cursor.pop(name, None)
         self._counted.pop(name, None)
+        self._marks.pop(name, None)
+        self._seen.pop(name, None)
 
     def at_end(self, journals: Journals, name: str) -> bool:
         """Whether the cursor is at the end of the journal's last file (by its size)."""
