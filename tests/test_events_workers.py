@@ -299,9 +299,9 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     lock = tmp_path / "data" / "events.deliver.lock"
     await wait_until(lambda: lock_holder(lock) is not None)
     assert proc.proc is not None
-    children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
-    assert len(children) == 4 and str(lock_holder(lock)) in children
     holder = lock_holder(lock)
+    children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
+    assert len(children) == 4 and str(holder) in children
     await wait_until(lambda: f"the deliverer (pid {holder}) delivering" in proc.log.read_text())
     await receiver.stop()
     for tag in tags:

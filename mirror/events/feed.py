@@ -302,6 +302,7 @@ class Consumer:
         (up to each journal's first mark past T) are at most `excess`. `_drop` then passes
         the rest exactly, reading only from there. Returns how many it passed."""
         ahead: dict[str, list[tuple[Position, int, int]]] = {}  # (place, lines to it, time)
+        times_of: dict[str, list[int]] = {}
         for name, marks in self._marks.items():
             counted = self._counted.get(name)
             if counted is None:
@@ -311,6 +312,7 @@ class Consumer:
             live = [(m[0], m[1] - behind, m[2]) for m in marks if m[0] > cursor]
             if live:
                 ahead[name] = live
+                times_of[name] = [m[2] for m in live]
         if not ahead:
             return 0
         cap = min(marks[-1][2] for marks in ahead.values())  # later lines are not counted
@@ -318,7 +320,7 @@ class Consumer:
         def upper(at: int) -> int:
             total = 0
             for name, marks in ahead.items():
-                i = bisect.bisect_right([m[2] for m in marks], at)
+                i = bisect.bisect_right(times_of[name], at)
                 total += marks[i][1] if i < len(marks) else self._counted[name][1]
             return total
 
@@ -334,7 +336,7 @@ class Consumer:
             return 0
         passed = 0
         for name, marks in ahead.items():
-            i = bisect.bisect_right([m[2] for m in marks], times[low])
+            i = bisect.bisect_right(times_of[name], times[low])
             if not i:
                 continue
             place, lines, _ = marks[i - 1]
