@@ -10,6 +10,9 @@ tag (a hit: hot tier, no upstream request) on a real `mirror serve`, with
     audit      the same, and the audit log on
 
   .venv/bin/python bench/events.py [--reps 24] [--seconds 2] [--restart 4]
+                                   [--only off,"off again",dead]
+
+(--only: those configurations alone, more rounds in the same time.)
 
 The upstream is the test suite's simulator, in a process of its own; every port is free at
 start; the mirrors run side by side and are measured in turn, round by round, started afresh
@@ -128,12 +131,13 @@ def _metric(url: str, name: str) -> float:
 
 def arguments() -> argparse.Namespace:
     """--reps (rounds), --seconds (of each run), --restart (rounds between fresh processes),
-    --connections (wrk's, for every run after it)."""
+    --connections (wrk's, for every run after it), --only (the configurations measured)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=24)
     parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--restart", type=int, default=4)
     parser.add_argument("--connections", type=int, default=CONNECTIONS[0])
+    parser.add_argument("--only", default="", help="configurations, comma-separated")
     args = parser.parse_args()
     CONNECTIONS[0] = args.connections
     return args
@@ -262,6 +266,8 @@ def main() -> None:
             "dead": f"[events]\nmax_queue = {MAX_QUEUE}\n{hook}",
             "audit": f'[events]\nmax_queue = {MAX_QUEUE}\naudit_log = "{work}/audit.log"\n{hook}',
         }
+        if args.only:
+            configs = {k: configs[k] for k in args.only.split(",")}
         try:
             cpu: dict[str, list[float]] = {}
             results = interleaved(work, upstream_url, configs, args, fill_queue, was_full, cpu)

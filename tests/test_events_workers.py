@@ -28,6 +28,7 @@ from upstream_sim import UpstreamSim
 from webhooks import Receiver
 
 from mirror.events.journal import journal_name
+from mirror.workers.deliverer import NICENESS
 
 ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
 WORKER = Path(__file__).resolve().parent / "events_worker.py"
@@ -289,7 +290,7 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     (each on a connection of its own), then the deliverer killed with SIGKILL: the
     supervisor starts it again and it delivers on from the cursors; once the receiver is up
     it gets every pull exactly once. The deliverer is a process of its own beside the
-    workers, not one of them."""
+    workers, not one of them, at a lower priority than they."""
     tags = [f"t{i}" for i in range(12)]
     for tag in tags:
         sim.add_image("team/app", tag, make_image(300, [1000]))
@@ -302,6 +303,9 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     holder = lock_holder(lock)
     children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
     assert len(children) == 4 and str(holder) in children
+    niceness = {int(c): os.getpriority(os.PRIO_PROCESS, int(c)) for c in children}
+    assert niceness.pop(holder) == os.getpriority(os.PRIO_PROCESS, 0) + NICENESS
+    assert set(niceness.values()) == {os.getpriority(os.PRIO_PROCESS, 0)}, "workers unniced"
     await wait_until(lambda: f"the deliverer (pid {holder}) delivering" in proc.log.read_text())
     await receiver.stop()
     for tag in tags:
@@ -315,6 +319,9 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     os.kill(deliverer, signal.SIGKILL)
     await wait_until(lambda: lock_holder(lock) not in (None, deliverer), timeout=20)
     assert f"the deliverer (pid {deliverer}) exited with signal 9" in proc.log.read_text()
+    again = lock_holder(lock)
+    assert again is not None
+    assert os.getpriority(os.PRIO_PROCESS, again) == os.getpriority(os.PRIO_PROCESS, 0) + NICENESS
     await receiver.start()
     await wait_until(lambda: len(receiver.of("pull")) >= len(tags), timeout=30)
     delivered = receiver.of("pull")

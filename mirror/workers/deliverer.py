@@ -8,6 +8,11 @@ lock from the serving loop and its caches with it. Here the workers only append 
 lines; what reads them forward, trims the queues and posts the batches shares no interpreter
 with a request. It holds the delivery lock as a serving deliverer would, so the failover is
 the same: killed, it is started again under the supervisor and goes on from the cursors.
+
+It runs at a lower priority (NICENESS): on a machine whose cores the workers keep busy, the
+kernel gives a request's turn before the deliverer's. Delivery is never waited for; what it
+cannot send meanwhile waits in the journals, bounded by `max_queue`, and goes once the rush
+is over.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from mirror.metrics import Metrics
 from mirror.store.layout import Layout
 from mirror.workers.supervisor import CONFIG_ERROR
 
+#: Added to the deliverer's nice value (that of `nice`: 10 gives it a tenth of a worker's
+#: share of a busy core).
+NICENESS = 10
+
 
 def wanted(config: Config) -> bool:
     """Whether the configuration has events to deliver (webhooks, or an audit log)."""
@@ -37,6 +46,7 @@ def wanted(config: Config) -> bool:
 def run(config: Config, ready: int) -> int:
     """Deliver until SIGTERM or SIGINT, writing a byte to `ready` once delivering; the exit
     status (CONFIG_ERROR for an audit log it cannot open)."""
+    os.nice(NICENESS)
     listener = logs.start(config.log_level, config.log_format)
     try:
         layout = Layout(config.data_dir)
