@@ -22,6 +22,7 @@ every few rounds (`interleaved`). Needs wrk.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import socket
@@ -208,17 +209,29 @@ def interleaved(
     return results
 
 
+def interval(ratios: list[float]) -> tuple[float, float]:
+    """The 95 % confidence interval of the geometric mean of `ratios` (normal on their logs):
+    whether a series shows a ratio above a bound, or only a median that happens to be."""
+    logs = [math.log(r) for r in ratios]
+    if len(logs) < 2:
+        return ratios[0], ratios[0]
+    half = 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+    mean = statistics.fmean(logs)
+    return math.exp(mean - half), math.exp(mean + half)
+
+
 def table(
     what: str, results: dict[str, list[float]], cpu: dict[str, list[float]] | None = None
 ) -> None:
     """The markdown table: median req/s, every run, the ratio to the first row's (of the
     medians, and the median of the ratios within each rep, which a machine's drift from one
-    rep to the next moves less); with
-    `cpu`, the median CPU µs per request, every run, and the first row's over it."""
+    rep to the next moves less, and the 95 % interval of their geometric mean); with `cpu`,
+    the median CPU µs per request, every run, and the first row's over it."""
     first_runs = next(iter(results.values()))
     first = statistics.median(first_runs)
     head = f"| {what} | manifest by tag req/s (median) | runs | vs off | vs off, rep by rep |"
-    line = "|---|---|---|---|---|"
+    head += " rep by rep, 95 % interval |"
+    line = "|---|---|---|---|---|---|"
     if cpu:
         head += " CPU µs/req (median) | runs | off's CPU over it | rep by rep |"
         line += "---|---|---|---|"
@@ -228,8 +241,10 @@ def table(
     for name, runs in results.items():
         med = statistics.median(runs)
         shown = ", ".join(f"{r:.0f}" for r in runs)
-        paired = statistics.median(r / f for r, f in zip(runs, first_runs, strict=True))
-        row = f"| {name} | {med:.0f} | {shown} | {med / first:.3f} | {paired:.3f} |"
+        ratios = [r / f for r, f in zip(runs, first_runs, strict=True)]
+        low, high = interval(ratios)
+        row = f"| {name} | {med:.0f} | {shown} | {med / first:.3f} | "
+        row += f"{statistics.median(ratios):.3f} | {low:.3f}–{high:.3f} |"
         if cpu:
             used = statistics.median(cpu[name])
             each = ", ".join(f"{c:.1f}" for c in cpu[name])
