@@ -304,8 +304,9 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
     assert len(children) == 4 and str(holder) in children
     base = os.getpriority(os.PRIO_PROCESS, proc.proc.pid)  # the supervisor's
+    lowered = min(base + NICENESS, 19)  # the kernel's lowest priority is 19
     niceness = {int(c): os.getpriority(os.PRIO_PROCESS, int(c)) for c in children}
-    assert niceness.pop(holder) == base + NICENESS
+    assert niceness.pop(holder) == lowered
     assert set(niceness.values()) == {base}, "the workers run at the supervisor's priority"
     await wait_until(lambda: f"the deliverer (pid {holder}) delivering" in proc.log.read_text())
     await receiver.stop()
@@ -322,7 +323,7 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     assert f"the deliverer (pid {deliverer}) exited with signal 9" in proc.log.read_text()
     again = lock_holder(lock)
     assert again is not None
-    assert os.getpriority(os.PRIO_PROCESS, again) == base + NICENESS
+    assert os.getpriority(os.PRIO_PROCESS, again) == lowered
     await receiver.start()
     await wait_until(lambda: len(receiver.of("pull")) >= len(tags), timeout=30)
     delivered = receiver.of("pull")
