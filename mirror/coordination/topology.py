@@ -62,7 +62,7 @@ def open_client(
         return cluster, cluster.aclose
     tls = {k: v for k, v in target.options.items() if k.startswith("ssl")}
     asked = _bounds(timeout / (len(target.nodes) + 1))  # the master's connect keeps a share
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         target.nodes, sentinel_kwargs={**asked, **tls, **target.sentinel}
     )
     master: Redis = sentinel.master_for(target.service, **options)
