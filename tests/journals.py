@@ -9,7 +9,8 @@ from mirror.events import cursors, record
 
 
 def waiting(data: Path, consumer: str) -> list[record.Record]:
-    """The journal lines past a consumer's cursor (`webhook:<name>`, `audit`), as saved."""
+    """The events of the journal lines past a consumer's cursor (`webhook:<name>`, `audit`),
+    as saved."""
     place = cursors.load(data / "events.cursors").get(consumer, {})
     found = []
     root = data / "events.journal"
@@ -21,7 +22,9 @@ def waiting(data: Path, consumer: str) -> list[record.Record]:
                 continue
             data_ = (directory / str(number)).read_bytes()[offset if number == file else 0 :]
             lines = data_.split(b"\n")[:-1]
-            found += [record.decode(line, "") for line in lines if not line.startswith(b"#\t")]
+            for line in lines:
+                if not line.startswith(b"#\t"):
+                    found += record.decode(line, "")
     return found
 
 
@@ -31,8 +34,13 @@ def journal_files(data: Path) -> list[Path]:
 
 
 def journaled(data: Path, repository: str, tags: list[str]) -> bool:
-    """Whether the journals hold a pull line for each of `tags` (a tag twice: two): a busy
+    """Whether the journals hold a pull for each of `tags` (a tag twice: two): a busy
     process writes the lines of the last 10 ms together, so a test that kills it waits for
-    them first."""
-    held = b"".join(f.read_bytes() for f in journal_files(data))
-    return all(held.count(f"\t{repository}\t{tag}\t".encode()) >= tags.count(tag) for tag in tags)
+    them first. A line's pulls share their head (record.py): its tag, and its count."""
+    lines = b"".join(f.read_bytes() for f in journal_files(data)).split(b"\n")[:-1]
+    for tag in set(tags):
+        head = f"\t{repository}\t{tag}\t".encode()
+        held = sum(record.events_in(line) for line in lines if head in line)
+        if held < tags.count(tag):
+            return False
+    return True

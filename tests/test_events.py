@@ -202,15 +202,18 @@ async def test_a_receiver_that_never_answers_costs_pulls_nothing(
     tmp_path: Path,
 ) -> None:
     """A receiver that takes the request and never answers: every pull is answered; the
-    queue on disk stays at max_queue, the oldest events dropped and counted."""
-    sim.add_image("team/app", "1.0", make_image(73, [1000]))
+    queue on disk stays at max_queue, the oldest events dropped and counted. (Twenty tags:
+    pulls of one tag may share a line, which a trim passes whole.)"""
+    tags = [f"t{i}" for i in range(20)]
+    for tag in tags:
+        sim.add_image("team/app", tag, make_image(73, [1000]))
     receiver = await Receiver(hang=True).start()
     try:
         hook = _webhook(receiver, '["pull"]', "timeout = 600\n")
         env = _config(tmp_path, "[events]\nmax_queue = 5\n" + hook)
         proc = await _start(mirror_process, sim, tmp_path / "data", env)
-        for _ in range(20):
-            await _pull_manifest(client, proc.url, "team/app", "1.0")
+        for tag in tags:
+            await _pull_manifest(client, proc.url, "team/app", tag)
         await wait_until(lambda: bool(receiver.attempts))
 
         async def depth() -> float:
@@ -313,16 +316,17 @@ async def test_the_cursor_survives_a_restart_and_files_behind_it_are_deleted(
         await receiver.stop()
 
 
-async def test_a_burst_of_pulls_is_journaled_line_by_line_and_a_stop_writes_what_waits(
+async def test_a_burst_of_pulls_is_journaled_and_then_delivered_each_once_by_its_own_id(
     sim: UpstreamSim,
     mirror_process: Callable[..., MirrorProcess],
     tmp_path: Path,
 ) -> None:
-    """Eighty pulls at once (their lines come closer together than a write per line: they
-    wait and go in a few writes), then SIGTERM at once: the journal holds one whole pull
-    line for each, none twice."""
+    """Eighty pulls at once (they come closer together than a write per line: they wait and
+    go in a few writes, runs of them in a line each), then SIGTERM at once: the journal holds
+    each pull once, in lines that read back whole; started again with the receiver up, the
+    receiver gets each once, each by an id of its own, in the order they were journaled."""
     sim.add_image("team/app", "burst", make_image(72, [1000]))
-    receiver = Receiver()  # never up: nothing delivered, nothing deleted
+    receiver = Receiver()  # not up yet: nothing delivered, nothing deleted
     data = tmp_path / "data"
     proc = await _start(mirror_process, sim, data, _config(tmp_path, _webhook(receiver)))
     connector = aiohttp.TCPConnector(limit=0)
@@ -332,10 +336,21 @@ async def test_a_burst_of_pulls_is_journaled_line_by_line_and_a_stop_writes_what
         )
     await asyncio.to_thread(proc.stop)
     lines = b"".join(f.read_bytes() for f in journal_files(data)).split(b"\n")[:-1]
-    pulls = [record.decode(line, "") for line in lines if line.startswith(b"pull\t")]
+    pulls = [p for line in lines if line.startswith(b"pull\t") for p in record.decode(line, "")]
     assert len(pulls) == 80
     assert {p.data["tag"] for p in pulls if p.data} == {"burst"}
-    assert len({p.at for p in pulls}) == 80, "each line once"
+    assert len({p.at for p in pulls}) == 80, "each pull once"
+    await receiver.start()
+    try:
+        proc = await _start(mirror_process, sim, data, _config(tmp_path, _webhook(receiver)))
+        await wait_until(lambda: len(receiver.of("pull")) >= 80)
+        await asyncio.to_thread(proc.stop)
+        told = receiver.of("pull")
+        assert len(told) == 80
+        assert len({e["id"] for e in told}) == 80
+        assert [e["time"] for e in told] == sorted(e["time"] for e in told)
+    finally:
+        await receiver.stop()
 
 
 def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
@@ -347,7 +362,7 @@ def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
     text = record.pull_line(time.time_ns(), head, record.pull_tail("GET", None, "u\nv\\", "hit"))
     line = text.encode()
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    pull = record.decode(line[:-1], "id-1")
+    [pull] = record.decode(line[:-1], "id-1")
     assert (pull.kind, pull.id) == ("pull", "id-1")
     assert before <= pull.at <= time.time()
     assert pull.data == {
@@ -370,7 +385,7 @@ def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
     ).encode()
     fields = plain.decode().split("\t")[2:]
     assert fields == ["d", "r", "1.0", digest, "m", "1", "HEAD", "::1", "\\N", "miss\n"]
-    assert record.decode(plain[:-1], "i").data == {
+    assert record.decode(plain[:-1], "i")[0].data == {
         **dict.fromkeys(record.PULL),
         "upstream": "d",
         "repository": "r",
@@ -382,12 +397,48 @@ def test_a_journal_line_reads_back_as_the_event_it_was() -> None:
         "client": "::1",
         "outcome": "miss",
     }
-    other = record.decode(
+    [other] = record.decode(
         record.line("tag.moved", record.payload("s", {"a": [1]})).encode()[:-1], "i"
     )
     assert (other.subject, other.data) == ("s", {"a": [1]})
     with pytest.raises(ValueError):
         record.decode(b"pull\t4\tcut sho", "i")
+
+    with pytest.raises(ValueError):
+        record.decode(b"pull\t4\td\tr\tt\tdg\tm\t1\tGET\tc\tu\thit\x1f5\tGET\tc", "i")
+
+
+def test_a_run_of_pulls_in_one_line_reads_back_as_each_pull() -> None:
+    """A line of three pulls of one head: the second only its time (the first's tail), the
+    third its own tail, its client holding RUN itself (escaped, so it splits nothing): each
+    pull its own event, its own time and id, its own data."""
+    digest = "sha256:" + "b" * 64
+    head = record.pull_head("docker.io", "library/alpine", "3", digest, "m", 7)
+    at = 1_700_000_000_123_456_789
+    odd = f"10.0.0.1{record.RUN}x"
+    text = record.pull_line(
+        at,
+        head,
+        record.pull_tail("GET", "::1", None, "hit"),
+        (at + 5, None),
+        (at + 9_000, record.pull_tail("HEAD", odd, "ci", "stale")),
+    )
+    assert text.count(record.RUN) == 2 and text.endswith("\n")
+    line = text[:-1].encode()
+    assert record.events_in(line) == 3
+    first, second, third = record.decode(line, "tok-1f")
+    assert [r.id for r in (first, second, third)] == ["tok-1f", "tok-1f.1", "tok-1f.2"]
+    assert (second.at - first.at, third.at - first.at) == pytest.approx((5e-9, 9e-6), abs=1e-7)
+    assert first.data is not None and second.data is not None and third.data is not None
+    assert second.data == first.data and second.data is not first.data
+    assert {k: third.data[k] for k in ("method", "client", "user", "outcome")} == {
+        "method": "HEAD",
+        "client": odd,
+        "user": "ci",
+        "outcome": "stale",
+    }
+    assert (third.data["repository"], third.data["digest"]) == ("library/alpine", digest)
+    assert third.subject == first.subject == f"docker.io/library/alpine@{digest}"
 
 
 async def test_the_audit_log_has_every_pull_and_admin_action(

@@ -153,3 +153,84 @@ def test_a_trim_of_many_blocks_keeps_exactly_the_newest(tmp_path: Path, seed: in
     assert max(times[t] for t in dropped) <= min(times[t] for t in kept)
     for writer in writers.values():
         writer.close()
+
+
+def test_a_run_of_pulls_in_one_line_counts_takes_and_passes_as_its_events(
+    tmp_path: Path,
+) -> None:
+    """Lines of runs (several pulls each, record.RUN between them) among single ones: the
+    depth counts their events, a take holds about `limit` events but never splits a line
+    (though one line is always taken), an advance passes the line's events together, and a
+    consumer that wants no pulls does not count a run's."""
+    root = tmp_path / "events.journal"
+    first, second = Journal(root, "worker-0"), Journal(root, "worker-1")
+    assert first.claim() and second.claim()
+    base = 1_700_000_000_000_000_000  # lines a microsecond or more apart (a take tells them)
+    run = record.RUN
+    first.append(f"pull\t{base}\ta{run}5{run}9\n".encode())  # three pulls
+    first.append(f"tag.moved\t{base + 10_000}\tx\n".encode())
+    first.append(f"pull\t{base + 20_000}\tb\n".encode())
+    first.append(f"pull\t{base + 30_000}\tc{f'{run}1' * 49}\n".encode())  # fifty
+    for i in range(5):
+        second.append(f"pull\t{base + 25_000 + i * 10_000}\td{i}\n".encode())
+    journals = Journals(root)
+    journals.refresh()
+    pulls = Consumer("webhook:one", ["pull"], {})
+    assert pulls.depth(journals) == 3 + 1 + 50 + 5
+    moves = Consumer("webhook:two", ["tag.moved"], {})
+    assert moves.depth(journals) == 1
+
+    taken = pulls.take(journals, 2)
+    assert [line.split(b"\t")[2] for *_, line in taken.lines] == [f"a{run}5{run}9".encode()]
+    assert pulls.advance(taken) == 3
+    assert pulls.depth(journals) == 56
+    taken = pulls.take(journals, 4)  # b, d0, then c's fifty would be too many
+    assert [line.split(b"\t")[2][:2] for *_, line in taken.lines] == [b"b", b"d0"]
+    assert pulls.advance(taken) == 2
+    assert pulls.depth(journals) == 54
+    taken = pulls.take(journals, 100)
+    heads = [line.split(b"\t")[2][:2] for *_, line in taken.lines]
+    assert heads == [b"c" + run.encode(), b"d1", b"d2", b"d3", b"d4"]
+    assert pulls.advance(taken) == 54
+    assert pulls.depth(journals) == 0
+    first.close()
+    second.close()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_trim_of_runs_keeps_the_newest_and_passes_a_line_whole(tmp_path: Path, seed: int) -> None:
+    """Journals of lines holding runs of 1 to RUN_PULLS pulls, trimmed to a random `most`:
+    what waits after is what a take then finds, at most `most` and fewer only by part of one
+    line's run (a line passes whole), and no line dropped is newer than one kept."""
+    rnd = random.Random(seed)
+    root = tmp_path / "events.journal"
+    names = [f"worker-{i}" for i in range(rnd.randint(1, 3))]
+    writers = {name: Journal(root, name) for name in names}
+    assert all(w.claim() for w in writers.values())
+    times: dict[str, tuple[int, int]] = {}  # line → its time, its pulls
+    at = 1_700_000_000_000_000_000
+    for i in range(8_000):
+        at += rnd.choice((0, 1000))
+        name = rnd.choice(names)
+        pulls = rnd.randint(1, record.RUN_PULLS) if rnd.random() < 0.3 else 1
+        more = "".join(f"{record.RUN}{rnd.randint(0, 999)}" for _ in range(pulls - 1))
+        writers[name].append(f"pull\t{at}\t{name}-{i}{more}\n".encode())
+        times[f"{name}-{i}"] = (at, pulls)
+    total = sum(n for _, n in times.values())
+    most = rnd.randint(1, total - 1)
+    journals = Journals(root)
+    journals.refresh()
+    consumer = Consumer("webhook:one", ["pull"], {})
+    assert consumer.depth(journals) == total
+    dropped = consumer.trim(journals, most)
+    left = consumer.depth(journals)
+    assert left == total - dropped
+    assert most - record.RUN_PULLS < left <= most
+    kept = []
+    while taken := _tags(journals, consumer, 1000):
+        kept += [tag.split(record.RUN)[0] for tag in taken]
+    assert sum(times[tag][1] for tag in kept) == left
+    gone = set(times) - set(kept)
+    assert max(times[t][0] for t in gone) <= min(times[t][0] for t in kept)
+    for writer in writers.values():
+        writer.close()

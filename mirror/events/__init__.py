@@ -54,6 +54,7 @@ from mirror.events.cloudevents import Envelope
 from mirror.events.feed import Consumer, Journals, Taken
 from mirror.events.journal import SINGLE, Journal, command_name, journal_name
 from mirror.events.kinds import Answered, Kinds, Pull, Target
+from mirror.events.record import RUN, RUN_PULLS
 from mirror.events.routes import Route, routes
 from mirror.locks import FileLock
 from mirror.metrics import Metrics
@@ -217,8 +218,9 @@ class Events(Kinds):
             self._write(self._journal, entries)
 
     def _write(self, journal: Journal, entries: Sequence[str | Pull]) -> None:
-        """The lines of `entries` (each pull's built now, from the head and the tail it shares
-        with others: record.py) in one write(2)."""
+        """The lines of `entries` in one write(2); the pulls' built now (record.pull_line,
+        inline): from the head and the tail they share with others, a run of pulls of one
+        head in one line."""
         texts: list[str] = []
         add = texts.append
         pulls = 0
@@ -227,17 +229,31 @@ class Events(Kinds):
         last_manifest: object = None
         last_reference = head = tail = ""
         last_tail: tuple[object, ...] = ()
+        first = run = 0  # the open pull line's first time and its pulls (0: none open)
+        last: tuple[object, ...] = ()  # the pull before in the open line, but its time
+        sep = RUN
+        kinds: dict[str, int] = {}
         for entry in entries:  # one pass, the shared parts looked up only when they change
             if isinstance(entry, str):
+                if run:
+                    add("\n")
+                    run, last = 0, ()
                 add(entry)
+                kind = entry.partition("\t")[0]
+                kinds[kind] = kinds.get(kind, 0) + 1
                 continue
             pulls += 1
+            rest = entry[1:]
+            if rest == last and run < RUN_PULLS:  # the pull before again: only its time
+                add(f"{sep}{entry[0] - first}")
+                run += 1
+                continue
+            last = rest
             at, target, reference, manifest, method, client, user, outcome = entry
-            if (
-                target is not last_target
-                or manifest is not last_manifest
-                or reference != last_reference
-            ):
+            same = (
+                target is last_target and manifest is last_manifest and reference == last_reference
+            )
+            if not same:
                 head = self._pull_head(target, reference, manifest)
                 last_target, last_manifest, last_reference = target, manifest, reference
             key = (method, client, user, outcome)
@@ -245,13 +261,16 @@ class Events(Kinds):
                 found = tails.get(key)
                 tail = found if found is not None else tails.remember(key, record.pull_tail(*key))
                 last_tail = key
-            add(record.pull_line(at, head, tail))
-        kinds: dict[str, int] = {"pull": pulls} if pulls else {}
-        if len(texts) > pulls:
-            for text in texts:
-                if not text.startswith("pull\t"):
-                    kind = text.partition("\t")[0]
-                    kinds[kind] = kinds.get(kind, 0) + 1
+            if same and 0 < run < RUN_PULLS:  # the same head, another tail
+                add(f"{sep}{at - first}\t{tail}")
+                run += 1
+            else:
+                add(f"\npull\t{at}\t{head}{tail}" if run else f"pull\t{at}\t{head}{tail}")
+                first, run = at, 1
+        if run:
+            add("\n")
+        if pulls:
+            kinds["pull"] = pulls
         try:
             journal.append("".join(texts).encode())
         except OSError as e:
@@ -374,17 +393,20 @@ class Events(Kinds):
     def audit_kinds(self) -> list[str]:
         return [kind for kind, route in self._routes.items() if route.audit]
 
-    def encode(self, line: bytes, ident: str) -> str | None:
-        """A journal line as its CloudEvents text (its id `ident`); None for a line cut short
+    def encode(self, line: bytes, ident: str) -> list[tuple[float, str]] | None:
+        """A journal line's events (several for a run of pulls), each as when it was emitted
+        and its CloudEvents text, the first's id `ident`; None for a line cut short
         (logged)."""
         try:
-            r = record.decode(line, ident)
+            found = record.decode(line, ident)
         except (ValueError, UnicodeDecodeError):
             log.error("a line of the event journal is cut short: skipped (%r)", line[:80])
             return None
-        if r.data is None:
-            return r.text
-        return self.envelope.encode(r.kind, r.id, r.data, r.subject, r.at)
+        encode = self.envelope.encode
+        return [
+            (r.at, r.text if r.data is None else encode(r.kind, r.id, r.data, r.subject, r.at))
+            for r in found
+        ]
 
     def write_audit(self, journals: Journals, consumer: Consumer) -> bool:
         """Write the next lines the audit log wants and move its cursor past them (lines the
@@ -394,10 +416,11 @@ class Events(Kinds):
         if not taken.lines:
             consumer.advance(taken)
             return False
-        texts = (
-            self.encode(line, journals.ident(name, end, line)) for _, name, end, line in taken.lines
-        )
-        bodies = [b for b in texts if b is not None]
+        bodies: list[str] = []
+        for _, name, end, line in taken.lines:
+            events = self.encode(line, journals.ident(name, end, line))
+            if events is not None:
+                bodies.extend(text for _, text in events)
         audit = self.audit
         assert audit is not None
         with self.audit_lock:

@@ -175,17 +175,17 @@ class Deliveries:
         kept: list[str] = []
         ats: list[float] = []
         size, cut = 0, len(taken.lines)
-        for i, (at, name, end, line) in enumerate(taken.lines):
-            body = self._events.encode(line, self._journals.ident(name, end, line))
-            if body is None:
+        for i, (_, name, end, line) in enumerate(taken.lines):
+            events = self._events.encode(line, self._journals.ident(name, end, line))
+            if events is None:
                 self._metrics.events_lost(endpoint, "unwritable", 1)
                 continue
-            size += len(body) + 1
-            if size > BATCH_BYTES and kept:
+            size += sum(len(body) + 1 for _, body in events)
+            if size > BATCH_BYTES and kept:  # a line's events go together: a cursor passes lines
                 cut = i
                 break
-            kept.append(body)
-            ats.append(at)
+            kept.extend(body for _, body in events)
+            ats.extend(at for at, _ in events)
         if cut < len(taken.lines):
             lines = taken.lines[:cut]
             after = {name: end for _, name, end, _ in lines}

@@ -2,6 +2,9 @@
 place in every journal (journal.py), and takes the lines of the kinds it wants from there,
 in big chunks, off the request path.
 
+A line may hold several events (a run of pulls, record.py): what is counted, taken and
+passed is events, and a cursor passes a line's events together.
+
 Order: within a journal, the order it was written in; across journals, by when each event
 was emitted (the lines read so far of each journal merged by that time), so events of two
 processes close in time may come in either order, and a line a process had not yet written
@@ -12,7 +15,8 @@ audit write), and past the oldest of what it wants when more than `max_queue` wa
 (`trim`): so each webhook keeps at most its newest `max_queue` events. What waits is counted
 in the bytes (the kind leads every line) from where the last count ended, not line by line,
 with a mark left every MARK_BYTES: a trim passes the whole blocks of the oldest by the marks,
-unread, and reads only the last few to pass exactly what is left.
+unread, and reads only the last few to pass what is left (exactly, but for a run's
+further pulls, which go with their line).
 Files wholly behind every cursor are deleted (`collect`), so the journals hold at most about
 `max_queue` lines per journal behind the slowest consumer, and one file's bytes
 (FILE_BYTES) more.
@@ -42,7 +46,7 @@ from mirror.events.journal import (
     remove_journal,
     try_hold,
 )
-from mirror.events.record import seconds
+from mirror.events.record import RUN, events_in, seconds
 
 log = logging.getLogger("mirror.events")
 
@@ -59,6 +63,7 @@ START: Position = (0, 0)
 Wanted = tuple[float, str, Position, bytes]
 _at = itemgetter(0)
 _HEAD = HEADER.encode() + b"\t"
+_RUN = RUN.encode()
 
 
 @dataclass
@@ -160,19 +165,21 @@ class Consumer:
         self.kinds = frozenset(k.encode() for k in kinds)
         self._patterns = [b"\n" + k + b"\t" for k in self.kinds]
         self._heads = tuple(k + b"\t" for k in self.kinds)
+        #: Whether it wants pulls, whose lines may hold several (record.py: RUN).
+        self._runs = b"pull" in self.kinds
         self.cursor = dict(cursor)
-        #: Per journal: how far it was counted, and the wanted lines from the cursor to there.
+        #: Per journal: how far it was counted, and the wanted events from the cursor to there.
         self._counted: dict[str, tuple[Position, int]] = {}
         #: Per journal: its bytes per wanted line, as last counted (what a trim reads).
         self._spacing: dict[str, float] = {}
-        #: Per journal: the wanted lines counted in it so far, from wherever counting began.
+        #: Per journal: the wanted events counted in it so far, from wherever counting began.
         self._seen: dict[str, int] = {}
         #: Per journal, ahead of the cursor, oldest first: the place after each block the
         #: count read, `_seen` there, and the latest time of a line before it.
         self._marks: dict[str, list[tuple[Position, int, int]]] = {}
 
     def _count(self, name: str, start: Position, data: bytes) -> int:
-        """The wanted lines of `data` (read from `start`), counted block by block, with a
+        """The wanted events of `data` (read from `start`), counted block by block, with a
         mark left after each block."""
         marks = self._marks.setdefault(name, [])
         seen = self._seen.get(name, 0)
@@ -192,7 +199,7 @@ class Consumer:
         return found
 
     def depth(self, journals: Journals) -> int:
-        """The wanted lines from the cursor to the journals' ends (counting only the bytes
+        """The wanted events from the cursor to the journals' ends (counting only the bytes
         written since the last count)."""
         total = 0
         for name in journals.files:
@@ -214,8 +221,9 @@ class Consumer:
         return total
 
     def take(self, journals: Journals, limit: int) -> Taken:
-        """The oldest `limit` lines wanted, merged across journals by when they were
-        emitted (see the module docstring); the cursor stays until `advance`."""
+        """The oldest lines wanted, merged across journals by when they were emitted (see the
+        module docstring), holding `limit` events or a few fewer (a line's events go
+        together; at least one line); the cursor stays until `advance`."""
         per: list[list[Wanted]] = []
         taken = Taken([])
         ends: dict[str, Position] = {}
@@ -228,6 +236,7 @@ class Consumer:
             file, offset = start
             mine: list[Wanted] = []
             kinds = self.kinds
+            events = 0
             for raw in data.split(b"\n")[:-1]:
                 offset += len(raw) + 1
                 tab = raw.find(b"\t")
@@ -238,7 +247,8 @@ class Consumer:
                     except ValueError:
                         at = 0.0  # a line cut short: taken, and refused when read
                     mine.append((at, name, (file, offset), raw))
-                    if len(mine) == limit:
+                    events += events_in(raw)
+                    if events >= limit:
                         break
             ends[name] = (file, offset)
             if mine:
@@ -246,9 +256,13 @@ class Consumer:
             else:
                 taken.after[name] = (file, offset)  # nothing wanted in it: skipped
         merged = per[0] if len(per) == 1 else heapq.merge(*per, key=_at)
+        events = 0
         for line in merged:
+            events += events_in(line[3])
+            if events > limit and taken.lines:
+                break  # a line's events go together: the next take begins with it
             taken.lines.append(line)
-            if len(taken.lines) == limit:
+            if events >= limit:
                 break
         last: dict[str, Position] = {}
         counts: dict[str, int] = {}
@@ -264,14 +278,15 @@ class Consumer:
 
     def advance(self, taken: Taken) -> int:
         """Move the cursor past `taken` (never back: a trim may have passed it meanwhile);
-        returns how many wanted lines it passed that it had not passed before."""
+        returns how many wanted events it passed that it had not passed before."""
         passed = 0
-        for _, name, end, _ in taken.lines:
+        for _, name, end, line in taken.lines:
             if end > self.cursor.get(name, START):
-                passed += 1
+                events = events_in(line)
+                passed += events
                 counted = self._counted.get(name)
                 if counted is not None and end <= counted[0]:
-                    self._counted[name] = (counted[0], counted[1] - 1)
+                    self._counted[name] = (counted[0], counted[1] - events)
         for name, place in taken.after.items():
             if place > self.cursor.get(name, START):
                 self.cursor[name] = place
@@ -281,7 +296,7 @@ class Consumer:
         return passed
 
     def trim(self, journals: Journals, most: int) -> int:
-        """Pass the oldest wanted lines beyond the newest `most`; returns how many."""
+        """Pass the oldest wanted events beyond the newest `most`; returns how many."""
         dropped = 0
         excess = self.depth(journals) - most
         if excess > 0:
@@ -297,7 +312,7 @@ class Consumer:
 
     def _skip(self, excess: int) -> int:
         """Pass, by the marks the count left and reading nothing, the blocks of the oldest
-        wanted lines that the oldest `excess` surely hold: those whose lines are all no later
+        wanted events that the oldest `excess` surely hold: those whose lines are all no later
         than T, T the latest time of a mark at which the lines that may be no later than it
         (up to each journal's first mark past T) are at most `excess`. `_drop` then passes
         the rest exactly, reading only from there. Returns how many it passed."""
@@ -347,7 +362,7 @@ class Consumer:
         return passed
 
     def _drop(self, journals: Journals, excess: int) -> tuple[int, bool]:
-        """Pass the oldest of `excess` wanted lines, merged across journals by when they were
+        """Pass the oldest of `excess` wanted events, merged across journals by when they were
         emitted: every line up to a time T, T the latest that passes no more than `excess`,
         and of the lines emitted at the very next nanosecond, in turn, what makes up the rest.
         Each journal is read for about its share of the excess (by its bytes per wanted line
@@ -355,7 +370,7 @@ class Consumer:
         later), and the caller goes on for what is left. T is found by bisection over time,
         each journal's place for a time by bisection over its bytes (a journal's lines are in
         the order of their times), and what a place passes counted in the bytes: nothing is
-        made per line. Returns how many wanted lines it passed, and whether a cursor moved."""
+        made per line. Returns how many wanted events it passed, and whether a cursor moved."""
         names = [n for n in journals.files if not self.at_end(journals, n)]
         share = -(-excess // max(len(names), 1))
         spans: dict[str, _Span] = {}
@@ -396,12 +411,14 @@ class Consumer:
                         span.hi, span.hi_n = cut, n
             rest = excess - sum(span.lo_n for span in spans.values())
             for span in spans.values():  # lines emitted at the very same time: in turn
-                while rest and span.lo_n < span.hi_n:
+                while rest > 0 and span.lo_n < span.hi_n:  # a line's events pass together
                     wanted = span.data.startswith(self._heads, span.lo)
-                    span.lo = span.data.index(b"\n", span.lo) + 1
+                    end = span.data.index(b"\n", span.lo) + 1
                     if wanted:
-                        span.lo_n += 1
-                        rest -= 1
+                        events = self._wanted_between(span.data, span.lo, end)
+                        span.lo_n += events
+                        rest -= events
+                    span.lo = end
         passed, moved = 0, False
         for name, span in spans.items():
             if not span.lo:
@@ -418,12 +435,14 @@ class Consumer:
         return passed, moved
 
     def _wanted_between(self, data: bytes, start: int, end: int) -> int:
-        """The wanted lines of `data` that begin in [start, end) (both where lines begin): a
-        line's pattern (its newline before, its kind, a tab) lies within, a line being longer
-        than its kind."""
+        """The wanted events of the lines of `data` that begin in [start, end) (both where lines
+        begin): a line's pattern (its newline before, its kind, a tab) lies within, a line
+        being longer than its kind, and so does each RUN of a pull line's further pulls."""
         if start >= end:
             return 0
         found = sum(data.count(p, start - 1 if start else 0, end) for p in self._patterns)
+        if self._runs:  # a pull line's further pulls (RUN is in no other line)
+            found += data.count(_RUN, start, end)
         return found + (1 if start == 0 and data.startswith(self._heads) else 0)
 
     def forget(self, name: str) -> None:
@@ -450,7 +469,7 @@ class Consumer:
 @dataclass
 class _Span:
     """What a trim read of one journal: from `start`, `data` (whole lines); `lo`, `hi` where
-    lines begin in it, with the wanted lines before each (`lo_n`, `hi_n`), bracketing the
+    lines begin in it, with the wanted events before each (`lo_n`, `hi_n`), bracketing the
     place of the time sought."""
 
     start: Position
