@@ -13,15 +13,17 @@ returns, unless the journal was written less than FLUSH_SECONDS (10 ms) ago: the
 with every line that comes meanwhile, for one write(2) 10 ms after the last. A pull that
 waits so waits as what it is made of (kinds.Pull), and its line is built at that write, with
 the fields it shares with other pulls of the same manifest (its head) and of the same client
-(its tail) built once and kept: built between two requests, a line cost a busy server's
-pull path some 7 µs; kept as a tuple it costs under 2, and built at the write about 1.3
-more. A process serving a few pulls a second so writes each pull's line before the pull is
-answered; one serving thousands writes a hundred times a second instead of thousands (each
-append to a file on ext4 cost the pull path ten times what its own microsecond suggests: a
-busy mirror lost a tenth of its manifest rate to them). What a kill -9 can take is the lines
-of the last 10 ms; a stop writes them all. `mirror_events_emitted_total` counts the lines written
-(kept in plain integers and added to the counter every second and before each scrape, since
-a Prometheus increment per pull would cost more than the append).
+(its tail) built once and kept, and the pulls of one head that follow one another in one
+line (a run: each further pull only its time, its tail when it differs): built between two
+requests, a line cost a busy server's pull path some 7 µs; kept as a tuple it costs under 2,
+and built at the write about 1.3 more, about half that in runs. A process serving a few
+pulls a second so writes each pull's line before the pull is answered; one serving thousands
+writes a hundred times a second instead of thousands (each append to a file on ext4 cost the
+pull path ten times what its own microsecond suggests: a busy mirror lost a tenth of its
+manifest rate to them). What a kill -9 can take is the lines of the last 10 ms; a stop
+writes them all. `mirror_events_emitted_total` counts the events written (kept in plain
+integers and added to the counter every second and before each scrape, since a Prometheus
+increment per pull would cost more than the append).
 
 The journals are the queues: delivery (delivery.py), in whichever serving process holds the
 delivery lock, reads every process's journal forward from each consumer's cursor (feed.py:

@@ -1,5 +1,5 @@
-"""The journals: every event, one line each (record.py), appended by the process that emitted
-it to a journal of its own under the data directory. They are the queues too: each consumer
+"""The journals: every event in a line (record.py; a run of pulls shares one), appended by
+the process that emitted it to a journal of its own under the data directory. They are the queues too: each consumer
 (a webhook, the audit log) reads them forward from a cursor of its own (feed.py).
 
     events.journal/<n>                 a single serving process's (`mirror serve`)

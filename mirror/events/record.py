@@ -21,8 +21,9 @@ what a consumer wants is counted in the bytes (`b"\\n<kind>\\t"`, and RUN for th
 pulls) without reading a line; a line, its events together, is what a cursor passes. An
 event's id is no part of its line: it is where the line is, the random token of its file
 (journal.py) and the line's byte offset in it, and for a further pull its place in the line
-(`.1`, `.2`, …), the same each time it is read. A line an older version journaled (`<kind>\\t<emitted
-at, seconds>\\t<CloudEvents text>`) is read as the text it holds. Pure.
+(`.1`, `.2`, …), the same each time it is read. A line an older version journaled
+(`<kind>\\t<emitted at, seconds>\\t<CloudEvents text>`) is read as the text it holds (an
+older version reads a line of a run as one cut short). Pure.
 """
 
 from __future__ import annotations
