@@ -7,6 +7,7 @@ Receivers are real HTTP servers on 127.0.0.1 (tests/webhooks.py); the mirror is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -26,9 +28,10 @@ from journals import journal_files, journaled, waiting
 from upstream_sim import UpstreamSim
 from webhooks import Attempt, Receiver
 
-from mirror.config import load_config
+from mirror.config import Webhook, load_config
 from mirror.errors import ConfigError
-from mirror.events import record
+from mirror.events import Events, record
+from mirror.metrics import Metrics
 
 SECRET = "receiver-shared-secret-0123"
 ADMIN_TOKEN = "admin-token-for-events-0123"
@@ -439,6 +442,47 @@ def test_a_run_of_pulls_in_one_line_reads_back_as_each_pull() -> None:
     }
     assert (third.data["repository"], third.data["digest"]) == ("library/alpine", digest)
     assert third.subject == first.subject == f"docker.io/library/alpine@{digest}"
+
+
+async def test_pulls_alike_wait_as_their_times_and_keep_their_order_among_other_lines(
+    tmp_path: Path,
+) -> None:
+    """The emitter on a loop: pulls alike one after the other wait as one key and their times
+    (up to RUN_PULLS a line), an event of another kind between them closes the run, and a
+    pull of another client joins the line of the same manifest with its own tail: read back,
+    every event once, in the order emitted."""
+    config = load_config(None, {}, {}).events
+    webhook = Webhook(url="http://127.0.0.1:9/hook", name="hook", events=("*",))
+    config = dataclasses.replace(config, webhooks=(webhook,))
+    root = tmp_path / "events.journal"
+    events = Events(config, Metrics(), root, tmp_path / "cursors", tmp_path / "lock", True)
+    events.attach()
+    upstream = SimpleNamespace(name="docker.io")
+    target = SimpleNamespace(upstream=upstream, repo="library/alpine")
+    manifest = SimpleNamespace(
+        digest="sha256:" + "c" * 64,
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        data=b"{}",
+    )
+    expected: list[str | None] = []
+    try:
+        for i in range(record.RUN_PULLS + 40):
+            client = "10.0.0.2" if i == 5 else "10.0.0.1"
+            events.pull(target, "3", manifest, "GET", client, None, "hit")
+            expected.append(client)
+            if i == 70:
+                events.emit("upstream.down", {"upstream": "docker.io"}, "docker.io")
+                expected.append(None)
+    finally:
+        events.detach()
+        events.close()
+    lines = b"".join(f.read_bytes() for f in journal_files(tmp_path)).split(b"\n")[:-1]
+    told = [r for line in lines if not line.startswith(b"#\t") for r in record.decode(line, "")]
+    assert [r.data.get("client") if r.kind == "pull" else None for r in told if r.data] == expected
+    assert [r.at for r in told] == sorted(r.at for r in told)
+    pull_lines = [line for line in lines if line.startswith(b"pull\t")]
+    assert max(record.events_in(line) for line in pull_lines) == record.RUN_PULLS
+    assert len(pull_lines) < 10, "pulls alike share lines"
 
 
 async def test_the_audit_log_has_every_pull_and_admin_action(

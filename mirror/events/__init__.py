@@ -55,7 +55,7 @@ from mirror.events.audit import AuditFile
 from mirror.events.cloudevents import Envelope
 from mirror.events.feed import Consumer, Journals, Taken
 from mirror.events.journal import SINGLE, Journal, command_name, journal_name
-from mirror.events.kinds import Answered, Kinds, Pull, Target
+from mirror.events.kinds import Answered, Kinds, Pulls, Target
 from mirror.events.record import RUN, RUN_PULLS
 from mirror.events.routes import Route, routes
 from mirror.locks import FileLock
@@ -128,7 +128,9 @@ class Events(Kinds):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         #: Lines (and pulls) waiting for their write, when the last write was (loop time).
-        self._pending: list[str | Pull] = []
+        self._pending: list[str | Pulls] = []
+        #: The pulls last in `_pending`, which a pull alike joins (None: a line is last).
+        self._open: Pulls | None = None
         self._written_at = float("-inf")
         self._flushing: asyncio.TimerHandle | None = None
         self._tally: asyncio.TimerHandle | None = None
@@ -175,16 +177,24 @@ class Events(Kinds):
         outcome: str,
     ) -> None:
         """Journal a pull (kinds.py): on a busy loop, where lines wait already nearly always,
-        it waits as it is, and its line is built at the write."""
+        it waits as it is, only its time when it is the same as the pull waiting last (up to
+        RUN_PULLS of them), and its line is built at the write."""
         if "pull" not in self._routes:
             return
-        pull = (time_ns(), target, reference, manifest, method, client, user, outcome)
+        at = time_ns()
+        key = (target, reference, manifest, method, client, user, outcome)
+        last = self._open
+        if last is not None and last[0] == key and len(last[1]) < RUN_PULLS:
+            last[1].append(at)
+            return
+        pulls = (key, [at])
         if self._pending:
-            self._pending.append(pull)
+            self._pending.append(pulls)
+            self._open = pulls
         else:
-            self._append(pull)
+            self._append(pulls)
 
-    def _append(self, entry: str | Pull) -> None:
+    def _append(self, entry: str | Pulls) -> None:
         """Journal one line (or a pull, its line to build): at once (one write(2)), unless
         the last write was less than FLUSH_SECONDS ago on this loop; then with the others
         that come meanwhile, in one write FLUSH_SECONDS after it (see the module docstring).
@@ -197,11 +207,13 @@ class Events(Kinds):
         if loop is not None and threading.get_ident() == self._loop_thread:
             if self._pending:
                 self._pending.append(entry)
+                self._open = None if isinstance(entry, str) else entry
                 return
             now = loop.time()
             due = self._written_at + FLUSH_SECONDS
             if now < due:
                 self._pending.append(entry)
+                self._open = None if isinstance(entry, str) else entry
                 self._flushing = loop.call_at(due, self._flush)
                 return
             self._written_at = now
@@ -214,12 +226,13 @@ class Events(Kinds):
         if not entries:
             return
         self._pending = []
+        self._open = None
         if self._loop is not None:
             self._written_at = self._loop.time()
         if self._journal is not None:
             self._write(self._journal, entries)
 
-    def _write(self, journal: Journal, entries: Sequence[str | Pull]) -> None:
+    def _write(self, journal: Journal, entries: Sequence[str | Pulls]) -> None:
         """The lines of `entries` in one write(2); the pulls' built now (record.pull_line,
         inline): from the head and the tail they share with others, a run of pulls of one
         head in one line."""
@@ -232,43 +245,42 @@ class Events(Kinds):
         last_reference = head = tail = ""
         last_tail: tuple[object, ...] = ()
         first = run = 0  # the open pull line's first time and its pulls (0: none open)
-        last: tuple[object, ...] = ()  # the pull before in the open line, but its time
         sep = RUN
         kinds: dict[str, int] = {}
         for entry in entries:  # one pass, the shared parts looked up only when they change
             if isinstance(entry, str):
                 if run:
                     add("\n")
-                    run, last = 0, ()
+                    run = 0
                 add(entry)
                 kind = entry.partition("\t")[0]
                 kinds[kind] = kinds.get(kind, 0) + 1
                 continue
-            pulls += 1
-            rest = entry[1:]
-            if rest == last and run < RUN_PULLS:  # the pull before again: only its time
-                add(f"{sep}{entry[0] - first}")
-                run += 1
-                continue
-            last = rest
-            at, target, reference, manifest, method, client, user, outcome = entry
+            key, times = entry
+            count = len(times)
+            pulls += count
+            target, reference, manifest, _, _, _, _ = key
             same = (
                 target is last_target and manifest is last_manifest and reference == last_reference
             )
             if not same:
                 head = self._pull_head(target, reference, manifest)
                 last_target, last_manifest, last_reference = target, manifest, reference
-            key = (method, client, user, outcome)
-            if key != last_tail:
-                found = tails.get(key)
-                tail = found if found is not None else tails.remember(key, record.pull_tail(*key))
-                last_tail = key
-            if same and 0 < run < RUN_PULLS:  # the same head, another tail
+            ends = key[3:]
+            if ends != last_tail:
+                found = tails.get(ends)
+                tail = found if found is not None else tails.remember(ends, record.pull_tail(*ends))
+                last_tail = ends
+            at = times[0]
+            if same and run > 0 and run + count <= RUN_PULLS:  # the same head, another tail
                 add(f"{sep}{at - first}\t{tail}")
-                run += 1
             else:
                 add(f"\npull\t{at}\t{head}{tail}" if run else f"pull\t{at}\t{head}{tail}")
-                first, run = at, 1
+                first, run = at, 0
+            if count > 1:  # the pulls alike after it: only their times
+                add(sep)
+                add(sep.join([str(t - first) for t in times[1:]]))
+            run += count
         if run:
             add("\n")
         if pulls:

@@ -5,9 +5,10 @@ returned, nothing awaited: an event is in the journal when its method returns, o
 loop) with the next write, a few milliseconds on (events/__init__.py).
 
 A pull, one per manifest answered, is the common event and the one on a hot path: its method
-keeps what the pull is made of as it is, a tuple (`Pull`), and its line (record.py) is built
-with the others' at the journal's next write, where building a hundred costs less than
-building one between two requests did.
+keeps what the pull is made of as it is, a tuple, and only its time when it is the same as
+the pull's before it (`Pulls`); its line (record.py) is built with the others' at the
+journal's next write, where building a hundred costs less than building one between two
+requests did.
 
 Data is plain JSON: digests as their strings, times in seconds; `subject` names the image,
 digest or upstream an event is about. The README's Events table lists the same.
@@ -54,10 +55,12 @@ class Answered(Protocol):
     def data(self) -> bytes: ...
 
 
-#: A pull as its method keeps it until its line is built: (emitted at, ns since the epoch;
-#: the target, the reference as the client gave it, the manifest answered; the method, the
-#: client's address, the authenticated user, the outcome).
-Pull = tuple[int, Target, str, Answered, str, "str | None", "str | None", str]
+#: What a pull is made of: the target, the reference as the client gave it, the manifest
+#: answered; the method, the client's address, the authenticated user, the outcome.
+PullKey = tuple[Target, str, Answered, str, "str | None", "str | None", str]
+#: Pulls as their method keeps them until their line is built: one after the other, alike in
+#: everything but their time (their key), and when each was emitted (ns since the epoch).
+Pulls = tuple[PullKey, list[int]]
 
 
 class Kinds:
@@ -83,7 +86,7 @@ class Kinds:
         outcome: str,
     ) -> None:
         """A manifest answered (GET or HEAD), by tag or by digest (`reference`), on the event
-        loop: what it is made of is kept as it is, a `Pull` (see the module docstring)."""
+        loop: what it is made of is kept as it is, in `Pulls` (see the module docstring)."""
         raise NotImplementedError
 
     def blob_cached(
