@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -184,16 +184,14 @@ async def test_a_503_with_retry_after_is_retried_and_then_delivered(
         assert (first.status, second.status) == (503, 200)
         assert [e["id"] for e in first.events] == [e["id"] for e in second.events]
         _verify(second)
-        assert (
-            await _metric(client, proc.url, "mirror_events_failed_total", endpoint="receiver") == 1
-        )
-        assert (
-            await _metric(client, proc.url, "mirror_events_delivered_total", endpoint="receiver")
-            == 1
-        )
-        assert (
-            await _metric(client, proc.url, "mirror_events_queue_depth", endpoint="receiver") == 0
-        )
+
+        def reading(name: str) -> Callable[[], Awaitable[float]]:
+            return lambda: _metric(client, proc.url, name, endpoint="receiver")
+
+        # counted once the mirror has the receiver's answer, a moment after the receiver's
+        await _until(reading("mirror_events_delivered_total"), 1)
+        await _until(reading("mirror_events_queue_depth"), 0)
+        assert await reading("mirror_events_failed_total")() == 1
     finally:
         await receiver.stop()
 
