@@ -10,7 +10,7 @@ tag (a hit: hot tier, no upstream request) on a real `mirror serve`, with
     audit      the same, and the audit log on
 
   .venv/bin/python bench/events.py [--reps 24] [--seconds 2] [--restart 4]
-                                   [--only off,"off again",dead]
+                                   [--only off,"off again",dead] [--access-log]
 
 (--only: those configurations alone, more rounds in the same time.)
 
@@ -74,7 +74,7 @@ def _serve(work: Path, upstream: str, toml: str) -> tuple[subprocess.Popen[bytes
     config = work / f"config-{port}.toml"
     config.write_text(toml)
     data = work / f"data-{port}"
-    env = {**os.environ, "MIRROR_CONFIG": str(config), "MIRROR_ACCESS_LOG": "false"}
+    env = {**os.environ, "MIRROR_CONFIG": str(config), "MIRROR_ACCESS_LOG": ACCESS_LOG[0]}
     cmd = [sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}"]
     cmd += ["--data-dir", str(data), "--upstream", upstream]
     proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stderr=subprocess.DEVNULL)
@@ -93,6 +93,9 @@ def _serve(work: Path, upstream: str, toml: str) -> tuple[subprocess.Popen[bytes
 FULL = ("dead", "audit")
 #: wrk's connections (--connections).
 CONNECTIONS = [16]
+#: Whether the mirrors write their access log (--access-log; off: what is measured is the
+#: pull path itself, not the log's lines to stderr, which the bench throws away).
+ACCESS_LOG = ["false"]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -132,15 +135,18 @@ def _metric(url: str, name: str) -> float:
 
 def arguments() -> argparse.Namespace:
     """--reps (rounds), --seconds (of each run), --restart (rounds between fresh processes),
-    --connections (wrk's, for every run after it), --only (the configurations measured)."""
+    --connections (wrk's, for every run after it), --only (the configurations measured),
+    --access-log (the mirrors' access log on, as it is by default)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=24)
     parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--restart", type=int, default=4)
     parser.add_argument("--connections", type=int, default=CONNECTIONS[0])
     parser.add_argument("--only", default="", help="configurations, comma-separated")
+    parser.add_argument("--access-log", action="store_true", help="the access log on")
     args = parser.parse_args()
     CONNECTIONS[0] = args.connections
+    ACCESS_LOG[0] = "true" if args.access_log else "false"
     return args
 
 
