@@ -28,6 +28,7 @@ from mirror.events import Events
 from mirror.http.access import Access
 from mirror.http.middleware import BASE_HEADERS, FRONT_DOOR, LEDGER, Answering, Handler, Ledger
 from mirror.http.sendfile import ClientGone, ClientStalled, Pace, SocketSender, abort
+from mirror.http.server import client_of
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import parse_accept
 from mirror.oci.reference import Digest, parse_digest, parse_reference
@@ -179,7 +180,8 @@ class Routes:
         service.ahead.after(target, m)
         if self._pull_events:  # emitted before the answer goes out (events/__init__.py)
             user = self._access.user(request) if self._access.enabled else None
-            self._events.pull(target, ref, m, request.method, request.remote, user, outcome)
+            client = client_of(request)
+            self._events.pull(target, ref, m, request.method, client, user, outcome)
         return self._manifest_response(request, target, m, outcome)
 
     def _manifest_response(

@@ -63,7 +63,7 @@ class MirrorConnection(web.RequestHandler):
     """aiohttp's HTTP/1.1 protocol, with our error page, the per-client count and the app's
     front door."""
 
-    __slots__ = ("_clients", "_peer", "over_cap")
+    __slots__ = ("_clients", "over_cap", "peer")
 
     def __init__(
         self,
@@ -77,7 +77,8 @@ class MirrorConnection(web.RequestHandler):
             # the app's request factory makes every request a web.Request
             self._request_handler = cast(_Handler, front_door(self._request_handler))
         self._clients = clients
-        self._peer: str | None = None
+        #: The client's address (what `request.remote` says), read once for the connection.
+        self.peer: str | None = None
         #: Past the per-client cap: every request on it gets 429 (see the middleware).
         self.over_cap = False
 
@@ -85,11 +86,11 @@ class MirrorConnection(web.RequestHandler):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self._peer = str(peer[0])
-            self.over_cap = not self._clients.admit(self._peer)
+            self.peer = str(peer[0])
+            self.over_cap = not self._clients.admit(self.peer)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        peer, self._peer = self._peer, None
+        peer, self.peer = self.peer, None
         if peer is not None:
             self._clients.release(peer)
         super().connection_lost(exc)
@@ -122,6 +123,15 @@ class MirrorConnection(web.RequestHandler):
         )
         resp.force_close()
         return resp
+
+
+def client_of(request: web.BaseRequest) -> str | None:
+    """The client's address: its connection's, kept since it opened (`request.remote` builds
+    it anew for each request, which cost a pull event more than the event itself)."""
+    connection = request.protocol
+    if isinstance(connection, MirrorConnection):
+        return connection.peer
+    return request.remote
 
 
 class MirrorSite(web.BaseSite):
