@@ -10,9 +10,10 @@ tag (a hit: hot tier, no upstream request) on a real `mirror serve`, with
     audit      the same, and the audit log on
 
   .venv/bin/python bench/events.py [--reps 24] [--seconds 2] [--restart 4]
-                                   [--only off,"off again",dead] [--access-log]
+                                   [--only off,"off again",dead] [--access-log] [--together]
 
-(--only: those configurations alone, more rounds in the same time.)
+(--only: those configurations alone, more rounds in the same time; --together: each round
+measures them all at once, see `interleaved`.)
 
 The upstream is the test suite's simulator, in a process of its own; every port is free at
 start; the mirrors run side by side and are measured in turn, round by round, started afresh
@@ -111,19 +112,24 @@ def _cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _wrk(url: str, seconds: int) -> float:
+def _wrk_start(url: str, seconds: int) -> subprocess.Popen[str]:
+    """wrk against `url` for `seconds`, started (`_wrk_rate` reads its req/s)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(f'wrk.headers["Accept"] = "{ACCEPT}"\n')
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{CONNECTIONS[0]}", f"-d{seconds}s", "-s", script.name, url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    os.unlink(script.name)
+    cmd = ["wrk", "-t1", f"-c{CONNECTIONS[0]}", f"-d{seconds}s", "-s", script.name, url]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+
+def _wrk_rate(wrk: subprocess.Popen[str]) -> float:
+    out = wrk.communicate()[0]
+    os.unlink(wrk.args[-2])
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    assert m and "Non-2xx" not in out, out
+    assert wrk.returncode == 0 and m and "Non-2xx" not in out, out
     return float(m[1])
+
+
+def _wrk(url: str, seconds: int) -> float:
+    return _wrk_rate(_wrk_start(url, seconds))
 
 
 def _metric(url: str, name: str) -> float:
@@ -136,7 +142,8 @@ def _metric(url: str, name: str) -> float:
 def arguments() -> argparse.Namespace:
     """--reps (rounds), --seconds (of each run), --restart (rounds between fresh processes),
     --connections (wrk's, for every run after it), --only (the configurations measured),
-    --access-log (the mirrors' access log on, as it is by default)."""
+    --access-log (the mirrors' access log on, as it is by default), --together (every
+    configuration measured at once, see `interleaved`)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=24)
     parser.add_argument("--seconds", type=int, default=2)
@@ -144,6 +151,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=CONNECTIONS[0])
     parser.add_argument("--only", default="", help="configurations, comma-separated")
     parser.add_argument("--access-log", action="store_true", help="the access log on")
+    parser.add_argument("--together", action="store_true", help="measure them at once")
     args = parser.parse_args()
     CONNECTIONS[0] = args.connections
     ACCESS_LOG[0] = "true" if args.access_log else "false"
@@ -182,7 +190,13 @@ def interleaved(
     minute to the next and by little within seconds, so short runs side by side meet the same
     machine; and two processes of one configuration differ by some percent between them
     (where the hash seed and the memory layout fell), so each configuration is measured over
-    several. `after` (a check of what it measured) runs after each run."""
+    several. `after` (a check of what it measured) runs after each run.
+
+    `args.together`: each round measures every configuration at once instead, a wrk of its
+    own against each, over the same seconds: the machine's drift within a round then meets
+    them all alike. The mirrors share the cores, each busy process getting its share (the
+    kernel's fair scheduler), so each one's req/s follows what a request costs it, wrk's
+    own cost not diluting the difference as it does when one runs alone."""
     results: dict[str, list[float]] = {k: [] for k in configs}
     rep = 0
     while rep < args.reps:
@@ -196,16 +210,20 @@ def interleaved(
                 _wrk(manifest, 3)  # warm up: every worker has served the tag
                 prepare(name, url, manifest)
             for _ in range(min(args.restart, args.reps - rep)):
-                for name in list(configs)[:: -1 if rep % 2 else 1]:
-                    proc, url, manifest = running[name]
-                    used = _cpu_seconds(proc.pid)
-                    rate = _wrk(manifest, args.seconds)
-                    used = _cpu_seconds(proc.pid) - used
-                    results[name].append(rate)
-                    if cpu is not None:
-                        cpu.setdefault(name, []).append(used / (rate * args.seconds) * 1e6)
+                order = list(configs)[:: -1 if rep % 2 else 1]
+                for group in [order] if args.together else [[name] for name in order]:
+                    used = {name: _cpu_seconds(running[name][0].pid) for name in group}
+                    wrks = {name: _wrk_start(running[name][2], args.seconds) for name in group}
+                    for name, wrk in wrks.items():
+                        proc, url, manifest = running[name]
+                        rate = _wrk_rate(wrk)
+                        spent = _cpu_seconds(proc.pid) - used[name]
+                        results[name].append(rate)
+                        if cpu is not None:
+                            cpu.setdefault(name, []).append(spent / (rate * args.seconds) * 1e6)
                     if after is not None:
-                        after(name, url, manifest)
+                        for name in group:
+                            after(name, *running[name][1:])
                 rep += 1
                 print(f"rep {rep}: { ({k: v[-1] for k, v in results.items()}) }", file=sys.stderr)
         finally:
