@@ -159,6 +159,7 @@ async def test_json_logs_from_a_real_process(
     ]
     assert access and access[0]["status"] == 200 and access[0]["outcome"] == "miss"
     assert access[0]["upstream"] == "docker.io" and access[0]["bytes"] == 5000
+    assert access[0]["remote"] == "127.0.0.1"  # the connection's address, kept as it opened
     assert any("effective configuration" in e.get("msg", "") for e in lines)
     text = proc.log.read_text()
     assert "hunter2" not in text and "client-secret" not in text and "Bearer " not in text

@@ -25,6 +25,7 @@ from aiohttp import web
 from mirror import errors
 from mirror.config import AdminConfig
 from mirror.events import Events
+from mirror.http.middleware import client_of
 from mirror.ops.admin import Admin
 from mirror.ops.format import as_json
 
@@ -63,7 +64,7 @@ def install(app: web.Application, admin: Admin, config: AdminConfig, events: Eve
                 events.admin(
                     action=f"{request.method} {request.path[len(config.prefix) + 1 :]}",
                     via="api",
-                    who={"client": request.remote},
+                    who={"client": client_of(request)},
                     params=body if isinstance(body, dict) else {"body": body},
                     result=result,
                 )

@@ -127,6 +127,14 @@ FrontDoor = Callable[[Handler], Handler]
 FRONT_DOOR: web.AppKey[FrontDoor] = web.AppKey("front_door")
 
 
+def client_of(request: web.BaseRequest) -> str | None:
+    """The client's address: the one its connection kept when it opened (server.py's
+    `MirrorConnection.peer`), else `request.remote`, which aiohttp builds anew for every
+    request (some 0.7 µs, more than a pull event costs)."""
+    peer: str | None = getattr(request.protocol, "peer", None)
+    return peer if peer is not None else request.remote
+
+
 def answer(err: errors.MirrorError) -> Answer:
     """Status and wire code of `err`, from the table."""
     return ANSWERS.get(err.code, UNMAPPED)
@@ -244,6 +252,6 @@ class AccessLogger(AbstractAccessLogger):
                     time,
                     None if ledger is None else ledger.outcome,
                     None if ledger is None else ledger.upstream,
-                    request.remote,
+                    client_of(request),
                 )
             )

@@ -26,9 +26,16 @@ from mirror import errors
 from mirror.bounded import Bounded
 from mirror.events import Events
 from mirror.http.access import Access
-from mirror.http.middleware import BASE_HEADERS, FRONT_DOOR, LEDGER, Answering, Handler, Ledger
+from mirror.http.middleware import (
+    BASE_HEADERS,
+    FRONT_DOOR,
+    LEDGER,
+    Answering,
+    Handler,
+    Ledger,
+    client_of,
+)
 from mirror.http.sendfile import ClientGone, ClientStalled, Pace, SocketSender, abort
-from mirror.http.server import client_of
 from mirror.metrics import Metrics
 from mirror.oci.mediatypes import parse_accept
 from mirror.oci.reference import Digest, parse_digest, parse_reference
@@ -230,7 +237,7 @@ class Routes:
             return await self._blob_head(request, target, digest)
         specs = requested_ranges(request)
         answer = await self._service.blobs.get(
-            target, digest, request.remote or "", ranged=specs is not None
+            target, digest, client_of(request) or "", ranged=specs is not None
         )
         if answer.outcome is Outcome.PASS_THROUGH:
             self._metrics.lookup("pass-through")
@@ -478,7 +485,7 @@ class Routes:
                 else "gone"
             )
             if reason == "stalled":
-                log.info("dropped a slow client (%s): %s %s", e, request.remote, request.path)
+                log.info("dropped a slow client (%s): %s %s", e, client_of(request), request.path)
             self._metrics.aborted(reason)
             abort(request)
             return response

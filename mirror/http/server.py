@@ -33,6 +33,7 @@ from mirror.http.middleware import (
     FRONT_DOOR,
     AccessLogger,
     FrontDoor,
+    client_of,
     error_body,
 )
 
@@ -106,12 +107,12 @@ class MirrorConnection(web.RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error")
         if status >= 500:
-            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            log.error("error handling a request from %s", client_of(request), exc_info=exc)
             err: errors.MirrorError = errors.MirrorError("internal error")
         else:
             log.warning(
                 "refused an unparseable request from %s: %s",
-                request.remote,
+                client_of(request),
                 (message or str(exc) or "bad request").splitlines()[0][:200],
             )
             err = errors.InvalidRequest("the request could not be parsed")
@@ -123,15 +124,6 @@ class MirrorConnection(web.RequestHandler):
         )
         resp.force_close()
         return resp
-
-
-def client_of(request: web.BaseRequest) -> str | None:
-    """The client's address: its connection's, kept since it opened (`request.remote` builds
-    it anew for each request, which cost a pull event more than the event itself)."""
-    connection = request.protocol
-    if isinstance(connection, MirrorConnection):
-        return connection.peer
-    return request.remote
 
 
 class MirrorSite(web.BaseSite):
