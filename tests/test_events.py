@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from webhooks import Attempt, Receiver
 from mirror.config import EventsConfig, Webhook, load_config
 from mirror.errors import ConfigError
 from mirror.events import Events, record
+from mirror.events.journal import LOCK_NAME
+from mirror.locks import FileLock
 from mirror.metrics import Metrics
 
 SECRET = "receiver-shared-secret-0123"
@@ -532,6 +535,39 @@ async def test_the_audit_log_has_every_pull_and_admin_action(
     assert admin[2]["result"] == "ok" and admin[2]["uid"] >= 0
     # the command's journal, read to its end by the one consumer, is gone
     await wait_until(lambda: not list((data / "events.journal").glob("command-*")))
+
+
+async def test_a_command_journal_with_nothing_in_it_does_not_stay(
+    sim: UpstreamSim,
+    mirror_process: Callable[..., MirrorProcess],
+    tmp_path: Path,
+) -> None:
+    """An admin command that emits nothing removes its journal as it ends, and the serving
+    deliverer removes the empty journal of a command killed before it emitted anything;
+    while a command holds its journal's lock, its journal stays, however old."""
+    receiver = await Receiver().start()
+    try:
+        data = tmp_path / "data"
+        env = _config(tmp_path, _webhook(receiver, '["pull"]'))
+        proc = await _start(mirror_process, sim, data, env)
+        root = data / "events.journal"
+        await _cli(proc.env, data, "cache", "du")
+        assert not list(root.glob("command-*")), "the command left its empty journal"
+        held = FileLock(root / "command-100000-0a0a0a0a" / LOCK_NAME)
+        held.path.parent.mkdir(parents=True)
+        assert held.try_take()
+        killed = root / "command-999999-0b0b0b0b"
+        killed.mkdir()
+        (killed / LOCK_NAME).touch()
+        old = time.time() - 60
+        for path in (held.path.parent, killed):
+            os.utime(path, (old, old))
+        await wait_until(lambda: not killed.exists())
+        assert held.path.exists(), "a running command's journal was removed"
+        held.close()
+        await wait_until(lambda: not held.path.parent.exists())
+    finally:
+        await receiver.stop()
 
 
 async def test_the_audit_log_rotates_by_size_and_reopens_on_sighup(

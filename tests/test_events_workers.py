@@ -297,6 +297,8 @@ async def test_mirror_serve_with_three_workers_delivers_every_pull_once_across_a
     receiver = await Receiver().start()
     proc = mirror_process(sim.url, env=_config(tmp_path, _webhook(receiver)), workers=3)
     await asyncio.to_thread(proc.start)
+    journals = tmp_path / "data" / "events.journal"
+    assert not list(journals.glob("command-*")), "the supervisor's start left a journal"
     lock = tmp_path / "data" / "events.deliver.lock"
     await wait_until(lambda: lock_holder(lock) is not None)
     assert proc.proc is not None

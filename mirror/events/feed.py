@@ -30,6 +30,7 @@ import bisect
 import heapq
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -43,6 +44,7 @@ from mirror.events.journal import (
     directory_of,
     file_numbers,
     journal_names,
+    remove_abandoned,
     remove_journal,
     try_hold,
 )
@@ -517,10 +519,14 @@ def _after(data: bytes, at: int, lo: int, hi: int) -> int:
 def collect(journals: Journals, consumers: list[Consumer]) -> list[str]:
     """Delete the journal files wholly behind every cursor, and, once every consumer read it
     to its end, the rest of a journal nobody writes any more (a finished command's goes
-    whole); returns the journals removed (their cursors are to be forgotten)."""
+    whole, and so does one whose command was killed before it emitted anything); returns
+    the journals removed (their cursors are to be forgotten)."""
     removed = []
+    now = time.time()
     for name, numbers in journals.files.items():
         if not numbers:
+            if name.startswith(COMMAND_PREFIX) and remove_abandoned(journals.root, name, now):
+                removed.append(name)
             continue
         directory = directory_of(journals.root, name)
         behind = min((c.cursor.get(name, START) for c in consumers), default=START)

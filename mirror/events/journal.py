@@ -4,7 +4,7 @@ the process that emitted it to a journal of its own under the data directory. Th
 
     events.journal/<n>                 a single serving process's (`mirror serve`)
     events.journal/worker-<i>/<n>      worker i's, with several serving processes
-    events.journal/command-<pid>-<r>/  an admin command's, for as long as it runs
+    events.journal/command-<pid>-<r>/  an admin command's, until what it emitted is read
     …/lock                             flock: held by the process writing that journal
 
 Exactly one process writes a journal: it holds the journal's lock from its start to its
@@ -135,10 +135,14 @@ class Journal:
         self._size = os.write(self._fd, header())
 
     def close(self) -> None:
-        """Close the file and release the journal (the next writer of this name may start)."""
+        """Close the file and release the journal (the next writer of this name may start).
+        A command that emitted nothing removes its journal, which no reader would ever
+        remove (nothing in it to read to its end) and no process takes the name of again."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self.name.startswith(COMMAND_PREFIX) and self._lock.held and not self._number:
+            remove_journal(self.directory)
         self._lock.close()
 
 
@@ -164,6 +168,26 @@ def delete_files(directory: Path, numbers: list[int]) -> None:
     for number in numbers:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(directory / str(number))
+
+
+def remove_abandoned(root: Path, name: str, now: float) -> bool:
+    """Blocking: remove an empty command journal whose command died before it emitted
+    anything (killed: it never closed it), telling whether it did. One younger than
+    CLAIM_SECONDS is left alone: its command may be between making it and taking its lock."""
+    directory = directory_of(root, name)
+    try:
+        if now - directory.stat().st_mtime < CLAIM_SECONDS or file_numbers(directory):
+            return False
+    except FileNotFoundError:
+        return False
+    lock = try_hold(root, name)
+    if lock is None:
+        return False  # its command runs still
+    try:
+        remove_journal(directory)
+    finally:
+        lock.close()
+    return True
 
 
 def remove_journal(directory: Path) -> None:
