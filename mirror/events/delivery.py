@@ -67,6 +67,12 @@ AUDIT_LOOK = 0.2
 #: Seconds between the passes that keep each webhook at `max_queue`, count what waits and
 #: delete the journal files every cursor passed.
 KEEP_SECONDS = 1.0
+#: Seconds after a pass that dropped a webhook's oldest events before the next may drop
+#: more: while a webhook stays down on a busy mirror every pass would find it past
+#: `max_queue` again, and moving its cursor each second cost the serving workers some 2 % of
+#: their manifest rate (bench/events.py); its queue holds at most `max_queue` and what comes
+#: in these seconds.
+TRIM_SECONDS = 10.0
 #: Seconds between tries of a process that does not hold the delivery lock.
 LEAD_RETRY = 2.0
 _RETRY = frozenset({408, 429})
@@ -107,6 +113,8 @@ class Deliveries:
         self._saved: cursors.Places = {}
         #: Webhooks dropping events for a full queue (logged once, until they take some).
         self._dropping: set[str] = set()
+        #: When each webhook that dropped events may be trimmed again (monotonic seconds).
+        self._trim_at: dict[str, float] = {}
 
     def start(self) -> None:
         """Deliver once this process holds the lock (at once when nobody else does)."""
@@ -200,13 +208,19 @@ class Deliveries:
         self._metrics.events_waiting(endpoint, consumer.depth(self._journals))
 
     def _keep(self) -> None:
-        """Each webhook at `max_queue` at most (the oldest passed, counted), what waits
-        counted, files behind every cursor deleted."""
+        """Each webhook at `max_queue` at most (the oldest passed, counted; once in
+        TRIM_SECONDS while it stays full), what waits counted, files behind every cursor
+        deleted."""
         self._journals.refresh()
+        now = time.monotonic()
         for endpoint in self._events.endpoints:
             consumer = self._consumers[_consumer_name(endpoint)]
+            if now < self._trim_at.get(endpoint, now):
+                self._metrics.events_waiting(endpoint, consumer.depth(self._journals))
+                continue
             dropped = consumer.trim(self._journals, self._config.max_queue)
             if dropped:
+                self._trim_at[endpoint] = now + TRIM_SECONDS
                 self._metrics.events_lost(endpoint, "queue_full", dropped)
                 if endpoint not in self._dropping:
                     self._dropping.add(endpoint)
