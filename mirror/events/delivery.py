@@ -215,28 +215,29 @@ class Deliveries:
         now = time.monotonic()
         for endpoint in self._events.endpoints:
             consumer = self._consumers[_consumer_name(endpoint)]
-            if now < self._trim_at.get(endpoint, now):
-                self._metrics.events_waiting(endpoint, consumer.depth(self._journals))
-                continue
-            dropped = consumer.trim(self._journals, self._config.max_queue)
-            if dropped:
-                self._trim_at[endpoint] = now + TRIM_SECONDS
-                self._metrics.events_lost(endpoint, "queue_full", dropped)
-                if endpoint not in self._dropping:
-                    self._dropping.add(endpoint)
-                    log.warning(
-                        "webhook %s is not taking events and its queue is full: "
-                        "the oldest are dropped",
-                        endpoint,
-                    )
-            else:
-                self._dropping.discard(endpoint)  # it took events again: a new fill is logged
+            if now >= self._trim_at.get(endpoint, now):
+                self._trim(endpoint, consumer, now)
             self._metrics.events_waiting(endpoint, consumer.depth(self._journals))
         consumers = list(self._consumers.values())
         for name in collect(self._journals, consumers):
             for consumer in consumers:
                 consumer.forget(name)
         self._save()
+
+    def _trim(self, endpoint: str, consumer: Consumer, now: float) -> None:
+        """A webhook's queue back to `max_queue`, the oldest passed and counted."""
+        dropped = consumer.trim(self._journals, self._config.max_queue)
+        if not dropped:
+            self._dropping.discard(endpoint)  # it took events again: a new fill is logged
+            return
+        self._trim_at[endpoint] = now + TRIM_SECONDS
+        self._metrics.events_lost(endpoint, "queue_full", dropped)
+        if endpoint not in self._dropping:
+            self._dropping.add(endpoint)
+            log.warning(
+                "webhook %s is not taking events and its queue is full: the oldest are dropped",
+                endpoint,
+            )
 
     def _audit(self) -> bool:
         consumer = self._consumers[AUDIT]

@@ -171,12 +171,12 @@ def delete_files(directory: Path, numbers: list[int]) -> None:
 
 
 def remove_abandoned(root: Path, name: str, now: float) -> bool:
-    """Blocking: remove an empty command journal whose command died before it emitted
-    anything (killed: it never closed it), telling whether it did. One younger than
+    """Blocking: remove a command journal found with no file, whose command died before it
+    emitted anything (killed: it never closed it), telling whether it did. One younger than
     CLAIM_SECONDS is left alone: its command may be between making it and taking its lock."""
     directory = directory_of(root, name)
     try:
-        if now - directory.stat().st_mtime < CLAIM_SECONDS or file_numbers(directory):
+        if now - directory.stat().st_mtime < CLAIM_SECONDS:
             return False
     except FileNotFoundError:
         return False
