@@ -65,13 +65,16 @@ IDLE_LOOK = 0.5
 #: Seconds the audit task waits, when it wrote everything, before it looks again.
 AUDIT_LOOK = 0.2
 #: Seconds between the passes that keep each webhook at `max_queue`, count what waits and
-#: delete the journal files every cursor passed.
+#: delete the journal files every cursor passed (while every webhook waits out its
+#: TRIM_SECONDS, the next pass waits with them).
 KEEP_SECONDS = 1.0
 #: Seconds after a pass that dropped a webhook's oldest events before the next may drop
 #: more: while a webhook stays down on a busy mirror every pass would find it past
 #: `max_queue` again, and moving its cursor each second cost the serving workers some 2 % of
 #: their manifest rate (bench/events.py); its queue holds at most `max_queue` and what comes
-#: in these seconds.
+#: in these seconds. While every webhook is in this wait (all down, their queues full) the
+#: passes wait too: reading the new lines each second to count them cost the workers about
+#: one point more, for a depth that only grows meanwhile.
 TRIM_SECONDS = 10.0
 #: Seconds between tries of a process that does not hold the delivery lock.
 LEAD_RETRY = 2.0
@@ -207,10 +210,11 @@ class Deliveries:
         self._save()
         self._metrics.events_waiting(endpoint, consumer.depth(self._journals))
 
-    def _keep(self) -> None:
+    def _keep(self) -> float:
         """Each webhook at `max_queue` at most (the oldest passed, counted; once in
         TRIM_SECONDS while it stays full), what waits counted, files behind every cursor
-        deleted."""
+        deleted; returns the seconds to the next pass: KEEP_SECONDS, or while every webhook
+        waits for its next trim, until the first of those (its depth counted then)."""
         self._journals.refresh()
         now = time.monotonic()
         for endpoint in self._events.endpoints:
@@ -223,6 +227,8 @@ class Deliveries:
             for consumer in consumers:
                 consumer.forget(name)
         self._save()
+        waits = [self._trim_at.get(e, now) - now for e in self._events.endpoints]
+        return max(KEEP_SECONDS, min(waits, default=0.0))
 
     def _trim(self, endpoint: str, consumer: Consumer, now: float) -> None:
         """A webhook's queue back to `max_queue`, the oldest passed and counted."""
@@ -264,12 +270,14 @@ class Deliveries:
             self._tasks.append(asyncio.create_task(self._audit_forever(), name="audit log"))
 
     async def _keep_forever(self) -> None:
+        wait = KEEP_SECONDS
         while True:
-            await asyncio.sleep(KEEP_SECONDS)
+            await asyncio.sleep(wait)
             try:
-                await self.run(self._keep)
+                wait = await self.run(self._keep)
             except Exception:
                 log.exception("keeping the event queues failed")
+                wait = KEEP_SECONDS
 
     async def _audit_forever(self) -> None:
         while True:
