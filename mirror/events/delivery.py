@@ -73,8 +73,8 @@ KEEP_SECONDS = 1.0
 #: `max_queue` again, and moving its cursor each second cost the serving workers some 2 % of
 #: their manifest rate (bench/events.py); its queue holds at most `max_queue` and what comes
 #: in these seconds. While every webhook is in this wait (all down, their queues full) the
-#: passes wait too: reading the new lines each second to count them cost the workers about
-#: one point more, for a depth that only grows meanwhile.
+#: passes wait too: counting the new lines each second was work for a depth that only grows
+#: meanwhile (off against a dead webhook: 0.951 of its rate before, 0.957 after).
 TRIM_SECONDS = 10.0
 #: Seconds between tries of a process that does not hold the delivery lock.
 LEAD_RETRY = 2.0
